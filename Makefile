@@ -1,0 +1,38 @@
+# finellama_rl developer entry points.
+#   make run    install (first time) and run the built-in smoke experiment locally
+#   make test   install (first time) and run the whole test suite (CI calls this)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test test-fast slurm-up slurm-down bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+run: $(STAMP)
+	$(PY) -m finellama_rl.launch experiment=smoke $(ARGS)
+
+test: $(STAMP)
+	bash scripts/run_tests.sh $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
+
+slurm-up:
+	bash scripts/slurm_cluster/cluster.sh start
+
+slurm-down:
+	bash scripts/slurm_cluster/cluster.sh stop
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_ladder.py
+	$(PY) benchmarks/bench_ppo_grpo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

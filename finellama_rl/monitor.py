@@ -1,0 +1,113 @@
+"""What both algorithms share while training: metric records, progress lines, and
+the per-step decision to checkpoint, evaluate or stop.
+
+An algorithm calls `monitor.log(step, metrics)` when it has metrics and
+`monitor.decide(step)` after every optimizer step; the decision already accounts
+for the save schedule, a pending SLURM signal, the job's time limit and the
+`debug.crash_after_step` test hook. The training side knows nothing of SLURM
+beyond "a signal asks me to save" (`request_stop`).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+from finellama_rl.config import TrainerConfig
+from finellama_rl.results import RunPaths, append_jsonl
+
+
+@dataclass(frozen=True)
+class Decision:
+    save: bool
+    evaluate: bool
+    stop: bool
+    reason: str = ""
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class TrainingMonitor:
+    def __init__(self, trainer: TrainerConfig, paths: RunPaths, start_step: int, label: str,
+                 crash_after_step: Optional[int] = None, deadline: Optional[float] = None,
+                 print_fn: Callable[[str], None] = lambda s: print(s, flush=True)):
+        self.t = trainer
+        self.paths = paths
+        self.label = label
+        self.start_step = start_step
+        self.crash_after_step = crash_after_step
+        self.deadline = deadline  # wall-clock time by which we must have saved (time limit minus margin)
+        self.print = print_fn
+        self.stop_reason: Optional[str] = None
+        self._t0 = time.monotonic()
+        self._last_log_time = self._t0
+        self._last_log_step = start_step
+        self._step_times: list[float] = []
+
+    def request_stop(self, reason: str) -> None:
+        """Called from a signal handler: save at the end of this step, then stop."""
+        self.stop_reason = self.stop_reason or reason
+
+    def seconds_per_step(self) -> float:
+        done = self._last_log_step - self.start_step
+        return (self._last_log_time - self._t0) / done if done > 0 else float("nan")
+
+    def log(self, step: int, metrics: Dict[str, float], tokens: Optional[float] = None) -> Dict[str, float]:
+        now = time.monotonic()
+        steps = max(1, step - self._last_log_step)
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        record["perf/sec_per_step"] = (now - self._last_log_time) / steps
+        if tokens is not None:
+            record["perf/tokens_per_sec"] = tokens / max(now - self._last_log_time, 1e-9)
+        record["time/elapsed_s"] = now - self._t0
+        self._last_log_time, self._last_log_step = now, step
+        append_jsonl(self.paths.metrics, record)
+        self.print(self.progress_line(record))
+        return record
+
+    def progress_line(self, r: Dict[str, float]) -> str:
+        step, total = int(r["step"]), self.t.max_steps
+        sps = self.seconds_per_step()
+        eta = format_duration(sps * (total - step)) if math.isfinite(sps) else "?"
+        parts = [f"[{self.label}] step {step}/{total}"]
+        for key, name in (("train/reward_mean", "reward"), ("train/loss", "loss"), ("train/kl", "kl")):
+            if key in r:
+                parts.append(f"{name} {r[key]:.4f}")
+        parts += [f"{r['perf/sec_per_step']:.2f} s/step", f"ETA {eta}"]
+        return " | ".join(parts)
+
+    def decide(self, step: int) -> Decision:
+        evaluate = bool(self.t.eval_every) and step % self.t.eval_every == 0 and step < self.t.max_steps
+        scheduled = step % self.t.save_every == 0 or step >= self.t.max_steps
+        if self.stop_reason:
+            return Decision(save=True, evaluate=False, stop=True, reason=self.stop_reason)
+        if self.crash_after_step is not None and step >= self.crash_after_step:
+            return Decision(save=scheduled, evaluate=False, stop=True, reason="debug.crash_after_step")
+        if not scheduled and self._save_would_come_too_late(step):
+            return Decision(save=True, evaluate=evaluate, stop=False, reason="time limit near: saving early")
+        return Decision(save=scheduled, evaluate=evaluate, stop=False)
+
+    def _save_would_come_too_late(self, step: int) -> bool:
+        """True when the next scheduled save would land after the deadline."""
+        if self.deadline is None:
+            return False
+        sps = self.seconds_per_step()
+        if not math.isfinite(sps):
+            return False
+        next_save = (step // self.t.save_every + 1) * self.t.save_every
+        finish = time.time() + sps * (next_save - step) * 1.2
+        if finish > self.deadline:
+            self.deadline = None  # one early save per job is enough; the signal covers the rest
+            return True
+        return False
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

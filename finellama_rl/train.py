@@ -1,0 +1,183 @@
+"""One training run, start to end: resume from the latest checkpoint if any, load
+the 4-bit base with LoRA, evaluate the baseline, train with PPO or GRPO, evaluate,
+and write config.yaml, metrics.jsonl, training_stats.json and eval_results.json.
+
+    python -m finellama_rl.train trainer=grpo model=qwen2.5-3b hardware=a100_80
+    (the sbatch scripts in slurm/ call this; `finellama_rl.launch` runs sweeps)
+
+Exit codes: 0 done, 2 bad input, 3 debug.crash_after_step, 75 stopped by a signal
+after saving (the caller may requeue). Knows nothing of SLURM beyond "a signal
+asks me to save".
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from finellama_rl.config import Algo, Config
+from finellama_rl.results import RunPaths, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("finellama_rl")
+
+EXIT_CRASH_TEST = 3
+EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped on request; run again to continue
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_progress_bar()
+
+
+def config_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def prepare_run_dir(cfg: Config) -> RunPaths:
+    """Make the folder; with run.resume=false, move earlier outputs aside (never delete)."""
+    paths = RunPaths(Path(cfg.run.dir))
+    if not cfg.run.resume and paths.root.exists() and any(paths.root.iterdir()):
+        aside = paths.root.with_name(paths.root.name + "-previous-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        shutil.move(str(paths.root), str(aside))
+        log.info("run.resume=false: moved the earlier run to %s", aside)
+    paths.make()
+    atomic_write_text(paths.config, config_yaml(cfg))
+    return paths
+
+
+def job_deadline() -> Optional[float]:
+    """Epoch seconds by which to have saved, from FINELLAMA_DEADLINE if the launcher set it."""
+    value = os.environ.get("FINELLAMA_DEADLINE")
+    return float(value) if value else None
+
+
+def install_stop_handlers(monitor) -> None:
+    def handler(signum, _frame):
+        log.warning("received %s: will save and stop after this step", signal.Signals(signum).name)
+        monitor.request_stop(f"signal {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def algorithm(cfg: Config):
+    if cfg.trainer.algo == Algo.grpo:
+        from finellama_rl.algos import grpo
+
+        return grpo.train
+    if cfg.trainer.algo == Algo.ppo:
+        from finellama_rl.algos import ppo
+
+        return ppo.train
+    raise ValueError(f"unknown trainer.algo {cfg.trainer.algo!r}: expected grpo|ppo")
+
+
+def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional[Dict[str, Any]]:
+    from finellama_rl.evaluate import eval_document, format_accuracy
+    from finellama_rl.results import read_json
+
+    if paths.baseline.exists():
+        return read_json(paths.baseline)
+    if not cfg.eval.before_training:
+        return None
+    result = evaluate_fn(policy, 0, "baseline")
+    atomic_write_json(paths.baseline, eval_document(cfg, 0, result, None))
+    log.info("baseline accuracy: %s", format_accuracy(result))
+    return result
+
+
+def run_training(cfg: Config) -> int:
+    """The whole run; returns the process exit code."""
+    import transformers
+
+    from finellama_rl.algos.base import TrainContext
+    from finellama_rl.checkpoint import clear_staging, latest_checkpoint, read_state
+    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.evaluate import eval_document, evaluate_model, format_accuracy, summary
+    from finellama_rl.model import count_parameters, load_policy, load_tokenizer
+    from finellama_rl.monitor import TrainingMonitor
+    from finellama_rl.rewards import build_reward_funcs
+    from finellama_rl.stats import write_training_stats
+
+    t0 = time.time()
+    paths = prepare_run_dir(cfg)
+    clear_staging(paths.checkpoints)
+    resume_from = latest_checkpoint(paths.checkpoints) if cfg.run.resume else None
+    start_step = read_state(resume_from)["step"] if resume_from else 0
+    log.info("run folder %s (%s)", paths.root, f"resuming from step {start_step}" if resume_from else "fresh start")
+    if start_step >= cfg.trainer.max_steps and paths.eval_results.exists():
+        print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
+        return 0
+
+    transformers.set_seed(cfg.trainer.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
+    trainable, total = count_parameters(policy)
+    log.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+    train_rows, dropped = with_prompts(load_problems(cfg.data, "train"), tokenizer, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
+    if dropped:
+        log.warning("dropped %d training prompts longer than trainer.max_prompt_tokens=%d", dropped, cfg.trainer.max_prompt_tokens)
+    test_problems = load_problems(cfg.data, "test")
+    shots = load_problems(cfg.data, "train")[: cfg.eval.shots] if cfg.eval.shots else []
+    batch = cfg.eval.batch_size or cfg.trainer.micro_batch
+
+    def evaluate_fn(model, step: int, desc: str = "eval") -> Dict[str, Any]:
+        return evaluate_model(model, tokenizer, test_problems, cfg.data, cfg.eval, batch, shots, desc=f"{desc} step {step}")
+
+    def evaluate_during(model, step: int) -> Dict[str, Any]:
+        result = evaluate_fn(model, step)
+        atomic_write_json(paths.root / "evals" / f"step_{step:06d}.json", eval_document(cfg, step, result, None))
+        log.info("step %d accuracy: %s", step, format_accuracy(result))
+        return summary(result)
+
+    baseline = baseline_eval(cfg, paths, evaluate_fn, policy)
+    label = f"{cfg.trainer.algo.value} {cfg.run.name}"
+    monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline())
+    install_stop_handlers(monitor)
+    ctx = TrainContext(cfg, paths, policy, tokenizer, train_rows, build_reward_funcs(cfg.trainer.rewards),
+                       monitor, evaluate_during, resume_from, start_step)
+    outcome = algorithm(cfg)(ctx)
+    write_training_stats(paths, cfg, time.time() - t0)
+    if outcome.stopped_early:
+        print(f"stopped at step {outcome.final_step} ({outcome.stop_reason}); run again to resume: {paths.root}", flush=True)
+        return EXIT_CRASH_TEST if outcome.stop_reason == "debug.crash_after_step" else EXIT_STOPPED
+
+    final = evaluate_fn(policy, outcome.final_step, "final")
+    atomic_write_json(paths.eval_results, eval_document(cfg, outcome.final_step, final, baseline))
+    write_training_stats(paths, cfg, time.time() - t0)
+    base_txt = f" (baseline {format_accuracy(baseline)})" if baseline else ""
+    print(f"final accuracy at step {outcome.final_step}: {format_accuracy(final)}{base_txt}", flush=True)
+    print(f"results: {paths.root}", flush=True)
+    return 0
+
+
+def main(argv: List[str]) -> int:
+    from finellama_rl.compose import load_config, split_argv
+
+    multirun, overrides = split_argv(argv)
+    if multirun:
+        from finellama_rl.compose import UsageError
+
+        raise UsageError("finellama_rl.train runs one run; use finellama_rl.launch -m for sweeps")
+    cfg = load_config(overrides)
+    setup_logging()
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
+    cli_main(main)
