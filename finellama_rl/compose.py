@@ -131,7 +131,7 @@ def expand_sweep(overrides: Sequence[str]) -> List[Tuple[List[str], List[str]]]:
             axes.append([(ov.input_line, False)])
     runs = []
     for combo in itertools.product(*axes):
-        runs.append(([o for o, _ in combo], [o.split("/")[-1] for o, named in combo if named]))
+        runs.append(([o for o, _ in combo], [o.split(".")[-1] for o, named in combo if named]))
     return runs
 
 

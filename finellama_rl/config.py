@@ -13,6 +13,7 @@ Used by every entry point, e.g. `python -m finellama_rl.launch experiment=smoke`
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -27,6 +28,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
 
 
 class Algo(str, Enum):
@@ -292,7 +294,7 @@ def derive_grad_accum(trainer: TrainerConfig, hardware: HardwareConfig) -> int:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:120]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
 
 
 def default_run_name(cfg: Config, extra: List[str] = ()) -> str:
@@ -302,11 +304,12 @@ def default_run_name(cfg: Config, extra: List[str] = ()) -> str:
 
 def resolve(cfg: Config, extra_name_parts: List[str] = (), now: Optional[_dt.datetime] = None) -> Config:
     """Fill the derived fields (grad_accum, run name/sweep/dir). Pure: returns a copy."""
-    grad_accum = derive_grad_accum(cfg.trainer, cfg.hardware)
+    # A user-typed grad_accum is kept so validate() can reject it when it disagrees.
+    grad_accum = cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)
     trainer = replace(cfg.trainer, grad_accum=grad_accum)
     sweep = cfg.run.sweep or (now or _dt.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
     name = cfg.run.name or default_run_name(cfg, list(extra_name_parts))
-    run_dir = cfg.run.dir or f"{cfg.run.results_dir}/{sweep}/{name}"
+    run_dir = os.path.abspath(cfg.run.dir or f"{cfg.run.results_dir}/{sweep}/{name}")
     return replace(cfg, trainer=trainer, run=replace(cfg.run, sweep=sweep, name=name, dir=run_dir))
 
 

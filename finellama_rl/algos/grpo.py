@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from finellama_rl.algos.base import TrainContext, TrainOutcome
-from finellama_rl.checkpoint import checkpoint_dir, commit_checkpoint, staging_root
+from finellama_rl.checkpoint import checkpoint_dir, clear_staging, commit_checkpoint, staging_root
 from finellama_rl.config import Config, Device
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def train(ctx: TrainContext) -> TrainOutcome:
     trainer.remove_callback(_printer_callback_type())
     resume = str(ctx.resume_from) if ctx.resume_from else None
     trainer.train(resume_from_checkpoint=resume)
+    clear_staging(ctx.paths.checkpoints)  # the HF Trainer leaves a model card there
     step = trainer.state.global_step
     if callback.outcome_reason and not checkpoint_dir(ctx.paths.checkpoints, step).exists() and step > ctx.start_step:
         log.warning("stopped at step %d without a checkpoint of that step", step)

@@ -1,0 +1,111 @@
+"""Sweeps from one command: compose and validate every run first, then run them.
+
+    python -m finellama_rl.launch experiment=smoke                 # one local run
+    python -m finellama_rl.launch -m trainer=ppo,grpo experiment=smoke
+    python -m finellama_rl.launch -m trainer=ppo,grpo hardware=a100_80 model=qwen2.5-3b
+
+Every combination is composed, resolved and validated before anything runs, so a
+typo in the third run of a sweep stops the sweep with exit code 2 before the first
+starts. Locally, runs execute one after another as `python -m finellama_rl.train`
+subprocesses (the same entry the sbatch scripts use). This module never imports
+torch: a sweep must be planned in seconds.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+from finellama_rl.compose import UsageError, expand_sweep, load_config, split_argv
+from finellama_rl.config import Config, ConfigError
+from finellama_rl.results import check_writable
+
+
+@dataclass
+class PlannedRun:
+    index: int
+    overrides: List[str]  # as typed (one combination of the sweep)
+    cfg: Config
+
+    @property
+    def label(self) -> str:
+        return f"run {self.index} ({' '.join(self.overrides) or 'defaults'})"
+
+    def train_argv(self) -> List[str]:
+        """Overrides that recreate exactly this run (used by local and SLURM jobs)."""
+        r = self.cfg.run
+        return [*self.overrides, f"run.sweep={r.sweep}", f"run.name={r.name}", f"run.dir={r.dir}"]
+
+
+def plan_runs(argv: Sequence[str]) -> List[PlannedRun]:
+    """Compose + validate every run of the command line; ConfigError names the run."""
+    multirun, overrides = split_argv(argv)
+    combos = expand_sweep(overrides)
+    if len(combos) > 1 and not multirun:
+        raise UsageError("comma-separated values sweep only with -m (e.g. -m trainer=ppo,grpo)")
+    sweep = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    runs = []
+    for i, (ovs, name_parts) in enumerate(combos):
+        with_sweep = ovs if any(o.startswith("run.sweep=") for o in ovs) else [*ovs, f"run.sweep={sweep}"]
+        try:
+            cfg = load_config(with_sweep, name_parts)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, f"{exc.message} [in run {i} ({' '.join(ovs) or 'defaults'})]") from None
+        runs.append(PlannedRun(i, ovs, cfg))
+    _check_distinct(runs)
+    return runs
+
+
+def _check_distinct(runs: List[PlannedRun]) -> None:
+    seen = {}
+    for r in runs:
+        if r.cfg.run.dir in seen:
+            raise ConfigError("run.name", f"runs {seen[r.cfg.run.dir]} and {r.index} would share {r.cfg.run.dir}; drop run.name/run.dir from a sweep")
+        seen[r.cfg.run.dir] = r.index
+
+
+def preflight_local(runs: List[PlannedRun]) -> None:
+    for r in runs:
+        try:
+            check_writable(Path(r.cfg.run.dir))
+        except PermissionError as exc:
+            raise ConfigError("run.results_dir", f"{exc} [in {r.label}]; set run.results_dir=<a writable folder>") from None
+        if r.cfg.model.path and not Path(r.cfg.model.path).exists():
+            raise ConfigError("model.path", f"{r.cfg.model.path} does not exist [in {r.label}]")
+        if r.cfg.data.path and not Path(r.cfg.data.path).exists():
+            raise ConfigError("data.path", f"{r.cfg.data.path} does not exist [in {r.label}]")
+
+
+def run_local(runs: List[PlannedRun]) -> int:
+    """One after another, each a fresh `finellama_rl.train` process."""
+    results = []
+    for r in runs:
+        print(f"=== {r.label} -> {r.cfg.run.dir}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=os.environ.copy())
+        results.append((r, proc.returncode))
+    print_table(["run", "trainer", "model", "hardware", "exit", "results"],
+                [[r.cfg.run.name, r.cfg.trainer.algo.value, r.cfg.model.name, r.cfg.hardware.name, str(code), r.cfg.run.dir] for r, code in results])
+    failed = [code for _, code in results if code]
+    return failed[0] if failed else 0
+
+
+def print_table(header: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip(), flush=True)
+
+
+def main(argv: List[str]) -> int:
+    runs = plan_runs(argv)
+    preflight_local(runs)
+    return run_local(runs)
+
+
+if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
+    cli_main(main)

@@ -1,0 +1,84 @@
+"""GRPO end to end on CPU: a 4-bit LoRA run writes what it should, a crashed run
+resumes where it stopped, and a learnable task shows a real reward gain."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from finellama_rl.checkpoint import list_checkpoints
+from finellama_rl.results import read_jsonl
+from finellama_rl.train import EXIT_CRASH_TEST, run_training
+
+SMALL = ["experiment=smoke", "eval.num_examples=4", "eval.max_new_tokens=8", "trainer.max_completion_tokens=8"]
+CKPT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+              "rng_state.pth", "trainer_state.json", "finellama_state.json"}
+
+
+def test_grpo_two_steps_4bit_lora_writes_outputs(make_config, tmp_path):
+    cfg = make_config(*SMALL, "trainer.max_steps=2", "trainer.save_every=1", "trainer.keep_last=1")
+    assert cfg.trainer.quantization.enabled and cfg.trainer.lora.enabled
+    assert run_training(cfg) == 0
+    run = tmp_path / "run"
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert steps == [1, 2]
+    record = read_jsonl(run / "metrics.jsonl")[-1]
+    for key in ("train/reward_mean", "train/reward_std", "train/loss", "train/learning_rate", "perf/sec_per_step", "perf/tokens_per_sec"):
+        assert key in record, key
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_000002"]  # keep_last=1 pruned step 1
+    assert CKPT_FILES <= {p.name for p in ckpts[0].iterdir()}
+    assert json.loads((ckpts[0] / "finellama_state.json").read_text())["data_position"] == 2 * cfg.trainer.prompts_per_step
+    assert not (run / "checkpoints" / ".staging").exists() or not any((run / "checkpoints" / ".staging").iterdir())
+    ev = json.loads((run / "eval_results.json").read_text())
+    assert ev["schema_version"] == 1 and ev["step"] == 2 and ev["trainer"] == "grpo" and ev["total"] == 4
+    assert set(ev["accuracy"]) == {"strict", "lenient"} and len(ev["records"]) == 4
+    assert ev["baseline"]["total"] == 4 and "records" not in ev["baseline"]
+    assert ev["protocol"]["decoding"] == "greedy" and ev["protocol"]["shots"] == 0
+    stats = json.loads((run / "training_stats.json").read_text())
+    assert [s["step"] for s in stats["steps"]] == [1, 2] and stats["summary"]["last_step"] == 2
+    assert "trainer:\n  algo: grpo" in (run / "config.yaml").read_text()
+
+
+def test_crashed_run_resumes_from_latest_checkpoint(make_config, tmp_path):
+    args = [*SMALL, "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=2"]
+    assert run_training(make_config(*args, "debug.crash_after_step=4")) == EXIT_CRASH_TEST
+    run = tmp_path / "run"
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step_000002", "step_000004"]
+    first = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert first == [1, 2, 3, 4]
+    assert not (run / "eval_results.json").exists()
+
+    assert run_training(make_config(*args)) == 0
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert steps[len(first):] == [5, 6], "the second attempt must train only steps 5 and 6"
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step_000004", "step_000006"]
+    state = json.loads((run / "checkpoints" / "step_000006" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 6
+
+
+def test_completed_run_is_not_retrained(make_config, tmp_path, capsys):
+    cfg = make_config(*SMALL, "trainer.max_steps=1", "trainer.save_every=1", "eval.before_training=false")
+    assert run_training(cfg) == 0
+    n = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    assert run_training(cfg) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == n
+
+
+@pytest.mark.slow
+def test_grpo_learns_a_learnable_task(make_config, tmp_path):
+    """Full fine-tuning of the tiny model on the digit-fraction reward (FACTS: LoRA
+    alone on a random tiny model does not learn in CPU minutes). Measured with
+    seeds 0-2: about 0.02 -> 0.5-0.8 in 40 steps."""
+    cfg = make_config(
+        "experiment=smoke", "trainer.lora.enabled=false", "trainer.quantization.enabled=false",
+        "trainer.rewards=[digits]", "trainer.learning_rate=3e-3", "trainer.max_steps=40", "trainer.save_every=40",
+        "trainer.num_generations=8", "trainer.prompts_per_step=4", "trainer.micro_batch=16",
+        "trainer.max_completion_tokens=16", "trainer.seed=0", "eval.before_training=false", "eval.num_examples=4")
+    assert run_training(cfg) == 0
+    rewards = [r["train/reward_mean"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
+    assert last >= first + 0.25, f"reward {first:.3f} -> {last:.3f}"
