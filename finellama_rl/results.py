@@ -82,8 +82,13 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
     """One whole line per call (a single write), flushed to disk."""
     line = json.dumps(record, default=str) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a torn line from a crash: start on a fresh line
+                line = "\n" + line
+        f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -1,0 +1,50 @@
+"""Synthetic task, local GSM8K-format files, prompts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finellama_rl.compose import load_config
+from finellama_rl.config import ConfigError
+from finellama_rl.data import arithmetic_splits, build_messages, generate_arithmetic, load_problems
+from finellama_rl.rewards import reference_answer
+
+
+def test_arithmetic_is_seeded_and_disjoint():
+    cfg = load_config(["data=arithmetic", "data.num_train=300", "data.num_test=50"]).data
+    train, test = arithmetic_splits(cfg)
+    assert (len(train), len(test)) == (300, 50)
+    assert train == arithmetic_splits(cfg)[0]
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert generate_arithmetic(5, seed=1, max_operand=20) != generate_arithmetic(5, seed=2, max_operand=20)
+
+
+def test_arithmetic_answers_are_right():
+    for p in generate_arithmetic(200, seed=3, max_operand=30):
+        *steps, final = p["answer"].splitlines()
+        for step in steps:  # each worked step is true arithmetic: "a op b = c"
+            lhs, rhs = step.split(" = ")
+            assert eval(lhs) == int(rhs), step  # noqa: S307 - generated digits and operators only
+        assert final.startswith("#### ") and reference_answer(p["answer"]) == steps[-1].split(" = ")[1]
+
+
+def test_local_jsonl_and_errors(tmp_path):
+    rows = [{"question": "What is 2+2?", "answer": "2+2=4\n#### 4"}, {"question": "3*3?", "answer": "#### 9"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(["data=gsm8k", f"data.path={train}", f"data.test_path={train}"]).data
+    assert load_problems(cfg, "train") == rows and load_problems(cfg, "test") == rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"q": "x", "answer": "#### 1"}))
+    with pytest.raises(ConfigError, match="lacks column"):
+        load_problems(load_config(["data=gsm8k", f"data.path={bad}"]).data, "train")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_problems(load_config(["data=gsm8k", f"data.path={tmp_path / 'nope.jsonl'}"]).data, "train")
+
+
+def test_messages_with_shots():
+    shots = [{"question": "q1", "answer": "#### 1"}]
+    msgs = build_messages("sys", "q2", shots)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == "q2"
