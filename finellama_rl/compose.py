@@ -87,15 +87,49 @@ def compose_raw(overrides: Sequence[str]):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def site_file_path(raw) -> Optional[Path]:
+    path = raw.get("site") or os.environ.get("FINELLAMA_SITE")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError("site", f"site file {path} not found; fix the path or unset FINELLAMA_SITE")
+    return Path(path)
+
+
+def apply_site_file(raw, overrides: Sequence[str]):
+    """Merge the site file (cluster-wide and per-profile SLURM settings) under the
+    command line: shipped profile < site file < command-line overrides.
+
+    Site file format:  slurm: {account: x}   hardware: {a100_80: {slurm: {partition: fat}}}
+    """
+    from omegaconf import OmegaConf
+
+    path = site_file_path(raw)
+    if path is None:
+        return raw
+    site = OmegaConf.load(path)
+    unknown = set(site.keys()) - {"slurm", "hardware"}
+    if unknown:
+        raise ConfigError(f"site:{sorted(unknown)[0]}", f"unknown section in {path}; expected slurm and/or hardware.<profile>.slurm")
+    layers = [OmegaConf.create({"hardware": {"slurm": site.get("slurm") or {}}})]
+    per_profile = (site.get("hardware") or {}).get(raw.hardware.name)
+    if per_profile:
+        layers.append(OmegaConf.create({"hardware": per_profile}))
+    cli = [o for o in overrides if o.startswith("hardware.")]
+    layers.append(OmegaConf.from_dotlist(cli))
+    OmegaConf.set_struct(raw.hardware.slurm.additional, False)  # free-form sbatch options
+    return OmegaConf.merge(raw, *layers)
+
+
 def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolve_paths: bool = True) -> Config:
     """Compose, convert to dataclasses once, fill derived values, validate."""
     from omegaconf import OmegaConf
 
-    added = [o for o in overrides if o.startswith("+")]
+    added = [o for o in overrides if o.startswith("+") and not o.lstrip("+").startswith("hardware.slurm.additional.")]
     if added:
         raise ConfigError(added[0].lstrip("+").split("=")[0], "adding keys with '+' is not supported: every setting is in the schema; drop the '+'")
     try:
-        raw = compose_raw(overrides)
+        raw = apply_site_file(compose_raw(overrides), overrides)
         cfg: Config = OmegaConf.to_object(raw)
     except ConfigError:
         raise

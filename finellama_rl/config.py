@@ -266,6 +266,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     launcher: Launcher = Launcher.auto
+    """auto: SLURM when sbatch is on PATH, else local."""
+    dry_run: bool = False
+    """Print what would be submitted (or run) for every run; submit nothing."""
+    site: Optional[str] = None
+    """Site file with per-cluster SLURM settings (default: $FINELLAMA_SITE)."""
 
 
 def register_configs() -> None:

@@ -25,6 +25,9 @@ from finellama_rl.config import Config, ConfigError
 from finellama_rl.results import check_writable
 
 
+LAUNCH_ONLY_KEYS = ("dry_run", "launcher")
+
+
 @dataclass
 class PlannedRun:
     index: int
@@ -38,7 +41,8 @@ class PlannedRun:
     def train_argv(self) -> List[str]:
         """Overrides that recreate exactly this run (used by local and SLURM jobs)."""
         r = self.cfg.run
-        return [*self.overrides, f"run.sweep={r.sweep}", f"run.name={r.name}", f"run.dir={r.dir}"]
+        kept = [o for o in self.overrides if o.split("=")[0].lstrip("+") not in LAUNCH_ONLY_KEYS]
+        return [*kept, f"run.sweep={r.sweep}", f"run.name={r.name}", f"run.dir={r.dir}"]
 
 
 def plan_runs(argv: Sequence[str]) -> List[PlannedRun]:
@@ -68,16 +72,28 @@ def _check_distinct(runs: List[PlannedRun]) -> None:
         seen[r.cfg.run.dir] = r.index
 
 
-def preflight_local(runs: List[PlannedRun]) -> None:
+def use_slurm(runs: List[PlannedRun]) -> bool:
+    from finellama_rl.config import Launcher
+    from finellama_rl.preflight import sbatch_on_path
+
+    launcher = runs[0].cfg.launcher
+    if any(r.cfg.launcher != launcher for r in runs):
+        raise UsageError("launcher cannot be swept; choose one of auto|local|slurm")
+    if launcher == Launcher.slurm and not sbatch_on_path():
+        raise ConfigError("launcher", "launcher=slurm but sbatch is not on PATH; use launcher=local or run on a login node")
+    return launcher == Launcher.slurm or (launcher == Launcher.auto and sbatch_on_path())
+
+
+def preflight(runs: List[PlannedRun], slurm: bool) -> None:
+    """Every check for every run before anything is submitted or run."""
+    from finellama_rl.preflight import check_run, slurm_partitions
+
+    partitions = slurm_partitions() if slurm else None
     for r in runs:
         try:
-            check_writable(Path(r.cfg.run.dir))
-        except PermissionError as exc:
-            raise ConfigError("run.results_dir", f"{exc} [in {r.label}]; set run.results_dir=<a writable folder>") from None
-        if r.cfg.model.path and not Path(r.cfg.model.path).exists():
-            raise ConfigError("model.path", f"{r.cfg.model.path} does not exist [in {r.label}]")
-        if r.cfg.data.path and not Path(r.cfg.data.path).exists():
-            raise ConfigError("data.path", f"{r.cfg.data.path} does not exist [in {r.label}]")
+            check_run(r.cfg, slurm, partitions)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, f"{exc.message} [in {r.label}]") from None
 
 
 def run_local(runs: List[PlannedRun]) -> int:
@@ -99,10 +115,46 @@ def print_table(header: List[str], rows: List[List[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip(), flush=True)
 
 
+def submit_slurm(runs: List[PlannedRun]) -> int:
+    from finellama_rl import slurm
+
+    rows = []
+    for r in runs:
+        Path(r.cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        job = slurm.submit(r.cfg, r.train_argv())
+        slurm.record_submission(ledger_path(r.cfg), r.cfg, job.job_id, r.train_argv())
+        log = Path(r.cfg.run.dir) / "logs" / "submitit" / f"{job.job_id}_0_log.out"
+        rows.append([r.cfg.run.name, job.job_id, r.cfg.hardware.name, r.cfg.hardware.slurm.partition or "(default)", str(log)])
+    print_table(["run", "job", "hardware", "partition", "log"], rows)
+    print(f"status: python -m finellama_rl.status {ledger_path(runs[0].cfg).parent}", flush=True)
+    return 0
+
+
+def ledger_path(cfg: Config) -> Path:
+    return Path(cfg.run.dir).parent / "ledger.jsonl"
+
+
+def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
+    for r in runs:
+        print(f"=== {r.label}\nrun folder: {r.cfg.run.dir}")
+        if slurm_mode:
+            from finellama_rl import slurm
+
+            print(slurm.sbatch_preview(r.cfg))
+            print(f"# job: python -m finellama_rl.train {' '.join(r.train_argv())}\n")
+        else:
+            print(f"would run locally: {sys.executable} -m finellama_rl.train {' '.join(r.train_argv())}\n")
+    print(f"dry run: {len(runs)} run(s), nothing submitted", flush=True)
+    return 0
+
+
 def main(argv: List[str]) -> int:
     runs = plan_runs(argv)
-    preflight_local(runs)
-    return run_local(runs)
+    slurm_mode = use_slurm(runs)
+    preflight(runs, slurm_mode)
+    if runs[0].cfg.dry_run:
+        return dry_run(runs, slurm_mode)
+    return submit_slurm(runs) if slurm_mode else run_local(runs)
 
 
 if __name__ == "__main__":

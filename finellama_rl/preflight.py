@@ -1,0 +1,101 @@
+"""Login-node checks before anything is submitted or run: output folder writable,
+model and dataset reachable (in the local cache, or on the hub when it answers),
+SLURM partition known. Each failure is a ConfigError naming the key, the run and
+the fix. No torch import: this runs for every run of a sweep in seconds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+from finellama_rl.config import Config, ConfigError, DataSource
+from finellama_rl.results import check_writable
+
+PREFETCH_HINT = "python -m finellama_rl.prefetch model={model} data={data} (on a node with internet)"
+
+
+def _hub_cached(repo_id: str, repo_type: str, revision: Optional[str]) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
+        return True
+    except Exception:  # LocalEntryNotFoundError and friends: not in the cache
+        return False
+
+
+def _hub_answers(repo_id: str, repo_type: str, revision: Optional[str]) -> Optional[str]:
+    """None if the hub knows the repo, else the reason."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return "HF_HUB_OFFLINE is set and it is not in the local cache"
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
+        info(repo_id, revision=revision, timeout=15)
+        return None
+    except Exception as exc:
+        return f"not in the local cache and the hub did not answer ({type(exc).__name__})"
+
+
+def check_model(cfg: Config) -> None:
+    m = cfg.model
+    if m.tiny:
+        return
+    if m.path:
+        if not (Path(m.path) / "config.json").exists():
+            raise ConfigError("model.path", f"{m.path} has no config.json; point it at a saved model folder")
+        return
+    if _hub_cached(m.hub_id, "model", m.revision):
+        return
+    reason = _hub_answers(m.hub_id, "model", m.revision)
+    if reason:
+        hint = PREFETCH_HINT.format(model=m.name, data=cfg.data.source.value)
+        raise ConfigError("model", f"{m.hub_id} is not reachable: {reason}; run {hint} or set model.path=<local folder>")
+
+
+def check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.source != DataSource.gsm8k:
+        return
+    for key, path in (("data.path", d.path), ("data.test_path", d.test_path)):
+        if path and not Path(path).is_file():
+            raise ConfigError(key, f"{path} does not exist")
+    if d.path:
+        return
+    if _hub_cached(d.hub_id, "dataset", None):
+        return
+    reason = _hub_answers(d.hub_id, "dataset", None)
+    if reason:
+        hint = PREFETCH_HINT.format(model=cfg.model.name, data="gsm8k")
+        raise ConfigError("data", f"{d.hub_id} is not reachable: {reason}; run {hint} or set data.path=<local jsonl>")
+
+
+def slurm_partitions() -> List[str]:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    return [p.strip().rstrip("*") for p in out.stdout.split() if p.strip()]
+
+
+def check_partition(cfg: Config, partitions: List[str]) -> None:
+    part = cfg.hardware.slurm.partition
+    if part and partitions and part not in partitions:
+        raise ConfigError("hardware.slurm.partition", f"partition {part!r} does not exist here; choose one of {'|'.join(partitions)} "
+                          "(set it on the command line or in your site file)")
+
+
+def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) -> None:
+    try:
+        check_writable(Path(cfg.run.dir))
+    except PermissionError as exc:
+        raise ConfigError("run.results_dir", f"{exc}; set run.results_dir=<a writable folder>") from None
+    check_model(cfg)
+    check_data(cfg)
+    if slurm:
+        check_partition(cfg, partitions or [])
+
+
+def sbatch_on_path() -> bool:
+    return shutil.which("sbatch") is not None

@@ -1,0 +1,193 @@
+"""SLURM through submitit: the only module that imports submitit.
+
+- `executor_params(cfg)`: the sbatch request from the hardware profile (GPUs, CPUs,
+  memory, time, partition, account, QOS, constraint, extra options, signal).
+- `submit_run(run)`: one job per run; `TrainJob` runs `python -m finellama_rl.train`
+  as a child process on the compute node. On SLURM's warning signal (USR2,
+  `signal_delay_s` before the time limit, or a preemption) submitit calls
+  `TrainJob.checkpoint`, which forwards the signal to the child (it saves at the
+  end of its step and exits 75) and returns a resubmission: submitit requeues the
+  job, which resumes in the same run folder. Requeues are bounded by
+  `hardware.slurm.max_requeues`.
+- `job_states(job_ids)`: scheduler states from sacct, for `finellama_rl.status`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import submitit
+
+from finellama_rl.config import Config, Device
+from finellama_rl.results import append_jsonl
+
+EXIT_STOPPED = 75  # finellama_rl.train: saved and stopped on a signal
+
+
+def slurm_available() -> bool:
+    return shutil.which("sbatch") is not None
+
+
+def sbatch_options(cfg: Config) -> Dict[str, Any]:
+    """The sbatch options (long names, no leading dashes) a run requests."""
+    hw, s = cfg.hardware, cfg.hardware.slurm
+    opts: Dict[str, Any] = {
+        "nodes": 1,
+        "ntasks-per-node": 1,
+        "cpus-per-task": s.cpus_per_task,
+        "mem": f"{s.mem_gb}G",
+        "time": s.timeout_min,
+        "signal": f"USR2@{s.signal_delay_s}",
+    }
+    if hw.device == Device.cuda:
+        opts["gpus-per-node"] = hw.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(s, key):
+            opts[key] = getattr(s, key)
+    opts.update(s.additional)
+    return opts
+
+
+def executor_params(cfg: Config) -> Dict[str, Any]:
+    """The same request in submitit's SlurmExecutor parameter names."""
+    hw, s = cfg.hardware, cfg.hardware.slurm
+    params: Dict[str, Any] = {
+        "job_name": f"fl-{cfg.run.name}"[:60],
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "cpus_per_task": s.cpus_per_task,
+        "mem": f"{s.mem_gb}G",
+        "time": s.timeout_min,
+        "signal_delay_s": s.signal_delay_s,
+        "additional_parameters": dict(s.additional),
+    }
+    if hw.device == Device.cuda:
+        params["gpus_per_node"] = hw.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(s, key):
+            params[key] = getattr(s, key)
+    return params
+
+
+def train_command(argv: List[str], gpus: int) -> List[str]:
+    """One process per GPU through torchrun when the node has several (data parallel)."""
+    if gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                "-m", "finellama_rl.train", *argv]
+    return [sys.executable, "-m", "finellama_rl.train", *argv]
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """What runs on the compute node: the training process, signal-aware."""
+
+    def __init__(self, argv: List[str], run_dir: str, gpus: int, timeout_min: int, signal_delay_s: int, max_requeues: int):
+        self.argv, self.run_dir, self.gpus = list(argv), run_dir, gpus
+        self.timeout_min, self.signal_delay_s, self.max_requeues = timeout_min, signal_delay_s, max_requeues
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __call__(self) -> Dict[str, Any]:
+        env = os.environ.copy()
+        # Save before the time limit if the next scheduled save would come too late.
+        env["FINELLAMA_DEADLINE"] = str(time.time() + self.timeout_min * 60 - self.signal_delay_s)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        self._note("start", restarts=restarts)
+        self.proc = subprocess.Popen(train_command(self.argv, self.gpus), env=env)
+        code = self._wait()
+        self._note("exit", code=code, restarts=restarts)
+        if code == EXIT_STOPPED:  # stopped by a signal we did not forward (e.g. SIGTERM): let SLURM decide
+            raise RuntimeError(f"training stopped on a signal after saving; resubmit to continue: {self.run_dir}")
+        if code != 0:
+            raise RuntimeError(f"training exited with code {code}; see {self.run_dir}/logs")
+        results = Path(self.run_dir) / "eval_results.json"
+        return json.loads(results.read_text())["accuracy"] if results.exists() else {}
+
+    def _wait(self, timeout_s: Optional[float] = None) -> Optional[int]:
+        # poll(), not wait(): wait() holds a lock the signal handler's own wait would deadlock on.
+        end = None if timeout_s is None else time.time() + timeout_s
+        while self.proc.poll() is None:
+            if end is not None and time.time() > end:
+                return None
+            time.sleep(0.5)
+        return self.proc.returncode
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
+        """Called by submitit on USR2: let the child save, then ask to be requeued."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR2)
+            code = self._wait(timeout_s=max(5, self.signal_delay_s - 5))
+            self._note("signal", code=code)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if restarts >= self.max_requeues:
+            self._note("requeue_refused", restarts=restarts)
+            return None
+        self._note("requeue", restarts=restarts + 1)
+        fresh = TrainJob(self.argv, self.run_dir, self.gpus, self.timeout_min, self.signal_delay_s, self.max_requeues)
+        return submitit.helpers.DelayedSubmission(fresh)
+
+    def _note(self, event: str, **fields: Any) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event,
+                  "job_id": os.environ.get("SLURM_JOB_ID"), **fields}
+        try:
+            append_jsonl(Path(self.run_dir) / "logs" / "job_events.jsonl", record)
+        except OSError:
+            pass
+        print(f"[finellama_rl job] {event} {fields}", flush=True)
+
+
+def make_executor(cfg: Config) -> submitit.SlurmExecutor:
+    folder = Path(cfg.run.dir) / "logs" / "submitit"
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=cfg.hardware.slurm.max_requeues)
+    executor.update_parameters(**executor_params(cfg))
+    return executor
+
+
+def make_job(cfg: Config, argv: List[str]) -> TrainJob:
+    s = cfg.hardware.slurm
+    gpus = cfg.hardware.gpus_per_node if cfg.hardware.device == Device.cuda else 0
+    return TrainJob(argv, cfg.run.dir, gpus, s.timeout_min, s.signal_delay_s, s.max_requeues)
+
+
+def submit(cfg: Config, argv: List[str]) -> submitit.Job:
+    return make_executor(cfg).submit(make_job(cfg, argv))
+
+
+def sbatch_preview(cfg: Config) -> str:
+    """The sbatch script submitit would write for this run (dry run); only the
+    job-specific submission folder placeholder differs from the real one."""
+    executor = make_executor(cfg)
+    command = " ".join(executor._submitit_command_str.split())  # python -u -m submitit.core._submit <folder>
+    return executor._make_submission_file_text(command, "%j")
+
+
+def record_submission(ledger: Path, cfg: Config, job_id: str, argv: List[str]) -> None:
+    append_jsonl(ledger, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run": cfg.run.name, "run_dir": cfg.run.dir,
+        "job_id": job_id, "hardware": cfg.hardware.name, "partition": cfg.hardware.slurm.partition,
+        "log": str(Path(cfg.run.dir) / "logs" / "submitit" / f"{job_id}_0_log.out"), "argv": argv,
+    })
+
+
+def job_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
+    """{job_id: {state, restarts, elapsed}} from sacct (the allocation line of each job)."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,Restarts,Elapsed", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=60)
+    states: Dict[str, Dict[str, str]] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) >= 4:
+            states[parts[0]] = {"state": parts[1].split()[0], "restarts": parts[2], "elapsed": parts[3]}
+    return states
+
+
+def cancel(job_ids: List[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False, timeout=60)
