@@ -12,6 +12,7 @@ asks me to save".
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import shutil
@@ -62,6 +63,22 @@ def job_deadline() -> Optional[float]:
     """Epoch seconds by which to have saved, from FINELLAMA_DEADLINE if the launcher set it."""
     value = os.environ.get("FINELLAMA_DEADLINE")
     return float(value) if value else None
+
+
+def rewind_metrics(paths: RunPaths, step: int) -> int:
+    """Keep metrics.jsonl consistent with the checkpoint we resume from: records of
+    later steps (trained, then lost in a crash) move to metrics_discarded.jsonl."""
+    from finellama_rl.results import append_jsonl, read_jsonl
+
+    records = read_jsonl(paths.metrics)
+    later = [r for r in records if r.get("step", 0) > step]
+    if not later:
+        return 0
+    for r in later:
+        append_jsonl(paths.metrics.with_name("metrics_discarded.jsonl"), r)
+    kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+    atomic_write_text(paths.metrics, kept)
+    return len(later)
 
 
 def install_stop_handlers(monitor) -> None:
@@ -118,6 +135,10 @@ def run_training(cfg: Config) -> int:
     resume_from = latest_checkpoint(paths.checkpoints) if cfg.run.resume else None
     start_step = read_state(resume_from)["step"] if resume_from else 0
     log.info("run folder %s (%s)", paths.root, f"resuming from step {start_step}" if resume_from else "fresh start")
+    discarded = rewind_metrics(paths, start_step)
+    if discarded:
+        log.warning("%d metric records after step %d came from work lost since that checkpoint; moved to %s",
+                    discarded, start_step, paths.metrics.with_name("metrics_discarded.jsonl").name)
     if start_step >= cfg.trainer.max_steps and paths.eval_results.exists():
         print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
         return 0

@@ -44,3 +44,16 @@ def test_atomic_json_and_torn_jsonl(tmp_path):
     assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}]
     append_jsonl(tmp_path / "m.jsonl", {"step": 2})  # the redone step is not glued to the torn line
     assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}]
+
+
+def test_rewind_metrics_moves_lost_steps_aside(tmp_path):
+    from finellama_rl.results import RunPaths
+    from finellama_rl.train import rewind_metrics
+
+    paths = RunPaths(tmp_path).make()
+    for step in (1, 2, 3, 4, 5):
+        append_jsonl(paths.metrics, {"step": step})
+    assert rewind_metrics(paths, 4) == 1
+    assert [r["step"] for r in read_jsonl(paths.metrics)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics_discarded.jsonl")] == [5]
+    assert rewind_metrics(paths, 4) == 0
