@@ -16,11 +16,12 @@ import os
 import re
 import sys
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, ConfigError, register_configs, resolve, validate
+from finellama_rl.config import Config, ConfigError, derive_grad_accum, register_configs, resolve
+from finellama_rl.validation import validate
 
 CONF_DIR = Path(os.environ.get("FINELLAMA_CONF", Path(__file__).resolve().parent.parent / "conf"))
 GROUPS = ("model", "trainer", "hardware", "data", "experiment")
@@ -137,7 +138,10 @@ def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolv
         if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
         raise explain_hydra_error(exc) from None
-    cfg = resolve(cfg, list(name_parts)) if resolve_paths else cfg
+    if resolve_paths:
+        cfg = resolve(cfg, list(name_parts))
+    else:  # derived training values only; no run folder (e.g. planning, sbatch scripts)
+        cfg = replace(cfg, trainer=replace(cfg.trainer, grad_accum=cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)))
     validate(cfg)
     return cfg
 

@@ -235,6 +235,10 @@ class EvalConfig:
     """0 = the run's micro batch."""
     shots: int = 0
     before_training: bool = True
+    samples: int = 1
+    """Samples per problem for pass@k (1 = greedy only); k > 1 adds sampled pass@1..k."""
+    sample_temperature: float = 0.7
+    """Sampling temperature for the pass@k samples (greedy accuracy is always reported too)."""
 
 
 @dataclass
@@ -251,9 +255,35 @@ class RunConfig:
 
 
 @dataclass
+class LadderConfig:
+    enabled: bool = True
+    """On out-of-memory, step down and continue from the latest checkpoint."""
+    start_rung: int = 0
+    """Rung to start at; launch sets it from the planner or the fit memory."""
+    min_completion_tokens: int = 128
+    """Floor for cutting trainer.max_completion_tokens (cuts change the experiment)."""
+    min_prompt_tokens: int = 128
+    length_step: float = 0.75
+    """Each length rung keeps this fraction of the previous length."""
+    use_planner: bool = True
+    """launch starts GPU jobs at the largest rung the memory planner predicts to fit."""
+    planner_margin: float = 0.10
+    remember_fit: bool = True
+    """Remember the rung that worked per model/trainer/hardware/lengths; start there next time."""
+    max_resubmits: int = 3
+    """Resubmissions after the scheduler killed a job for memory."""
+
+
+@dataclass
 class DebugConfig:
     crash_after_step: Optional[int] = None
     """Test hook: exit with code 3 right after this step's checkpoint (a simulated crash)."""
+    oom_above_tokens: Optional[int] = None
+    """Fault injection: any forward over more than this many tokens (batch x length)
+    raises a real torch.OutOfMemoryError, a simulated memory budget for CPU tests."""
+    host_mem_mb_per_sequence: int = 0
+    """Fault injection: hold this much host RAM per micro-batch sequence during each
+    step, so a job exceeds SLURM's --mem at large micro batches."""
 
 
 @dataclass
@@ -264,6 +294,7 @@ class Config:
     data: DataConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ladder: LadderConfig = field(default_factory=LadderConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     launcher: Launcher = Launcher.auto
     """auto: SLURM when sbatch is on PATH, else local."""
@@ -331,110 +362,6 @@ def eval_num_examples(value: str) -> Optional[int]:
     return n
 
 
-# -------------------------------------------------------------------- validation
-
-
-def _positive(key: str, value: float, hint: str = "") -> None:
-    if value is None or value <= 0:
-        raise ConfigError(key, f"must be > 0, got {value}{'; ' + hint if hint else ''}")
-
-
-def _non_negative(key: str, value: float) -> None:
-    if value < 0:
-        raise ConfigError(key, f"must be >= 0, got {value}")
-
-
-def _validate_batch(t: TrainerConfig, hardware: HardwareConfig) -> None:
-    for key in ("prompts_per_step", "num_generations", "micro_batch"):
-        _positive(f"trainer.{key}", getattr(t, key))
-    if t.algo == Algo.ppo and t.num_generations != 1:
-        raise ConfigError("trainer.num_generations", f"PPO samples one completion per prompt; set trainer.num_generations=1 (got {t.num_generations})")
-    if t.algo == Algo.grpo and t.num_generations < 2:
-        raise ConfigError("trainer.num_generations", f"GRPO needs groups of at least 2 completions to compare (got {t.num_generations})")
-    per_update = sequences_per_step(t)
-    if t.algo == Algo.ppo:
-        _positive("trainer.ppo.num_mini_batches", t.ppo.num_mini_batches)
-        if per_update % t.ppo.num_mini_batches:
-            raise ConfigError("trainer.ppo.num_mini_batches", f"must divide trainer.prompts_per_step={t.prompts_per_step}")
-        per_update //= t.ppo.num_mini_batches
-    devices = world_size(hardware)
-    if per_update % (t.micro_batch * devices):
-        raise ConfigError(
-            "trainer.micro_batch",
-            f"{per_update} sequences per update (prompts_per_step * num_generations) are not divisible by "
-            f"micro_batch={t.micro_batch} x {devices} device(s); choose a micro_batch that divides {per_update // devices or per_update}",
-        )
-    if t.grad_accum is not None and t.grad_accum != derive_grad_accum(t, hardware):
-        raise ConfigError("trainer.grad_accum", "is derived from prompts_per_step, num_generations and micro_batch; remove the override")
-
-
-def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
-    _positive("trainer.learning_rate", t.learning_rate, "e.g. trainer.learning_rate=1e-5")
-    _validate_batch(t, hardware)
-    for key in ("max_prompt_tokens", "max_completion_tokens", "max_steps", "save_every", "keep_last", "log_every"):
-        _positive(f"trainer.{key}", getattr(t, key))
-    for key in ("warmup_steps", "eval_every", "beta", "weight_decay", "max_grad_norm"):
-        _non_negative(f"trainer.{key}", getattr(t, key))
-    if t.warmup_steps >= t.max_steps and t.warmup_steps:
-        raise ConfigError("trainer.warmup_steps", f"must be < trainer.max_steps={t.max_steps}")
-    _positive("trainer.temperature", t.temperature)
-    if not 0 < t.top_p <= 1:
-        raise ConfigError("trainer.top_p", f"must be in (0, 1], got {t.top_p}")
-    if not 0 < t.clip_epsilon < 1:
-        raise ConfigError("trainer.clip_epsilon", f"must be in (0, 1), got {t.clip_epsilon}")
-    from finellama_rl.rewards import REWARD_FUNCS
-
-    if not t.rewards:
-        raise ConfigError("trainer.rewards", f"needs at least one of {'|'.join(REWARD_FUNCS)}")
-    for name in t.rewards:
-        if name not in REWARD_FUNCS:
-            raise ConfigError("trainer.rewards", f"unknown reward {name!r}: expected one of {'|'.join(REWARD_FUNCS)}")
-    if t.reward_weights is not None and len(t.reward_weights) != len(t.rewards):
-        raise ConfigError("trainer.reward_weights", f"needs one weight per reward ({len(t.rewards)}), got {len(t.reward_weights)}")
-    if t.lora.enabled:
-        _positive("trainer.lora.r", t.lora.r)
-        _positive("trainer.lora.alpha", t.lora.alpha)
-        if not 0 <= t.lora.dropout < 1:
-            raise ConfigError("trainer.lora.dropout", f"must be in [0, 1), got {t.lora.dropout}")
-        if "lm_head" in t.lora.target_modules:
-            raise ConfigError("trainer.lora.target_modules", "LoRA on lm_head is not supported (TRL rejects it); remove lm_head")
-    if t.quantization.enabled and not t.lora.enabled:
-        raise ConfigError("trainer.lora.enabled", "a 4-bit base cannot be trained without LoRA; set trainer.lora.enabled=true or trainer.quantization.enabled=false")
-    if t.algo == Algo.ppo:
-        p = t.ppo
-        _positive("trainer.ppo.epochs", p.epochs)
-        _positive("trainer.ppo.vf_coef", p.vf_coef)
-        for key in ("gamma", "lam"):
-            if not 0 <= getattr(p, key) <= 1:
-                raise ConfigError(f"trainer.ppo.{key}", f"must be in [0, 1], got {getattr(p, key)}")
-
-
-def _validate_hardware(h: HardwareConfig) -> None:
-    if h.device == Device.cuda:
-        _positive("hardware.gpus_per_node", h.gpus_per_node)
-        _positive("hardware.gpu_mem_gb", h.gpu_mem_gb)
-    _positive("hardware.slurm.cpus_per_task", h.slurm.cpus_per_task)
-    _positive("hardware.slurm.mem_gb", h.slurm.mem_gb)
-    _positive("hardware.slurm.timeout_min", h.slurm.timeout_min)
-    _non_negative("hardware.slurm.max_requeues", h.slurm.max_requeues)
-    if h.slurm.signal_delay_s < 0 or h.slurm.signal_delay_s >= h.slurm.timeout_min * 60:
-        raise ConfigError("hardware.slurm.signal_delay_s", f"must be in [0, timeout_min*60={h.slurm.timeout_min * 60})")
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks on a resolved config. Raises ConfigError naming the key."""
-    _validate_trainer(cfg.trainer, cfg.hardware)
-    _validate_hardware(cfg.hardware)
-    if cfg.trainer.quantization.enabled and cfg.hardware.bf16 and cfg.hardware.device == Device.cpu:
-        raise ConfigError("hardware.bf16", "bf16 compute on CPU is not supported with a 4-bit base; use hardware=cpu")
-    if cfg.model.tiny and cfg.data.source == DataSource.gsm8k and cfg.model.vocab_size < 256:
-        raise ConfigError("model.vocab_size", "the tiny tokenizer needs at least 256 entries")
-    eval_num_examples(cfg.eval.num_examples)
-    _non_negative("eval.batch_size", cfg.eval.batch_size)
-    _non_negative("eval.shots", cfg.eval.shots)
-    _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
-    if cfg.data.source == DataSource.arithmetic:
-        _positive("data.num_train", cfg.data.num_train)
-        _positive("data.num_test", cfg.data.num_test)
-    if cfg.debug.crash_after_step is not None and cfg.debug.crash_after_step % cfg.trainer.save_every:
-        raise ConfigError("debug.crash_after_step", f"must be a multiple of trainer.save_every={cfg.trainer.save_every}")
+# validate() lives in validation.py (cross-field rules); re-exported here so the
+# schema module stays the one place to import config things from.
+from finellama_rl.validation import validate  # noqa: E402,F401

@@ -33,6 +33,8 @@ class PlannedRun:
     index: int
     overrides: List[str]  # as typed (one combination of the sweep)
     cfg: Config
+    start_rung: int = 0
+    rung_reason: str = ""
 
     @property
     def label(self) -> str:
@@ -42,7 +44,8 @@ class PlannedRun:
         """Overrides that recreate exactly this run (used by local and SLURM jobs)."""
         r = self.cfg.run
         kept = [o for o in self.overrides if o.split("=")[0].lstrip("+") not in LAUNCH_ONLY_KEYS]
-        return [*kept, f"run.sweep={r.sweep}", f"run.name={r.name}", f"run.dir={r.dir}"]
+        rung = [f"ladder.start_rung={self.start_rung}"] if self.start_rung != self.cfg.ladder.start_rung else []
+        return [*kept, *rung, f"run.sweep={r.sweep}", f"run.name={r.name}", f"run.dir={r.dir}"]
 
 
 def plan_runs(argv: Sequence[str]) -> List[PlannedRun]:
@@ -59,7 +62,10 @@ def plan_runs(argv: Sequence[str]) -> List[PlannedRun]:
             cfg = load_config(with_sweep, name_parts)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.message} [in run {i} ({' '.join(ovs) or 'defaults'})]") from None
-        runs.append(PlannedRun(i, ovs, cfg))
+        from finellama_rl.plan import choose_start_rung
+
+        rung, why = choose_start_rung(cfg)
+        runs.append(PlannedRun(i, ovs, cfg, rung, why))
     _check_distinct(runs)
     return runs
 
@@ -124,8 +130,9 @@ def submit_slurm(runs: List[PlannedRun]) -> int:
         job = slurm.submit(r.cfg, r.train_argv())
         slurm.record_submission(ledger_path(r.cfg), r.cfg, job.job_id, r.train_argv())
         log = Path(r.cfg.run.dir) / "logs" / "submitit" / f"{job.job_id}_0_log.out"
-        rows.append([r.cfg.run.name, job.job_id, r.cfg.hardware.name, r.cfg.hardware.slurm.partition or "(default)", str(log)])
-    print_table(["run", "job", "hardware", "partition", "log"], rows)
+        rows.append([r.cfg.run.name, job.job_id, r.cfg.hardware.name, r.cfg.hardware.slurm.partition or "(default)",
+                     f"{r.start_rung} ({r.rung_reason})", str(log)])
+    print_table(["run", "job", "hardware", "partition", "start rung", "log"], rows)
     print(f"status: python -m finellama_rl.status {ledger_path(runs[0].cfg).parent}", flush=True)
     return 0
 
@@ -136,7 +143,7 @@ def ledger_path(cfg: Config) -> Path:
 
 def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
     for r in runs:
-        print(f"=== {r.label}\nrun folder: {r.cfg.run.dir}")
+        print(f"=== {r.label}\nrun folder: {r.cfg.run.dir}\nstart rung: {r.start_rung} ({r.rung_reason})")
         if slurm_mode:
             from finellama_rl import slurm
 

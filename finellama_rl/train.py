@@ -5,7 +5,8 @@ and write config.yaml, metrics.jsonl, training_stats.json and eval_results.json.
     python -m finellama_rl.train trainer=grpo model=qwen2.5-3b hardware=a100_80
     (the sbatch scripts in slurm/ call this; `finellama_rl.launch` runs sweeps)
 
-Exit codes: 0 done, 2 bad input, 3 debug.crash_after_step, 75 stopped by a signal
+Exit codes: 0 done, 2 bad input, 3 debug.crash_after_step, 4 out of memory on
+every rung of the OOM ladder, 75 stopped by a signal
 after saving (the caller may requeue). Knows nothing of SLURM beyond "a signal
 asks me to save".
 """
@@ -19,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +31,7 @@ log = logging.getLogger("finellama_rl")
 
 EXIT_CRASH_TEST = 3
 EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped on request; run again to continue
+EXIT_LADDER_EXHAUSTED = 4  # out of memory on every rung
 
 
 def setup_logging() -> None:
@@ -117,11 +120,104 @@ def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional
 
 
 def run_training(cfg: Config) -> int:
-    """The whole run; returns the process exit code."""
+    """The whole run under the OOM ladder; returns the process exit code.
+
+    An out-of-memory anywhere in an attempt (generation, forward, backward,
+    optimizer) frees the model, moves to the next rung and continues from the
+    latest checkpoint in this same process: no requeue, no queue time lost.
+    """
+    from finellama_rl.attempts import (config_at, format_attempts, ladder_for, record_attempt, remember_fit,
+                                       start_rung)
+    from finellama_rl.checkpoint import clear_staging
+    from finellama_rl.ladder import Rung, format_ladder, is_oom_error, next_rung
+
+    paths = prepare_run_dir(cfg)
+    clear_staging(paths.checkpoints)
+    ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of_cfg(cfg), False, "as configured")]
+    index = start_rung(cfg, paths, ladder)
+    while index < len(ladder):
+        rung = ladder[index]
+        if index:
+            log.warning("ladder rung %d: %s%s", index, rung.description,
+                        " (CHANGES THE EXPERIMENT: shorter sequences)" if rung.changes_experiment else "")
+        started, step0 = time.time(), last_logged_step(paths)
+        try:
+            code = train_attempt(config_at(cfg, rung), paths)
+        except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
+            fields = attempt_fields(paths, step0, started, exc)
+            if not (cfg.ladder.enabled and is_oom_error(exc)):
+                record_attempt(paths, rung, "error", **fields)
+                raise
+            traceback.clear_frames(exc.__traceback__)  # drop the frames that hold the model
+            record_attempt(paths, rung, "oom", **fields)
+            log.warning("out of memory at rung %d: %s", index, fields["error"])
+        else:
+            outcome = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}.get(code, "failed")
+            record_attempt(paths, rung, outcome, **attempt_fields(paths, step0, started, None))
+            if code == 0 and cfg.ladder.remember_fit and cfg.ladder.enabled:
+                remember_fit(cfg, rung)
+            return code
+        free_memory()
+        index = (next_rung(ladder, index) or Rung(len(ladder), rung.setting, True, "end")).index
+    print("out of memory on every rung of the ladder; attempts:\n" + format_attempts(read_attempts_of(paths)), flush=True)
+    print("ladder:\n" + format_ladder(ladder), flush=True)
+    return EXIT_LADDER_EXHAUSTED
+
+
+def setting_of_cfg(cfg: Config):
+    from finellama_rl.attempts import setting_of
+
+    return setting_of(cfg)
+
+
+def read_attempts_of(paths: RunPaths):
+    from finellama_rl.attempts import read_attempts
+
+    return read_attempts(paths)
+
+
+def last_logged_step(paths: RunPaths) -> int:
+    from finellama_rl.results import read_jsonl
+
+    records = read_jsonl(paths.metrics)
+    return int(records[-1]["step"]) if records else 0
+
+
+def peak_memory_gb() -> Dict[str, Optional[float]]:
+    import resource
+
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"peak_gpu_mem_gb": gpu, "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def attempt_fields(paths: RunPaths, step0: int, started: float, exc: Optional[BaseException]) -> Dict[str, Any]:
+    fields: Dict[str, Any] = {"steps_done": max(0, last_logged_step(paths) - step0),
+                              "wall_time_s": round(time.time() - started, 2), **peak_memory_gb()}
+    if exc is not None:
+        fields["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return fields
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def train_attempt(cfg: Config, paths: RunPaths) -> int:
+    """One attempt at one rung: resume, load, train, evaluate."""
     import transformers
 
     from finellama_rl.algos.base import TrainContext
-    from finellama_rl.checkpoint import clear_staging, latest_checkpoint, read_state
+    from finellama_rl.attempts import install_fault_injection
+    from finellama_rl.checkpoint import latest_checkpoint, read_state
     from finellama_rl.data import load_problems, with_prompts
     from finellama_rl.evaluate import eval_document, evaluate_model, format_accuracy, summary
     from finellama_rl.model import count_parameters, load_policy, load_tokenizer
@@ -130,8 +226,7 @@ def run_training(cfg: Config) -> int:
     from finellama_rl.stats import write_training_stats
 
     t0 = time.time()
-    paths = prepare_run_dir(cfg)
-    clear_staging(paths.checkpoints)
+    atomic_write_text(paths.config, config_yaml(cfg))  # the settings this attempt really uses
     resume_from = latest_checkpoint(paths.checkpoints) if cfg.run.resume else None
     start_step = read_state(resume_from)["step"] if resume_from else 0
     log.info("run folder %s (%s)", paths.root, f"resuming from step {start_step}" if resume_from else "fresh start")
@@ -146,6 +241,7 @@ def run_training(cfg: Config) -> int:
     transformers.set_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
+    install_fault_injection(policy, cfg)
     trainable, total = count_parameters(policy)
     log.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
     train_rows, dropped = with_prompts(load_problems(cfg.data, "train"), tokenizer, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)

@@ -1,0 +1,104 @@
+"""Memory plan for a run: predicted peak GPU memory broken down by component, the
+largest OOM-ladder rung predicted to fit with a margin, and a verdict per hardware
+profile in one table.
+
+    python -m finellama_rl.plan model=qwen2.5-3b trainer=ppo hardware=a100_40
+    python -m finellama_rl.plan experiment=seed_ppo_3b
+
+launch uses `choose_start_rung` to start each job at its planned (or remembered)
+rung. Pure: no torch import.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from finellama_rl.attempts import ladder_for, remembered_rung
+from finellama_rl.compose import CONF_DIR, load_config, split_argv
+from finellama_rl.config import Algo, Config, Device
+from finellama_rl.ladder import Rung, Setting
+from finellama_rl.memory import GIB, MemoryEstimate, MemoryInputs, ModelShape, estimate_memory, format_estimate, plan_rung
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    m = cfg.model
+    return ModelShape(params=int(m.params_b * 1e9), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                      num_attention_heads=m.num_attention_heads, num_kv_heads=m.num_kv_heads,
+                      intermediate_size=m.intermediate_size, vocab_size=m.vocab_size, tie_embeddings=m.tie_embeddings)
+
+
+def memory_inputs(cfg: Config, setting: Setting) -> MemoryInputs:
+    """Our trainers as the planner sees them: TRL's GRPO generates the whole
+    effective batch at once; our PPO generates one micro batch at a time, without
+    LoRA dropout, and builds logits only for completion positions."""
+    t = cfg.trainer
+    ppo = t.algo == Algo.ppo
+    return MemoryInputs(
+        shape=model_shape(cfg), algo=t.algo.value, setting=setting, lora_r=t.lora.r if t.lora.enabled else 0,
+        lora_target_modules=tuple(t.lora.target_modules), quantized=t.quantization.enabled,
+        compute_bytes=2 if cfg.hardware.bf16 else 4, beta=t.beta,
+        generation_batch=setting.micro_batch if ppo else setting.micro_batch * setting.grad_accum,
+        lora_dropout=0.0 if ppo else t.lora.dropout, value_head=t.ppo.value_head.value,
+        completion_logits_only=ppo, double_quant=t.quantization.double_quant)
+
+
+def plan(cfg: Config) -> Tuple[List[Rung], int, MemoryEstimate]:
+    ladder = ladder_for(cfg)
+    index, est = plan_rung(ladder, lambda s: memory_inputs(cfg, s), int(cfg.hardware.gpu_mem_gb * GIB), cfg.ladder.planner_margin)
+    return ladder, index, est
+
+
+def choose_start_rung(cfg: Config) -> Tuple[int, str]:
+    """(rung, why): configured > remembered fit > planner > 0."""
+    if not cfg.ladder.enabled or cfg.ladder.start_rung:
+        return cfg.ladder.start_rung, "configured"
+    ladder = ladder_for(cfg)
+    remembered = remembered_rung(cfg, ladder)
+    if remembered is not None:
+        return remembered, "fit memory"
+    if cfg.ladder.use_planner and cfg.hardware.device == Device.cuda:
+        _, index, est = plan(cfg)
+        fits = est.peak_bytes <= (1 - cfg.ladder.planner_margin) * cfg.hardware.gpu_mem_gb * GIB
+        return index, f"planner {est.peak_bytes / GIB:.1f} GiB{'' if fits else ' (no rung fits!)'}"
+    return 0, "start"
+
+
+def verdict_table(overrides: List[str]) -> str:
+    rows = [["hardware", "GPU GiB", "rung 0 peak", "planned rung", "setting", "peak", "verdict"]]
+    for hw in sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml")):
+        cfg = load_config([*overrides, f"hardware={hw}"], resolve_paths=False)
+        if cfg.hardware.device != Device.cuda:
+            continue
+        ladder, index, est = plan(cfg)
+        first = estimate_memory(memory_inputs(cfg, ladder[0].setting))
+        budget = (1 - cfg.ladder.planner_margin) * cfg.hardware.gpu_mem_gb * GIB
+        s = ladder[index].setting
+        verdict = "fits" if index == 0 else ("fits after step-down" if est.peak_bytes <= budget else "DOES NOT FIT")
+        if est.peak_bytes <= budget and ladder[index].changes_experiment:
+            verdict = "fits only with shorter sequences"
+        rows.append([hw, f"{cfg.hardware.gpu_mem_gb:g}", f"{first.peak_bytes / GIB:.1f}", str(index),
+                     f"{s.micro_batch}x{s.grad_accum} seq {s.max_prompt_tokens}+{s.max_completion_tokens}"
+                     f"{' ckpt' if s.activation_checkpointing else ''}", f"{est.peak_bytes / GIB:.1f}", verdict])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: List[str]) -> int:
+    _, overrides = split_argv(argv)
+    cfg = load_config(overrides, resolve_paths=False)
+    t = cfg.trainer
+    print(f"{cfg.model.name} {t.algo.value} on {cfg.hardware.name}: micro batch {t.micro_batch} x accum {t.grad_accum}, "
+          f"prompt {t.max_prompt_tokens} + completion {t.max_completion_tokens} tokens, LoRA r={t.lora.r}, "
+          f"4-bit={t.quantization.enabled}")
+    if cfg.hardware.device == Device.cuda:
+        ladder, index, est = plan(cfg)
+        print(f"\npredicted peak at the planned rung {index} ({ladder[index].description}):")
+        print(format_estimate(est))
+    print("\nper GPU profile (margin {:.0%}):".format(cfg.ladder.planner_margin))
+    print(verdict_table([o for o in overrides if not o.startswith("hardware=")]))
+    return 0
+
+
+if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
+    cli_main(main)
