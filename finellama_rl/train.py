@@ -113,8 +113,11 @@ def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional
         return read_json(paths.baseline)
     if not cfg.eval.before_training:
         return None
+    from finellama_rl.index import add_eval_file, results_root
+
     result = evaluate_fn(policy, 0, "baseline")
     atomic_write_json(paths.baseline, eval_document(cfg, 0, result, None))
+    add_eval_file(results_root(cfg.run), paths.baseline)
     log.info("baseline accuracy: %s", format_accuracy(result))
     return result
 
@@ -141,6 +144,9 @@ def run_training(cfg: Config) -> int:
             log.warning("ladder rung %d: %s%s", index, rung.description,
                         " (CHANGES THE EXPERIMENT: shorter sequences)" if rung.changes_experiment else "")
         started, step0 = time.time(), last_logged_step(paths)
+        # If the scheduler kills us (host OOM, uncatchable GPU OOM), the resubmit watchdog reads this.
+        atomic_write_json(paths.logs / "current_attempt.json", {"rung": index, "step0": step0, "started": started,
+                                                                "job_id": os.environ.get("SLURM_JOB_ID")})
         try:
             code = train_attempt(config_at(cfg, rung), paths)
         except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
@@ -220,6 +226,7 @@ def train_attempt(cfg: Config, paths: RunPaths) -> int:
     from finellama_rl.checkpoint import latest_checkpoint, read_state
     from finellama_rl.data import load_problems, with_prompts
     from finellama_rl.evaluate import eval_document, evaluate_model, format_accuracy, summary
+    from finellama_rl.index import add_eval_file, results_root
     from finellama_rl.model import count_parameters, load_policy, load_tokenizer
     from finellama_rl.monitor import TrainingMonitor
     from finellama_rl.rewards import build_reward_funcs
@@ -256,7 +263,9 @@ def train_attempt(cfg: Config, paths: RunPaths) -> int:
 
     def evaluate_during(model, step: int) -> Dict[str, Any]:
         result = evaluate_fn(model, step)
-        atomic_write_json(paths.root / "evals" / f"step_{step:06d}.json", eval_document(cfg, step, result, None))
+        path = paths.root / "evals" / f"step_{step:06d}.json"
+        atomic_write_json(path, eval_document(cfg, step, result, None))
+        add_eval_file(results_root(cfg.run), path)
         log.info("step %d accuracy: %s", step, format_accuracy(result))
         return summary(result)
 
@@ -274,6 +283,7 @@ def train_attempt(cfg: Config, paths: RunPaths) -> int:
 
     final = evaluate_fn(policy, outcome.final_step, "final")
     atomic_write_json(paths.eval_results, eval_document(cfg, outcome.final_step, final, baseline))
+    add_eval_file(results_root(cfg.run), paths.eval_results)  # the shared index; never fails the run
     write_training_stats(paths, cfg, time.time() - t0)
     base_txt = f" (baseline {format_accuracy(baseline)})" if baseline else ""
     print(f"final accuracy at step {outcome.final_step}: {format_accuracy(final)}{base_txt}", flush=True)

@@ -1,0 +1,207 @@
+"""finellama_rl.evaluate (the command) and finellama_rl.passk: pass@k against a brute-force
+count, bad input exits 2 before any model loads, the batch size the run ended on, file
+naming without overwrites, and a real tiny run evaluated twice with identical results."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finellama_rl import evaluate
+from finellama_rl.compose import cli_main, load_config
+from finellama_rl.passk import k_values, pass_at_k, score_samples
+from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_text, read_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def brute_pass_at_k(n: int, c: int, k: int) -> float:
+    """Share of the k-subsets of n samples (c correct) that contain a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k,expected", [(10, 3, 1, 0.3), (5, 0, 1, 0.0), (5, 0, 5, 0.0), (5, 5, 1, 1.0),
+                                            (5, 5, 3, 1.0), (4, 1, 4, 1.0), (4, 2, 2, 1 - 1 / 6)])
+def test_pass_at_k_known_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n,c,k", [(6, 2, 3), (7, 3, 2), (8, 1, 4), (9, 4, 5), (10, 7, 3), (12, 5, 6)])
+def test_pass_at_k_matches_brute_force(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    assert pass_at_k(1000, 10, 100) == pytest.approx(1 - math.comb(990, 100) / math.comb(1000, 100), rel=1e-9)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)])
+def test_pass_at_k_rejects_impossible_inputs(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_k_values():
+    assert k_values(1) == [1]
+    assert k_values(6) == [1, 2, 4, 6]
+    assert k_values(8) == [1, 2, 4, 8]
+
+
+def test_score_samples_strict_and_lenient():
+    problems = [{"question": "q1", "answer": "2 + 3 = 5\n#### 5"}, {"question": "q2", "answer": "#### 7"}]
+    samples = [["so #### 5", "it is 5", "#### 6", "no idea"], ["#### 1", "8", "x", "#### 2"]]
+    out = score_samples(problems, samples, temperature=0.7, seed=0)["summary"]
+    assert out["samples"] == 4
+    assert out["strict"] == pytest.approx({"1": 0.125, "2": 0.25, "4": 0.5})
+    assert out["lenient"] == pytest.approx({"1": 0.25, "2": (1 - 1 / 6) / 2, "4": 0.5})
+
+
+# ------------------------------------------------------------------ a hand-made run folder
+
+
+def make_run_folder(root: Path, steps=(2, 4), *overrides: str) -> Path:
+    """config.yaml from the real conf/ plus committed (empty) checkpoint folders."""
+    from finellama_rl.train import config_yaml
+
+    run = root / "sweep" / "grpo-tiny-cpu"
+    cfg = load_config(["experiment=smoke", f"run.dir={run}", f"run.results_dir={root}", "run.sweep=sweep", *overrides])
+    atomic_write_text(run / "config.yaml", config_yaml(cfg))
+    for s in steps:
+        ck = run / "checkpoints" / f"step_{s:06d}"
+        ck.mkdir(parents=True)
+        (ck / "adapter_model.safetensors").write_bytes(b"")
+        atomic_write_json(ck / "finellama_state.json", {"step": s})
+    return run
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to load weights fails the test."""
+    import finellama_rl.model as model
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(model, "load_base", boom)
+    monkeypatch.setattr(model, "load_tokenizer", boom)
+
+
+@pytest.mark.parametrize("args,key", [
+    (["checkpoint=7"], "checkpoint: no step 7"),
+    (["checkpoint=soon"], "checkpoint: expected latest|all|base|<step>"),
+    (["eval.samples=0"], "eval.samples: must be > 0"),
+    (["eval.samples=two"], "eval.samples:"),
+    (["eval.num_examples=-3"], "eval.num_examples: must be > 0 or `all`"),
+    (["eval.sample_temperature=0"], "eval.sample_temperature: must be > 0"),
+    (["eval.num_exampels=5"], "Did you mean eval.num_examples?"),
+    (["trainer.learning_rate=1"], "trainer.learning_rate: not a setting of finellama_rl.evaluate"),
+])
+def test_bad_input_exits_2_before_loading(tmp_path, capsys, no_model_load, args, key):
+    run = make_run_folder(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(evaluate.main, [f"run={run}", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and len(err.splitlines()) == 1
+
+
+def test_missing_run_folder_exits_2_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "finellama_rl.evaluate", f"run={tmp_path / 'nope'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: run: {tmp_path / 'nope'} is not a folder; pass run=<results/<sweep>/<run>>"
+
+
+def test_choose_targets(tmp_path):
+    run = make_run_folder(tmp_path, steps=(2, 4, 6))
+    assert [t.label for t in evaluate.choose_targets(run, "latest")] == ["step_000006"]
+    assert [t.step for t in evaluate.choose_targets(run, "all")] == [2, 4, 6]
+    assert evaluate.choose_targets(run, "4")[0].adapter_dir == run / "checkpoints" / "step_000004"
+    assert evaluate.choose_targets(run, "step_000002")[0].step == 2
+    base = evaluate.choose_targets(run, "base")[0]
+    assert (base.label, base.step, base.adapter_dir) == ("base", 0, None)
+
+
+def test_batch_size_is_the_micro_batch_the_run_ended_on(tmp_path):
+    run = make_run_folder(tmp_path)  # experiment=smoke: trainer.micro_batch=4
+    cfg = evaluate.load_run_config(run)
+    assert evaluate.eval_batch_size(cfg, run) == (4, "trainer.micro_batch")
+    append_jsonl(run / "attempts.jsonl", {"attempt": 1, "rung": 0, "micro_batch": 4, "outcome": "oom", "error": "OutOfMemoryError"})
+    append_jsonl(run / "attempts.jsonl", {"attempt": 2, "rung": 1, "micro_batch": 2, "outcome": "stopped"})
+    append_jsonl(run / "attempts.jsonl", {"attempt": 3, "rung": 2, "micro_batch": 1, "outcome": "oom_killed"})
+    assert evaluate.eval_batch_size(cfg, run) == (2, "attempts.jsonl")
+    cfg = evaluate.load_run_config(run, ["eval.batch_size=16"])
+    assert evaluate.eval_batch_size(cfg, run) == (16, "eval.batch_size")
+
+
+def test_file_names_never_overwrite(tmp_path):
+    run = make_run_folder(tmp_path)
+    cfg = evaluate.load_run_config(run, ["eval.num_examples=all", "eval.samples=8"])
+    assert evaluate.eval_file_name("base", cfg.eval) == "base-nall-k8.json"
+    cfg = evaluate.load_run_config(run, ["eval.num_examples=50", "eval.shots=3"])
+    name = evaluate.eval_file_name("step_000200", cfg.eval)
+    assert name == "step_000200-n50-greedy-3shot.json"
+    paths = [evaluate.reserve_path(tmp_path / "evals", name) for _ in range(3)]
+    assert [p.name for p in paths] == [name, "step_000200-n50-greedy-3shot-2.json", "step_000200-n50-greedy-3shot-3.json"]
+
+
+# ------------------------------------------------------------------ a real tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real one-step GRPO run of the tiny model on the synthetic task, with a checkpoint."""
+    from finellama_rl.train import run_training
+
+    root = tmp_path_factory.mktemp("results")
+    run = root / "sweep" / "grpo-tiny-cpu"
+    cfg = load_config(["experiment=smoke", f"run.dir={run}", f"run.results_dir={root}", "run.sweep=sweep",
+                       "trainer.max_steps=1", "trainer.save_every=1", "trainer.prompts_per_step=2",
+                       "trainer.num_generations=2", "trainer.micro_batch=4", "trainer.max_completion_tokens=8",
+                       "data.num_train=16", "data.num_test=8", "eval.num_examples=2", "eval.max_new_tokens=8",
+                       "eval.before_training=false", "ladder.remember_fit=false"])
+    assert run_training(cfg) == 0
+    return root, run
+
+
+@pytest.mark.slow
+def test_tiny_run_evaluated_twice_gives_identical_results(tiny_run, capsys):
+    root, run = tiny_run
+    args = [f"run={run}", "checkpoint=latest", "eval.num_examples=4", "eval.max_new_tokens=8"]
+    assert evaluate.main(args) == 0
+    assert evaluate.main(args) == 0
+    first, second = run / "evals" / "step_000001-n4-greedy.json", run / "evals" / "step_000001-n4-greedy-2.json"
+    a, b = read_json(first), read_json(second)
+    assert a["total"] == b["total"] == 4
+    assert (a["accuracy"], a["correct"]) == (b["accuracy"], b["correct"])
+    assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]]
+    assert all(r["completion"] for r in a["records"])  # the model really generated text
+    assert (a["checkpoint"], a["step"], a["schema_version"], a["run_dir"]) == ("step_000001", 1, 1, str(run))
+    assert a["protocol"]["decoding"] == "greedy" and a["protocol"]["batch_size"] == 4
+    index = json.loads((root / "eval_results.json").read_text())
+    paths = sorted(e["path"] for e in index["entries"] if e["checkpoint"] == "step_000001" and e["n"] == 4)
+    assert paths == ["sweep/grpo-tiny-cpu/evals/step_000001-n4-greedy-2.json", "sweep/grpo-tiny-cpu/evals/step_000001-n4-greedy.json"]
+    assert "step_000001: strict" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_run_pass_at_k_with_samples(tiny_run):
+    root, run = tiny_run
+    assert evaluate.main([f"run={run}", "checkpoint=1", "eval.num_examples=2", "eval.samples=3",
+                          "eval.sample_temperature=1.0", "eval.max_new_tokens=6"]) == 0
+    doc = read_json(run / "evals" / "step_000001-n2-k3.json")
+    k = doc["pass_at_k"]
+    assert (k["samples"], k["temperature"], sorted(k["strict"])) == (3, 1.0, ["1", "2", "3"])
+    for rec in doc["records"]:
+        assert len(rec["samples"]) == 3
+        assert 0 <= rec["samples_correct_strict"] <= 3 and 0 <= rec["samples_correct_lenient"] <= 3
+    expect = sum(pass_at_k(3, r["samples_correct_lenient"], 1) for r in doc["records"]) / 2
+    assert k["lenient"]["1"] == pytest.approx(expect)
