@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-*; touch $@
 
 run: $(STAMP)
-	$(PY) -m finellama_rl.launch experiment=smoke $(ARGS)
+	$(PY) -m finellama_rl.launch experiment=smoke launcher=local $(ARGS)
 
 test: $(STAMP)
 	bash scripts/run_tests.sh $(ARGS)

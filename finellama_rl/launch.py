@@ -80,14 +80,19 @@ def _check_distinct(runs: List[PlannedRun]) -> None:
 
 def use_slurm(runs: List[PlannedRun]) -> bool:
     from finellama_rl.config import Launcher
-    from finellama_rl.preflight import sbatch_on_path
+    from finellama_rl.preflight import slurm_usable
 
     launcher = runs[0].cfg.launcher
     if any(r.cfg.launcher != launcher for r in runs):
         raise UsageError("launcher cannot be swept; choose one of auto|local|slurm")
-    if launcher == Launcher.slurm and not sbatch_on_path():
-        raise ConfigError("launcher", "launcher=slurm but sbatch is not on PATH; use launcher=local or run on a login node")
-    return launcher == Launcher.slurm or (launcher == Launcher.auto and sbatch_on_path())
+    if launcher == Launcher.local:
+        return False
+    usable, why = slurm_usable()
+    if launcher == Launcher.slurm and not usable:
+        raise ConfigError("launcher", f"launcher=slurm but {why}; use launcher=local or run on a login node")
+    if launcher == Launcher.auto and not usable and "not on PATH" not in why:
+        print(f"note: sbatch is installed but SLURM does not answer ({why}); running locally", flush=True)
+    return usable
 
 
 def preflight(runs: List[PlannedRun], slurm: bool) -> None:
@@ -129,6 +134,8 @@ def submit_slurm(runs: List[PlannedRun]) -> int:
         Path(r.cfg.run.dir).mkdir(parents=True, exist_ok=True)
         job = slurm.submit(r.cfg, r.train_argv())
         slurm.record_submission(ledger_path(r.cfg), r.cfg, job.job_id, r.train_argv())
+        if r.cfg.ladder.enabled and r.cfg.ladder.max_resubmits:
+            slurm.submit_watchdog(r.cfg, job.job_id, r.train_argv(), 0)
         log = Path(r.cfg.run.dir) / "logs" / "submitit" / f"{job.job_id}_0_log.out"
         rows.append([r.cfg.run.name, job.job_id, r.cfg.hardware.name, r.cfg.hardware.slurm.partition or "(default)",
                      f"{r.start_rung} ({r.rung_reason})", str(log)])

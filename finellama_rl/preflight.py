@@ -97,5 +97,14 @@ def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) 
         check_partition(cfg, partitions or [])
 
 
-def sbatch_on_path() -> bool:
-    return shutil.which("sbatch") is not None
+def slurm_usable() -> tuple:
+    """(usable, why not): sbatch on PATH and the controller answers sinfo."""
+    if shutil.which("sbatch") is None:
+        return False, "sbatch is not on PATH"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"sinfo failed: {exc}"
+    if out.returncode != 0:
+        return False, f"sinfo failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}"
+    return True, ""

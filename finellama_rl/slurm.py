@@ -99,9 +99,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         self._note("start", restarts=restarts)
         self.proc = subprocess.Popen(train_command(self.argv, self.gpus), env=env)
+        # Preemption, `scontrol requeue` and scancel send SIGTERM to this process only (then
+        # SIGKILL after KillWait); submitit just logs it. Pass it on so the child saves first.
+        signal.signal(signal.SIGTERM, self._forward_sigterm)
         code = self._wait()
         self._note("exit", code=code, restarts=restarts)
-        if code == EXIT_STOPPED:  # stopped by a signal we did not forward (e.g. SIGTERM): let SLURM decide
+        if code == EXIT_STOPPED:  # saved on SIGTERM (preemption, requeue, scancel): SLURM requeues or ends the job
             raise RuntimeError(f"training stopped on a signal after saving; resubmit to continue: {self.run_dir}")
         if code != 0:
             raise RuntimeError(f"training exited with code {code}; see {self.run_dir}/logs")
@@ -117,6 +120,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             time.sleep(0.5)
         return self.proc.returncode
 
+    def _forward_sigterm(self, signum: int, _frame: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self._note("sigterm_forwarded")
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
         """Called by submitit on USR2: let the child save, then ask to be requeued."""
         if self.proc is not None and self.proc.poll() is None:
@@ -124,6 +132,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             code = self._wait(timeout_s=max(5, self.signal_delay_s - 5))
             self._note("signal", code=code)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if _cancelled_meanwhile():  # scancel during the save: submitit's `scontrol requeue` would revive the job
+            self._note("requeue_skipped", reason="job was cancelled")
+            return None
         if restarts >= self.max_requeues:
             self._note("requeue_refused", restarts=restarts)
             return None
@@ -139,6 +150,18 @@ class TrainJob(submitit.helpers.Checkpointable):
         except OSError:
             pass
         print(f"[finellama_rl job] {event} {fields}", flush=True)
+
+
+def _cancelled_meanwhile() -> bool:
+    """True when this job was scancelled (e.g. while the child was saving on USR2)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or shutil.which("scontrol") is None:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "JobState=CANCELLED" in out
 
 
 def make_executor(cfg: Config) -> submitit.SlurmExecutor:
@@ -174,20 +197,59 @@ def record_submission(ledger: Path, cfg: Config, job_id: str, argv: List[str]) -
     })
 
 
+_REQUEUED = ("REQUEUED", "PREEMPTED", "NODE_FAIL", "REQUEUE_HOLD", "REQUEUE_FED")
+
+
 def job_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
-    """{job_id: {state, restarts, elapsed}} from sacct (the allocation line of each job)."""
+    """{job_id: {state, restarts, elapsed}} from sacct (the allocation line of each job).
+
+    sacct has no Restarts field (22.05 rejects it: "Invalid field requested"); with
+    --duplicates it lists every run of a requeued job as its own line, oldest first,
+    each ended by a requeue in state REQUEUED: restarts = those lines; the last line
+    holds the current state. A line that did not end in a requeue belongs to an older
+    job that had the same id (ids restart after the accounting is wiped). squeue's
+    live state wins where slurmctld still holds the job.
+    """
     if not job_ids:
         return {}
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,Restarts,Elapsed", "-j", ",".join(job_ids)],
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State,Elapsed", "-j", ",".join(job_ids)],
                          capture_output=True, text=True, timeout=60)
     states: Dict[str, Dict[str, str]] = {}
     for line in out.stdout.splitlines():
         parts = line.split("|")
-        if len(parts) >= 4:
-            states[parts[0]] = {"state": parts[1].split()[0], "restarts": parts[2], "elapsed": parts[3]}
+        if len(parts) >= 3:
+            prev, state = states.get(parts[0]), parts[1].split()[0]
+            runs = int(prev["restarts"]) if prev and prev["state"] in _REQUEUED else 0
+            states[parts[0]] = {"state": state, "restarts": str(runs + (state in _REQUEUED)), "elapsed": parts[2]}
+    for job_id, state in _live_states(job_ids).items():  # sacct lags, and keeps REQUEUED for a job cancelled while requeued
+        states.setdefault(job_id, {"restarts": "0", "elapsed": ""})["state"] = state
     return states
+
+
+def _live_states(job_ids: List[str]) -> Dict[str, str]:
+    """{job_id: state} for the jobs slurmctld still holds (MinJobAge after they end)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=60)
+    return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
 
 
 def cancel(job_ids: List[str]) -> None:
     if job_ids:
         subprocess.run(["scancel", *job_ids], check=False, timeout=60)
+
+
+def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_done: int) -> submitit.Job:
+    """A 1-CPU job that runs after `train_job_id` ends and resubmits it at the next
+    ladder rung if it was killed for memory (finellama_rl.resubmit.watch)."""
+    from finellama_rl.resubmit import watch
+
+    s = cfg.hardware.slurm
+    executor = submitit.SlurmExecutor(folder=str(Path(cfg.run.dir) / "logs" / "watch"), max_num_timeout=0)
+    params: Dict[str, Any] = {"job_name": f"flw-{cfg.run.name}"[:60], "nodes": 1, "ntasks_per_node": 1,
+                              "cpus_per_task": 1, "mem": "1G", "time": 15,
+                              "additional_parameters": {"dependency": f"afterany:{train_job_id}"}}
+    for key in ("partition", "account", "qos"):
+        if getattr(s, key):
+            params[key] = getattr(s, key)
+    executor.update_parameters(**params)
+    return executor.submit(watch, argv, cfg.run.dir, train_job_id, resubmits_done)

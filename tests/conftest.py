@@ -27,3 +27,18 @@ def make_config(tmp_path):
         return load_config([*overrides, f"run.dir={run_dir or tmp_path / 'run'}"])
 
     return _make
+
+
+# --- slurm fixture -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local single-node SLURM cluster (started once if needed): its client env
+    (SLURM_CONF, FINELLAMA_SLURM_DIR), also set in os.environ. For tests marked slurm."""
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # tests/ is not a package; pytest's rootdir import usually added it
+        sys.path.insert(0, here)
+    from slurm_cluster import ensure_cluster
+
+    return ensure_cluster()
