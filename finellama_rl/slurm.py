@@ -8,7 +8,9 @@
   `TrainJob.checkpoint`, which forwards the signal to the child (it saves at the
   end of its step and exits 75) and returns a resubmission: submitit requeues the
   job, which resumes in the same run folder. Requeues are bounded by
-  `hardware.slurm.max_requeues`.
+  `hardware.slurm.max_requeues`. Preemption, `scontrol requeue` and scancel send
+  SIGTERM to the job's process only (SIGKILL follows after KillWait): `TrainJob`
+  forwards it, so the child saves at the end of its step before it is killed.
 - `job_states(job_ids)`: scheduler states from sacct, for `finellama_rl.status`.
 """
 from __future__ import annotations
@@ -96,6 +98,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = os.environ.copy()
         # Save before the time limit if the next scheduled save would come too late.
         env["FINELLAMA_DEADLINE"] = str(time.time() + self.timeout_min * 60 - self.signal_delay_s)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:  # not the submitting shell's OMP_NUM_THREADS: 2 threads on 1 CPU made steps 10-70x slower
+            env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // max(1, self.gpus)))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         self._note("start", restarts=restarts)
         self.proc = subprocess.Popen(train_command(self.argv, self.gpus), env=env)
@@ -123,7 +128,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def _forward_sigterm(self, signum: int, _frame: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        self._note("sigterm_forwarded")
+            self._note("sigterm_forwarded")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
         """Called by submitit on USR2: let the child save, then ask to be requeued."""
@@ -153,15 +158,19 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def _cancelled_meanwhile() -> bool:
-    """True when this job was scancelled (e.g. while the child was saving on USR2)."""
+    """True when this job was scancelled (e.g. while the child was saving on USR2).
+    While its processes are being killed scontrol says COMPLETING whatever the cause;
+    the accounting record says CANCELLED at once, so ask sacct."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or shutil.which("scontrol") is None:
+    if not job_id or shutil.which("sacct") is None:
         return False
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                             capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
-    return "JobState=CANCELLED" in out
+    lines = out.strip().splitlines()
+    return bool(lines) and lines[-1].startswith("CANCELLED")
 
 
 def make_executor(cfg: Config) -> submitit.SlurmExecutor:

@@ -1,0 +1,338 @@
+"""SLURM end to end against the real local cluster (tests/slurm_cluster.py): a sweep
+submitted by `finellama_rl.launch`, a time limit survived by checkpoint + requeue, a
+preemption (`scontrol requeue`), bad input that submits nothing, status and cancel,
+and the dry run.
+
+    pytest -m slurm tests/test_slurm.py -s      # -s shows the measured timings
+
+The node has 2 CPUs; every job asks for one so two run at once. The jobs that take
+long (preemption, sweep, time limit) are submitted early and waited for later: tests
+run in file order and share the module-scoped `jobs`. Timings are printed as
+`TIMING ...` lines.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from finellama_rl.checkpoint import latest_checkpoint
+from finellama_rl.results import read_jsonl
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = ["launcher=slurm", "experiment=smoke", "hardware.slurm.cpus_per_task=1", "hardware.slurm.mem_gb=3"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+# GRPO with 4 completions per step (smoke has 32): about 0.1-0.3 s/step on one CPU.
+FAST_GRPO = ["trainer=grpo", "trainer.prompts_per_step=1", "trainer.num_generations=4", "trainer.micro_batch=4",
+             "eval.num_examples=8", "eval.before_training=false"]
+PREEMPT = {"max_steps": 60, "save_every": 10}  # preempted once past step save_every + 2
+TIME_LIMIT = {"timeout_min": 2, "signal_delay_s": 20, "max_requeues": 6}
+
+
+def timing(what: str, seconds: float) -> None:
+    print(f"TIMING {what}: {seconds:.1f} s", flush=True)
+
+
+def run_module(module: str, args: List[str], env: Dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@dataclass
+class Submitted:
+    """One `finellama_rl.launch` submission and what it left behind."""
+    sweep: Path
+    ledger: List[dict]
+    stdout: str
+    seconds: float
+
+    @property
+    def job_ids(self) -> List[str]:
+        return [str(e["job_id"]) for e in self.ledger]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.ledger[0]["run_dir"])
+
+
+def submit(env: Dict[str, str], results: Path, *overrides: str) -> Submitted:
+    t0 = time.time()
+    proc = run_module("finellama_rl.launch", [*COMMON, f"run.results_dir={results}", *overrides], env)
+    seconds = time.time() - t0
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    (sweep,) = [p for p in results.iterdir() if p.is_dir()]
+    return Submitted(sweep, read_jsonl(sweep / "ledger.jsonl"), proc.stdout, seconds)
+
+
+def states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
+    from finellama_rl.slurm import job_states
+
+    return job_states(job_ids)
+
+
+def job_logs(run_dir: Path, tail: int = 25) -> str:
+    """Every submitit log of a run (the last `tail` lines of each; 0: all)."""
+    parts = []
+    for f in sorted((run_dir / "logs" / "submitit").glob("*_log.*")):
+        parts.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-tail:]))
+    return "\n".join(parts)
+
+
+def wait_for(what: str, predicate, timeout_s: float, interval_s: float = 1.0, describe=lambda: ""):
+    end = time.time() + timeout_s
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{describe()}")
+
+
+def wait_terminal(job_ids: List[str], timeout_s: float, run_dirs: List[Path]) -> Dict[str, Dict[str, str]]:
+    def done():
+        now = states(job_ids)
+        return now if all(now.get(j, {}).get("state") in TERMINAL for j in job_ids) else None
+
+    return wait_for(f"jobs {job_ids} to end", done, timeout_s, interval_s=2.0,
+                    describe=lambda: f"{states(job_ids)}\n" + "\n".join(job_logs(d) for d in run_dirs))
+
+
+def metric_steps(run_dir: Path) -> List[int]:
+    return [int(r["step"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def events(run_dir: Path, kind: Optional[str] = None) -> List[dict]:
+    found = read_jsonl(run_dir / "logs" / "job_events.jsonl")
+    return [e for e in found if kind is None or e.get("event") == kind]
+
+
+def assert_every_step_once(run_dir: Path, max_steps: int) -> None:
+    steps = metric_steps(run_dir)
+    assert steps == list(range(1, max_steps + 1)), f"metrics.jsonl steps: {steps}"
+
+
+def sacct_runs(job_id: str) -> List[List[str]]:
+    """[state, start, end] of every run of a job (requeues included), oldest first."""
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "State,Start,End", "-j", job_id],
+                         capture_output=True, text=True, timeout=60).stdout
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+@dataclass
+class Jobs:
+    """The long jobs of this module, submitted early so that they overlap."""
+    env: Dict[str, str]
+    root: Path
+    preempt: Submitted
+    sweep: Submitted
+    _time_limit: Optional[Submitted] = None
+    time_limit_steps: int = 0
+
+    def time_limit(self) -> Submitted:
+        """Submitted once the preemption job shows how fast this machine trains: enough
+        steps that one 2-minute allocation cannot finish them (the USR2 warning comes
+        70-100 s in), few enough that the next one or two can."""
+        if self._time_limit is None:
+            wait_for("the preemption job's first steps", lambda: len(metric_steps(self.preempt.run_dir)) >= 6,
+                     600, describe=lambda: job_logs(self.preempt.run_dir))
+            records = read_jsonl(self.preempt.run_dir / "metrics.jsonl")
+            # the faster quartile: too many steps costs one more allocation, too few fails the test
+            sec_per_step = statistics.quantiles([r["perf/sec_per_step"] for r in records[1:]], n=4)[0]
+            self.time_limit_steps = int(min(3000, max(60, 110 / sec_per_step)))
+            print(f"time-limit job: {sec_per_step:.2f} s/step measured -> trainer.max_steps={self.time_limit_steps}")
+            t = TIME_LIMIT
+            self._time_limit = submit(
+                self.env, self.root / "time_limit", *FAST_GRPO, f"trainer.max_steps={self.time_limit_steps}",
+                f"trainer.save_every={max(5, self.time_limit_steps // 8)}", f"hardware.slurm.timeout_min={t['timeout_min']}",
+                f"hardware.slurm.signal_delay_s={t['signal_delay_s']}", f"hardware.slurm.max_requeues={t['max_requeues']}")
+        return self._time_limit
+
+
+@pytest.fixture(scope="module")
+def env(slurm_cluster):
+    import os
+
+    return {**os.environ, **slurm_cluster}
+
+
+@pytest.fixture(scope="module")
+def jobs(env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    preempt = submit(env, root / "preempt", *FAST_GRPO, f"trainer.max_steps={PREEMPT['max_steps']}",
+                     f"trainer.save_every={PREEMPT['save_every']}", "hardware.slurm.timeout_min=10")
+    sweep = submit(env, root / "sweep", "-m", "trainer=ppo,grpo", "trainer.max_steps=2", "hardware.slurm.timeout_min=10")
+    return Jobs(env, root, preempt, sweep)
+
+
+# --- c: preemption ---------------------------------------------------------------------------
+def test_preempted_job_resumes_and_loses_at_most_the_steps_since_its_checkpoint(jobs):
+    run, (job_id,) = jobs.preempt.run_dir, jobs.preempt.job_ids
+    t0 = time.time()
+    past = PREEMPT["save_every"] + 2
+    wait_for(f"step {past} (past the first checkpoint)", lambda: max(metric_steps(run), default=0) >= past
+             and latest_checkpoint(run / "checkpoints") is not None, 600, interval_s=0.3, describe=lambda: job_logs(run))
+    step_at_requeue = max(metric_steps(run))
+    subprocess.run(["scontrol", "requeue", job_id], check=True, env=jobs.env, timeout=30)
+    jobs.time_limit()  # measured speed is known now: start the long job while this one waits
+    final = wait_terminal([job_id], 900, [run])[job_id]
+    timing("preemption test (to past first checkpoint, requeue, finish)", time.time() - t0)
+
+    assert final["state"] == "COMPLETED", job_logs(run)
+    assert int(final["restarts"]) >= 1
+    assert [e["restarts"] for e in events(run, "start")][:2] == [0, 1]  # SLURM_RESTART_COUNT seen by the rerun
+    assert events(run, "sigterm_forwarded"), "the training process was not told of the preemption"
+    resumed = re.findall(r"resuming from step (\d+)", job_logs(run, tail=0))
+    assert resumed and int(resumed[0]) < PREEMPT["max_steps"], f"the rerun did not resume mid-training: {resumed}"
+    assert_every_step_once(run, PREEMPT["max_steps"])
+    discarded = read_jsonl(run / "metrics_discarded.jsonl")
+    assert len(discarded) <= PREEMPT["save_every"], discarded
+    assert (run / "eval_results.json").exists()
+    sacct = sacct_runs(job_id)
+    if len(sacct) >= 2:
+        timing("preemption requeue delay (end of run 1 -> start of run 2)", ts(sacct[1][1]) - ts(sacct[0][2]))
+    print(f"preempted at step {step_at_requeue}, resumed from step {resumed[0]}, discarded {len(discarded)} records")
+
+
+# --- d: bad input submits nothing -------------------------------------------------------------
+@pytest.mark.parametrize("overrides, expected", [
+    (["hardware.slurm.partition=nope"], ["hardware.slurm.partition", "'nope'", "debug", "cpu", "[in run 0"]),
+    (["trainer.max_stepz=3"], ["trainer.max_stepz", "Did you mean trainer.max_steps", "[in run 0"]),
+    (["model=qwen2.5-0.5b"], ["Qwen2.5-0.5B", "finellama_rl.prefetch", "model.path", "[in run 0"]),
+])
+def test_bad_input_submits_nothing_and_exits_2(env, tmp_path, overrides, expected):
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    empty_home = tmp_path / "hf_home"
+    empty_home.mkdir()
+    bad_env = {**env, "HF_HOME": str(empty_home), "HF_HUB_OFFLINE": "1"}
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
+    proc = run_module("finellama_rl.launch", [*COMMON, f"run.results_dir={tmp_path / 'results'}", f"run.name={name}",
+                                              *overrides], bad_env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = proc.stderr.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    for part in expected:
+        assert part in message, f"{part!r} not in: {message}"
+    assert not list(tmp_path.rglob("ledger.jsonl")) and not list(tmp_path.rglob("submitit"))
+    queued = subprocess.run(["squeue", "-h", "-n", f"fl-{name}", "-o", "%i"], capture_output=True, text=True, env=env).stdout
+    known = subprocess.run(["sacct", "-n", "-X", "-P", "-S", start, "--name", f"fl-{name}", "-o", "JobID"],
+                           capture_output=True, text=True, env=env).stdout
+    assert queued.strip() == "" and known.strip() == "", f"a job was submitted: {queued} {known}"
+
+
+# --- f: dry run --------------------------------------------------------------------------------
+def test_dry_run_prints_the_sbatch_request_and_submits_nothing(env, tmp_path):
+    name = f"dry-{uuid.uuid4().hex[:8]}"
+    proc = run_module("finellama_rl.launch", ["experiment=smoke", "dry_run=true", "launcher=slurm",
+                                              f"run.results_dir={tmp_path}", f"run.name={name}"], env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for line in ("#SBATCH --mem=6G", "#SBATCH --time=60", "#SBATCH --signal=USR2@30", "#SBATCH --cpus-per-task=2",
+                 f"#SBATCH --job-name=fl-{name}"):
+        assert line in out, f"{line!r} not in:\n{out}"
+    assert "python -m finellama_rl.train" in out and "nothing submitted" in out
+    assert not list(tmp_path.rglob("ledger.jsonl"))
+    queued = subprocess.run(["squeue", "-h", "-n", f"fl-{name}", "-o", "%i"], capture_output=True, text=True, env=env)
+    assert queued.stdout.strip() == ""
+
+
+# --- a: a sweep --------------------------------------------------------------------------------
+def test_sweep_submits_two_jobs_at_once_and_both_complete(jobs):
+    sweep = jobs.sweep
+    timing("launch of the two-run sweep (returns after submitting)", sweep.seconds)
+    assert sweep.seconds < 60
+    assert "run" in sweep.stdout and "job" in sweep.stdout and "status: python -m finellama_rl.status" in sweep.stdout
+    assert len(sweep.ledger) == 2
+    assert {e["run"] for e in sweep.ledger} == {"ppo-tiny-cpu", "grpo-tiny-cpu"}
+    for e in sweep.ledger:
+        assert re.search(rf"^{e['run']}\s+{e['job_id']}\s", sweep.stdout, re.M), sweep.stdout
+    t0 = time.time()
+    final = wait_terminal(sweep.job_ids, 900, [Path(e["run_dir"]) for e in sweep.ledger])
+    timing("waiting for the sweep to end (after the preemption test)", time.time() - t0)
+    for e in sweep.ledger:
+        assert final[str(e["job_id"])]["state"] == "COMPLETED", job_logs(Path(e["run_dir"]))
+        assert (Path(e["run_dir"]) / "eval_results.json").exists()
+        assert_every_step_once(Path(e["run_dir"]), 2)
+
+
+# --- e: status and cancel ------------------------------------------------------------------------
+def test_status_shows_the_finished_sweep(jobs):
+    wait_terminal(jobs.sweep.job_ids, 900, [])
+    proc = run_module("finellama_rl.status", [str(jobs.sweep.sweep)], jobs.env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    for e in jobs.sweep.ledger:
+        accuracy = json.loads((Path(e["run_dir"]) / "eval_results.json").read_text())["accuracy"]
+        row = rows[e["run"]]
+        assert row[1:5] == [str(e["job_id"]), "COMPLETED", "0", "2/2"], proc.stdout
+        assert row[6:8] == [f"{accuracy['strict']:.1%}", f"{accuracy['lenient']:.1%}"], proc.stdout
+    as_json = json.loads(run_module("finellama_rl.status", [str(jobs.sweep.sweep), "--json"], jobs.env).stdout)
+    assert {r["run"]: r["state"] for r in as_json} == {"ppo-tiny-cpu": "COMPLETED", "grpo-tiny-cpu": "COMPLETED"}
+
+
+def test_cancel_ends_a_long_job_cancelled(jobs, tmp_path):
+    long = submit(jobs.env, tmp_path, "trainer=ppo", "trainer.max_steps=100000", "hardware.slurm.timeout_min=10")
+    (job_id,) = long.job_ids
+    t0 = time.time()
+    try:  # cancel it running if a CPU frees up soon, else while it waits
+        wait_for("the long job to start", lambda: states([job_id]).get(job_id, {}).get("state") == "RUNNING", 45)
+    except pytest.fail.Exception:
+        pass
+    proc = run_module("finellama_rl.status", [str(long.sweep), "--cancel"], jobs.env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"cancelled 1 job(s): {long.ledger[0]['run']} (job {job_id}," in proc.stdout, proc.stdout
+    final = wait_terminal([job_id], 60, [long.run_dir])[job_id]
+    timing("cancel test", time.time() - t0)
+    assert final["state"] == "CANCELLED"
+    again = run_module("finellama_rl.status", [str(long.sweep), "--cancel"], jobs.env, timeout=60)
+    assert "cancelled 0 job(s)" in again.stdout and "CANCELLED" in again.stdout
+
+
+# --- b: time limit -------------------------------------------------------------------------------
+def test_time_limit_checkpoints_requeues_and_trains_every_step_once(jobs):
+    sub = jobs.time_limit()
+    run, (job_id,) = sub.run_dir, sub.job_ids
+    t0 = time.time()
+    final = wait_terminal([job_id], 1200, [run])[job_id]
+    timing("waiting for the time-limit job (after the tests before it)", time.time() - t0)
+
+    assert final["state"] == "COMPLETED", job_logs(run)
+    requeues = events(run, "requeue")
+    assert requeues, f"never signalled: the machine trained {jobs.time_limit_steps} steps in one allocation\n{job_logs(run)}"
+    assert int(final["restarts"]) >= len(requeues) >= 1
+    assert [e["restarts"] for e in events(run, "start")] == list(range(len(requeues) + 1))
+    assert events(run, "signal")[0]["code"] == 75, events(run)  # saved mid-training and stopped in time
+    assert (run / "eval_results.json").exists()
+    assert_every_step_once(run, jobs.time_limit_steps)
+    assert not read_jsonl(run / "metrics_discarded.jsonl"), "a signalled run lost steps"
+    report_time_limit_timings(job_id, run)
+
+
+def report_time_limit_timings(job_id: str, run: Path) -> None:
+    runs = sacct_runs(job_id)
+    out = "".join(f.read_text(errors="replace") for f in sorted((run / "logs" / "submitit").glob("*_log.out")))
+    signals = re.findall(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\) - Caught signal SIGUSR2", out)
+    limit = TIME_LIMIT["timeout_min"] * 60
+    for i, (state, start, end) in enumerate(runs):
+        if i < len(signals):
+            at = ts(signals[i].replace(" ", "T")) - ts(start)
+            timing(f"time limit run {i}: USR2 after (nominal {limit - TIME_LIMIT['signal_delay_s']} s, early by "
+                   f"{limit - TIME_LIMIT['signal_delay_s'] - at:.0f} s)", at)
+        if i + 1 < len(runs):
+            timing(f"time limit requeue delay {i} -> {i + 1}", ts(runs[i + 1][1]) - ts(end))
+    timing(f"time-limit job from first start to COMPLETED ({len(runs)} allocations)", ts(runs[-1][2]) - ts(runs[0][1]))
