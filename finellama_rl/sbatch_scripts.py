@@ -29,6 +29,8 @@ set -uo pipefail
 PYTHON="${{FINELLAMA_PYTHON:-python}}"
 MAX_REQUEUES={max_requeues}
 RESTARTS="${{SLURM_RESTART_COUNT:-0}}"
+# Threads = CPUs allocated, not the submitting shell's setting (oversubscribed threads are 10x slower).
+export OMP_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-${{OMP_NUM_THREADS:-1}}}}"
 # Save on our own before the time limit if the next scheduled save would be too late.
 export FINELLAMA_DEADLINE=$(( $(date +%s) + {timeout_min} * 60 - {signal_delay_s} ))
 echo "[finellama_rl sbatch] job ${{SLURM_JOB_ID:-?}} start (restarts=$RESTARTS)"

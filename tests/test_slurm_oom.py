@@ -21,7 +21,7 @@ def test_host_oom_kill_is_resubmitted_at_next_rung(slurm_cluster, tmp_path):
     # 500 MB held per micro-batch sequence: micro batch 4 (2 GB + the process) overflows --mem=2G;
     # rung 1 (micro batch 2, 1 GB) fits.
     args = ["experiment=smoke", f"run.results_dir={tmp_path}", "run.sweep=oom", "trainer.max_steps=3",
-            "trainer.save_every=1", "hardware.slurm.mem_gb=2", "debug.host_mem_mb_per_sequence=500",
+            "trainer.save_every=1", "hardware.slurm.mem_gb=2", "hardware.slurm.cpus_per_task=1", "debug.host_mem_mb_per_sequence=500",
             "eval.num_examples=4", "ladder.remember_fit=false"]
     proc = subprocess.run([sys.executable, "-m", "finellama_rl.launch", *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
