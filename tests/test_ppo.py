@@ -1,0 +1,251 @@
+"""PPO (finellama_rl/algos/ppo.py) on CPU: the reference is exact, one update lowers
+the loss, a learnable task shows a real reward gain, a crashed run resumes exactly,
+and the 4-bit LoRA path logs every metric.
+
+    .venv/bin/python -m pytest tests/test_ppo.py -q -x            (all, about 3 min)
+    .venv/bin/python -m pytest tests/test_ppo.py -q -m "not slow" (under a minute)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from finellama_rl.algos import ppo
+from finellama_rl.algos.base import TrainContext
+from finellama_rl.algos.ppo_core import logprobs_from_logits, policy_loss, value_loss
+from finellama_rl.algos.ppo_rollout import (
+    collect_rollout, completion_mask, compute_advantages, generate_rollout, reference_logprobs, rows_for_step,
+    score_rollout,
+)
+from finellama_rl.algos.value_head import Critic, forward_completion
+from finellama_rl.checkpoint import list_checkpoints
+from finellama_rl.results import RunPaths, read_jsonl
+
+PPO = ["experiment=smoke", "trainer=ppo", "trainer.num_generations=1", "trainer.prompts_per_step=8",
+       "trainer.micro_batch=4", "trainer.max_completion_tokens=8", "trainer.warmup_steps=0"]
+METRIC_KEYS = ["train/reward_mean", "train/reward_std", "train/loss", "train/policy_loss", "train/value_loss",
+               "train/kl", "train/entropy", "train/clip_frac", "train/approx_kl", "train/value_clip_frac",
+               "train/value_explained_var", "train/learning_rate", "train/grad_norm", "train/completion_len"]
+
+
+def alternating_reward(completions, **kw):
+    """Rewards with variance whatever the model writes (so advantages are not all 0)."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def build_ctx(cfg, reward_funcs=None, resume_from=None, start_step=0) -> TrainContext:
+    """A TrainContext like run_training's, without evaluation or the OOM ladder."""
+    import transformers
+
+    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
+    from finellama_rl.monitor import TrainingMonitor
+    from finellama_rl.rewards import build_reward_funcs
+
+    ensure_tiny_model(cfg.model)  # built before seeding: building consumes RNG
+    transformers.set_seed(cfg.trainer.seed)
+    tok = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
+    rows, _ = with_prompts(load_problems(cfg.data, "train"), tok, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
+    paths = RunPaths(Path(cfg.run.dir)).make()
+    monitor = TrainingMonitor(cfg.trainer, paths, start_step, "test", print_fn=lambda s: None)
+    funcs = reward_funcs or build_reward_funcs(cfg.trainer.rewards)
+    return TrainContext(cfg, paths, policy, tok, rows, funcs, monitor, lambda m, s: {}, resume_from, start_step)
+
+
+def batch_loss(state, roll, t) -> tuple[float, float]:
+    """(policy loss, value loss) of the whole rollout under the current weights, no grad."""
+    rows = torch.arange(roll.completion.shape[0])
+    with torch.no_grad():
+        b = roll.batch(rows)
+        logits, hidden = forward_completion(state.policy, b, t.temperature)
+        lp = logprobs_from_logits(logits, b["completion"])
+        pl, _, _ = policy_loss(lp, b["old_logprobs"], b["advantages"], b["mask"], t.clip_epsilon)
+        values = state.critic.values(state.policy, b, hidden)
+        vl, _ = value_loss(values, b["values"], b["returns"], b["mask"], t.ppo.clip_range_value)
+    return pl.item(), vl.item()
+
+
+# ------------------------------------------------------------------- pure parts
+
+
+def test_rows_for_step_is_a_seeded_permutation_per_epoch():
+    rows = [{"id": i} for i in range(10)]
+    ids = lambda s: [r["id"] for r in rows_for_step(rows, s, 4, seed=3)]  # noqa: E731
+    # steps 1-2 cover positions 0-7, step 3 spans the end of epoch 0 and the start of epoch 1
+    first_epoch = ids(1) + ids(2) + ids(3)[:2]
+    assert sorted(first_epoch) == list(range(10)) and first_epoch != list(range(10))
+    assert ids(3)[2:] + ids(4) + ids(5) == [r["id"] for r in rows_for_step(rows, 1, 30, seed=3)][10:20]
+    assert ids(2) == ids(2)  # resume recomputes the same prompts
+    assert first_epoch != [r["id"] for r in rows_for_step(rows, 1, 10, seed=4)]  # the seed matters
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    eos = 2
+    completion = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    assert completion_mask(completion, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# ---------------------------------------------------------- reference and update
+
+
+@pytest.mark.parametrize("value_head", ["shared", "adapter"])
+def test_kl_is_exactly_zero_with_a_fresh_adapter(make_config, value_head):
+    cfg = make_config(*PPO, f"trainer.ppo.value_head={value_head}")
+    ctx = build_ctx(cfg)
+    t, policy = cfg.trainer, ctx.policy
+    critic = Critic(policy, t)
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B.default" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # PEFT initialises B to 0
+    roll = generate_rollout(policy, ctx.tokenizer, ctx.train_rows[:8], ctx.reward_funcs, t)
+    score_rollout(policy, critic, None, roll, t)
+    compute_advantages(roll, t)
+    assert roll.mask.sum() > 0 and torch.isfinite(roll["old_logprobs"]).all()
+    assert torch.equal(roll["old_logprobs"], roll["ref_logprobs"])
+    assert roll["kl"].abs().max().item() == 0.0
+    b = roll.batch(torch.arange(8))
+    with torch.no_grad():
+        with policy.disable_adapter():
+            inside, _ = forward_completion(policy, b, t.temperature)
+            inside = logprobs_from_logits(inside, b["completion"])
+        again = reference_logprobs(policy, None, b, t.temperature)
+        assert torch.equal(inside, again)
+        for p in lora_b:  # a trained adapter must move the policy away from the reference
+            p.normal_(std=0.5)
+        moved = logprobs_from_logits(forward_completion(policy, b, t.temperature)[0], b["completion"])
+    assert (moved - again).abs().max().item() > 1e-3
+
+
+def test_one_update_lowers_the_loss_on_its_batch(make_config):
+    cfg = make_config(*PPO, "trainer.learning_rate=1e-3", "trainer.max_grad_norm=0")
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    t = cfg.trainer
+    state = ppo.build_state(ctx.policy, t)
+    roll = collect_rollout(state.policy, ctx.tokenizer, state.critic, state.reference, ctx.train_rows[:8], ctx.reward_funcs, t)
+    assert roll["advantages"].abs().sum() > 0
+    pl0, vl0 = batch_loss(state, roll, t)
+    stats = ppo.optimizer_step(state, roll, torch.randperm(8), t)
+    assert max(s["approx_kl"] for s in stats) < 1e-8  # before the step the policy is the rollout policy
+    pl1, vl1 = batch_loss(state, roll, t)
+    loss0, loss1 = pl0 + t.ppo.vf_coef * vl0, pl1 + t.ppo.vf_coef * vl1
+    assert loss1 < loss0 - 1e-4, (loss0, loss1)
+    assert pl1 < pl0 and vl1 < vl0, (pl0, pl1, vl0, vl1)
+
+
+# --------------------------------------------------------------- whole runs
+
+
+@pytest.mark.parametrize("value_head", ["shared", "adapter"])
+def test_two_steps_4bit_lora_log_every_metric_and_checkpoint_restores(make_config, value_head):
+    cfg = make_config(*PPO, "trainer.max_steps=2", "trainer.save_every=2", f"trainer.ppo.value_head={value_head}")
+    assert cfg.trainer.quantization.enabled and cfg.trainer.lora.enabled
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])  # non-zero returns: the critic must learn
+    outcome = ppo.train(ctx)
+    assert outcome.final_step == 2 and not outcome.stopped_early
+    dropouts = [m for m in ctx.policy.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)  # incl. the value adapter's
+    records = read_jsonl(ctx.paths.metrics)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for key in METRIC_KEYS + ["perf/tokens_per_sec"]:
+            assert key in r and math.isfinite(r[key]), key
+        assert r["train/loss"] == pytest.approx(r["train/policy_loss"] + cfg.trainer.ppo.vf_coef * r["train/value_loss"], abs=1e-12)
+        assert 0 < r["train/completion_len"] <= cfg.trainer.max_completion_tokens
+        assert r["train/grad_norm"] > 0 and r["train/entropy"] > 0
+    ckpt = list_checkpoints(ctx.paths.checkpoints)[-1]
+    assert json.loads((ckpt / "finellama_state.json").read_text())["data_position"] == 2 * cfg.trainer.prompts_per_step
+    assert (ckpt / "value_head.safetensors").exists() and (ckpt / "adapter_model.safetensors").exists()
+    assert (ckpt / "value" / "adapter_model.safetensors").exists() == (value_head == "adapter")
+
+    # a fresh policy restored from the checkpoint has the trained weights
+    trained = {n: p.detach().clone() for n, p in ctx.policy.named_parameters() if "lora_" in n}
+    fresh = build_ctx(cfg, resume_from=ckpt, start_step=2)
+    state = ppo.build_state(fresh.policy, cfg.trainer)
+    params = {n: p for n, p in fresh.policy.named_parameters() if "lora_" in n}
+    assert trained.keys() == params.keys()
+    for tag in (".default.", ".value.") if value_head == "adapter" else (".default.",):
+        assert any(not torch.equal(trained[n], p) for n, p in params.items() if tag in n), tag  # training moved it
+    assert ppo.restore_checkpoint(fresh, state) == 2
+    assert all(torch.equal(trained[n], p) for n, p in params.items())
+    assert torch.count_nonzero(state.critic.head.linear.weight) > 0  # the trained head, not the zero init
+
+
+@pytest.mark.slow
+def test_crash_and_resume_continue_exactly(make_config, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from finellama_rl.model import ensure_tiny_model
+    from finellama_rl.train import EXIT_CRASH_TEST, run_training
+
+    args = [*PPO, "trainer.max_steps=4", "trainer.save_every=2", "trainer.rewards=[digits]",
+            "eval.num_examples=4", "eval.max_new_tokens=8", "ladder.enabled=false"]
+    run = tmp_path / "run"
+    cfg = make_config(*args, "debug.crash_after_step=2", run_dir=str(run))
+    ensure_tiny_model(cfg.model)  # building it inside the first run would consume RNG the others do not
+    assert run_training(cfg) == EXIT_CRASH_TEST
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert not (run / "eval_results.json").exists()
+
+    seen = {}
+    original = ppo.restore_checkpoint
+
+    def spy(ctx, state):
+        step = original(ctx, state)
+        seen.update(step=step, ckpt=Path(ctx.resume_from), head=state.critic.head.linear.weight.detach().clone(),
+                    opt=copy.deepcopy(state.optimizer.state_dict()))  # live tensors: copy
+        return step
+
+    monkeypatch.setattr(ppo, "restore_checkpoint", spy)
+    assert run_training(make_config(*args, run_dir=str(run))) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert seen["step"] == 2 and seen["ckpt"].name == "step_000002"
+    saved_head = load_file(str(seen["ckpt"] / "value_head.safetensors"))["linear.weight"]
+    assert torch.count_nonzero(saved_head) > 0 and torch.equal(seen["head"], saved_head)
+    saved_opt = torch.load(seen["ckpt"] / "optimizer.pt", weights_only=True)
+    steps_done = 2 * cfg_epochs_minibatches(make_config(*args))
+    assert {float(s["step"]) for s in seen["opt"]["state"].values()} == {float(steps_done)}
+    for i, s in saved_opt["state"].items():
+        assert torch.equal(seen["opt"]["state"][i]["exp_avg"], s["exp_avg"])
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 4
+
+    # the resumed run is the run that never crashed (same prompts, RNG, weights)
+    straight = tmp_path / "straight"
+    monkeypatch.setattr(ppo, "restore_checkpoint", original)
+    assert run_training(make_config(*args, run_dir=str(straight))) == 0
+    a, b = read_jsonl(run / "metrics.jsonl"), read_jsonl(straight / "metrics.jsonl")
+    for key in ("train/reward_mean", "train/loss", "train/kl", "train/completion_len"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+
+
+def cfg_epochs_minibatches(cfg) -> int:
+    return cfg.trainer.ppo.epochs * cfg.trainer.ppo.num_mini_batches
+
+
+LEARN = ["trainer=ppo", "model=tiny", "data=arithmetic", "data.num_train=256", "trainer.lora.enabled=false",
+         "trainer.quantization.enabled=false", "trainer.rewards=[digits]", "trainer.prompts_per_step=32",
+         "trainer.micro_batch=16", "trainer.max_completion_tokens=8", "trainer.learning_rate=1e-3",
+         "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.beta=0.01", "trainer.max_steps=45",
+         "trainer.save_every=1000"]
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_learnable_reward(make_config):
+    """Full fine-tuning of the tiny model on the digit-fraction reward (LoRA alone on a
+    random tiny model does not learn, see FACTS). Measured with these settings (45 steps),
+    mean of the last 5 steps minus mean of the first 5: seed 0 0.013 -> 0.415, seed 1
+    0.016 -> 0.414, seed 2 0.021 -> 0.506; the asserted +0.2 keeps 2x headroom."""
+    cfg = make_config(*LEARN, "trainer.seed=0")
+    ctx = build_ctx(cfg)
+    assert ctx.policy.__class__.__name__ == "Qwen2ForCausalLM"  # no adapter: a frozen copy is the reference
+    ppo.train(ctx)
+    rewards = [r["train/reward_mean"] for r in read_jsonl(ctx.paths.metrics)]
+    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
+    assert first < 0.1 and last >= first + 0.2, (first, last, rewards)
+    kls = [r["train/kl"] for r in read_jsonl(ctx.paths.metrics)]
+    assert kls[0] == 0.0 and kls[-1] > 0.0  # the reference stays where training started
