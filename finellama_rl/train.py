@@ -245,8 +245,8 @@ def train_attempt(cfg: Config, paths: RunPaths) -> int:
         print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
         return 0
 
+    tokenizer = load_tokenizer(cfg.model)  # builds the tiny model on first use: before seeding, so it uses no run RNG
     transformers.set_seed(cfg.trainer.seed)
-    tokenizer = load_tokenizer(cfg.model)
     policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
     install_fault_injection(policy, cfg)
     trainable, total = count_parameters(policy)
