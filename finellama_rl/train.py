@@ -129,14 +129,14 @@ def run_training(cfg: Config) -> int:
     optimizer) frees the model, moves to the next rung and continues from the
     latest checkpoint in this same process: no requeue, no queue time lost.
     """
-    from finellama_rl.attempts import (config_at, format_attempts, ladder_for, record_attempt, remember_fit,
-                                       start_rung)
+    from finellama_rl.attempts import (config_at, format_attempts, ladder_for, read_attempts, record_attempt,
+                                       remember_fit, setting_of, start_rung)
     from finellama_rl.checkpoint import clear_staging
     from finellama_rl.ladder import Rung, format_ladder, is_oom_error, next_rung
 
     paths = prepare_run_dir(cfg)
     clear_staging(paths.checkpoints)
-    ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of_cfg(cfg), False, "as configured")]
+    ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of(cfg), False, "as configured")]
     index = start_rung(cfg, paths, ladder)
     while index < len(ladder):
         rung = ladder[index]
@@ -165,21 +165,9 @@ def run_training(cfg: Config) -> int:
             return code
         free_memory()
         index = (next_rung(ladder, index) or Rung(len(ladder), rung.setting, True, "end")).index
-    print("out of memory on every rung of the ladder; attempts:\n" + format_attempts(read_attempts_of(paths)), flush=True)
+    print("out of memory on every rung of the ladder; attempts:\n" + format_attempts(read_attempts(paths)), flush=True)
     print("ladder:\n" + format_ladder(ladder), flush=True)
     return EXIT_LADDER_EXHAUSTED
-
-
-def setting_of_cfg(cfg: Config):
-    from finellama_rl.attempts import setting_of
-
-    return setting_of(cfg)
-
-
-def read_attempts_of(paths: RunPaths):
-    from finellama_rl.attempts import read_attempts
-
-    return read_attempts(paths)
 
 
 def last_logged_step(paths: RunPaths) -> int:
