@@ -11,7 +11,6 @@ as a product so that it never forms huge binomials.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Dict, List, Sequence
 
 from finellama_rl.data import Problem
@@ -50,27 +49,13 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new
     max(1, batch_size // n) prompts, each expanded to n sequences.
     """
     import torch
-    from tqdm import tqdm
+
+    from finellama_rl.evaluate import generate_batched
 
     torch.manual_seed(seed)
-    per_call = max(1, batch_size // n)
-    was_training = model.training
-    model.eval()
-    out: List[List[str]] = []
-    try:
-        with torch.no_grad():
-            for i in tqdm(range(0, len(prompts), per_call), desc=desc, file=sys.stderr, mininterval=5, leave=False):
-                batch = list(prompts[i : i + per_call])
-                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                ids = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                    num_return_sequences=n, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )  # (len(batch) * n, T): the n samples of a prompt are adjacent
-                texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                out += [texts[j * n : (j + 1) * n] for j in range(len(batch))]
-    finally:
-        model.train(was_training)
-    return out
+    texts = generate_batched(model, tokenizer, prompts, max(1, batch_size // n), desc, max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=n)
+    return [texts[j * n : (j + 1) * n] for j in range(len(prompts))]  # the n samples of a prompt are adjacent
 
 
 def score_samples(problems: Sequence[Problem], samples: Sequence[Sequence[str]], temperature: float, seed: int) -> Dict[str, Any]:
