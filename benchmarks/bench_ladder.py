@@ -73,8 +73,8 @@ def oom_seconds(s: Setting, cost: CostModel) -> float:
 
 
 def make_inputs(s: Setting) -> MemoryInputs:
-    # As this project's PPO runs: dropout disabled (algos/ppo.py disable_dropout), LM head
-    # on completion positions only (algos/value_head.py forward_completion), shared head.
+    # As this project's PPO runs: dropout disabled (trainers/ppo.py disable_dropout), LM head
+    # on completion positions only (trainers/value_head.py forward_completion), shared head.
     return MemoryInputs(shape=QWEN2_5_SHAPES["3B"], algo="ppo", setting=s, lora_r=16,
                         lora_target_modules=LORA_TARGETS, quantized=True, compute_bytes=2, beta=0.05,
                         lora_dropout=0.0, completion_logits_only=True)

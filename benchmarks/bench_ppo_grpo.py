@@ -52,12 +52,12 @@ def _rss_kb() -> int:
 def _build_ctx(cfg):
     import transformers
 
-    from finellama_rl.algos.base import TrainContext
+    from finellama_rl.trainers.base import TrainContext
     from finellama_rl.data import load_problems, with_prompts
     from finellama_rl.model import load_policy, load_tokenizer
     from finellama_rl.monitor import TrainingMonitor
     from finellama_rl.results import RunPaths
-    from finellama_rl.rewards import build_reward_funcs
+    from finellama_rl.rewards.rules import build_reward_funcs
 
     transformers.set_seed(cfg.trainer.seed)
     tok = load_tokenizer(cfg.model)

@@ -1,46 +1,19 @@
-"""Glue between a run's config and the OOM ladder: the ladder of a config, a config
-at a rung, attempts.jsonl (one line per attempt), the fit memory (which rung worked
-for a model/trainer/hardware/lengths), and deterministic fault injection so the
-ladder is exercised on CPU.
+"""The job side of the OOM ladder: attempts.jsonl (one line per attempt), the rung
+an attempt starts at, and deterministic fault injection so the ladder is
+exercised on CPU. The ladder of a config is in rungs.py, the fit memory in fitmem.py.
 
-Used by finellama_rl.train (in-process ladder), finellama_rl.launch (start rung)
-and finellama_rl.resubmit (scheduler-level ladder). No torch at import.
+Used by finellama_rl.train (in-process ladder) and finellama_rl.resubmit
+(scheduler-level ladder). No torch at import.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finellama_rl.config import Config
-from finellama_rl.ladder import Rung, Setting, build_ladder, rung_for_setting
-from finellama_rl.results import RunPaths, append_jsonl, atomic_write_json, read_jsonl
+from finellama_rl.ladder import Rung
+from finellama_rl.results import RunPaths, append_jsonl, read_jsonl
 
 OOM_OUTCOMES = ("oom", "oom_killed")
-
-
-def setting_of(cfg: Config) -> Setting:
-    t = cfg.trainer
-    return Setting(micro_batch=t.micro_batch, grad_accum=t.grad_accum, num_generations=t.num_generations,
-                   max_prompt_tokens=t.max_prompt_tokens, max_completion_tokens=t.max_completion_tokens,
-                   activation_checkpointing=t.activation_checkpointing)
-
-
-def ladder_for(cfg: Config) -> List[Rung]:
-    """The ladder from the configured (rung 0) setting."""
-    t, lad = cfg.trainer, cfg.ladder
-    start = setting_of(cfg)  # per device: grad_accum is already derived per device
-    return build_ladder(start, min(lad.min_completion_tokens, t.max_completion_tokens),
-                        min(lad.min_prompt_tokens, t.max_prompt_tokens), lad.length_step)
-
-
-def config_at(cfg: Config, rung: Rung) -> Config:
-    s = rung.setting
-    trainer = replace(cfg.trainer, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
-                      max_prompt_tokens=s.max_prompt_tokens, max_completion_tokens=s.max_completion_tokens,
-                      activation_checkpointing=s.activation_checkpointing)
-    return replace(cfg, trainer=trainer)
 
 
 def read_attempts(paths: RunPaths) -> List[Dict[str, Any]]:
@@ -75,46 +48,6 @@ def format_attempts(attempts: List[Dict[str, Any]]) -> str:
                      f"{a['max_prompt_tokens']:>6}/{a['max_completion_tokens']:<10} {str(a['activation_checkpointing'])[0]:>4} "
                      f"{a['outcome']:<12} {a.get('steps_done', '?'):>5}  {str(a.get('error', ''))[:60]}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ fit memory
-
-
-def fit_key(cfg: Config) -> str:
-    t = cfg.trainer
-    return (f"{cfg.model.name}|{t.algo.value}|{cfg.hardware.name}|prompt{t.max_prompt_tokens}|"
-            f"completion{t.max_completion_tokens}|batch{t.micro_batch * t.grad_accum}|G{t.num_generations}")
-
-
-def fit_memory_path() -> Path:
-    from finellama_rl.model import cache_root
-
-    return cache_root() / "fit_memory.json"
-
-
-def remembered_rung(cfg: Config, ladder: List[Rung], path: Optional[Path] = None) -> Optional[int]:
-    path = path or fit_memory_path()
-    if not cfg.ladder.remember_fit or not path.exists():
-        return None
-    entry = json.loads(path.read_text()).get(fit_key(cfg))
-    if not entry:
-        return None
-    try:
-        return rung_for_setting(ladder, Setting(**entry["setting"]))
-    except (ValueError, TypeError):
-        return None
-
-
-def remember_fit(cfg: Config, rung: Rung, path: Optional[Path] = None) -> None:
-    """Record the rung that worked (under a lock: many jobs may finish at once)."""
-    from filelock import FileLock
-
-    path = path or fit_memory_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[fit_key(cfg)] = {"rung": rung.index, "setting": asdict(rung.setting)}
-        atomic_write_json(path, data)
 
 
 # -------------------------------------------------------------- fault injection

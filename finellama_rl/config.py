@@ -360,8 +360,3 @@ def eval_num_examples(value: str) -> Optional[int]:
     if n <= 0:
         raise ConfigError("eval.num_examples", f"must be > 0 or `all`, got {n}")
     return n
-
-
-# validate() lives in validation.py (cross-field rules); re-exported here so the
-# schema module stays the one place to import config things from.
-from finellama_rl.validation import validate  # noqa: E402,F401

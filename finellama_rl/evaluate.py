@@ -1,11 +1,6 @@
-"""Greedy accuracy on the test split under strict (`#### n`) and lenient (last
-number) extraction, with the protocol and per-example records, written as
-eval_results.json (schema in README.md); optionally pass@k from sampled
-completions (finellama_rl/passk.py).
-
-Inside a training run this is called before training (the baseline), every
-`trainer.eval_every` steps, and at the end. As a command it evaluates saved
-checkpoints of a finished (or running) run folder, with the run's own config:
+"""Evaluate saved checkpoints of a run folder with the run's own config: greedy
+accuracy (finellama_rl/eval/core.py) and optionally pass@k from sampled
+completions (finellama_rl/eval/passk.py).
 
     python -m finellama_rl.evaluate run=results/<sweep>/<run> [checkpoint=latest|all|base|<step>]
         [eval.num_examples=all|N] [eval.samples=k] [eval.sample_temperature=0.7]
@@ -18,134 +13,20 @@ with one line, before any model is loaded.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import difflib
 import itertools
 import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, ConfigError, DataConfig, EvalConfig, eval_num_examples
+from finellama_rl.config import Config, ConfigError, EvalConfig, eval_num_examples
 from finellama_rl.data import Problem, build_prompt
-from finellama_rl.results import SCHEMA_VERSION
-from finellama_rl.rewards import extract_lenient, extract_strict, is_correct, reference_answer
+from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, select_problems
 from finellama_rl.validation import validate
 
 log = logging.getLogger(__name__)
-
-
-def select_problems(problems: Sequence[Problem], num_examples: str) -> List[Problem]:
-    n = eval_num_examples(num_examples)
-    return list(problems if n is None else problems[:n])
-
-
-def generate_batched(model, tokenizer, prompts: Sequence[str], batch_size: int, desc: str, **generate_kwargs) -> List[str]:
-    """Completions for `prompts`, `batch_size` prompts per `generate` call, in eval
-    mode under no_grad, with a progress bar. With num_return_sequences=n the n
-    completions of a prompt are adjacent in the result."""
-    import torch
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
-    out: List[str] = []
-    try:
-        with torch.no_grad():
-            for i in tqdm(range(0, len(prompts), batch_size), desc=desc, file=sys.stderr, mininterval=5, leave=False):
-                batch = list(prompts[i : i + batch_size])
-                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                ids = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                     **generate_kwargs)  # (B * num_return_sequences, prompt + new)
-                out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return out
-
-
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "eval") -> List[str]:
-    """Greedy completions for `prompts`, `batch_size` at a time, with a progress bar."""
-    return generate_batched(model, tokenizer, prompts, batch_size, desc, max_new_tokens=max_new_tokens,
-                            do_sample=False, temperature=None, top_p=None, top_k=None)
-
-
-def score(problems: Sequence[Problem], completions: Sequence[str]) -> Dict[str, Any]:
-    """Accuracy under both extraction rules plus per-example records."""
-    records, strict_ok, lenient_ok = [], 0, 0
-    for p, completion in zip(problems, completions):
-        ref = reference_answer(p["answer"])
-        strict, lenient = extract_strict(completion), extract_lenient(completion)
-        ok_s, ok_l = is_correct(strict, ref), is_correct(lenient, ref)
-        strict_ok += ok_s
-        lenient_ok += ok_l
-        records.append({"question": p["question"], "reference": ref, "completion": completion,
-                        "extracted_strict": strict, "extracted_lenient": lenient,
-                        "correct_strict": ok_s, "correct_lenient": ok_l})
-    n = len(records)
-    return {
-        "accuracy": {"strict": strict_ok / n if n else 0.0, "lenient": lenient_ok / n if n else 0.0},
-        "correct": {"strict": strict_ok, "lenient": lenient_ok},
-        "total": n,
-        "records": records,
-    }
-
-
-def protocol(data: DataConfig, ev: EvalConfig, shots: Sequence[Problem]) -> Dict[str, Any]:
-    return {
-        "system_prompt": data.system_prompt,
-        "prompt_template": "chat template: system, [shots as user/assistant turns], user question, assistant",
-        "shots": len(shots),
-        "num_examples": ev.num_examples,
-        "max_new_tokens": ev.max_new_tokens,
-        "temperature": 0.0,
-        "decoding": "greedy",
-        "extraction": {"strict": "number after the last '####'", "lenient": "last number in the completion"},
-        "primary": "strict",
-    }
-
-
-def evaluate_model(model, tokenizer, problems: Sequence[Problem], data: DataConfig, ev: EvalConfig,
-                   batch_size: int, shots: Sequence[Problem] = (), desc: str = "eval") -> Dict[str, Any]:
-    chosen = select_problems(problems, ev.num_examples)
-    prompts = [build_prompt(tokenizer, data.system_prompt, p["question"], shots) for p in chosen]
-    completions = generate(model, tokenizer, prompts, ev.max_new_tokens, batch_size, desc)
-    result = score(chosen, completions)
-    result["protocol"] = protocol(data, ev, shots)
-    return result
-
-
-def summary(result: Dict[str, Any]) -> Dict[str, Any]:
-    """The result without per-example records (for baselines and logs)."""
-    return {k: v for k, v in result.items() if k != "records"}
-
-
-def eval_document(cfg: Config, step: int, result: Dict[str, Any], baseline: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run": cfg.run.name,
-        "sweep": cfg.run.sweep,
-        "run_dir": cfg.run.dir,
-        "model": cfg.model.name,
-        "model_source": cfg.model.path or cfg.model.hub_id,
-        "trainer": cfg.trainer.algo.value,
-        "hardware": cfg.hardware.name,
-        "data": cfg.data.source.value,
-        "step": step,
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "accuracy": result["accuracy"],
-        "correct": result["correct"],
-        "total": result["total"],
-        "protocol": result["protocol"],
-        "baseline": summary(baseline) if baseline else None,
-        "records": result["records"],
-    }
-
-
-def format_accuracy(result: Dict[str, Any]) -> str:
-    a, c, n = result["accuracy"], result["correct"], result["total"]
-    return f"strict {a['strict']:.1%} ({c['strict']}/{n}), lenient {a['lenient']:.1%} ({c['lenient']}/{n})"
 
 
 # ------------------------------------------------------------------ command line
@@ -296,7 +177,7 @@ def run_target(cfg: Config, target: Target, tokenizer, problems: Sequence[Proble
     import torch
     import transformers
 
-    from finellama_rl.passk import add_pass_at_k, sample_completions, score_samples
+    from finellama_rl.eval.passk import add_pass_at_k, sample_completions, score_samples
 
     ev = cfg.eval
     transformers.set_seed(cfg.trainer.seed)
@@ -332,9 +213,9 @@ def main(argv: Sequence[str]) -> int:
     from finellama_rl.data import load_problems
     from finellama_rl.index import add_eval_file, results_root
     from finellama_rl.model import load_tokenizer
-    from finellama_rl.passk import format_pass_at_k
+    from finellama_rl.eval.passk import format_pass_at_k
     from finellama_rl.results import atomic_write_json
-    from finellama_rl.train import setup_logging
+    from finellama_rl.console import setup_logging
 
     run_dir, choice, overrides = parse_cli(argv)
     cfg = load_run_config(run_dir, overrides)

@@ -22,7 +22,6 @@ from typing import List, Sequence
 
 from finellama_rl.compose import UsageError, expand_sweep, load_config, split_argv
 from finellama_rl.config import Config, ConfigError
-from finellama_rl.results import check_writable
 
 
 LAUNCH_ONLY_KEYS = ("dry_run", "launcher")

@@ -250,7 +250,7 @@ def _value_path_bytes(inp: MemoryInputs) -> int:
 
     shared: the fp32 head reads an fp32 copy of the last hidden state (4h per token).
     adapter: the critic's forward and backward run after the policy's backward
-    (finellama_rl/algos/value_head.py), so its graph (backbone + 4h head) never
+    (finellama_rl/trainers/value_head.py), so its graph (backbone + 4h head) never
     coexists with the policy graph and is smaller (no vocab logits): adds nothing.
     A trainer that sums both losses into one backward would need the backbone twice.
     """

@@ -10,7 +10,6 @@ beyond "a signal asks me to save" (`request_stop`).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -107,7 +106,3 @@ class TrainingMonitor:
             self.deadline = None  # one early save per job is enough; the signal covers the rest
             return True
         return False
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from finellama_rl.attempts import ladder_for, remembered_rung
+from finellama_rl.fitmem import remembered_rung
+from finellama_rl.rungs import ladder_for
 from finellama_rl.compose import CONF_DIR, load_config, split_argv
 from finellama_rl.config import Algo, Config, Device
 from finellama_rl.ladder import Rung, Setting

@@ -6,7 +6,8 @@ and resubmits training (plus a new watchdog); the new job starts at the next run
 (finellama_rl.attempts.start_rung). Nothing keeps running on the login node.
 Resubmissions are bounded by ladder.max_resubmits.
 
-Submitted by finellama_rl.slurm.submit_watchdog; runs `watch(...)` on a compute node.
+Submitted by finellama_rl.slurm.submit_watchdog; `finellama_rl.slurm.watch` runs on a compute
+node and calls `decide_resubmit` here (this module never imports submitit).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-from finellama_rl.attempts import ladder_for, record_attempt, start_rung
+from finellama_rl.attempts import record_attempt, start_rung
+from finellama_rl.rungs import ladder_for
 from finellama_rl.results import RunPaths, append_jsonl, read_jsonl
 
 FINAL_WAIT_S = 120
@@ -73,9 +75,10 @@ def note(paths: RunPaths, event: str, **fields) -> None:
     print(f"[finellama_rl watchdog] {event} {fields}", flush=True)
 
 
-def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> str:
-    """Runs after `job_id` ended: resubmit at the next rung if it died for memory."""
-    from finellama_rl import slurm
+def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> Tuple[Optional[object], str]:
+    """After `job_id` ended: (config to resubmit, message) if it died for memory and
+    a rung and a resubmission are left, else (None, why not). Records the attempt.
+    The submission itself is finellama_rl.slurm.watch's job (this module never submits)."""
     from finellama_rl.compose import load_config
 
     cfg = load_config(argv)
@@ -83,7 +86,7 @@ def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> st
     oom, state = killed_for_memory(run_dir, job_id)
     if not oom:
         note(paths, "watchdog_done", job_id=job_id, state=state)
-        return f"job {job_id} ended {state}: nothing to do"
+        return None, f"job {job_id} ended {state}: nothing to do"
     ladder = ladder_for(cfg)
     marker = paths.logs / "current_attempt.json"
     current = json.loads(marker.read_text()) if marker.exists() else {"rung": start_rung(cfg, paths, ladder), "step0": 0}
@@ -93,13 +96,9 @@ def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> st
                    peak_gpu_mem_gb=None, job_id=job_id)
     if resubmits_done >= cfg.ladder.max_resubmits:
         note(paths, "resubmit_refused", job_id=job_id, reason=f"ladder.max_resubmits={cfg.ladder.max_resubmits} used")
-        return "killed for memory; no resubmissions left"
+        return None, "killed for memory; no resubmissions left"
     nxt = start_rung(cfg, paths, ladder)
     if nxt >= len(ladder):
         note(paths, "resubmit_refused", job_id=job_id, reason="ladder exhausted")
-        return "killed for memory on the last rung"
-    job = slurm.submit(cfg, argv)
-    slurm.record_submission(Path(run_dir).parent / "ledger.jsonl", cfg, job.job_id, argv)
-    slurm.submit_watchdog(cfg, job.job_id, argv, resubmits_done + 1)
-    note(paths, "resubmitted", old_job=job_id, new_job=job.job_id, rung=nxt)
-    return f"resubmitted as job {job.job_id} at rung {nxt}"
+        return None, "killed for memory on the last rung"
+    return cfg, f"rung {nxt}"

@@ -249,9 +249,7 @@ def cancel(job_ids: List[str]) -> None:
 
 def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_done: int) -> submitit.Job:
     """A 1-CPU job that runs after `train_job_id` ends and resubmits it at the next
-    ladder rung if it was killed for memory (finellama_rl.resubmit.watch)."""
-    from finellama_rl.resubmit import watch
-
+    ladder rung if it was killed for memory (finellama_rl.slurm.watch)."""
     s = cfg.hardware.slurm
     executor = submitit.SlurmExecutor(folder=str(Path(cfg.run.dir) / "logs" / "watch"), max_num_timeout=0)
     params: Dict[str, Any] = {"job_name": f"flw-{cfg.run.name}"[:60], "nodes": 1, "ntasks_per_node": 1,
@@ -262,3 +260,19 @@ def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_d
             params[key] = getattr(s, key)
     executor.update_parameters(**params)
     return executor.submit(watch, argv, cfg.run.dir, train_job_id, resubmits_done)
+
+
+def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> str:
+    """The watchdog job: runs after `job_id` ended; resubmits training (and a new
+    watchdog) at the next rung if it died for memory (finellama_rl.resubmit)."""
+    from finellama_rl.resubmit import decide_resubmit, note
+    from finellama_rl.results import RunPaths
+
+    cfg, message = decide_resubmit(argv, run_dir, job_id, resubmits_done)
+    if cfg is None:
+        return message
+    job = submit(cfg, argv)
+    record_submission(Path(run_dir).parent / "ledger.jsonl", cfg, job.job_id, argv)
+    submit_watchdog(cfg, job.job_id, argv, resubmits_done + 1)
+    note(RunPaths(Path(run_dir)), "resubmitted", old_job=job_id, new_job=job.job_id, rung=message)
+    return f"resubmitted as job {job.job_id} at {message}"

@@ -18,13 +18,13 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finellama_rl.config import Algo, Config
+from finellama_rl.console import setup_logging
 from finellama_rl.results import RunPaths, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("finellama_rl")
@@ -32,16 +32,6 @@ log = logging.getLogger("finellama_rl")
 EXIT_CRASH_TEST = 3
 EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped on request; run again to continue
 EXIT_LADDER_EXHAUSTED = 4  # out of memory on every rung
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
-    transformers.logging.disable_progress_bar()
 
 
 def config_yaml(cfg: Config) -> str:
@@ -95,18 +85,18 @@ def install_stop_handlers(monitor) -> None:
 
 def algorithm(cfg: Config):
     if cfg.trainer.algo == Algo.grpo:
-        from finellama_rl.algos import grpo
+        from finellama_rl.trainers import grpo
 
         return grpo.train
     if cfg.trainer.algo == Algo.ppo:
-        from finellama_rl.algos import ppo
+        from finellama_rl.trainers import ppo
 
         return ppo.train
     raise ValueError(f"unknown trainer.algo {cfg.trainer.algo!r}: expected grpo|ppo")
 
 
 def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional[Dict[str, Any]]:
-    from finellama_rl.evaluate import eval_document, format_accuracy
+    from finellama_rl.eval.core import eval_document, format_accuracy
     from finellama_rl.results import read_json
 
     if paths.baseline.exists():
@@ -129,8 +119,9 @@ def run_training(cfg: Config) -> int:
     optimizer) frees the model, moves to the next rung and continues from the
     latest checkpoint in this same process: no requeue, no queue time lost.
     """
-    from finellama_rl.attempts import (config_at, format_attempts, ladder_for, read_attempts, record_attempt,
-                                       remember_fit, setting_of, start_rung)
+    from finellama_rl.attempts import format_attempts, read_attempts, record_attempt, start_rung
+    from finellama_rl.fitmem import remember_fit
+    from finellama_rl.rungs import config_at, ladder_for, setting_of
     from finellama_rl.checkpoint import clear_staging
     from finellama_rl.ladder import Rung, format_ladder, is_oom_error, next_rung
 
@@ -209,15 +200,15 @@ def train_attempt(cfg: Config, paths: RunPaths) -> int:
     """One attempt at one rung: resume, load, train, evaluate."""
     import transformers
 
-    from finellama_rl.algos.base import TrainContext
+    from finellama_rl.trainers.base import TrainContext
     from finellama_rl.attempts import install_fault_injection
     from finellama_rl.checkpoint import latest_checkpoint, read_state
     from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.evaluate import eval_document, evaluate_model, format_accuracy, summary
+    from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, summary
     from finellama_rl.index import add_eval_file, results_root
     from finellama_rl.model import count_parameters, load_policy, load_tokenizer
     from finellama_rl.monitor import TrainingMonitor
-    from finellama_rl.rewards import build_reward_funcs
+    from finellama_rl.rewards.rules import build_reward_funcs
     from finellama_rl.stats import write_training_stats
 
     t0 = time.time()

@@ -54,7 +54,7 @@ def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
         raise ConfigError("trainer.top_p", f"must be in (0, 1], got {t.top_p}")
     if not 0 < t.clip_epsilon < 1:
         raise ConfigError("trainer.clip_epsilon", f"must be in (0, 1), got {t.clip_epsilon}")
-    from finellama_rl.rewards import REWARD_FUNCS
+    from finellama_rl.rewards.rules import REWARD_FUNCS
 
     if not t.rewards:
         raise ConfigError("trainer.rewards", f"needs at least one of {'|'.join(REWARD_FUNCS)}")

@@ -8,7 +8,7 @@ import pytest
 from finellama_rl.compose import load_config
 from finellama_rl.config import ConfigError
 from finellama_rl.data import arithmetic_splits, build_messages, generate_arithmetic, load_problems
-from finellama_rl.rewards import reference_answer
+from finellama_rl.rewards.rules import reference_answer
 
 
 def test_arithmetic_is_seeded_and_disjoint():

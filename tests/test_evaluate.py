@@ -1,4 +1,4 @@
-"""finellama_rl.evaluate (the command) and finellama_rl.passk: pass@k against a brute-force
+"""finellama_rl.evaluate (the command) and finellama_rl.eval.passk: pass@k against a brute-force
 count, bad input exits 2 before any model loads, the batch size the run ended on, file
 naming without overwrites, and a real tiny run evaluated twice with identical results."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from finellama_rl import evaluate
 from finellama_rl.compose import cli_main, load_config
-from finellama_rl.passk import k_values, pass_at_k, score_samples
+from finellama_rl.eval.passk import k_values, pass_at_k, score_samples
 from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_text, read_json
 
 REPO = Path(__file__).resolve().parent.parent

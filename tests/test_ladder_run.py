@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from finellama_rl.attempts import fit_key, ladder_for, remembered_rung
+from finellama_rl.fitmem import fit_key, remembered_rung
+from finellama_rl.rungs import ladder_for
 from finellama_rl.plan import choose_start_rung
 from finellama_rl.results import read_jsonl
 from finellama_rl.train import EXIT_LADDER_EXHAUSTED, run_training

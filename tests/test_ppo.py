@@ -1,4 +1,4 @@
-"""PPO (finellama_rl/algos/ppo.py) on CPU: the reference is exact, one update lowers
+"""PPO (finellama_rl/trainers/ppo.py) on CPU: the reference is exact, one update lowers
 the loss, a learnable task shows a real reward gain, a crashed run resumes exactly,
 and the 4-bit LoRA path logs every metric.
 
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from finellama_rl.algos import ppo
-from finellama_rl.algos.base import TrainContext
-from finellama_rl.algos.ppo_core import logprobs_from_logits, policy_loss, value_loss
-from finellama_rl.algos.ppo_rollout import (
+from finellama_rl.trainers import ppo
+from finellama_rl.trainers.base import TrainContext
+from finellama_rl.trainers.ppo_core import logprobs_from_logits, policy_loss, value_loss
+from finellama_rl.trainers.ppo_rollout import (
     collect_rollout, completion_mask, compute_advantages, generate_rollout, reference_logprobs, rows_for_step,
     score_rollout,
 )
-from finellama_rl.algos.value_head import Critic, forward_completion
+from finellama_rl.trainers.value_head import Critic, forward_completion
 from finellama_rl.checkpoint import list_checkpoints
 from finellama_rl.results import RunPaths, read_jsonl
 
@@ -46,7 +46,7 @@ def build_ctx(cfg, reward_funcs=None, resume_from=None, start_step=0) -> TrainCo
     from finellama_rl.data import load_problems, with_prompts
     from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
     from finellama_rl.monitor import TrainingMonitor
-    from finellama_rl.rewards import build_reward_funcs
+    from finellama_rl.rewards.rules import build_reward_funcs
 
     ensure_tiny_model(cfg.model)  # built before seeding: building consumes RNG
     transformers.set_seed(cfg.trainer.seed)

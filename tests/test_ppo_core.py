@@ -1,10 +1,10 @@
-"""Tests for finellama_rl.algos.ppo_core (pure tensor PPO math)."""
+"""Tests for finellama_rl.trainers.ppo_core (pure tensor PPO math)."""
 import math
 
 import pytest
 import torch
 
-from finellama_rl.algos.ppo_core import (
+from finellama_rl.trainers.ppo_core import (
     build_token_rewards, compute_gae, entropy_from_logits, explained_variance,
     kl_per_token, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss,
 )

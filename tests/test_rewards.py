@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from finellama_rl.rewards import (
+from finellama_rl.rewards.rules import (
     REWARD_FUNCS, Extraction, build_reward_funcs, correctness_reward, digit_reward,
     extract_answer, extract_lenient, extract_strict, format_reward, is_correct,
     normalize_number, reference_answer,

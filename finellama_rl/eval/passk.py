@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from finellama_rl.data import Problem
-from finellama_rl.rewards import extract_lenient, extract_strict, is_correct, reference_answer
+from finellama_rl.rewards.rules import extract_lenient, extract_strict, is_correct, reference_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -50,7 +50,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new
     """
     import torch
 
-    from finellama_rl.evaluate import generate_batched
+    from finellama_rl.eval.generation import generate_batched
 
     torch.manual_seed(seed)
     texts = generate_batched(model, tokenizer, prompts, max(1, batch_size // n), desc, max_new_tokens=max_new_tokens,

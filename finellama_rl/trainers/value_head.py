@@ -13,7 +13,7 @@ Two critic layouts, chosen by `trainer.ppo.value_head`:
 `forward_completion` runs the decoder once and applies the LM head only to the
 completion positions (the logits of the prompt positions are never built),
 which is what `output_hidden_states=True` plus slicing would give, for less
-memory. Used by finellama_rl/algos/ppo.py and ppo_rollout.py.
+memory. Used by finellama_rl/trainers/ppo.py and ppo_rollout.py.
 """
 from __future__ import annotations
 

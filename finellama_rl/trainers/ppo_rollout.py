@@ -3,7 +3,7 @@ per prompt, rewards, and the no-grad scoring passes that turn samples into
 advantages (old log-probs, values, reference log-probs, KL-shaped rewards, GAE).
 
 Why a module of its own: ppo.py keeps the loop, the update and checkpoints; this
-file is everything that happens under no_grad. Used by finellama_rl/algos/ppo.py.
+file is everything that happens under no_grad. Used by finellama_rl/trainers/ppo.py.
 
 Layout of a rollout (B = prompts_per_step sequences):
     input_ids / attention_mask  (B, L)  prompt left-padded to Lp, then T completion tokens
@@ -19,10 +19,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from finellama_rl.algos.ppo_core import (
+from finellama_rl.trainers.ppo_core import (
     build_token_rewards, compute_gae, kl_per_token, logprobs_from_logits, masked_whiten,
 )
-from finellama_rl.algos.value_head import Critic, forward_completion, is_peft, model_device
+from finellama_rl.trainers.value_head import Critic, forward_completion, is_peft, model_device
 from finellama_rl.config import TrainerConfig
 
 TOKEN_KEYS = ("completion", "mask", "old_logprobs", "values", "ref_logprobs", "kl", "advantages", "returns")

@@ -48,12 +48,12 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from finellama_rl.algos.base import TrainContext, TrainOutcome
-from finellama_rl.algos.ppo_core import (
+from finellama_rl.trainers.base import TrainContext, TrainOutcome
+from finellama_rl.trainers.ppo_core import (
     entropy_from_logits, explained_variance, logprobs_from_logits, masked_mean, policy_loss, value_loss,
 )
-from finellama_rl.algos.ppo_rollout import Rollout, collect_rollout, rows_for_step
-from finellama_rl.algos.value_head import (
+from finellama_rl.trainers.ppo_rollout import Rollout, collect_rollout, rows_for_step
+from finellama_rl.trainers.value_head import (
     POLICY_ADAPTER, Critic, disable_dropout, forward_completion, is_peft, model_device,
 )
 from finellama_rl.checkpoint import commit_checkpoint, staging_root

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finellama_rl.algos.base import TrainContext, TrainOutcome
+from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.checkpoint import checkpoint_dir, clear_staging, commit_checkpoint, staging_root
 from finellama_rl.config import Config, Device
 

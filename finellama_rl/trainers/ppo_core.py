@@ -1,6 +1,6 @@
 """Pure tensor math for PPO on token sequences (no models, no config).
 
-The training loop that calls these lives in ``finellama_rl/algos/ppo.py``.
+The training loop that calls these lives in ``finellama_rl/trainers/ppo.py``.
 
 Conventions: B sequences, T completion tokens, right-padded; ``mask`` is a
 (B, T) float/bool tensor that is 1 on real completion tokens and 0 on padding.

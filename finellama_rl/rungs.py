@@ -1,0 +1,34 @@
+"""The OOM ladder of a run's config: its rung-0 setting, the ladder built from it,
+and the config at a given rung. Pure (no torch): used by launch and plan on the
+login node and by training and the watchdog on compute nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List
+
+from finellama_rl.config import Config
+from finellama_rl.ladder import Rung, Setting, build_ladder
+
+
+def setting_of(cfg: Config) -> Setting:
+    t = cfg.trainer
+    return Setting(micro_batch=t.micro_batch, grad_accum=t.grad_accum, num_generations=t.num_generations,
+                   max_prompt_tokens=t.max_prompt_tokens, max_completion_tokens=t.max_completion_tokens,
+                   activation_checkpointing=t.activation_checkpointing)
+
+
+def ladder_for(cfg: Config) -> List[Rung]:
+    """The ladder from the configured (rung 0) setting."""
+    t, lad = cfg.trainer, cfg.ladder
+    start = setting_of(cfg)  # per device: grad_accum is already derived per device
+    return build_ladder(start, min(lad.min_completion_tokens, t.max_completion_tokens),
+                        min(lad.min_prompt_tokens, t.max_prompt_tokens), lad.length_step)
+
+
+def config_at(cfg: Config, rung: Rung) -> Config:
+    s = rung.setting
+    trainer = replace(cfg.trainer, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
+                      max_prompt_tokens=s.max_prompt_tokens, max_completion_tokens=s.max_completion_tokens,
+                      activation_checkpointing=s.activation_checkpointing)
+    return replace(cfg, trainer=trainer)
