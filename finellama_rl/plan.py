@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from finellama_rl.fitmem import remembered_rung
+from finellama_rl.fitmem import describe as describe_fit_memory, remembered
 from finellama_rl.rungs import ladder_for
 from finellama_rl.compose import CONF_DIR, load_config, split_argv
 from finellama_rl.config import Algo, Config, Device
@@ -53,9 +53,9 @@ def choose_start_rung(cfg: Config) -> Tuple[int, str]:
     if not cfg.ladder.enabled or cfg.ladder.start_rung:
         return cfg.ladder.start_rung, "configured"
     ladder = ladder_for(cfg)
-    remembered = remembered_rung(cfg, ladder)
-    if remembered is not None:
-        return remembered, "fit memory"
+    found = remembered(cfg, ladder)
+    if found is not None:
+        return found
     if cfg.ladder.use_planner and cfg.hardware.device == Device.cuda:
         _, index, est = plan(cfg)
         fits = est.peak_bytes <= (1 - cfg.ladder.planner_margin) * cfg.hardware.gpu_mem_gb * GIB
@@ -94,6 +94,7 @@ def main(argv: List[str]) -> int:
         ladder, index, est = plan(cfg)
         print(f"\npredicted peak at the planned rung {index} ({ladder[index].description}):")
         print(format_estimate(est))
+    print("\n" + describe_fit_memory(cfg, ladder_for(cfg)))
     print("\nper GPU profile (margin {:.0%}):".format(cfg.ladder.planner_margin))
     print(verdict_table([o for o in overrides if not o.startswith("hardware=")]))
     return 0

@@ -11,15 +11,14 @@ node and calls `decide_resubmit` here (this module never imports submitit).
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from finellama_rl.attempts import record_attempt, start_rung
+from finellama_rl.attempts import close_attempt, current_attempt_path, record_attempt, start_rung
 from finellama_rl.rungs import ladder_for
-from finellama_rl.results import RunPaths, append_jsonl, read_jsonl
+from finellama_rl.results import RunPaths, append_jsonl, read_json_object, read_jsonl
 
 FINAL_WAIT_S = 120
 OOM_LOG_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory")
@@ -43,9 +42,13 @@ def final_lines(job_id: str) -> List[Tuple[str, str, str]]:
 
 
 def log_says_oom(run_dir: str, job_id: str) -> bool:
+    """The job's log (stdout and stderr share the .out file; older jobs had a .err) ends with an OOM."""
     logs = Path(run_dir) / "logs" / "submitit"
-    for path in logs.glob(f"{job_id}_*_log.err"):
-        tail = path.read_text(errors="replace")[-20000:].lower()
+    for path in [*logs.glob(f"{job_id}_*_log.out"), *logs.glob(f"{job_id}_*_log.err")]:
+        try:
+            tail = path.read_bytes()[-20000:].decode("utf-8", errors="replace").lower()
+        except OSError:
+            continue
         if any(marker in tail for marker in OOM_LOG_MARKERS):
             return True
     return False
@@ -65,7 +68,10 @@ def killed_for_memory(run_dir: str, job_id: str) -> Tuple[bool, str]:
 def elapsed_s(job_id: str) -> float:
     for i, _, elapsed in reversed(sacct_lines(job_id)):
         if i == job_id:
-            parts = [int(p) for p in elapsed.replace("-", ":").split(":")]
+            try:
+                parts = [int(p) for p in elapsed.replace("-", ":").split(":")]
+            except ValueError:
+                return 0.0
             return float(sum(p * 60 ** k for k, p in enumerate(reversed(parts))))
     return 0.0
 
@@ -88,12 +94,14 @@ def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: 
         note(paths, "watchdog_done", job_id=job_id, state=state)
         return None, f"job {job_id} ended {state}: nothing to do"
     ladder = ladder_for(cfg)
-    marker = paths.logs / "current_attempt.json"
-    current = json.loads(marker.read_text()) if marker.exists() else {"rung": start_rung(cfg, paths, ladder), "step0": 0}
-    steps = [r["step"] for r in read_jsonl(paths.metrics)]
-    record_attempt(paths, ladder[current["rung"]], "oom_killed", error=f"SLURM: {state} (job {job_id})",
+    current = (read_json_object(current_attempt_path(paths), "the attempt marker", require={"rung": int, "step0": int})
+               or {"rung": min(start_rung(cfg, paths, ladder), len(ladder) - 1), "step0": 0})
+    steps = [r["step"] for r in read_jsonl(paths.metrics, require={"step": int})]
+    record_attempt(paths, ladder[min(max(current["rung"], 0), len(ladder) - 1)], "oom_killed",
+                   error=f"SLURM: {state} (job {job_id})",
                    steps_done=max(0, (steps[-1] if steps else 0) - current["step0"]), wall_time_s=elapsed_s(job_id),
                    peak_gpu_mem_gb=None, job_id=job_id)
+    close_attempt(paths)  # recorded here: the next start must not record it again as `killed`
     if resubmits_done >= cfg.ladder.max_resubmits:
         note(paths, "resubmit_refused", job_id=job_id, reason=f"ladder.max_resubmits={cfg.ladder.max_resubmits} used")
         return None, "killed for memory; no resubmissions left"

@@ -1,8 +1,12 @@
 """SLURM through submitit: the only module that imports submitit.
 
 - `executor_params(cfg)`: the sbatch request from the hardware profile (GPUs, CPUs,
-  memory, time, partition, account, QOS, constraint, extra options, signal).
-- `submit_run(run)`: one job per run; `TrainJob` runs `python -m finellama_rl.train`
+  memory, time, partition, account, QOS, constraint, extra options, signal,
+  `--requeue`); stdout and stderr go to one log (`logs/submitit/<job>_0_log.out`).
+- `submission_text(cfg)`: the exact script submitit will submit, rendered without
+  SLURM installed (dry run, `sbatch --test-only`, tests); `test_submission` asks
+  sbatch whether it would accept that very text (nothing is queued).
+- `submit(cfg, argv)`: one job per run; `TrainJob` runs `python -m finellama_rl.train`
   as a child process on the compute node. On SLURM's warning signal (USR2,
   `signal_delay_s` before the time limit, or a preemption) submitit calls
   `TrainJob.checkpoint`, which forwards the signal to the child (it saves at the
@@ -10,22 +14,30 @@
   job, which resumes in the same run folder. Requeues are bounded by
   `hardware.slurm.max_requeues`. Preemption, `scontrol requeue` and scancel send
   SIGTERM to the job's process only (SIGKILL follows after KillWait): `TrainJob`
-  forwards it, so the child saves at the end of its step before it is killed.
+  forwards it, so the child saves at the end of its step before it is killed, and
+  the job ends with one line, not a traceback.
+- `record_submission`: the sweep's ledger.jsonl lists every job (training jobs,
+  watchdogs, resubmissions) so that status and `--cancel` see them all.
 - `job_states(job_ids)`: scheduler states from sacct, for `finellama_rl.status`.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import submitit
+from submitit.core.core import PicklingExecutor
 
 from finellama_rl.config import Config, Device
 from finellama_rl.results import append_jsonl
@@ -35,6 +47,11 @@ EXIT_STOPPED = 75  # finellama_rl.train: saved and stopped on a signal
 
 def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
+
+
+def _additional(cfg: Config) -> Dict[str, Any]:
+    """`additional` options; an empty value is a flag (`exclusive: ""` -> `--exclusive`)."""
+    return {k: (True if v == "" else v) for k, v in cfg.hardware.slurm.additional.items()}
 
 
 def sbatch_options(cfg: Config) -> Dict[str, Any]:
@@ -53,22 +70,28 @@ def sbatch_options(cfg: Config) -> Dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):
             opts[key] = getattr(s, key)
-    opts.update(s.additional)
+    opts.update(_additional(cfg))
     return opts
+
+
+def job_name(cfg: Config, prefix: str = "fl") -> str:
+    """`fl-<sweep>-<run>`: squeue shows which sweep a job belongs to."""
+    return f"{prefix}-{cfg.run.sweep}-{cfg.run.name}"[:200]
 
 
 def executor_params(cfg: Config) -> Dict[str, Any]:
     """The same request in submitit's SlurmExecutor parameter names."""
     hw, s = cfg.hardware, cfg.hardware.slurm
     params: Dict[str, Any] = {
-        "job_name": f"fl-{cfg.run.name}"[:60],
+        "job_name": job_name(cfg),
         "nodes": 1,
         "ntasks_per_node": 1,
         "cpus_per_task": s.cpus_per_task,
         "mem": f"{s.mem_gb}G",
         "time": s.timeout_min,
         "signal_delay_s": s.signal_delay_s,
-        "additional_parameters": dict(s.additional),
+        "stderr_to_stdout": True,  # one log per job: warnings and progress where the table points
+        "additional_parameters": {"requeue": True, **_additional(cfg)},
     }
     if hw.device == Device.cuda:
         params["gpus_per_node"] = hw.gpus_per_node
@@ -79,10 +102,9 @@ def executor_params(cfg: Config) -> Dict[str, Any]:
 
 
 def train_command(argv: List[str], gpus: int) -> List[str]:
-    """One process per GPU through torchrun when the node has several (data parallel)."""
-    if gpus > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                "-m", "finellama_rl.train", *argv]
+    """The training process. With several GPUs it supervises one torchrun rank per GPU
+    itself (finellama_rl.distributed: it restarts the ranks at the next OOM rung and
+    passes USR2/TERM on as a stop request), so signals reach it, not torchrun."""
     return [sys.executable, "-m", "finellama_rl.train", *argv]
 
 
@@ -103,18 +125,24 @@ class TrainJob(submitit.helpers.Checkpointable):
             env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // max(1, self.gpus)))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         self._note("start", restarts=restarts)
-        self.proc = subprocess.Popen(train_command(self.argv, self.gpus), env=env)
+        # stderr into the same log as stdout: the launch table points at the .out file
+        self.proc = subprocess.Popen(train_command(self.argv, self.gpus), env=env, stderr=subprocess.STDOUT)
         # Preemption, `scontrol requeue` and scancel send SIGTERM to this process only (then
         # SIGKILL after KillWait); submitit just logs it. Pass it on so the child saves first.
         signal.signal(signal.SIGTERM, self._forward_sigterm)
         code = self._wait()
         self._note("exit", code=code, restarts=restarts)
         if code == EXIT_STOPPED:  # saved on SIGTERM (preemption, requeue, scancel): SLURM requeues or ends the job
-            raise RuntimeError(f"training stopped on a signal after saving; resubmit to continue: {self.run_dir}")
+            print(f"[finellama_rl job] training saved and stopped on a signal (exit {EXIT_STOPPED}); "
+                  f"it resumes from its checkpoint when the job runs again: {self.run_dir}", flush=True)
+            sys.exit(EXIT_STOPPED)  # SystemExit: no traceback, no result pickle
         if code != 0:
-            raise RuntimeError(f"training exited with code {code}; see {self.run_dir}/logs")
+            raise RuntimeError(f"training exited with code {code}; see the log above and {self.run_dir}")
         results = Path(self.run_dir) / "eval_results.json"
-        return json.loads(results.read_text())["accuracy"] if results.exists() else {}
+        try:
+            return json.loads(results.read_text())["accuracy"] if results.exists() else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
 
     def _wait(self, timeout_s: Optional[float] = None) -> Optional[int]:
         # poll(), not wait(): wait() holds a lock the signal handler's own wait would deadlock on.
@@ -173,9 +201,23 @@ def _cancelled_meanwhile() -> bool:
     return bool(lines) and lines[-1].startswith("CANCELLED")
 
 
-def make_executor(cfg: Config) -> submitit.SlurmExecutor:
+class Executor(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor without its constructor's `srun` check, so that the very
+    text it submits can be rendered where SLURM is not installed (a laptop, CI, the dry
+    run). Submitting still calls sbatch, and the job runs srun on the compute node."""
+
+    def __init__(self, folder: str, max_num_timeout: int = 3):
+        PicklingExecutor.__init__(self, folder, max_num_timeout=max_num_timeout)
+        self.python = shlex.quote(sys.executable)
+
+    def submission_text(self) -> str:
+        """The script `submit` writes (its `%j` placeholders are filled by SLURM)."""
+        return self._make_submission_file_text(self._submitit_command_str, "preview")
+
+
+def make_executor(cfg: Config) -> Executor:
     folder = Path(cfg.run.dir) / "logs" / "submitit"
-    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=cfg.hardware.slurm.max_requeues)
+    executor = Executor(folder=str(folder), max_num_timeout=cfg.hardware.slurm.max_requeues)
     executor.update_parameters(**executor_params(cfg))
     return executor
 
@@ -186,23 +228,78 @@ def make_job(cfg: Config, argv: List[str]) -> TrainJob:
     return TrainJob(argv, cfg.run.dir, gpus, s.timeout_min, s.signal_delay_s, s.max_requeues)
 
 
+class SubmissionFailed(RuntimeError):
+    """sbatch refused a job: `message` is its error line."""
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """submitit prints sbatch's stderr before raising; we report it ourselves, once."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def submit(cfg: Config, argv: List[str]) -> submitit.Job:
-    return make_executor(cfg).submit(make_job(cfg, argv))
+    try:
+        with _quiet_stderr():
+            return make_executor(cfg).submit(make_job(cfg, argv))
+    except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as exc:
+        raise SubmissionFailed(sbatch_error_line(str(exc))) from None
 
 
 def sbatch_preview(cfg: Config) -> str:
-    """The sbatch script submitit would write for this run (dry run); only the
-    job-specific submission folder placeholder differs from the real one."""
-    executor = make_executor(cfg)
-    command = " ".join(executor._submitit_command_str.split())  # python -u -m submitit.core._submit <folder>
-    return executor._make_submission_file_text(command, "%j")
+    """The sbatch script submitit would write for this run (dry run); SLURM fills `%j`."""
+    return make_executor(cfg).submission_text()
 
 
-def record_submission(ledger: Path, cfg: Config, job_id: str, argv: List[str]) -> None:
+def sbatch_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["sbatch failed without a message"])[-1]
+
+
+# sbatch's words -> the setting that asked for it
+_ERROR_KEYS: List[Tuple[str, str]] = [
+    (r"account", "hardware.slurm.account"),
+    (r"qos|quality of service", "hardware.slurm.qos"),
+    (r"gres|generic resource|gpu", "hardware.gpus_per_node / hardware.slurm.additional.gres"),
+    (r"feature|constraint", "hardware.slurm.constraint"),
+    (r"partition", "hardware.slurm.partition"),
+    (r"time limit|time_limit|timelimit", "hardware.slurm.timeout_min"),
+    (r"memory|\bmem\b", "hardware.slurm.mem_gb"),
+    (r"cpu|processor|node configuration|tasks", "hardware.slurm.cpus_per_task / hardware.slurm.mem_gb"),
+]
+
+
+def sbatch_error_key(message: str) -> str:
+    """The setting an sbatch error is about (best guess from its words)."""
+    low = message.lower()
+    for pattern, key in _ERROR_KEYS:
+        if re.search(pattern, low):
+            return key
+    return "hardware.slurm"
+
+
+def test_submission(cfg: Config) -> Optional[str]:
+    """None if `sbatch --test-only` accepts this run's exact script (nothing is queued),
+    else sbatch's error line."""
+    text = make_executor(cfg).submission_text()
+    try:
+        out = subprocess.run(["sbatch", "--test-only"], input=text, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sbatch --test-only failed: {exc}"
+    return None if out.returncode == 0 else sbatch_error_line(out.stderr + "\n" + out.stdout)
+
+
+def record_submission(ledger: Path, cfg: Config, job_id: str, argv: List[str], kind: str = "train",
+                      **extra: Any) -> None:
+    """One ledger line per job: kind train (a training job, also a watchdog's
+    resubmission) or watchdog (with the job it watches)."""
+    folder = "submitit" if kind == "train" else "watch"
     append_jsonl(ledger, {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run": cfg.run.name, "run_dir": cfg.run.dir,
-        "job_id": job_id, "hardware": cfg.hardware.name, "partition": cfg.hardware.slurm.partition,
-        "log": str(Path(cfg.run.dir) / "logs" / "submitit" / f"{job_id}_0_log.out"), "argv": argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "kind": kind, "run": cfg.run.name, "run_dir": cfg.run.dir,
+        "job_id": str(job_id), "hardware": cfg.hardware.name, "partition": cfg.hardware.slurm.partition,
+        "log": str(Path(cfg.run.dir) / "logs" / folder / f"{job_id}_0_log.out"), "argv": argv, **extra,
     })
 
 
@@ -221,15 +318,16 @@ def job_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
     """
     if not job_ids:
         return {}
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State,Elapsed", "-j", ",".join(job_ids)],
-                         capture_output=True, text=True, timeout=60)
     states: Dict[str, Dict[str, str]] = {}
-    for line in out.stdout.splitlines():
-        parts = line.split("|")
-        if len(parts) >= 3:
-            prev, state = states.get(parts[0]), parts[1].split()[0]
-            runs = int(prev["restarts"]) if prev and prev["state"] in _REQUEUED else 0
-            states[parts[0]] = {"state": state, "restarts": str(runs + (state in _REQUEUED)), "elapsed": parts[2]}
+    if shutil.which("sacct"):
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State,Elapsed", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=60)
+        for line in out.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 3 and parts[1].split():
+                prev, state = states.get(parts[0]), parts[1].split()[0]
+                runs = int(prev["restarts"]) if prev and prev["state"] in _REQUEUED else 0
+                states[parts[0]] = {"state": state, "restarts": str(runs + (state in _REQUEUED)), "elapsed": parts[2]}
     for job_id, state in _live_states(job_ids).items():  # sacct lags, and keeps REQUEUED for a job cancelled while requeued
         states.setdefault(job_id, {"restarts": "0", "elapsed": ""})["state"] = state
     return states
@@ -237,6 +335,8 @@ def job_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
 
 def _live_states(job_ids: List[str]) -> Dict[str, str]:
     """{job_id: state} for the jobs slurmctld still holds (MinJobAge after they end)."""
+    if shutil.which("squeue") is None:
+        return {}
     out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(job_ids)],
                          capture_output=True, text=True, timeout=60)
     return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
@@ -251,15 +351,19 @@ def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_d
     """A 1-CPU job that runs after `train_job_id` ends and resubmits it at the next
     ladder rung if it was killed for memory (finellama_rl.slurm.watch)."""
     s = cfg.hardware.slurm
-    executor = submitit.SlurmExecutor(folder=str(Path(cfg.run.dir) / "logs" / "watch"), max_num_timeout=0)
-    params: Dict[str, Any] = {"job_name": f"flw-{cfg.run.name}"[:60], "nodes": 1, "ntasks_per_node": 1,
-                              "cpus_per_task": 1, "mem": "1G", "time": 15,
+    executor = Executor(folder=str(Path(cfg.run.dir) / "logs" / "watch"), max_num_timeout=0)
+    params: Dict[str, Any] = {"job_name": job_name(cfg, "flw"), "nodes": 1, "ntasks_per_node": 1,
+                              "cpus_per_task": 1, "mem": "1G", "time": 15, "stderr_to_stdout": True,
                               "additional_parameters": {"dependency": f"afterany:{train_job_id}"}}
     for key in ("partition", "account", "qos"):
         if getattr(s, key):
             params[key] = getattr(s, key)
     executor.update_parameters(**params)
-    return executor.submit(watch, argv, cfg.run.dir, train_job_id, resubmits_done)
+    try:
+        with _quiet_stderr():
+            return executor.submit(watch, argv, cfg.run.dir, train_job_id, resubmits_done)
+    except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as exc:
+        raise SubmissionFailed(sbatch_error_line(str(exc))) from None
 
 
 def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> str:
@@ -271,8 +375,10 @@ def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> st
     cfg, message = decide_resubmit(argv, run_dir, job_id, resubmits_done)
     if cfg is None:
         return message
+    ledger = Path(run_dir).parent / "ledger.jsonl"
     job = submit(cfg, argv)
-    record_submission(Path(run_dir).parent / "ledger.jsonl", cfg, job.job_id, argv)
-    submit_watchdog(cfg, job.job_id, argv, resubmits_done + 1)
+    record_submission(ledger, cfg, job.job_id, argv, resubmission_of=job_id)
+    dog = submit_watchdog(cfg, job.job_id, argv, resubmits_done + 1)
+    record_submission(ledger, cfg, dog.job_id, argv, kind="watchdog", watches=job.job_id)
     note(RunPaths(Path(run_dir)), "resubmitted", old_job=job_id, new_job=job.job_id, rung=message)
     return f"resubmitted as job {job.job_id} at {message}"

@@ -4,9 +4,12 @@
     python -m finellama_rl.status results/<sweep> --json     # one JSON list, for scripts
     python -m finellama_rl.status results/<sweep> --cancel   # scancel its pending/running jobs
 
-Runs come from <sweep>/ledger.jsonl (written by `finellama_rl.launch` for SLURM
-submissions; the latest submission of each run wins) plus any run folder with a
-config.yaml (local runs have no ledger). The scheduler state comes from sacct
+Runs come from <sweep>/ledger.jsonl (written by `finellama_rl.launch` and the
+watchdogs for every job: the latest training job of each run is its row; --cancel
+cancels every pending or running job of the sweep, watchdogs and resubmissions
+included) plus any run folder with a config.yaml (local runs have no ledger).
+Malformed files (not UTF-8, missing keys, wrong types) are skipped with one warning;
+an accuracy outside [0, 1] is refused, not shown. The scheduler state comes from sacct
 through `finellama_rl.slurm.job_states` when sacct is on PATH; without it the
 state comes from the files: `done` when eval_results.json exists, else `unknown`.
 Requeues are the larger of sacct's count and the 'requeue' events in
@@ -18,12 +21,13 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from finellama_rl.compose import UsageError
-from finellama_rl.results import RunPaths, read_jsonl
+from finellama_rl.results import (RunConfigUnreadable, RunPaths, config_value, fraction_or_none, number_or_none,
+                                  read_json_object, read_jsonl, read_run_config_data, warn)
 
 StatesFn = Callable[[List[str]], Dict[str, Dict[str, str]]]
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
@@ -43,20 +47,30 @@ class RunStatus:
     strict: Optional[float] = None
     lenient: Optional[float] = None
     attempts: Optional[int] = None
+    jobs: List[str] = field(default_factory=list)
+    """Every job of the run in the ledger (training jobs, watchdogs, resubmissions)."""
+    active_jobs: List[str] = field(default_factory=list)
+    """Those of `jobs` that are pending or running (what --cancel cancels)."""
 
     @property
     def active(self) -> bool:
-        return self.job_id is not None and self.state in ACTIVE_STATES
+        return bool(self.active_jobs) or (self.job_id is not None and self.state in ACTIVE_STATES)
+
+
+LEDGER_ENTRY = {"run": str, "job_id": (str, int)}
 
 
 def find_runs(sweep: Path) -> Dict[str, RunStatus]:
-    """{run name: RunStatus with run_dir and job id}: ledger entries (latest per run),
-    then run folders that the ledger does not name (local runs)."""
+    """{run name: RunStatus with run_dir, latest training job and every job id}: ledger
+    entries, then run folders that the ledger does not name (local runs)."""
     runs: Dict[str, RunStatus] = {}
-    for entry in read_jsonl(sweep / "ledger.jsonl"):
-        if "run" in entry:
-            runs[entry["run"]] = RunStatus(entry["run"], entry.get("run_dir") or str(sweep / entry["run"]),
-                                           str(entry["job_id"]) if entry.get("job_id") else None)
+    for entry in read_jsonl(sweep / "ledger.jsonl", require=LEDGER_ENTRY):
+        name, job = entry["run"], str(entry["job_id"])
+        run_dir = entry.get("run_dir") if isinstance(entry.get("run_dir"), str) else str(sweep / name)
+        status = runs.setdefault(name, RunStatus(name, run_dir))
+        status.jobs.append(job)
+        if entry.get("kind", "train") == "train":  # the row shows the latest training job
+            status.job_id, status.run_dir = job, run_dir
     known = {Path(r.run_dir).resolve() for r in runs.values()}
     for cfg in sorted(sweep.glob("*/config.yaml")):
         if cfg.parent.resolve() not in known:
@@ -65,36 +79,42 @@ def find_runs(sweep: Path) -> Dict[str, RunStatus]:
 
 
 def read_max_steps(config: Path) -> Optional[int]:
+    """trainer.max_steps from a run's config.yaml (read as plain data: no interpolation)."""
     if not config.exists():
         return None
-    from omegaconf import OmegaConf
-
     try:
-        return int(OmegaConf.load(config).trainer.max_steps)
-    except Exception:  # a hand-edited or foreign config.yaml: leave the column empty
+        value = config_value(read_run_config_data(config, escape=False), "trainer.max_steps")
+    except RunConfigUnreadable as exc:
+        warn(f"{exc}; step total not shown")
         return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def read_accuracy(path: Path) -> Tuple[Optional[float], Optional[float]]:
+    """(strict, lenient) from an eval file; out-of-range or malformed values are refused."""
+    doc = read_json_object(path, "its accuracy", require={"accuracy": dict})
+    if doc is None:
+        return None, None
+    return tuple(fraction_or_none(doc["accuracy"].get(k), f"{path}: accuracy.{k}") for k in ("strict", "lenient"))
 
 
 def fill_from_files(status: RunStatus) -> RunStatus:
     """Progress, reward, accuracy, attempts and requeue events from the run folder."""
     paths = RunPaths(Path(status.run_dir))
     status.max_steps = read_max_steps(paths.config)
-    metrics = read_jsonl(paths.metrics)
+    metrics = read_jsonl(paths.metrics, require={"step": int})
     if metrics:
-        status.last_step = int(max(r.get("step", 0) for r in metrics))
+        status.last_step = max(r["step"] for r in metrics)
         rewards = [r for r in metrics if "train/reward_mean" in r]
         if rewards:
-            status.last_reward = float(max(rewards, key=lambda r: r.get("step", 0))["train/reward_mean"])
+            last = max(rewards, key=lambda r: r["step"])
+            status.last_reward = number_or_none(last["train/reward_mean"], f"{paths.metrics}: train/reward_mean")
     if paths.eval_results.exists():
-        try:
-            accuracy = json.loads(paths.eval_results.read_text())["accuracy"]
-            status.strict, status.lenient = float(accuracy["strict"]), float(accuracy["lenient"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
+        status.strict, status.lenient = read_accuracy(paths.eval_results)
     if paths.attempts.exists():
-        status.attempts = sum(1 for line in paths.attempts.read_text().splitlines() if line.strip())
-    events = read_jsonl(paths.logs / "job_events.jsonl")
-    status.requeues = sum(1 for e in events if e.get("event") == "requeue")
+        status.attempts = len(read_jsonl(paths.attempts))
+    events = read_jsonl(paths.logs / "job_events.jsonl", require={"event": str})
+    status.requeues = sum(1 for e in events if e["event"] == "requeue")
     if paths.eval_results.exists():
         status.state = "done"
     return status
@@ -110,19 +130,20 @@ def sacct_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
 
 
 def collect(sweep: Path, states: Optional[StatesFn] = None) -> List[RunStatus]:
-    """Every run of the sweep, files first, then the scheduler's word on its job."""
+    """Every run of the sweep, files first, then the scheduler's word on its jobs."""
     if not sweep.is_dir():
         raise UsageError(f"{sweep} is not a folder; pass a sweep folder such as results/<date-time>")
     runs = [fill_from_files(r) for r in find_runs(sweep).values()]
     if not runs:
         raise UsageError(f"{sweep} has no ledger.jsonl and no run folders with config.yaml; "
                          "pass the sweep folder that finellama_rl.launch printed")
-    known = (states or sacct_states)([r.job_id for r in runs if r.job_id])
+    known = (states or sacct_states)(sorted({j for r in runs for j in r.jobs}))
     for r in runs:
         info = known.get(r.job_id or "")
         if info:
             r.state = info.get("state", r.state)
             r.requeues = max(r.requeues, _as_int(info.get("restarts")))
+        r.active_jobs = [j for j in r.jobs if (known.get(j) or {}).get("state") in ACTIVE_STATES]
     return runs
 
 
@@ -156,14 +177,16 @@ def print_table(rows: List[List[str]]) -> None:
 
 
 def cancel_active(runs: List[RunStatus], cancel_fn: Optional[Callable[[List[str]], None]] = None) -> List[RunStatus]:
-    """scancel every job of the sweep that is still pending or running; returns those runs."""
+    """scancel every pending or running job of the sweep (training jobs, watchdogs,
+    resubmissions, older relaunches); returns the runs that had one."""
     active = [r for r in runs if r.active]
-    if active:
+    ids = [j for r in active for j in (r.active_jobs or [r.job_id])]
+    if ids:
         if cancel_fn is None:
             from finellama_rl import slurm
 
             cancel_fn = slurm.cancel
-        cancel_fn([r.job_id for r in active])
+        cancel_fn(ids)
     return active
 
 
@@ -184,8 +207,9 @@ def main(argv: List[str], states: Optional[StatesFn] = None) -> int:
         print_table(table_rows(runs))
     if args.cancel:
         cancelled = cancel_active(runs)
-        names = ", ".join(f"{r.run} (job {r.job_id}, {r.state})" for r in cancelled)
-        print(f"cancelled {len(cancelled)} job(s){': ' + names if names else ''}", flush=True,
+        ids = [j for r in cancelled for j in (r.active_jobs or [r.job_id])]
+        names = ", ".join(f"{r.run} (job {', '.join(j for j in (r.active_jobs or [r.job_id]))}, {r.state})" for r in cancelled)
+        print(f"cancelled {len(ids)} job(s){': ' + names if names else ''}", flush=True,
               file=sys.stderr if args.json else sys.stdout)  # keep --json output parseable
     return 0
 

@@ -27,7 +27,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_option_composes_and_converts(group, option, tmp_path):
-    cfg = load_config([f"{group}={option}", f"run.dir={tmp_path}"])
+    cfg = load_config([f"{group}={option}", f"run.results_dir={tmp_path}", f"run.dir={tmp_path / 'run'}"])
     assert isinstance(cfg, Config)
     assert cfg.trainer.grad_accum >= 1
     if group == "model":
@@ -35,6 +35,22 @@ def test_every_option_composes_and_converts(group, option, tmp_path):
     if group == "hardware":
         assert cfg.hardware.name == option
         assert cfg.hardware.slurm.timeout_min > 0 and cfg.hardware.slurm.mem_gb > 0
+
+
+def test_defaults_are_the_mission():
+    """No group named: Qwen2.5-3B-Instruct, GRPO, GSM8K, one A100-80GB (the tiny model only by name)."""
+    cfg = load_config([], resolve_paths=False)
+    assert (cfg.model.name, cfg.model.hub_id, cfg.model.tiny) == ("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", False)
+    assert (cfg.trainer.algo, cfg.data.source.value, cfg.hardware.name) == (Algo.grpo, "gsm8k", "a100_80")
+
+
+@pytest.mark.parametrize("typo, close", [("seed_ppo3b", "seed_ppo_3b"), ("smok", "smoke"), ("fast", None)])
+def test_unknown_experiment_fails_like_every_group(typo, close):
+    with pytest.raises(ConfigError) as err:
+        load_config([f"experiment={typo}"], resolve_paths=False)
+    assert err.value.key == "experiment"
+    assert "choose one of seed_ppo_3b|smoke" in err.value.message
+    assert (f"Did you mean experiment={close}?" in err.value.message) if close else "Did you mean" not in err.value.message
 
 
 def test_model_shapes_are_the_instruct_models():
@@ -66,8 +82,9 @@ def test_smoke_experiment():
 
 def test_run_dir_derived(tmp_path):
     cfg = load_config(["trainer=ppo", f"run.results_dir={tmp_path}", "run.sweep=s1"])
-    assert cfg.run.name == "ppo-tiny-cpu"
-    assert Path(cfg.run.dir) == tmp_path / "s1" / "ppo-tiny-cpu"
+    assert cfg.run.name == "ppo-qwen2.5-3b-a100_80"
+    assert Path(cfg.run.dir) == tmp_path / "s1" / "ppo-qwen2.5-3b-a100_80"
+    assert load_config(["experiment=smoke", "trainer=ppo", f"run.results_dir={tmp_path}"]).run.name == "ppo-tiny-cpu"
 
 
 BAD = [
@@ -106,17 +123,26 @@ def test_eval_num_examples():
         eval_num_examples("0")
 
 
-@pytest.mark.parametrize("module", ["finellama_rl.launch", "finellama_rl.train"])
-def test_cli_exit_code_2_without_traceback(module):
-    proc = subprocess.run([sys.executable, "-m", module, "trainer.lerning_rate=1"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("module, args, needles", [
+    ("finellama_rl.launch", ["trainer.lerning_rate=1"], ["trainer.lerning_rate", "Did you mean trainer.learning_rate"]),
+    ("finellama_rl.train", ["trainer.lerning_rate=1"], ["trainer.lerning_rate", "Did you mean trainer.learning_rate"]),
+    ("finellama_rl.launch", ["experiment=seed_ppo3b"], ["experiment: unknown option 'seed_ppo3b'", "seed_ppo_3b|smoke",
+                                                        "Did you mean experiment=seed_ppo_3b?"]),
+    ("finellama_rl.plan", ["experiment=fast"], ["experiment: unknown option 'fast'", "seed_ppo_3b|smoke"]),
+])
+def test_cli_exit_code_2_without_traceback(module, args, needles, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", module, *args, f"run.results_dir={tmp_path}"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2
-    assert "trainer.lerning_rate" in proc.stderr and "Did you mean trainer.learning_rate" in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 2
+    assert not any(tmp_path.iterdir())
 
 
 def test_sweep_error_names_the_run_and_runs_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "finellama_rl.launch", "-m", "trainer=ppo,grpo", "trainer.micro_batch=3",
-                           f"run.results_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "finellama_rl.launch", "-m", "trainer=ppo,grpo", "experiment=smoke",
+                           "trainer.micro_batch=3", f"run.results_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "run 0 (trainer=ppo" in proc.stderr or "run 1 (trainer=grpo" in proc.stderr
     assert not any(tmp_path.iterdir())

@@ -1,10 +1,12 @@
 """slurm/*.sbatch stay generated from conf/hardware and request what launch requests;
-on the real cluster a script's USR2 trap saves, requeues and resumes."""
+launch's submission text renders without SLURM installed; on the real cluster a
+script's USR2 trap saves, requeues and resumes."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -13,13 +15,22 @@ import pytest
 
 from finellama_rl.compose import load_config
 from finellama_rl.sbatch_scripts import SLURM_DIR, profiles, render_sbatch
-from finellama_rl.slurm import sbatch_preview
+from finellama_rl.slurm import executor_params, sbatch_preview
 
 RESOURCE_KEYS = ("cpus-per-task", "mem", "time", "gpus-per-node", "partition", "constraint", "nodes", "ntasks-per-node")
 
 
 def sbatch_lines(text: str) -> dict:
     return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", text, flags=re.M))
+
+
+@pytest.fixture
+def no_slurm_path(tmp_path, monkeypatch):
+    """PATH without any SLURM binary, as on a machine where SLURM was never installed."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert shutil.which("srun") is None and shutil.which("sbatch") is None
 
 
 def test_every_profile_has_a_script():
@@ -34,13 +45,40 @@ def test_script_is_up_to_date(profile):
 
 
 @pytest.mark.parametrize("profile", profiles())
-def test_script_requests_what_launch_requests(profile, tmp_path):
+def test_script_requests_what_launch_requests(profile, tmp_path, no_slurm_path):
     script = sbatch_lines((SLURM_DIR / f"{profile}.sbatch").read_text())
-    launch = sbatch_lines(sbatch_preview(load_config([f"hardware={profile}", f"run.dir={tmp_path}"])))
+    cfg = load_config([f"hardware={profile}", f"run.results_dir={tmp_path}", "run.sweep=s"])
+    launch_text = sbatch_preview(cfg)  # rendered with no srun/sbatch on PATH
+    launch = sbatch_lines(launch_text)
     for key in RESOURCE_KEYS:
         assert script.get(key) == launch.get(key), key
     assert script["signal"] == "B:" + launch["signal"]  # same signal and delay; the batch shell forwards it
-    subprocess.run(["bash", "-n", str(SLURM_DIR / f"{profile}.sbatch")], check=True)
+    assert "#SBATCH --requeue" in launch_text and "#SBATCH --requeue" in (SLURM_DIR / f"{profile}.sbatch").read_text()
+    bash = shutil.which("bash", path="/bin:/usr/bin")
+    subprocess.run([bash, "-n", str(SLURM_DIR / f"{profile}.sbatch")], check=True)
+
+
+def test_preview_is_the_submitted_text(tmp_path, no_slurm_path):
+    """The dry run's text is what submitit writes: same executor class, same parameters."""
+    cfg = load_config(["experiment=smoke", f"run.results_dir={tmp_path}", "run.sweep=s1", "run.name=r1"])
+    text = sbatch_preview(cfg)
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    assert f"#SBATCH --job-name=fl-s1-r1" in lines
+    assert f"#SBATCH --output={tmp_path}/s1/r1/logs/submitit/%j_%t_log.out".replace("%t", "0") in lines
+    assert not any(line.startswith("#SBATCH --error") for line in lines)  # one log: stderr goes to .out
+    assert "#SBATCH --mem=6G" in lines and "#SBATCH --signal=USR2@30" in lines
+    command = lines[lines.index("# command") + 2]
+    assert command.startswith("srun --unbuffered --output") and "submitit.core._submit" in command
+    assert executor_params(cfg)["stderr_to_stdout"] is True
+
+
+def test_a100_80_takes_a_per_gpu_share_not_the_node():
+    cfg = load_config(["hardware=a100_80"], resolve_paths=False)
+    assert cfg.hardware.gpus_per_node == 1 and cfg.hardware.slurm.mem_gb == 120
+    whole = load_config(["hardware=a100_80", "hardware.slurm.mem_gb=480", '+hardware.slurm.additional.exclusive=""'],
+                        resolve_paths=False)
+    assert "#SBATCH --exclusive\n" in render_sbatch(whole) and "#SBATCH --mem=480G" in render_sbatch(whole)
 
 
 def _sacct_state(job_id: str) -> str:
@@ -53,24 +91,25 @@ def _sacct_state(job_id: str) -> str:
 def test_sbatch_script_saves_requeues_and_resumes_on_usr2(slurm_cluster, tmp_path):
     env = {**os.environ, **slurm_cluster, "FINELLAMA_PYTHON": sys.executable}
     args = ["experiment=smoke", "trainer.max_steps=40", "trainer.save_every=20", "eval.num_examples=4",
-            f"run.dir={tmp_path / 'run'}", "hardware.slurm.mem_gb=4", "hardware.slurm.cpus_per_task=1"]
+            f"run.results_dir={tmp_path}", f"run.dir={tmp_path / 'run'}", "hardware.slurm.mem_gb=4",
+            "hardware.slurm.cpus_per_task=1"]
     out = subprocess.run(["sbatch", "--parsable", "--mem=4G", "--cpus-per-task=1", str(SLURM_DIR / "cpu.sbatch"), *args],
                          capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     job = out.stdout.strip().split(";")[0]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(1)
     assert metrics.exists(), f"job {job} never started training: {_sacct_state(job)}"
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, env=env)
-    while time.time() < deadline + 240 and not (tmp_path / "run" / "eval_results.json").exists():
+    while time.time() < deadline + 300 and not (tmp_path / "run" / "eval_results.json").exists():
         time.sleep(2)
     log = next(tmp_path.glob("slurm-*.out")).read_text()
     assert "USR2: asking training to save" in log and "requeueing (restart 1" in log, log[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 41)), "every step trained exactly once, the counter never goes back"
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 40
-    deadline = time.time() + 60  # accounting lags the job's end by a few seconds
+    deadline = time.time() + 90  # accounting lags the job's end by a few seconds
     while time.time() < deadline and not _sacct_state(job).endswith("COMPLETED"):
         time.sleep(2)
     assert _sacct_state(job).splitlines() == ["REQUEUED", "COMPLETED"]

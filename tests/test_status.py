@@ -58,7 +58,7 @@ def rows(text):
 def test_table_numbers_from_files_and_scheduler(sweep, capsys):
     calls = []
     assert status.main([str(sweep)], states=fake_states(calls)) == 0
-    assert sorted(calls[0]) == ["11", "13"]  # the latest submission of each run
+    assert sorted(calls[0]) == ["11", "12", "13"]  # every job of the ledger, in one query
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["run", "job", "state", "requeues", "step", "reward", "strict", "lenient", "attempts"]
     table = rows(out)
@@ -115,3 +115,55 @@ def test_command_line_does_not_import_torch(sweep):
     proc = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "grpo-tiny-cpu" in proc.stdout
+
+
+def test_cancel_covers_watchdogs_and_relaunched_jobs(sweep, capsys):
+    """--cancel acts on every pending/running job of the ledger: an older relaunch of a run,
+    its training job and the watchdogs waiting on them."""
+    append_jsonl(sweep / "ledger.jsonl", {"kind": "watchdog", "run": "ppo-tiny-cpu", "run_dir": str(sweep / "ppo-tiny-cpu"),
+                                          "job_id": "14", "watches": "13"})
+
+    def states(job_ids):
+        return {"11": {"state": "COMPLETED"}, "12": {"state": "RUNNING"}, "13": {"state": "PENDING"},
+                "14": {"state": "PENDING"}}
+
+    runs = status.collect(sweep, states)
+    ppo = next(r for r in runs if r.run == "ppo-tiny-cpu")
+    assert ppo.job_id == "13" and ppo.state == "PENDING"  # the row: the latest training job, not the watchdog
+    assert ppo.jobs == ["12", "13", "14"] and ppo.active_jobs == ["12", "13", "14"]
+    cancelled = []
+    status.cancel_active(runs, cancelled.extend)
+    assert sorted(cancelled) == ["12", "13", "14"]
+
+
+def test_malformed_files_give_one_warning_each_and_no_wrong_numbers(tmp_path, make_config, capsys, monkeypatch):
+    monkeypatch.setattr(status.shutil, "which", lambda name: None)
+    run = make_run(make_config, tmp_path, "grpo-tiny-cpu", [1, 2], [0.5, 0.75], max_steps=4)
+    with open(run / "metrics.jsonl", "ab") as f:  # non-UTF-8 bytes, a line without step, a wrong type, not an object
+        f.write(b'\xff\xfe{"step": 9}\n{"train/reward_mean": 1}\n{"step": "3", "train/reward_mean": 2}\n[1, 2]\n')
+        f.write(b'{"step": 3, "train/reward_mean": "high"}\n')
+    atomic_write_json(run / "eval_results.json", {"step": 4, "accuracy": {"strict": 7.5, "lenient": "x"}})
+    (run / "attempts.jsonl").write_bytes(b'\x80\x81\n{"attempt": 1, "rung": 0, "outcome": "completed"}\n')
+    (run / "logs" / "job_events.jsonl").write_bytes(b'{"event": 5}\n\xc3\x28\n')
+    status.main([str(tmp_path), "--json"])
+    out = capsys.readouterr()
+    (found,) = json.loads(out.out)
+    assert found["last_step"] == 3 and found["last_reward"] is None  # "high" is not a reward
+    assert found["strict"] is None and found["lenient"] is None  # 7.5 is refused, never 750%
+    assert found["attempts"] == 1 and found["requeues"] == 0
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning: ")]
+    assert any("metrics.jsonl: skipped 4 malformed line(s)" in w and "not UTF-8" in w for w in warnings), warnings
+    assert any("accuracy.strict: 7.5 is outside [0, 1]" in w for w in warnings), warnings
+    assert "750" not in out.out + out.err and "Traceback" not in out.err
+
+
+def test_config_interpolation_is_never_resolved(tmp_path, make_config, capsys, monkeypatch):
+    monkeypatch.setattr(status.shutil, "which", lambda name: None)
+    monkeypatch.setenv("FINELLAMA_TEST_SECRET", "hf_secret_value")
+    run = make_run(make_config, tmp_path, "grpo-tiny-cpu", [1], [0.5], max_steps=4)
+    text = (run / "config.yaml").read_text().replace("max_steps: 4", "max_steps: ${oc.env:FINELLAMA_TEST_SECRET}")
+    (run / "config.yaml").write_text(text)
+    status.main([str(tmp_path), "--json"])
+    out = capsys.readouterr()
+    assert "hf_secret_value" not in out.out + out.err
+    assert json.loads(out.out)[0]["max_steps"] is None
