@@ -20,7 +20,7 @@ SMALL = ["experiment=smoke", "eval.num_examples=4", "eval.max_new_tokens=8", "tr
 
 @pytest.fixture(autouse=True)
 def private_fit_memory(tmp_path, monkeypatch):
-    monkeypatch.setenv("FINELLAMA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FINELLAMA_FIT_MEMORY", str(tmp_path / "fit_memory.json"))
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
@@ -38,8 +38,9 @@ def test_simulated_oom_steps_down_and_trains_each_step_once(algo, make_config, t
     steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 4
-    assert remembered_rung(cfg, ladder_for(cfg)) == 2  # the fit memory
-    assert choose_start_rung(cfg) == (2, "fit memory")
+    # simulated out-of-memory says nothing about real memory: a fault-injected run never writes the fit memory
+    assert remembered_rung(cfg, ladder_for(cfg)) is None and not (tmp_path / "fit_memory.json").exists()
+    assert choose_start_rung(cfg) == (0, "start")
 
 
 def test_ladder_exhausted_reports_every_attempt(make_config, tmp_path, capsys):
@@ -73,4 +74,5 @@ def test_planner_picks_start_rung_for_gpu_profiles():
     assert why.startswith("planner") and r40 > r80 > 0
     assert choose_start_rung(load_config([*big, "hardware=a100_40", "ladder.use_planner=false"])) == (0, "start")
     cfg = load_config([*big, "hardware=a100_40"])
-    assert fit_key(cfg) == "qwen2.5-3b|ppo|a100_40|prompt256|completion256|batch64|G1"
+    assert fit_key(cfg).startswith("qwen2.5-3b|ppo|a100_40|")
+    assert fit_key(cfg) != fit_key(load_config([*big, "hardware=a100_40", "hardware.slurm.mem_gb=8"]))
