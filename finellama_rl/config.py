@@ -13,6 +13,7 @@ Used by every entry point, e.g. `python -m finellama_rl.launch experiment=smoke`
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,24 @@ class Algo(str, Enum):
     # Member names equal their values: OmegaConf matches enum overrides by name.
     grpo = "grpo"
     ppo = "ppo"
+    sft = "sft"  # supervised fine-tuning on reference solutions (TRL's SFTTrainer)
+    rm = "rm"  # train an outcome reward model (trainers/rm.py) for reward_model.path
+
+
+class BestMetric(str, Enum):
+    """What makes an SFT checkpoint the best one (trainer.sft.best_metric)."""
+
+    accuracy = "accuracy"  # greedy accuracy by generation at each evaluation (higher is better)
+    loss = "loss"  # teacher-forced loss on the test problems' reference solutions (lower is better)
+
+
+class Tracking(str, Enum):
+    """Where metrics go besides metrics.jsonl (the top-level `tracking` setting)."""
+
+    none = "none"
+    tensorboard = "tensorboard"  # event files in <run>/tensorboard/
+    wandb = "wandb"  # Weights & Biases (offline unless WANDB_MODE says otherwise)
+    all = "all"  # both
 
 
 class LossType(str, Enum):
@@ -72,6 +91,23 @@ class DataSource(str, Enum):
     arithmetic = "arithmetic"
 
 
+class EvalProtocol(str, Enum):
+    """How prompts are written and answers scored (eval.protocol); README "Evaluation protocols"."""
+
+    qwen_boxed = "qwen_boxed"  # Qwen2.5's GSM8K recipe: chat template, "... within \boxed{}", 0-shot, math-verify
+    lm_eval_gsm8k = "lm_eval_gsm8k"  # lm-evaluation-harness 0.4 gsm8k: 5-shot "Question: ...\nAnswer:", strict-match
+    finellama = "finellama"  # data.system_prompt, "#### <number>", strict (the protocol of schema-1 runs)
+
+
+class OomPhase(str, Enum):
+    """Phases debug.oom_at_step can strike (attempts.jsonl records the phase of every OOM)."""
+
+    generation = "generation"
+    training = "training"
+    optimizer = "optimizer"
+    eval = "eval"
+
+
 class ValueHead(str, Enum):
     shared = "shared"  # linear head on the policy's last hidden state (one forward)
     adapter = "adapter"  # a second LoRA adapter on the shared 4-bit base
@@ -105,6 +141,10 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     tie_embeddings: bool = True
     attn_implementation: AttnImpl = AttnImpl.auto
+    adapter: Optional[str] = None
+    """A trained LoRA adapter to start from: a run folder (its final adapter: the best
+    checkpoint when the run restored one, else the latest) or a checkpoint folder. It
+    stays frozen under a new trainable adapter; the KL reference is this adapter's policy."""
 
 
 @dataclass
@@ -112,7 +152,9 @@ class LoraConfig:
     enabled: bool = True
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
+    """LoRA dropout. GRPO and PPO: must be 0 (the update's log-probs must equal the
+    sampler's, so the first ratio is 1); SFT may use it."""
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -124,14 +166,23 @@ class QuantizationConfig:
     """4-bit base through bitsandbytes; false trains the full-precision model."""
     quant_type: QuantType = QuantType.nf4
     double_quant: bool = True
+    bits: int = 4
+    """4: NF4/FP4 (quant_type, double_quant); 8: LLM.int8 (bitsandbytes), e.g. the *full*
+    preset's 14B generator."""
 
 
 @dataclass
 class PPOConfig:
+    """PPO only (trainer=ppo); GRPO ignores this block."""
+
     epochs: int = 2
-    """PPO epochs over each rollout batch."""
+    """PPO epochs over each rollout batch (GRPO's counterpart is trainer.num_iterations)."""
     num_mini_batches: int = 1
     """Optimizer steps per epoch; each accumulates micro batches of the rollout."""
+    kl_coef: float = 0.05
+    """KL penalty as per-token reward shaping (RLHF style): r_t -= kl_coef x (log pi -
+    log pi_ref), the k1 estimator, against the base with the adapter disabled. PPO's only
+    KL knob (trainer.beta is GRPO's KL-in-loss coefficient and must stay 0 for PPO)."""
     gamma: float = 1.0
     lam: float = 0.95
     vf_coef: float = 0.5
@@ -141,42 +192,192 @@ class PPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning only (trainer=sft)."""
+
+    epochs: Optional[float] = None
+    """Passes over the training set; sets trainer.max_steps to ceil(epochs x examples /
+    prompts_per_step). None: train trainer.max_steps steps."""
+    warmup_ratio: float = 0.0
+    """Linear warmup over this fraction of the steps (used when trainer.warmup_steps is 0)."""
+    keep_best: bool = False
+    """Keep the best checkpoint by best_metric (never pruned) and restore it at the end."""
+    best_metric: BestMetric = BestMetric.accuracy
+    """accuracy: greedy accuracy by generation at each eval; loss: teacher-forced eval loss."""
+    dataloader_workers: int = 0
+    """Worker processes that collate training batches."""
+
+
+class ScoringPrecision(str, Enum):
+    """How a frozen scoring model (reward_model, judge) is loaded."""
+
+    nf4 = "nf4"  # 4-bit NF4 (bitsandbytes), compute in the hardware's dtype
+    int8 = "int8"  # 8-bit LLM.int8 (bitsandbytes)
+    bf16 = "bf16"  # unquantized bfloat16 weights
+    fp32 = "fp32"  # unquantized float32 weights (CPU)
+
+
+class RewardModelKind(str, Enum):
+    orm = "orm"  # outcome reward model: one score per (question, completion), sequence classification
+    prm = "prm"  # process reward model, Qwen2.5-Math-PRM format: a score per step at step separators
+
+
+class StepAggregation(str, Enum):
+    """How a process reward model's per-step scores become one reward (reward_model.aggregation)."""
+
+    min = "min"  # the weakest step (a solution is as good as its worst step)
+    last = "last"  # the final step's score
+    mean = "mean"
+
+
+@dataclass
+class RewardModelConfig:
+    """The frozen reward model behind the `reward_model` reward source (rewards/reward_model.py),
+    and the base that trainer=rm trains. Unused unless trainer.rewards names reward_model or
+    trainer=rm."""
+
+    model: Optional[ModelConfig] = None
+    """Architecture and shape (planning; trainer=rm's base; an ORM folder's base): a conf/model
+    option chosen with `model@reward_model.model=qwen2.5-1.5b`."""
+    path: Optional[str] = None
+    """What scores: a trainer=rm run folder, or a folder/hub id of a sequence-classification
+    (orm) or Qwen2.5-Math-PRM-format (prm) model."""
+    kind: RewardModelKind = RewardModelKind.orm
+    aggregation: StepAggregation = StepAggregation.min
+    """prm only: min | last | mean of the per-step scores."""
+    quantization: ScoringPrecision = ScoringPrecision.nf4
+    gpu: Optional[int] = None
+    """GPU index on the node; None: the policy's own GPU (each training process holds a copy).
+    A GPU that no training process uses makes the run train on the others (resolve())."""
+    batch_size: int = 16
+    """Sequences per scoring forward."""
+    max_tokens: int = 1024
+    """Inputs longer than this are cut from the left of the completion's text (kept: its end)."""
+    step_separator: str = "\n\n"
+    """prm only: how a completion is split into steps (blank lines by default)."""
+    trust_remote_code: bool = False
+    """prm only: load a checkpoint that ships its own modeling code (Qwen2.5-Math-PRM does)."""
+
+
+@dataclass
+class JudgeConfig:
+    """The frozen instruction model behind the `judge` reward source (rewards/judge.py): it reads
+    the question, the completion and (optionally) the reference through a fixed prompt and answers
+    CORRECT or INCORRECT; malformed verdicts score 0 and are counted."""
+
+    model: Optional[ModelConfig] = None
+    """The judge's model: a conf/model option chosen with `model@judge.model=qwen2.5-14b`
+    (its path or hub_id is loaded)."""
+    quantization: ScoringPrecision = ScoringPrecision.bf16
+    """bf16, or int8 to halve its memory (the seed's 14B judge: about 28 -> 14 GB)."""
+    gpu: Optional[int] = None
+    """GPU index on the node; None: the policy's own GPU."""
+    batch_size: int = 8
+    """Completions judged per generate call."""
+    max_new_tokens: int = 8
+    """Verdict budget (greedy); the verdict is one word."""
+    max_input_tokens: int = 1536
+    """Longer judge prompts keep the completion's end (the final answer) and drop its start."""
+    use_reference: bool = True
+    """Show the judge the reference solution."""
+
+
+@dataclass
+class RMTrainConfig:
+    """trainer=rm only: how the labelled data is made (trainers/rm.py)."""
+
+    num_problems: Optional[int] = None
+    """Training-split problems used (None: all); a held-out share of them is the test set."""
+    heldout_fraction: float = 0.2
+    """Share of the problems (not of the completions) held out for accuracy/precision/recall/AUROC."""
+    samples_per_problem: int = 4
+    """Completions sampled from the policy (`model`, with model.adapter) per problem."""
+    sample_temperature: float = 1.0
+    corrupted_per_problem: int = 1
+    """Copies of a sampled completion whose final answer is changed to a wrong number
+    everywhere it appears (labelled by the scorer like every other example)."""
+    include_reference: bool = True
+    """Add the problem's reference solution, written in the protocol's answer form."""
+    balance: bool = True
+    """Drop surplus examples of the larger class in the training part (not the held-out part)."""
+
+
+@dataclass
 class TrainerConfig:
+    """One global step (the unit of max_steps, save_every, eval_every, log_every,
+    warmup_steps and metrics.jsonl) = prompts_per_step prompts sampled and trained on:
+    GRPO one optimizer step (times num_iterations), PPO one rollout plus
+    ppo.epochs x ppo.num_mini_batches optimizer steps."""
+
     algo: Algo = MISSING
     learning_rate: float = 1e-5
+    """AdamW learning rate of the trainable (fp32) weights: LoRA, and PPO's value head."""
     lr_schedule: LRSchedule = LRSchedule.constant
     warmup_steps: int = 0
+    """Linear warmup length in global steps, both trainers (PPO converts it to optimizer
+    steps internally: x ppo.epochs x ppo.num_mini_batches)."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm per optimizer step (0 = no clipping), both trainers."""
     prompts_per_step: int = 8
-    """Prompts consumed per optimizer step (each sampled num_generations times)."""
+    """Prompts consumed per global step, over all devices (each sampled num_generations times)."""
     num_generations: int = 4
-    """Completions per prompt (GRPO group size; 1 for PPO)."""
+    """Completions per prompt: GRPO's group size (>= 2); PPO: must be 1."""
     micro_batch: int = 8
-    """Sequences per device per forward/backward."""
+    """Sequences per device per forward/backward, both trainers (the OOM ladder halves it;
+    the gradient does not change: PPO and GRPO normalise over the whole batch)."""
     grad_accum: Optional[int] = None
-    """Derived: prompts_per_step * num_generations / (micro_batch * devices). Do not set."""
+    """Derived: prompts_per_step * num_generations / (micro_batch * devices), per PPO
+    mini-batch. Do not set."""
+    generation_batch: int = 0
+    """Sequences per device per generate call. PPO: the rollout is sampled in chunks of
+    this many (0 = the whole rollout in one call). GRPO: TRL's generation batch, a multiple
+    of micro_batch and of num_generations dividing micro_batch x grad_accum (0 = the whole
+    step, TRL's default). The OOM ladder lowers it first when generation runs out of memory."""
     max_prompt_tokens: int = 256
+    """Longer training prompts are dropped (not truncated), both trainers."""
     max_completion_tokens: int = 256
+    """Sampling budget per completion, both trainers."""
     temperature: float = 1.0
+    """Sampling temperature, both trainers; log-probs use logits / temperature."""
     top_p: float = 1.0
+    """GRPO: nucleus sampling. PPO: must be 1 (its log-probs do not model the truncation)."""
     beta: float = 0.0
-    """KL coefficient against the reference (the base with the adapter disabled)."""
+    """GRPO only: coefficient of the k3 KL estimator added to the loss (TRL's beta), against
+    the base with the adapter disabled. PPO: must be 0; use trainer.ppo.kl_coef."""
+    num_iterations: int = 1
+    """GRPO only: optimisation passes over each generation batch (TRL's num_iterations, mu).
+    PPO: must be 1 (use trainer.ppo.epochs)."""
     clip_epsilon: float = 0.2
+    """Clip range of the probability ratio. GRPO: acts only when num_iterations > 1 (with
+    one pass the ratio is exactly 1, and train/clip_frac reads 0). PPO: the policy clip."""
     loss_type: LossType = LossType.dapo
+    """GRPO only: TRL's loss normalisation (dapo: over all completion tokens of the
+    generation batch). PPO always averages over all completion tokens of its mini-batch."""
     max_steps: int = 100
+    """Global steps to train, both trainers."""
     save_every: int = 50
+    """Checkpoint every N global steps, both trainers."""
     keep_last: int = 2
+    """Committed checkpoints kept (>= 1; older ones are pruned after a new one is durable)."""
     eval_every: int = 0
     """Evaluate every N steps during training; 0 = only before and after."""
     log_every: int = 1
+    """Write metrics.jsonl every N global steps (averaged since the last line), both trainers."""
     seed: int = 0
+    """Seeds model init, sampling and data order, both trainers."""
     activation_checkpointing: bool = False
+    """Recompute activations in backward (the OOM ladder turns it on), both trainers."""
     rewards: List[str] = field(default_factory=lambda: ["correctness", "format"])
+    """Reward sources, summed with reward_weights and logged each as train/reward/<name>: rule
+    rewards (correctness, format, digits) and frozen models (reward_model, judge: their own
+    top-level sections). README "Reward sources"."""
     reward_weights: Optional[List[float]] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMTrainConfig = field(default_factory=RMTrainConfig)
 
 
 @dataclass
@@ -201,6 +402,9 @@ class HardwareConfig:
     device: Device = Device.cpu
     gpu_mem_gb: float = 0.0
     gpus_per_node: int = 0
+    processes: Optional[int] = None
+    """Data-parallel training processes on the node (torchrun, one per device); None: one
+    per GPU on cuda, 1 on cpu. On cpu, > 1 runs the same data-parallel path over gloo."""
     bf16: bool = False
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -221,6 +425,9 @@ class DataConfig:
     num_test: int = 200
     synthetic_seed: int = 1234
     max_operand: int = 20
+    """Synthetic task only: operands are drawn from 1..max_operand (more digits: harder)."""
+    ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul", "add_sub"])
+    """Synthetic task only: problem kinds, some of add|sub|mul|add_sub (add_sub has two steps)."""
     system_prompt: str = (
         "Solve the math problem step by step. End with a line '#### <number>' giving the final answer."
     )
@@ -228,12 +435,23 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    num_examples: str = "50"
-    """How many test problems: a positive integer or `all`."""
-    max_new_tokens: int = 256
-    batch_size: int = 0
-    """0 = the run's micro batch."""
-    shots: int = 0
+    protocol: EvalProtocol = EvalProtocol.qwen_boxed
+    """Prompt template, shots, stop strings and scorer of every evaluation, and also of
+    the training prompt and the correctness/format rewards (what training rewards is what
+    evaluation credits): qwen_boxed (Qwen2.5's published GSM8K recipe, scored by
+    math-verify), lm_eval_gsm8k (lm-evaluation-harness's gsm8k task, strict-match and
+    flexible-extract), finellama (data.system_prompt and `#### n`, strict)."""
+    num_examples: str = "all"
+    """How many test problems (the first N of the split): a positive integer or `all`."""
+    max_new_tokens: Optional[int] = None
+    """Generation budget per completion; None: the protocol's (qwen_boxed 1024, lm_eval_gsm8k
+    256 like the harness, finellama 256)."""
+    batch_size: int = 64
+    """Sequences per generate call (greedy: prompts; pass@k: prompts x samples), halved on
+    out-of-memory down to 1. 0 (schema of older runs) means 64."""
+    shots: Optional[int] = None
+    """Worked examples in the eval prompt; None: the protocol's (lm_eval_gsm8k 5, else 0).
+    Training prompts never carry shots."""
     before_training: bool = True
     samples: int = 1
     """Samples per problem for pass@k (1 = greedy only); k > 1 adds sampled pass@1..k."""
@@ -252,6 +470,9 @@ class RunConfig:
     """Derived: results_dir/sweep/name. Set it to resume a specific run folder."""
     resume: bool = True
     """Continue from the latest checkpoint in the run folder."""
+    allow_outside_results_dir: bool = False
+    """Allow a run.dir outside run.results_dir (by default refused: a typo such as
+    run.dir=. would otherwise make the current folder a run folder)."""
 
 
 @dataclass
@@ -284,6 +505,14 @@ class DebugConfig:
     host_mem_mb_per_sequence: int = 0
     """Fault injection: hold this much host RAM per micro-batch sequence during each
     step, so a job exceeds SLURM's --mem at large micro batches."""
+    oom_generation_above_sequences: Optional[int] = None
+    """Fault injection: a generation forward of more than this many sequences raises
+    torch.OutOfMemoryError (a simulated budget for the generation phase)."""
+    oom_at_step: Optional[int] = None
+    """Fault injection: one torch.OutOfMemoryError when phase debug.oom_phase starts at
+    this global step (once per run folder), to test the ladder mid-run."""
+    oom_phase: OomPhase = OomPhase.training
+    """generation | training | optimizer | eval: where debug.oom_at_step strikes."""
 
 
 @dataclass
@@ -296,12 +525,19 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ladder: LadderConfig = field(default_factory=LadderConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """The `reward_model` reward source (and trainer=rm's base)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The `judge` reward source."""
     launcher: Launcher = Launcher.auto
     """auto: SLURM when sbatch is on PATH, else local."""
     dry_run: bool = False
     """Print what would be submitted (or run) for every run; submit nothing."""
     site: Optional[str] = None
     """Site file with per-cluster SLURM settings (default: $FINELLAMA_SITE)."""
+    tracking: Tracking = Tracking.none
+    """Also send metrics to TensorBoard event files (<run>/tensorboard/), Weights & Biases
+    (needs `pip install wandb`; offline unless WANDB_MODE is set), or all; none costs nothing."""
 
 
 def register_configs() -> None:
@@ -315,7 +551,45 @@ def register_configs() -> None:
 
 
 def world_size(hardware: HardwareConfig) -> int:
+    """Data-parallel processes of a run (torchrun ranks)."""
+    if hardware.processes is not None:
+        return max(1, hardware.processes)
     return max(1, hardware.gpus_per_node) if hardware.device == Device.cuda else 1
+
+
+SCORING_SOURCES = ("reward_model", "judge")  # reward sources backed by a frozen model (rewards/sources.py)
+
+
+def scoring_sources(trainer: TrainerConfig) -> List[str]:
+    """The model-backed reward sources an RL run loads (none for sft and rm)."""
+    if trainer.algo not in (Algo.grpo, Algo.ppo):
+        return []
+    return [name for name in SCORING_SOURCES if name in trainer.rewards]
+
+
+def scoring_gpus(cfg: "Config") -> Dict[str, int]:
+    """{source: GPU index} of the scoring models this run loads that name a GPU of their own."""
+    named = {name: getattr(cfg, name).gpu for name in scoring_sources(cfg.trainer)}
+    return {name: gpu for name, gpu in named.items() if gpu is not None}
+
+
+def derive_processes(cfg: "Config") -> "Config":
+    """How a node's GPUs are split: training processes use GPUs 0..P-1 (torchrun ranks), scoring
+    models that name a GPU (reward_model.gpu, judge.gpu) take the GPUs they name. When
+    hardware.processes is unset on cuda, P = gpus_per_node minus the distinct GPUs named by
+    scoring models (at least 1), e.g. 2 GPUs with reward_model.gpu=1: one training process on
+    GPU 0, the reward model on GPU 1; trainer=rm runs one process. validation checks that no named GPU is a training rank's
+    (unless P is 1 and it names GPU 0, the same GPU). Pure: returns a copy."""
+    hw = cfg.hardware
+    named = set(scoring_gpus(cfg).values())
+    if hw.processes is not None or hw.device != Device.cuda:
+        return cfg
+    if cfg.trainer.algo == Algo.rm:  # trains one reward model in one process
+        return replace(cfg, hardware=replace(hw, processes=1))
+    if not named:
+        return cfg
+    processes = max(1, hw.gpus_per_node - len(named))
+    return replace(cfg, hardware=replace(hw, processes=processes))
 
 
 def sequences_per_step(trainer: TrainerConfig) -> int:
@@ -329,6 +603,14 @@ def derive_grad_accum(trainer: TrainerConfig, hardware: HardwareConfig) -> int:
     return max(1, per_update // (trainer.micro_batch * world_size(hardware)))
 
 
+def sft_max_steps(trainer: TrainerConfig, num_examples: int) -> int:
+    """Optimizer steps of trainer.sft.epochs passes over num_examples (SFT); else max_steps.
+    Equals the HF Trainer's count whenever micro_batch divides prompts_per_step."""
+    if trainer.algo != Algo.sft or trainer.sft.epochs is None:
+        return trainer.max_steps
+    return max(1, math.ceil(trainer.sft.epochs * num_examples / trainer.prompts_per_step))
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
 
@@ -340,6 +622,7 @@ def default_run_name(cfg: Config, extra: List[str] = ()) -> str:
 
 def resolve(cfg: Config, extra_name_parts: List[str] = (), now: Optional[_dt.datetime] = None) -> Config:
     """Fill the derived fields (grad_accum, run name/sweep/dir). Pure: returns a copy."""
+    cfg = derive_processes(cfg)  # before grad_accum: it divides by the training processes
     # A user-typed grad_accum is kept so validate() can reject it when it disagrees.
     grad_accum = cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)
     trainer = replace(cfg.trainer, grad_accum=grad_accum)

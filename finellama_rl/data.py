@@ -2,8 +2,9 @@
 synthetic task of GSM8K-format word problems that needs no download.
 
 Every problem is a dict {question, answer} where answer is a GSM8K-style solution
-ending in `#### <number>`. Prompts are built here once, with the tokenizer's chat
-template, so training and evaluation see exactly the same text.
+ending in `#### <number>`. Prompts are built under the run's evaluation protocol
+(eval.protocol; templates in eval/protocols.py), so training and evaluation see
+exactly the same text.
 
     from finellama_rl.data import load_problems
     train = load_problems(cfg.data, "train")
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from finellama_rl.config import ConfigError, DataConfig, DataSource
+
+if TYPE_CHECKING:
+    from finellama_rl.eval.protocols import PromptFormat
 
 Problem = Dict[str, str]
 
@@ -22,11 +26,15 @@ _NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Gia", "Hugo", "Ines", "
 _ITEMS = ["apples", "marbles", "books", "stickers", "coins", "pencils", "cookies", "shells"]
 
 
-def _one_problem(rng: random.Random, max_operand: int) -> Problem:
-    """A one- or two-step add/subtract/multiply word problem with its worked solution."""
+OPS = ("add", "sub", "mul", "add_sub")  # the synthetic task's problem kinds (data.ops)
+
+
+def _one_problem(rng: random.Random, max_operand: int, ops: Sequence[str] = OPS) -> Problem:
+    """A one- or two-step add/subtract/multiply word problem with its worked solution.
+    Difficulty knobs: max_operand (digits to copy and carry) and ops (which kinds)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, max_operand), rng.randint(1, max_operand)
-    kind = rng.choice(["add", "sub", "mul", "add_sub"])
+    kind = rng.choice(list(ops))
     if kind == "add":
         q = f"{name} has {a} {item}. {name} finds {b} more {item}. How many {item} does {name} have now?"
         steps, ans = [f"{a} + {b} = {a + b}"], a + b
@@ -38,14 +46,16 @@ def _one_problem(rng: random.Random, max_operand: int) -> Problem:
         b = rng.randint(2, 9)
         q = f"{name} buys {b} boxes with {a} {item} in each box. How many {item} does {name} buy?"
         steps, ans = [f"{b} * {a} = {a * b}"], a * b
-    else:
+    elif kind == "add_sub":
         c = rng.randint(1, a + b)
         q = f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} does {name} have?"
         steps, ans = [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c
+    else:
+        raise ConfigError("data.ops", f"unknown problem kind {kind!r}: expected some of {'|'.join(OPS)}")
     return {"question": q, "answer": "\n".join(steps) + f"\n#### {ans}"}
 
 
-def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence[str] = ()) -> List[Problem]:
+def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence[str] = (), ops: Sequence[str] = OPS) -> List[Problem]:
     """`num` distinct problems from a seeded generator, none of whose questions is in `exclude`."""
     rng, seen, out = random.Random(seed), set(exclude), []
     attempts = 0
@@ -53,7 +63,7 @@ def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence
         attempts += 1
         if attempts > 50 * num + 1000:
             raise ConfigError("data.max_operand", f"cannot make {num} distinct problems with max_operand={max_operand}; raise it")
-        p = _one_problem(rng, max_operand)
+        p = _one_problem(rng, max_operand, ops)
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)
@@ -61,8 +71,8 @@ def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence
 
 
 def arithmetic_splits(cfg: DataConfig) -> Tuple[List[Problem], List[Problem]]:
-    train = generate_arithmetic(cfg.num_train, cfg.synthetic_seed, cfg.max_operand)
-    test = generate_arithmetic(cfg.num_test, cfg.synthetic_seed + 1, cfg.max_operand, [p["question"] for p in train])
+    train = generate_arithmetic(cfg.num_train, cfg.synthetic_seed, cfg.max_operand, ops=cfg.ops)
+    test = generate_arithmetic(cfg.num_test, cfg.synthetic_seed + 1, cfg.max_operand, [p["question"] for p in train], cfg.ops)
     return train, test
 
 
@@ -110,31 +120,39 @@ def load_problems(cfg: DataConfig, split: str) -> List[Problem]:
     return problems
 
 
-def build_messages(system_prompt: str, question: str, shots: Sequence[Problem] = ()) -> List[Dict[str, str]]:
-    msgs = [{"role": "system", "content": system_prompt}]
-    for shot in shots:
-        msgs += [{"role": "user", "content": shot["question"]}, {"role": "assistant", "content": shot["answer"]}]
-    return msgs + [{"role": "user", "content": question}]
+def as_prompt_format(fmt: Union["PromptFormat", str]) -> "PromptFormat":
+    """A PromptFormat; a plain string is taken as the finellama protocol's system prompt (older callers)."""
+    from finellama_rl.config import EvalProtocol
+    from finellama_rl.eval.protocols import prompt_format
+
+    return prompt_format(EvalProtocol.finellama, fmt) if isinstance(fmt, str) else fmt
 
 
-def build_prompt(tokenizer, system_prompt: str, question: str, shots: Sequence[Problem] = ()) -> str:
-    """The exact prompt text (chat template applied, generation prompt added)."""
-    msgs = build_messages(system_prompt, question, shots)
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+def build_prompt(tokenizer, fmt: Union["PromptFormat", str], question: str, shots: Sequence[Problem] = ()) -> str:
+    """The exact prompt text of a question under a protocol (eval/protocols.py render_prompt):
+    chat template with the generation prompt for qwen_boxed/finellama, plain text for lm_eval_gsm8k."""
+    from finellama_rl.eval.protocols import render_prompt
+
+    return render_prompt(tokenizer, as_prompt_format(fmt), question, shots)
 
 
 def with_prompts(
-    problems: Sequence[Problem], tokenizer, system_prompt: str, max_prompt_tokens: Optional[int] = None, shots: Sequence[Problem] = ()
+    problems: Sequence[Problem], tokenizer, fmt: Union["PromptFormat", str], max_prompt_tokens: Optional[int] = None,
+    shots: Sequence[Problem] = (),
 ) -> Tuple[List[Dict[str, str]], int]:
-    """Rows {prompt, question, answer}; drops prompts longer than max_prompt_tokens.
+    """Rows {prompt, question, answer} under a protocol (`prompt_format(cfg.eval.protocol,
+    cfg.data.system_prompt)`; a plain string is the finellama system prompt); drops prompts
+    longer than max_prompt_tokens, measured in one batched tokenizer call.
 
     Returns (rows, number dropped). Dropping rather than truncating keeps every
     prompt a whole question.
     """
+    fmt = as_prompt_format(fmt)
+    prompts = [build_prompt(tokenizer, fmt, p["question"], shots) for p in problems]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if max_prompt_tokens and prompts else None
     rows, dropped = [], 0
-    for p in problems:
-        prompt = build_prompt(tokenizer, system_prompt, p["question"], shots)
-        if max_prompt_tokens and len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+    for i, (p, prompt) in enumerate(zip(problems, prompts)):
+        if lengths is not None and lengths[i] > max_prompt_tokens:
             dropped += 1
             continue
         rows.append({"prompt": prompt, "question": p["question"], "answer": p["answer"]})

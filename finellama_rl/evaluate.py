@@ -1,15 +1,18 @@
-"""Evaluate saved checkpoints of a run folder with the run's own config: greedy
-accuracy (finellama_rl/eval/core.py) and optionally pass@k from sampled
-completions (finellama_rl/eval/passk.py).
+"""Evaluate saved checkpoints of a run folder with the run's own config under a
+named protocol: greedy accuracy (finellama_rl/eval/core.py) and optionally pass@k
+from sampled completions (finellama_rl/eval/passk.py).
 
     python -m finellama_rl.evaluate run=results/<sweep>/<run> [checkpoint=latest|all|base|<step>]
-        [eval.num_examples=all|N] [eval.samples=k] [eval.sample_temperature=0.7]
-        [eval.shots=N] [eval.batch_size=N] [eval.max_new_tokens=N] [run.results_dir=DIR]
+        [eval.protocol=qwen_boxed|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k]
+        [eval.sample_temperature=0.7] [eval.shots=N] [eval.batch_size=N] [eval.max_new_tokens=N] [run.results_dir=DIR]
 
-Each evaluated checkpoint gets `<run>/evals/<checkpoint>-n<N>-<greedy|kK>.json`
+Each evaluated checkpoint gets `<run>/evals/<checkpoint>-<protocol>-n<N>-<greedy|kK>.json`
 (never overwriting: `-2`, `-3`, ...) and an entry in the results index
-`<run.results_dir>/eval_results.json` (finellama_rl/index.py). Bad input exits 2
-with one line, before any model is loaded.
+`<run.results_dir>/eval_results.json` (finellama_rl/index.py). `checkpoint=all` loads
+the base once and swaps adapters. A run folder written before protocols existed
+(no eval.protocol in its config.yaml) is evaluated under `finellama`, the protocol it
+was trained with, unless eval.protocol is given. Bad input exits 2 with one line,
+before any model is loaded.
 """
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, ConfigError, EvalConfig, eval_num_examples
-from finellama_rl.data import Problem, build_prompt
-from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, select_problems
+from finellama_rl.config import Config, ConfigError, EvalConfig, EvalProtocol, eval_num_examples
+from finellama_rl.data import Problem
+from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
 from finellama_rl.validation import validate
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,11 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ command line
 
 CLI_KEYS = ("run", "checkpoint")
-OVERRIDE_KEYS = ("eval.num_examples", "eval.samples", "eval.sample_temperature", "eval.shots",
+OVERRIDE_KEYS = ("eval.protocol", "eval.num_examples", "eval.samples", "eval.sample_temperature", "eval.shots",
                  "eval.batch_size", "eval.max_new_tokens", "run.results_dir")
 USAGE = ("usage: python -m finellama_rl.evaluate run=<run folder> [checkpoint=latest|all|base|<step>] "
-         "[eval.num_examples=all|N] [eval.samples=k] [eval.sample_temperature=T] [eval.shots=N] [eval.batch_size=N]")
+         "[eval.protocol=qwen_boxed|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k] "
+         "[eval.sample_temperature=T] [eval.shots=N] [eval.batch_size=N]")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     from omegaconf import OmegaConf
 
     from finellama_rl.compose import explain_hydra_error
+    from finellama_rl.results import read_run_config_data
 
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
@@ -83,7 +88,10 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError("run", f"{path} not found; pass a run folder written by finellama_rl.train (it has config.yaml)")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        loaded = OmegaConf.create(read_run_config_data(path))  # plain data: `${...}` stays text, never resolved
+        if OmegaConf.select(loaded, "eval.protocol", default=None) is None:  # trained before protocols: `####`
+            OmegaConf.update(loaded, "eval.protocol", EvalProtocol.finellama.value, force_add=True)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), loaded)
     except Exception as exc:  # yaml or omegaconf errors: the file, not the user's overrides
         raise ConfigError("run", f"{path} does not fit the current schema: {str(exc).splitlines()[0]}") from None
     try:
@@ -125,25 +133,11 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
     return [Target(c.name, int(c.name[len("step_"):]), c) for c in chosen]
 
 
-def eval_batch_size(cfg: Config, run_dir: Path) -> Tuple[int, str]:
-    """(sequences per generate call, where it came from): eval.batch_size, else the
-    micro batch the run ended on (attempts.jsonl), else trainer.micro_batch."""
-    from finellama_rl.report import last_ok_micro_batch
-    from finellama_rl.results import RunPaths, read_jsonl
-
-    if cfg.eval.batch_size:
-        return cfg.eval.batch_size, "eval.batch_size"
-    micro = last_ok_micro_batch(read_jsonl(RunPaths(Path(run_dir)).attempts))
-    if micro:
-        return micro, "attempts.jsonl"
-    return cfg.trainer.micro_batch, "trainer.micro_batch"
-
-
 def eval_file_name(label: str, ev: EvalConfig) -> str:
     n = eval_num_examples(ev.num_examples)
     mode = "greedy" if ev.samples == 1 else f"k{ev.samples}"
-    shots = f"-{ev.shots}shot" if ev.shots else ""
-    return f"{label}-n{'all' if n is None else n}-{mode}{shots}.json"
+    shots = f"-{ev.shots}shot" if ev.shots is not None else ""  # only when set against the protocol's default
+    return f"{label}-{EvalProtocol(ev.protocol).value}-n{'all' if n is None else n}-{mode}{shots}.json"
 
 
 def reserve_path(folder: Path, name: str) -> Path:
@@ -161,39 +155,78 @@ def reserve_path(folder: Path, name: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def load_for_eval(cfg: Config, target: Target):
-    from finellama_rl.model import load_base, load_policy
+class ModelSlots:
+    """The models of a `checkpoint=...` choice, loaded as cheaply as possible: the base once,
+    each checkpoint's adapter loaded onto it and the previous one deleted. A run that
+    stacks adapters (model.adapter) loads each checkpoint whole instead."""
 
-    trainer = replace(cfg.trainer, activation_checkpointing=False)  # generation wants the KV cache
-    if target.adapter_dir is None:
-        return load_base(cfg.model, trainer, cfg.hardware)
-    return load_policy(cfg.model, trainer, cfg.hardware, adapter_dir=str(target.adapter_dir))
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.trainer = replace(cfg.trainer, activation_checkpointing=False)  # generation wants the KV cache
+        self.base = None
+        self.peft = None
+        self.current: Optional[str] = None
+
+    def model_for(self, target: Target):
+        from finellama_rl.model import load_base, load_policy
+
+        c = self.cfg
+        if c.model.adapter and target.adapter_dir is not None:  # stacked adapters: whole load per checkpoint
+            self.release()
+            self.peft = load_policy(c.model, self.trainer, c.hardware, adapter_dir=str(target.adapter_dir))
+            return self.peft
+        if self.base is None:
+            self.base = load_base(c.model, self.trainer, c.hardware)
+        if target.adapter_dir is None:
+            if self.peft is not None:
+                raise AssertionError("the base is evaluated before any adapter is loaded onto it")
+            return self.base
+        return self._swap(target)
+
+    def _swap(self, target: Target):
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, str(target.adapter_dir), adapter_name=target.label)
+        else:
+            self.peft.load_adapter(str(target.adapter_dir), adapter_name=target.label)
+            self.peft.set_adapter(target.label)
+            if self.current and self.current != target.label:
+                self.peft.delete_adapter(self.current)
+        self.current = target.label
+        return self.peft
+
+    def release(self) -> None:
+        import gc
+
+        import torch
+
+        self.base = self.peft = None
+        self.current = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def run_target(cfg: Config, target: Target, tokenizer, problems: Sequence[Problem], shots: Sequence[Problem], batch: int) -> Dict[str, Any]:
+def run_target(cfg: Config, target: Target, model, tokenizer, setup: EvalSetup) -> Dict[str, Any]:
     """Greedy accuracy (and pass@k when eval.samples > 1) of one checkpoint."""
-    import gc
-
-    import torch
     import transformers
 
     from finellama_rl.eval.passk import add_pass_at_k, sample_completions, score_samples
 
     ev = cfg.eval
     transformers.set_seed(cfg.trainer.seed)
-    model = load_for_eval(cfg, target)
-    result = evaluate_model(model, tokenizer, problems, cfg.data, ev, batch, shots, desc=f"{target.label} greedy")
+    setup = replace(setup, protocol={**setup.protocol, "model": {**setup.protocol["model"],
+                                     "adapter": str(target.adapter_dir) if target.adapter_dir else None}})
+    result = evaluate_model(model, tokenizer, setup, desc=f"{target.label} greedy")
     if ev.samples > 1:
-        chosen = select_problems(problems, ev.num_examples)
-        prompts = [build_prompt(tokenizer, cfg.data.system_prompt, p["question"], shots) for p in chosen]
-        texts = sample_completions(model, tokenizer, prompts, ev.samples, ev.max_new_tokens, ev.sample_temperature,
-                                   batch, cfg.trainer.seed, desc=f"{target.label} k={ev.samples}")
-        add_pass_at_k(result, score_samples(chosen, texts, ev.sample_temperature, cfg.trainer.seed))
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    result["protocol"]["batch_size"] = batch
+        texts, gen, decoding = sample_completions(model, tokenizer, setup.prompts, ev.samples, setup.decoding.max_new_tokens,
+                                                  ev.sample_temperature, setup.batch_size, cfg.trainer.seed, setup.stops,
+                                                  desc=f"{target.label} k={ev.samples}")
+        add_pass_at_k(result, score_samples(setup.problems, texts, ev.sample_temperature, cfg.trainer.seed,
+                                            setup.fmt.spec.primary, setup.stops))
+        result["pass_at_k"]["decoding"] = decoding.record()
+        result["pass_at_k"]["problems_per_s"] = round(gen.problems_per_s, 3)
     return result
 
 
@@ -210,30 +243,31 @@ def cli_document(cfg: Config, target: Target, result: Dict[str, Any]) -> Dict[st
 
 def main(argv: Sequence[str]) -> int:
     """Every check (arguments, config, checkpoints, data) runs before a model loads."""
+    from finellama_rl.console import setup_logging
     from finellama_rl.data import load_problems
+    from finellama_rl.eval.passk import format_pass_at_k
     from finellama_rl.index import add_eval_file, results_root
     from finellama_rl.model import load_tokenizer
-    from finellama_rl.eval.passk import format_pass_at_k
     from finellama_rl.results import atomic_write_json
-    from finellama_rl.console import setup_logging
 
     run_dir, choice, overrides = parse_cli(argv)
     cfg = load_run_config(run_dir, overrides)
     targets = choose_targets(run_dir, choice)
-    batch, batch_from = eval_batch_size(cfg, run_dir)
-    problems = select_problems(load_problems(cfg.data, "test"), cfg.eval.num_examples)
-    shots = load_problems(cfg.data, "train")[: cfg.eval.shots] if cfg.eval.shots else []
+    test, train = load_problems(cfg.data, "test"), load_problems(cfg.data, "train")
     setup_logging()
-    log.info("evaluating %s of %s on %d problems, batch %d (from %s)", ", ".join(t.label for t in targets),
-             run_dir, len(problems), batch, batch_from)
     tokenizer = load_tokenizer(cfg.model)
-    for target in targets:
-        result = run_target(cfg, target, tokenizer, problems, shots, batch)
+    setup = prepare_eval(cfg, tokenizer, test, train)
+    log.info("evaluating %s of %s under %s on %d problems, %d sequences per generate call",
+             ", ".join(t.label for t in targets), run_dir, cfg.eval.protocol.value, len(setup.problems), setup.batch_size)
+    slots = ModelSlots(cfg)
+    for target in sorted(targets, key=lambda t: t.adapter_dir is not None):  # the base first: adapters wrap it
+        result = run_target(cfg, target, slots.model_for(target), tokenizer, setup)
         path = reserve_path(Path(cfg.run.dir) / "evals", eval_file_name(target.label, cfg.eval))
         atomic_write_json(path, cli_document(cfg, target, result))
         add_eval_file(results_root(cfg.run), path)
         extra = f"; {format_pass_at_k(result['pass_at_k'])}" if result.get("pass_at_k") else ""
         print(f"{target.label}: {format_accuracy(result)}{extra} -> {path}", flush=True)
+    slots.release()
     return 0
 
 

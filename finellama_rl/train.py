@@ -5,8 +5,9 @@ and write config.yaml, metrics.jsonl, training_stats.json and eval_results.json.
     python -m finellama_rl.train trainer=grpo model=qwen2.5-3b hardware=a100_80
     (the sbatch scripts in slurm/ call this; `finellama_rl.launch` runs sweeps)
 
-Exit codes: 0 done, 2 bad input, 3 debug.crash_after_step, 4 out of memory on
-every rung of the OOM ladder, 75 stopped by a signal
+Exit codes: 0 done, 2 bad input (or the run folder is in use by another job),
+3 debug.crash_after_step, 4 out of memory on every rung of the OOM ladder,
+74 disk full, 75 stopped by a signal
 after saving (the caller may requeue). Knows nothing of SLURM beyond "a signal
 asks me to save".
 """
@@ -20,10 +21,11 @@ import shutil
 import signal
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from finellama_rl.config import Algo, Config
+from finellama_rl.config import Algo, Config, sft_max_steps
 from finellama_rl.console import setup_logging
 from finellama_rl.results import RunPaths, atomic_write_json, atomic_write_text
 
@@ -32,6 +34,7 @@ log = logging.getLogger("finellama_rl")
 EXIT_CRASH_TEST = 3
 EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped on request; run again to continue
 EXIT_LADDER_EXHAUSTED = 4  # out of memory on every rung
+EXIT_DISK_FULL = 74  # EX_IOERR: a write failed for lack of space; run again after freeing some
 
 
 def config_yaml(cfg: Config) -> str:
@@ -41,11 +44,17 @@ def config_yaml(cfg: Config) -> str:
 
 
 def prepare_run_dir(cfg: Config) -> RunPaths:
-    """Make the folder; with run.resume=false, move earlier outputs aside (never delete)."""
+    """Make the folder (the caller holds its run.lock); with run.resume=false, move
+    earlier outputs aside into a sibling folder (never delete; the lock stays)."""
+    from finellama_rl.runlock import LOCK_NAME
+
     paths = RunPaths(Path(cfg.run.dir))
-    if not cfg.run.resume and paths.root.exists() and any(paths.root.iterdir()):
+    earlier = [p for p in paths.root.iterdir() if p.name != LOCK_NAME] if paths.root.is_dir() else []
+    if not cfg.run.resume and earlier:
         aside = paths.root.with_name(paths.root.name + "-previous-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        shutil.move(str(paths.root), str(aside))
+        aside.mkdir()
+        for p in earlier:
+            shutil.move(str(p), str(aside / p.name))
         log.info("run.resume=false: moved the earlier run to %s", aside)
     paths.make()
     atomic_write_text(paths.config, config_yaml(cfg))
@@ -63,13 +72,13 @@ def rewind_metrics(paths: RunPaths, step: int) -> int:
     later steps (trained, then lost in a crash) move to metrics_discarded.jsonl."""
     from finellama_rl.results import append_jsonl, read_jsonl
 
-    records = read_jsonl(paths.metrics)
-    later = [r for r in records if r.get("step", 0) > step]
+    records = read_jsonl(paths.metrics, require={"step": int})  # malformed lines: warned, then dropped here
+    later = [r for r in records if r["step"] > step]
     if not later:
         return 0
     for r in later:
         append_jsonl(paths.metrics.with_name("metrics_discarded.jsonl"), r)
-    kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+    kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step)
     atomic_write_text(paths.metrics, kept)
     return len(later)
 
@@ -92,7 +101,11 @@ def algorithm(cfg: Config):
         from finellama_rl.trainers import ppo
 
         return ppo.train
-    raise ValueError(f"unknown trainer.algo {cfg.trainer.algo!r}: expected grpo|ppo")
+    if cfg.trainer.algo == Algo.sft:
+        from finellama_rl.trainers import sft
+
+        return sft.train
+    raise ValueError(f"unknown trainer.algo {cfg.trainer.algo!r}: expected grpo|ppo|sft")
 
 
 def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional[Dict[str, Any]]:
@@ -113,59 +126,136 @@ def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional
 
 
 def run_training(cfg: Config) -> int:
+    """The whole run, holding the run folder's lock (one writer per folder: a second
+    job or process on the same folder stops with exit 2, finellama_rl.runlock)."""
+    from finellama_rl.runlock import RunLock
+
+    lock = RunLock(Path(cfg.run.dir)) if os.environ.get("RANK", "0") == "0" else None  # torchrun: rank 0 holds it
+    if lock is not None:
+        take_lock(lock)
+    try:
+        return run_ladder(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def take_lock(lock) -> None:
+    """Acquire the run folder's lock. On a disk so full that even the lock file cannot be
+    written, a stale `checkpoints/.staging` (a save the full disk cut short) is cleared
+    first when no live process holds the folder, so the restart is not blocked by it."""
+    from finellama_rl.checkpoint import clear_staging
+    from finellama_rl.results import is_disk_full
+    from finellama_rl.runlock import busy_reason
+
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if not is_disk_full(exc) or busy_reason(lock.run_dir) is not None:
+            raise
+        clear_staging(RunPaths(lock.run_dir).checkpoints)
+        lock.acquire()
+
+
+def run_ladder(cfg: Config) -> int:
     """The whole run under the OOM ladder; returns the process exit code.
 
-    An out-of-memory anywhere in an attempt (generation, forward, backward,
-    optimizer) frees the model, moves to the next rung and continues from the
-    latest checkpoint in this same process: no requeue, no queue time lost.
+    An out-of-memory anywhere in an attempt (generation, scoring, forward, backward,
+    optimizer, evaluation) is recorded with its phase; the model is freed, the ladder
+    steps down the knob of that phase (ladder.step_down: the generation batch after a
+    generation OOM, the micro batch otherwise) and training continues in this same
+    process from the host-memory snapshot of the last finished step: no requeue, no
+    queue time lost, no step redone. With several ranks the rank that ran out records
+    the attempt, writes the snapshot and exits EXIT_OOM_RETRY; the supervisor
+    (finellama_rl.distributed) starts every rank again at the next rung.
     """
-    from finellama_rl.attempts import format_attempts, read_attempts, record_attempt, start_rung
+    from finellama_rl import distributed as dist
+    from finellama_rl.attempts import (close_attempt, format_attempts, open_attempt, phase_of, read_attempts,
+                                       record_attempt, record_unclosed_attempt, start_point)
+    from finellama_rl.checkpoint import clear_staging, latest_checkpoint, step_of
+    from finellama_rl.config import Device
     from finellama_rl.fitmem import remember_fit
+    from finellama_rl.ladder import Rung, format_ladder, is_oom_error, step_down
     from finellama_rl.rungs import config_at, ladder_for, setting_of
-    from finellama_rl.checkpoint import clear_staging
-    from finellama_rl.ladder import Rung, format_ladder, is_oom_error, next_rung
+    from finellama_rl.trainers.snapshot import SnapshotHolder
 
-    paths = prepare_run_dir(cfg)
-    clear_staging(paths.checkpoints)
+    dist.init(cuda=cfg.hardware.device == Device.cuda)
+    main = dist.is_main()
+    if main:
+        clear_staging(RunPaths(Path(cfg.run.dir)).checkpoints)  # first: a save cut by a full disk must not block the restart
+        paths = prepare_run_dir(cfg)
+    dist.barrier()
+    paths = RunPaths(Path(cfg.run.dir))
     ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of(cfg), False, "as configured")]
-    index = start_rung(cfg, paths, ladder)
-    while index < len(ladder):
-        rung = ladder[index]
-        if index:
-            log.warning("ladder rung %d: %s%s", index, rung.description,
+    if main:
+        record_unclosed_attempt(paths, ladder, last_logged_step(paths))  # an earlier process that was hard-killed
+    dist.barrier()
+    rung = first = start_point(cfg, paths, ladder)
+    holder = SnapshotHolder()  # survives attempts: the last finished step, in host memory
+    while rung is not None:
+        if rung != ladder[0]:
+            log.warning("ladder rung %d: %s%s", rung.index, rung.description,
                         " (CHANGES THE EXPERIMENT: shorter sequences)" if rung.changes_experiment else "")
-        started, step0 = time.time(), last_logged_step(paths)
-        # If the scheduler kills us (host OOM, uncatchable GPU OOM), the resubmit watchdog reads this.
-        atomic_write_json(paths.logs / "current_attempt.json", {"rung": index, "step0": step0, "started": started,
-                                                                "job_id": os.environ.get("SLURM_JOB_ID")})
+        started, step0, attempt_no = time.time(), last_logged_step(paths), len(read_attempts(paths)) + 1
+        if main:  # if the scheduler kills us (host OOM, uncatchable GPU OOM), the watchdog or the next start reads this
+            open_attempt(paths, rung.index, step0, started)
+        run = AttemptRun(holder)
         try:
-            code = train_attempt(config_at(cfg, rung), paths)
+            code = train_attempt(config_at(cfg, rung), paths, run)
         except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
             fields = attempt_fields(paths, step0, started, exc)
             if not (cfg.ladder.enabled and is_oom_error(exc)):
-                record_attempt(paths, rung, "error", **fields)
+                if main:
+                    record_attempt(paths, rung, "error", **fields)
+                    close_attempt(paths)
                 raise
+            phase = phase_of(exc, run.tracker)
             traceback.clear_frames(exc.__traceback__)  # drop the frames that hold the model
-            record_attempt(paths, rung, "oom", **fields)
-            log.warning("out of memory at rung %d: %s", index, fields["error"])
-        else:
-            outcome = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}.get(code, "failed")
+            del exc
+            if dist.world() > 1 and not dist.claim(paths.logs, f"oom_claim-{attempt_no}"):
+                os._exit(dist.EXIT_OOM_RETRY)  # another rank records this OOM
+            record_attempt(paths, rung, "oom", phase=phase, rank=dist.rank(), **fields)
+            close_attempt(paths)
+            latest = latest_checkpoint(paths.checkpoints)
+            snap = holder.write(paths.checkpoints, step_of(latest) if latest else 0)
+            log.warning("out of memory at rung %d in %s: %s%s", rung.index, phase, fields["error"],
+                        f"; continuing from the snapshot of step {step_of(snap)}" if snap else "")
+            if dist.world() > 1:  # the other ranks are stuck in a collective: the supervisor restarts all of them
+                dist.write_exit_code(paths.logs, dist.EXIT_OOM_RETRY)
+                os._exit(dist.EXIT_OOM_RETRY)
+            run = None
+            free_memory()
+            rung = step_down(ladder, rung, phase)
+            continue
+        outcome = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}.get(code, "failed")
+        if main:
             record_attempt(paths, rung, outcome, **attempt_fields(paths, step0, started, None))
+            close_attempt(paths)
             if code == 0 and cfg.ladder.remember_fit and cfg.ladder.enabled:
-                remember_fit(cfg, rung)
-            return code
-        free_memory()
-        index = (next_rung(ladder, index) or Rung(len(ladder), rung.setting, True, "end")).index
-    print("out of memory on every rung of the ladder; attempts:\n" + format_attempts(read_attempts(paths)), flush=True)
-    print("ladder:\n" + format_ladder(ladder), flush=True)
+                remember_fit(cfg, rung, clean=rung == first)  # never for debug.* runs (fitmem refuses)
+        return code
+    if main:
+        print("out of memory on every rung of the ladder; attempts:\n" + format_attempts(read_attempts(paths)), flush=True)
+        print("ladder:\n" + format_ladder(ladder), flush=True)
     return EXIT_LADDER_EXHAUSTED
+
+
+class AttemptRun:
+    """What one attempt shares with the ladder loop: the snapshot holder (kept across
+    attempts) and the attempt's phase tracker (set once the model is loaded)."""
+
+    def __init__(self, snapshots=None):
+        from finellama_rl.trainers.snapshot import SnapshotHolder
+
+        self.snapshots = snapshots if snapshots is not None else SnapshotHolder()
+        self.tracker = None
 
 
 def last_logged_step(paths: RunPaths) -> int:
     from finellama_rl.results import read_jsonl
 
-    records = read_jsonl(paths.metrics)
-    return int(records[-1]["step"]) if records else 0
+    records = read_jsonl(paths.metrics, require={"step": int}, quiet=True)  # rewind_metrics warns about bad lines
+    return records[-1]["step"] if records else 0
 
 
 def peak_memory_gb() -> Dict[str, Optional[float]]:
@@ -196,27 +286,38 @@ def free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def train_attempt(cfg: Config, paths: RunPaths) -> int:
-    """One attempt at one rung: resume, load, train, evaluate."""
+def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = None) -> int:
+    """One attempt at one rung: resume (from the newest complete checkpoint or OOM
+    snapshot), load, train, evaluate. With several ranks, rank 0 alone writes files."""
     import transformers
+
+    from finellama_rl import distributed as dist
+    from finellama_rl.ladder import Phase
 
     from finellama_rl.trainers.base import TrainContext
     from finellama_rl.attempts import install_fault_injection
-    from finellama_rl.checkpoint import latest_checkpoint, read_state
+    from finellama_rl.checkpoint import latest_resume_point, read_state
     from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, summary
+    from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_eval, summary
+    from finellama_rl.eval.protocols import prompt_format
     from finellama_rl.index import add_eval_file, results_root
     from finellama_rl.model import count_parameters, load_policy, load_tokenizer
     from finellama_rl.monitor import TrainingMonitor
-    from finellama_rl.rewards.rules import build_reward_funcs
+    from finellama_rl.rewards.sources import build_reward_sources, check_sources_available, metric_sources
     from finellama_rl.stats import write_training_stats
 
     t0 = time.time()
-    atomic_write_text(paths.config, config_yaml(cfg))  # the settings this attempt really uses
-    resume_from = latest_checkpoint(paths.checkpoints) if cfg.run.resume else None
-    start_step = read_state(resume_from)["step"] if resume_from else 0
-    log.info("run folder %s (%s)", paths.root, f"resuming from step {start_step}" if resume_from else "fresh start")
-    discarded = rewind_metrics(paths, start_step)
+    run = run or AttemptRun()
+    main = dist.is_main()
+    if main:
+        atomic_write_text(paths.config, config_yaml(cfg))  # the settings this attempt really uses
+    resume_from = latest_resume_point(paths.checkpoints) if cfg.run.resume else None
+    resumed = read_state(resume_from) if resume_from else {}
+    start_step = resumed.get("step", 0)
+    log.info("run folder %s (%s)", paths.root, f"resuming from step {start_step}{' (OOM snapshot)' if resumed.get('snapshot') else ''}"
+             if resume_from else "fresh start")
+    discarded = rewind_metrics(paths, start_step) if main else 0
+    dist.barrier()
     if discarded:
         log.warning("%d metric records after step %d came from work lost since that checkpoint; moved to %s",
                     discarded, start_step, paths.metrics.with_name("metrics_discarded.jsonl").name)
@@ -224,50 +325,116 @@ def train_attempt(cfg: Config, paths: RunPaths) -> int:
         print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
         return 0
 
+    if cfg.trainer.algo == Algo.rm:  # trains a reward model, not the policy: its own flow (trainers/rm.py)
+        from finellama_rl.trainers import rm
+
+        monitor = TrainingMonitor(cfg.trainer, paths, 0, f"rm {cfg.run.name}", cfg.debug.crash_after_step, job_deadline())
+        install_stop_handlers(monitor)
+        return EXIT_STOPPED if rm.run(cfg, paths, monitor) else 0
+    check_sources_available(cfg)  # a missing reward model / judge: exit 2 before any model loads
     tokenizer = load_tokenizer(cfg.model)  # builds the tiny model on first use: before seeding, so it uses no run RNG
     transformers.set_seed(cfg.trainer.seed)
     policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
-    install_fault_injection(policy, cfg)
+    run.tracker = tracker = install_fault_injection(policy, cfg, paths)
     trainable, total = count_parameters(policy)
     log.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
-    train_rows, dropped = with_prompts(load_problems(cfg.data, "train"), tokenizer, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
+    train_format = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)  # the eval protocol's prompt, zero-shot
+    train_rows, dropped = with_prompts(load_problems(cfg.data, "train"), tokenizer, train_format, cfg.trainer.max_prompt_tokens)
     if dropped:
         log.warning("dropped %d training prompts longer than trainer.max_prompt_tokens=%d", dropped, cfg.trainer.max_prompt_tokens)
+    if not train_rows:
+        from finellama_rl.config import ConfigError
+
+        raise ConfigError("trainer.max_prompt_tokens", f"all {dropped} training prompts are longer than "
+                          f"{cfg.trainer.max_prompt_tokens} tokens under eval.protocol={cfg.eval.protocol.value}; raise it")
+    if cfg.trainer.max_steps != sft_max_steps(cfg.trainer, len(train_rows)):  # SFT: trainer.sft.epochs sets max_steps
+        cfg = replace(cfg, trainer=replace(cfg.trainer, max_steps=sft_max_steps(cfg.trainer, len(train_rows))))
+        log.info("trainer.sft.epochs=%g over %d examples: %d steps", cfg.trainer.sft.epochs, len(train_rows), cfg.trainer.max_steps)
+        atomic_write_text(paths.config, config_yaml(cfg))
+        if start_step >= cfg.trainer.max_steps and paths.eval_results.exists():
+            print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
+            return 0
     test_problems = load_problems(cfg.data, "test")
-    shots = load_problems(cfg.data, "train")[: cfg.eval.shots] if cfg.eval.shots else []
-    batch = cfg.eval.batch_size or cfg.trainer.micro_batch
+    eval_setup = prepare_eval(cfg, tokenizer, test_problems, load_problems(cfg.data, "train"))  # protocol, shots, decoding
 
     def evaluate_fn(model, step: int, desc: str = "eval") -> Dict[str, Any]:
-        return evaluate_model(model, tokenizer, test_problems, cfg.data, cfg.eval, batch, shots, desc=f"{desc} step {step}")
+        with tracker.phase(Phase.eval):
+            return evaluate_model(model, tokenizer, eval_setup, desc=f"{desc} step {step}")
 
-    def evaluate_during(model, step: int) -> Dict[str, Any]:
-        result = evaluate_fn(model, step)
-        path = paths.root / "evals" / f"step_{step:06d}.json"
-        atomic_write_json(path, eval_document(cfg, step, result, None))
-        add_eval_file(results_root(cfg.run), path)
-        log.info("step %d accuracy: %s", step, format_accuracy(result))
-        return summary(result)
+    def evaluate_during(model, step: int) -> Optional[Dict[str, Any]]:
+        """Rank 0 evaluates and writes; the other ranks wait."""
+        out = None
+        if main:
+            result = evaluate_fn(model, step)
+            path = paths.root / "evals" / f"step_{step:06d}.json"
+            atomic_write_json(path, eval_document(cfg, step, result, None))
+            add_eval_file(results_root(cfg.run), path)
+            log.info("step %d accuracy: %s", step, format_accuracy(result))
+            out = summary(result)
+        dist.barrier()
+        return out
 
-    baseline = baseline_eval(cfg, paths, evaluate_fn, policy)
+    baseline = baseline_eval(cfg, paths, evaluate_fn, policy) if main else None
+    dist.barrier()
+    if resumed.get("eval_pending"):  # an evaluation that ran out of memory right after this step: redo it
+        evaluate_during(policy, start_step)
     label = f"{cfg.trainer.algo.value} {cfg.run.name}"
     monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline())
     install_stop_handlers(monitor)
-    ctx = TrainContext(cfg, paths, policy, tokenizer, train_rows, build_reward_funcs(cfg.trainer.rewards),
-                       monitor, evaluate_during, resume_from, start_step)
+    reward_funcs = build_reward_sources(cfg)  # rule rewards and frozen scoring models (reward_model, judge)
+    monitor.metric_sources += metric_sources(reward_funcs)  # their scoring time and memory on every metrics line
+    ctx = TrainContext(cfg, paths, policy, tokenizer, train_rows, reward_funcs,
+                       monitor, evaluate_during, resume_from, start_step, tracker=tracker, snapshots=run.snapshots)
     outcome = algorithm(cfg)(ctx)
+    if not main:  # rank 0 evaluates and writes the results
+        return EXIT_CRASH_TEST if outcome.stop_reason == "debug.crash_after_step" else (EXIT_STOPPED if outcome.stopped_early else 0)
     write_training_stats(paths, cfg, time.time() - t0)
     if outcome.stopped_early:
         print(f"stopped at step {outcome.final_step} ({outcome.stop_reason}); run again to resume: {paths.root}", flush=True)
         return EXIT_CRASH_TEST if outcome.stop_reason == "debug.crash_after_step" else EXIT_STOPPED
 
     final = evaluate_fn(policy, outcome.final_step, "final")
-    atomic_write_json(paths.eval_results, eval_document(cfg, outcome.final_step, final, baseline))
+    document = eval_document(cfg, outcome.final_step, final, baseline)
+    if outcome.restored_step is not None:  # SFT keep_best: the evaluated weights are that checkpoint's
+        document["restored_checkpoint_step"] = outcome.restored_step
+    atomic_write_json(paths.eval_results, document)
     add_eval_file(results_root(cfg.run), paths.eval_results)  # the shared index; never fails the run
     write_training_stats(paths, cfg, time.time() - t0)
     base_txt = f" (baseline {format_accuracy(baseline)})" if baseline else ""
     print(f"final accuracy at step {outcome.final_step}: {format_accuracy(final)}{base_txt}", flush=True)
     print(f"results: {paths.root}", flush=True)
     return 0
+
+
+def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
+    """A multi-device run (hardware.gpus_per_node or hardware.processes > 1) started as
+    one process becomes the supervisor of its torchrun ranks (finellama_rl.distributed);
+    returns their exit code. None: this process trains itself (one device, or a rank)."""
+    from finellama_rl import distributed as dist
+    from finellama_rl.config import world_size
+    from finellama_rl.rungs import ladder_for
+
+    if dist.is_worker():
+        if not dist.is_main():
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress
+        return None
+    n = world_size(cfg.hardware)
+    if n <= 1:
+        return None
+    if not cfg.run.resume:  # once, here: a rank restarted after an OOM must not move the run aside again
+        from finellama_rl.runlock import RunLock
+
+        lock = RunLock(Path(cfg.run.dir))
+        lock.acquire()
+        try:
+            prepare_run_dir(cfg)
+        finally:
+            lock.release()
+    r = cfg.run
+    pinned = [*overrides, f"run.dir={r.dir}", f"run.sweep={r.sweep}", f"run.name={r.name}", "run.resume=true"]
+    restarts = 2 * len(ladder_for(cfg)) + 8 if cfg.ladder.enabled else 0  # list rungs plus generation-batch cuts
+    log.info("data parallel over %d processes (torchrun); supervising them", n)
+    return dist.supervise(pinned, n, Path(r.dir), restarts)
 
 
 def main(argv: List[str]) -> int:
@@ -280,7 +447,19 @@ def main(argv: List[str]) -> int:
         raise UsageError("finellama_rl.train runs one run; use finellama_rl.launch -m for sweeps")
     cfg = load_config(overrides)
     setup_logging()
-    return run_training(cfg)
+    supervised = supervise_ranks(cfg, overrides)
+    if supervised is not None:
+        return supervised
+    try:
+        return run_training(cfg)
+    except Exception as exc:  # a full disk: one line that says so, not a torch traceback
+        from finellama_rl.results import is_disk_full
+
+        if not is_disk_full(exc, Path(cfg.run.dir)):
+            raise
+        print(f"error: disk full (or quota exceeded) under {cfg.run.dir}: {str(exc).splitlines()[0][:300]}; "
+              "files written before stay intact; free space and run the same command again to resume", flush=True)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 naming the key and what to set instead (exit code 2 at the entry points)."""
 from __future__ import annotations
 
-from finellama_rl.config import (Algo, Config, ConfigError, DataSource, Device, HardwareConfig, TrainerConfig,
+import re
+from pathlib import Path
+
+from finellama_rl.validation_scoring import validate_scoring
+from finellama_rl.config import (Algo, Config, ConfigError, DataSource, Device, HardwareConfig, RunConfig, SlurmConfig, TrainerConfig,
                                  derive_grad_accum, eval_num_examples, sequences_per_step, world_size)
 
 
@@ -40,9 +44,50 @@ def _validate_batch(t: TrainerConfig, hardware: HardwareConfig) -> None:
         raise ConfigError("trainer.grad_accum", "is derived from prompts_per_step, num_generations and micro_batch; remove the override")
 
 
+def _validate_generation_batch(t: TrainerConfig, hardware: HardwareConfig) -> None:
+    """GRPO's generation batch is TRL's: whole micro batches and whole groups, dividing the step."""
+    _non_negative("trainer.generation_batch", t.generation_batch)
+    if t.algo != Algo.grpo:
+        return
+    devices = world_size(hardware)
+    per_device = sequences_per_step(t) // devices
+    if per_device % t.num_generations:
+        raise ConfigError("trainer.num_generations", f"each of the {devices} devices must hold whole groups: "
+                          f"{per_device} sequences per device are not divisible by num_generations={t.num_generations}; "
+                          "raise trainer.prompts_per_step")
+    g = t.generation_batch
+    if g and (g % t.micro_batch or g % t.num_generations or per_device % g):
+        raise ConfigError("trainer.generation_batch", f"GRPO generates whole micro batches and whole groups: use a multiple "
+                          f"of micro_batch={t.micro_batch} and num_generations={t.num_generations} that divides the "
+                          f"{per_device} sequences per device per step, or 0 (the whole step)")
+
+
+def _validate_rl_knobs(t: TrainerConfig) -> None:
+    """One meaning per knob: PPO and GRPO reject the settings that would mean something else."""
+    _positive("trainer.num_iterations", t.num_iterations)
+    if t.algo not in (Algo.grpo, Algo.ppo):
+        return
+    if t.lora.enabled and t.lora.dropout > 0:
+        raise ConfigError("trainer.lora.dropout", f"must be 0 for {t.algo.value} (got {t.lora.dropout}): with dropout the "
+                          "update's log-probs differ from the sampler's; set trainer.lora.dropout=0")
+    if t.algo == Algo.ppo:
+        if t.beta:
+            raise ConfigError("trainer.beta", f"is GRPO's KL-in-loss coefficient; PPO's KL penalty is "
+                              f"trainer.ppo.kl_coef (set trainer.beta=0 trainer.ppo.kl_coef={t.beta:g})")
+        if t.top_p < 1:
+            raise ConfigError("trainer.top_p", f"must be 1 for PPO (got {t.top_p}): its log-probs do not model "
+                              "nucleus truncation, so the ratios would be biased")
+        if t.num_iterations != 1:
+            raise ConfigError("trainer.num_iterations", f"is GRPO's; PPO passes over a rollout trainer.ppo.epochs times "
+                              f"(set trainer.num_iterations=1 trainer.ppo.epochs={t.num_iterations})")
+        _non_negative("trainer.ppo.kl_coef", t.ppo.kl_coef)
+
+
 def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
     _positive("trainer.learning_rate", t.learning_rate, "e.g. trainer.learning_rate=1e-5")
     _validate_batch(t, hardware)
+    _validate_generation_batch(t, hardware)
+    _validate_rl_knobs(t)
     for key in ("max_prompt_tokens", "max_completion_tokens", "max_steps", "save_every", "keep_last", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
     for key in ("warmup_steps", "eval_every", "beta", "weight_decay", "max_grad_norm"):
@@ -54,13 +99,13 @@ def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
         raise ConfigError("trainer.top_p", f"must be in (0, 1], got {t.top_p}")
     if not 0 < t.clip_epsilon < 1:
         raise ConfigError("trainer.clip_epsilon", f"must be in (0, 1), got {t.clip_epsilon}")
-    from finellama_rl.rewards.rules import REWARD_FUNCS
+    from finellama_rl.rewards.sources import SOURCE_NAMES  # rule rewards and model-backed sources
 
     if not t.rewards:
-        raise ConfigError("trainer.rewards", f"needs at least one of {'|'.join(REWARD_FUNCS)}")
+        raise ConfigError("trainer.rewards", f"needs at least one of {'|'.join(SOURCE_NAMES)}")
     for name in t.rewards:
-        if name not in REWARD_FUNCS:
-            raise ConfigError("trainer.rewards", f"unknown reward {name!r}: expected one of {'|'.join(REWARD_FUNCS)}")
+        if name not in SOURCE_NAMES:
+            raise ConfigError("trainer.rewards", f"unknown reward {name!r}: expected one of {'|'.join(SOURCE_NAMES)}")
     if t.reward_weights is not None and len(t.reward_weights) != len(t.rewards):
         raise ConfigError("trainer.reward_weights", f"needs one weight per reward ({len(t.rewards)}), got {len(t.reward_weights)}")
     if t.lora.enabled:
@@ -93,18 +138,124 @@ def _validate_hardware(h: HardwareConfig) -> None:
         raise ConfigError("hardware.slurm.signal_delay_s", f"must be in [0, timeout_min*60={h.slurm.timeout_min * 60})")
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+SBATCH_OPTION = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+# sbatch options that launch sets itself, and the setting to use instead
+RESERVED_SBATCH = {
+    "partition": "hardware.slurm.partition", "account": "hardware.slurm.account", "qos": "hardware.slurm.qos",
+    "constraint": "hardware.slurm.constraint", "cpus-per-task": "hardware.slurm.cpus_per_task",
+    "mem": "hardware.slurm.mem_gb", "time": "hardware.slurm.timeout_min", "signal": "hardware.slurm.signal_delay_s",
+    "gpus-per-node": "hardware.gpus_per_node", "job-name": "run.name", "requeue": "hardware.slurm.max_requeues",
+    "no-requeue": "hardware.slurm.max_requeues=0",
+}
+FIXED_SBATCH = ("nodes", "ntasks-per-node", "output", "error", "open-mode", "array", "wrap", "test-only", "parsable")
+
+
+def _no_control_chars(key: str, value) -> None:
+    if value is not None and CONTROL_CHARS.search(str(value)):
+        raise ConfigError(key, f"contains a control character (newline, tab, ...): {str(value)!r}; remove it")
+
+
+SLURM_NAME_CHARS = {  # what SLURM itself accepts in these names (constraint: features with & | [ ] * : operators)
+    "partition": re.compile(r"[A-Za-z0-9._,-]+"), "account": re.compile(r"[A-Za-z0-9._-]+"),
+    "qos": re.compile(r"[A-Za-z0-9._-]+"), "constraint": re.compile(r"[A-Za-z0-9._,&|\[\]*:()-]+"),
+}
+
+
+def _validate_slurm_strings(s: SlurmConfig) -> None:
+    """Every string that reaches the submission script: names in SLURM's own character
+    sets, no control characters anywhere (a newline would become a new script line),
+    `additional` keys shaped like sbatch long options."""
+    for key, allowed in SLURM_NAME_CHARS.items():
+        value = getattr(s, key)
+        _no_control_chars(f"hardware.slurm.{key}", value)
+        if value is not None and not allowed.fullmatch(str(value)):
+            raise ConfigError(f"hardware.slurm.{key}", f"{value!r} has characters SLURM does not use in a {key} name")
+    for key, value in s.additional.items():
+        _no_control_chars("hardware.slurm.additional", key)
+        if not SBATCH_OPTION.fullmatch(str(key)):
+            raise ConfigError(f"hardware.slurm.additional.{key}", "is not an sbatch long option name "
+                              "(lower-case letters, digits and single dashes, e.g. mail-type)")
+        if key in RESERVED_SBATCH:
+            raise ConfigError(f"hardware.slurm.additional.{key}", f"is set by launch; use {RESERVED_SBATCH[key]} instead")
+        if key in FIXED_SBATCH:
+            raise ConfigError(f"hardware.slurm.additional.{key}", "is set by launch and cannot be changed")
+        _no_control_chars(f"hardware.slurm.additional.{key}", value)
+
+
+def _safe_name(key: str, value) -> None:
+    if value is None:
+        return
+    if not SAFE_NAME.fullmatch(value) or ".." in value or value.startswith("."):
+        raise ConfigError(key, f"{value!r} is not a safe folder name: use letters, digits and . _ - "
+                               "(no '/', no spaces, no '..', not starting with '.')")
+
+
+def validate_run_paths(run: RunConfig) -> None:
+    """The run folder of a resolved config (launch and train; evaluate reads folders anywhere):
+    safe names, inside run.results_dir unless run.allow_outside_results_dir, not inside
+    another run's folder, not a folder of runs."""
+    from finellama_rl.results import run_dir_problem
+
+    _safe_name("run.name", run.name)
+    _safe_name("run.sweep", run.sweep)
+    root, run_dir = Path(run.results_dir).resolve(), Path(run.dir).resolve()
+    if not run.allow_outside_results_dir and (run_dir == root or root not in run_dir.parents):
+        raise ConfigError("run.dir", f"{run_dir} is not inside run.results_dir={root}; choose a run.dir under it, "
+                                     "set run.results_dir, or set run.allow_outside_results_dir=true")
+    problem = run_dir_problem(run_dir, root)
+    if problem:
+        raise ConfigError("run.dir", problem)
+
+
+def _validate_sft_and_adapter(cfg: Config) -> None:
+    """trainer=sft settings, model.adapter (RL from a trained adapter) and tracking."""
+    t = cfg.trainer
+    if t.algo == Algo.sft:
+        if t.num_generations != 1:
+            raise ConfigError("trainer.num_generations", f"SFT trains on one reference solution per prompt; set trainer.num_generations=1 (got {t.num_generations})")
+        if t.sft.epochs is not None:
+            _positive("trainer.sft.epochs", t.sft.epochs)
+        if not 0 <= t.sft.warmup_ratio < 1:
+            raise ConfigError("trainer.sft.warmup_ratio", f"must be in [0, 1), got {t.sft.warmup_ratio}")
+        _non_negative("trainer.sft.dataloader_workers", t.sft.dataloader_workers)
+        if t.sft.keep_best and not t.eval_every:
+            raise ConfigError("trainer.sft.keep_best", "needs evaluations to compare: set trainer.eval_every=N (e.g. the save cadence)")
+        if cfg.model.adapter:
+            raise ConfigError("model.adapter", "SFT starts from the base model; model.adapter is for RL from an SFT run (trainer=grpo|ppo)")
+    if cfg.model.adapter:
+        if not t.lora.enabled:
+            raise ConfigError("model.adapter", "stacks a new LoRA adapter on the given one; needs trainer.lora.enabled=true")
+        if t.algo == Algo.ppo and t.ppo.value_head.value == "adapter":
+            raise ConfigError("trainer.ppo.value_head", "a value adapter on top of model.adapter is not supported; use trainer.ppo.value_head=shared")
+    import importlib.util
+
+    if cfg.tracking.value in ("tensorboard", "all") and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracking", f"{cfg.tracking.value} needs TensorBoard: pip install tensorboard (or tracking=none)")
+    if cfg.tracking.value in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("tracking", f"{cfg.tracking.value} needs Weights & Biases: pip install wandb (or tracking=tensorboard)")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks on a resolved config. Raises ConfigError naming the key."""
     _validate_trainer(cfg.trainer, cfg.hardware)
+    _validate_sft_and_adapter(cfg)
+    validate_scoring(cfg)  # reward_model / judge sources, their GPUs, trainer=rm
     _validate_hardware(cfg.hardware)
+    _validate_slurm_strings(cfg.hardware.slurm)
+    for key in ("name", "sweep", "results_dir", "dir"):
+        _no_control_chars(f"run.{key}", getattr(cfg.run, key))
     if cfg.trainer.quantization.enabled and cfg.hardware.bf16 and cfg.hardware.device == Device.cpu:
         raise ConfigError("hardware.bf16", "bf16 compute on CPU is not supported with a 4-bit base; use hardware=cpu")
     if cfg.model.tiny and cfg.data.source == DataSource.gsm8k and cfg.model.vocab_size < 256:
         raise ConfigError("model.vocab_size", "the tiny tokenizer needs at least 256 entries")
     eval_num_examples(cfg.eval.num_examples)
     _non_negative("eval.batch_size", cfg.eval.batch_size)
-    _non_negative("eval.shots", cfg.eval.shots)
-    _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    if cfg.eval.shots is not None:  # None: the protocol's number of shots
+        _non_negative("eval.shots", cfg.eval.shots)
+    if cfg.eval.max_new_tokens is not None:  # None: the protocol's budget
+        _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     _positive("eval.samples", cfg.eval.samples, "1 = greedy only, k > 1 adds pass@k")
     _positive("eval.sample_temperature", cfg.eval.sample_temperature, "e.g. eval.sample_temperature=0.7")
     if cfg.data.source == DataSource.arithmetic:

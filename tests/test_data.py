@@ -7,7 +7,9 @@ import pytest
 
 from finellama_rl.compose import load_config
 from finellama_rl.config import ConfigError
-from finellama_rl.data import arithmetic_splits, build_messages, generate_arithmetic, load_problems
+from finellama_rl.config import EvalProtocol
+from finellama_rl.data import arithmetic_splits, generate_arithmetic, load_problems
+from finellama_rl.eval.protocols import build_messages, prompt_format
 from finellama_rl.rewards.rules import reference_answer
 
 
@@ -45,6 +47,9 @@ def test_local_jsonl_and_errors(tmp_path):
 
 def test_messages_with_shots():
     shots = [{"question": "q1", "answer": "#### 1"}]
-    msgs = build_messages("sys", "q2", shots)
+    msgs = build_messages(prompt_format(EvalProtocol.finellama, "sys"), "q2", shots)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
-    assert msgs[-1]["content"] == "q2"
+    assert msgs[-1]["content"] == "q2" and msgs[0]["content"] == "sys" and msgs[2]["content"] == "#### 1"
+    qwen = build_messages(prompt_format(EvalProtocol.qwen_boxed, "sys"), "q2", shots)
+    assert qwen[0]["content"] == "You are a helpful assistant." and qwen[-1]["content"].startswith("q2\nPlease reason step by step")
+    assert qwen[2]["content"] == "The final answer is $\\boxed{1}$."

@@ -1,6 +1,7 @@
 """finellama_rl.evaluate (the command) and finellama_rl.eval.passk: pass@k against a brute-force
-count, bad input exits 2 before any model loads, the batch size the run ended on, file
-naming without overwrites, and a real tiny run evaluated twice with identical results."""
+count, bad input exits 2 before any model loads, the protocol of older run folders, file
+naming without overwrites, a real tiny run evaluated twice with identical results, and
+`checkpoint=all` loading the base once with the same results as one checkpoint at a time."""
 from __future__ import annotations
 
 import itertools
@@ -14,6 +15,7 @@ import pytest
 
 from finellama_rl import evaluate
 from finellama_rl.compose import cli_main, load_config
+from finellama_rl.config import EvalProtocol
 from finellama_rl.eval.passk import k_values, pass_at_k, score_samples
 from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_text, read_json
 
@@ -59,9 +61,12 @@ def test_score_samples_strict_and_lenient():
     problems = [{"question": "q1", "answer": "2 + 3 = 5\n#### 5"}, {"question": "q2", "answer": "#### 7"}]
     samples = [["so #### 5", "it is 5", "#### 6", "no idea"], ["#### 1", "8", "x", "#### 2"]]
     out = score_samples(problems, samples, temperature=0.7, seed=0)["summary"]
-    assert out["samples"] == 4
+    assert out["samples"] == 4 and out["primary"] == "strict"
     assert out["strict"] == pytest.approx({"1": 0.125, "2": 0.25, "4": 0.5})
     assert out["lenient"] == pytest.approx({"1": 0.25, "2": (1 - 1 / 6) / 2, "4": 0.5})
+    assert out["math_verify"] == pytest.approx({"1": 0.25, "2": (1 - 1 / 6) / 2, "4": 0.5})  # last number, like lenient here
+    cut = score_samples(problems, [["#### 5\nQuestion: x? #### 9"] * 2, ["#### 7"] * 2], 0.7, 0, stops=["\nQuestion:"])
+    assert cut["summary"]["strict"]["1"] == 1.0 and cut["per_problem"][0]["samples"][0] == "#### 5"
 
 
 # ------------------------------------------------------------------ a hand-made run folder
@@ -102,6 +107,7 @@ def no_model_load(monkeypatch):
     (["eval.num_examples=-3"], "eval.num_examples: must be > 0 or `all`"),
     (["eval.sample_temperature=0"], "eval.sample_temperature: must be > 0"),
     (["eval.num_exampels=5"], "Did you mean eval.num_examples?"),
+    (["eval.protocol=harness"], "eval.protocol"),
     (["trainer.learning_rate=1"], "trainer.learning_rate: not a setting of finellama_rl.evaluate"),
 ])
 def test_bad_input_exits_2_before_loading(tmp_path, capsys, no_model_load, args, key):
@@ -130,27 +136,27 @@ def test_choose_targets(tmp_path):
     assert (base.label, base.step, base.adapter_dir) == ("base", 0, None)
 
 
-def test_batch_size_is_the_micro_batch_the_run_ended_on(tmp_path):
-    run = make_run_folder(tmp_path)  # experiment=smoke: trainer.micro_batch=4
+def test_protocol_of_older_run_folders_is_finellama(tmp_path):
+    """A config.yaml written before eval.protocol existed trained on `####`: evaluate it that way."""
+    run = make_run_folder(tmp_path)
+    assert evaluate.load_run_config(run).eval.protocol == EvalProtocol.qwen_boxed  # written now: the default
+    text = (run / "config.yaml").read_text()
+    old = "\n".join(line for line in text.splitlines() if not line.strip().startswith("protocol:"))
+    (run / "config.yaml").write_text(old.replace("batch_size: 64", "batch_size: 0"))
     cfg = evaluate.load_run_config(run)
-    assert evaluate.eval_batch_size(cfg, run) == (4, "trainer.micro_batch")
-    append_jsonl(run / "attempts.jsonl", {"attempt": 1, "rung": 0, "micro_batch": 4, "outcome": "oom", "error": "OutOfMemoryError"})
-    append_jsonl(run / "attempts.jsonl", {"attempt": 2, "rung": 1, "micro_batch": 2, "outcome": "stopped"})
-    append_jsonl(run / "attempts.jsonl", {"attempt": 3, "rung": 2, "micro_batch": 1, "outcome": "oom_killed"})
-    assert evaluate.eval_batch_size(cfg, run) == (2, "attempts.jsonl")
-    cfg = evaluate.load_run_config(run, ["eval.batch_size=16"])
-    assert evaluate.eval_batch_size(cfg, run) == (16, "eval.batch_size")
+    assert cfg.eval.protocol == EvalProtocol.finellama and cfg.eval.batch_size == 0
+    assert evaluate.load_run_config(run, ["eval.protocol=lm_eval_gsm8k"]).eval.protocol == EvalProtocol.lm_eval_gsm8k
 
 
 def test_file_names_never_overwrite(tmp_path):
     run = make_run_folder(tmp_path)
     cfg = evaluate.load_run_config(run, ["eval.num_examples=all", "eval.samples=8"])
-    assert evaluate.eval_file_name("base", cfg.eval) == "base-nall-k8.json"
-    cfg = evaluate.load_run_config(run, ["eval.num_examples=50", "eval.shots=3"])
+    assert evaluate.eval_file_name("base", cfg.eval) == "base-qwen_boxed-nall-k8.json"
+    cfg = evaluate.load_run_config(run, ["eval.num_examples=50", "eval.shots=3", "eval.protocol=lm_eval_gsm8k"])
     name = evaluate.eval_file_name("step_000200", cfg.eval)
-    assert name == "step_000200-n50-greedy-3shot.json"
+    assert name == "step_000200-lm_eval_gsm8k-n50-greedy-3shot.json"
     paths = [evaluate.reserve_path(tmp_path / "evals", name) for _ in range(3)]
-    assert [p.name for p in paths] == [name, "step_000200-n50-greedy-3shot-2.json", "step_000200-n50-greedy-3shot-3.json"]
+    assert [p.name for p in paths] == [name, name.replace(".json", "-2.json"), name.replace(".json", "-3.json")]
 
 
 # ------------------------------------------------------------------ a real tiny run
@@ -158,16 +164,18 @@ def test_file_names_never_overwrite(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A real one-step GRPO run of the tiny model on the synthetic task, with a checkpoint."""
+    """A real two-step GRPO run of the tiny model on the synthetic task, with a checkpoint per step
+    (a large learning rate and the digits reward, which varies between samples, so that the
+    two adapters differ)."""
     from finellama_rl.train import run_training
 
     root = tmp_path_factory.mktemp("results")
     run = root / "sweep" / "grpo-tiny-cpu"
     cfg = load_config(["experiment=smoke", f"run.dir={run}", f"run.results_dir={root}", "run.sweep=sweep",
-                       "trainer.max_steps=1", "trainer.save_every=1", "trainer.prompts_per_step=2",
+                       "trainer.max_steps=2", "trainer.save_every=1", "trainer.keep_last=2", "trainer.prompts_per_step=2",
                        "trainer.num_generations=2", "trainer.micro_batch=4", "trainer.max_completion_tokens=8",
-                       "data.num_train=16", "data.num_test=8", "eval.num_examples=2", "eval.max_new_tokens=8",
-                       "eval.before_training=false", "ladder.remember_fit=false"])
+                       "trainer.learning_rate=0.05", "trainer.rewards=[digits]", "data.num_train=16", "data.num_test=8", "eval.num_examples=2",
+                       "eval.max_new_tokens=8", "eval.before_training=false", "ladder.remember_fit=false"])
     assert run_training(cfg) == 0
     return root, run
 
@@ -175,33 +183,81 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_run_evaluated_twice_gives_identical_results(tiny_run, capsys):
     root, run = tiny_run
-    args = [f"run={run}", "checkpoint=latest", "eval.num_examples=4", "eval.max_new_tokens=8"]
+    args = [f"run={run}", "checkpoint=1", "eval.num_examples=4", "eval.max_new_tokens=8"]
     assert evaluate.main(args) == 0
     assert evaluate.main(args) == 0
-    first, second = run / "evals" / "step_000001-n4-greedy.json", run / "evals" / "step_000001-n4-greedy-2.json"
+    first = run / "evals" / "step_000001-qwen_boxed-n4-greedy.json"
+    second = run / "evals" / "step_000001-qwen_boxed-n4-greedy-2.json"
     a, b = read_json(first), read_json(second)
     assert a["total"] == b["total"] == 4
-    assert (a["accuracy"], a["correct"]) == (b["accuracy"], b["correct"])
+    assert (a["accuracy"], a["correct"], a["ci95"]) == (b["accuracy"], b["correct"], b["ci95"])
     assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]]
-    assert all(r["completion"] for r in a["records"])  # the model really generated text
-    assert (a["checkpoint"], a["step"], a["schema_version"], a["run_dir"]) == ("step_000001", 1, 1, str(run))
-    assert a["protocol"]["decoding"] == "greedy" and a["protocol"]["batch_size"] == 4
+    assert all(r["new_tokens"] > 0 for r in a["records"])  # the model really generated
+    assert (a["checkpoint"], a["step"], a["schema_version"], a["run_dir"]) == ("step_000001", 1, 2, str(run))
+    protocol = a["protocol"]
+    assert (protocol["name"], protocol["primary"], a["primary"], protocol["shots"]) == ("qwen_boxed", "math_verify", "math_verify", 0)
+    assert protocol["decoding"]["decoding"] == "greedy" and protocol["decoding"]["max_new_tokens"] == 8
+    assert protocol["batch_size"] == 64 and protocol["stop_strings"] == ["</s>", "<|im_end|>", "<|endoftext|>"]
+    assert protocol["chat_template"] and len(protocol["chat_template_sha256"]) == 64 and "im_start" in protocol["chat_template_text"]
+    assert protocol["model"]["adapter"] == str(run / "checkpoints" / "step_000001")
+    assert protocol["model"]["quantization"]["quant_type"] == "nf4" and protocol["scorer_versions"]["math-verify"] == "0.9.0"
+    assert set(a["accuracy"]) == {"math_verify", "strict", "lenient", "lm_eval_strict", "lm_eval_flexible"}
+    assert a["ci95"]["math_verify"][0] <= a["accuracy"]["math_verify"] <= a["ci95"]["math_verify"][1]
+    assert [r["index"] for r in a["records"]] == [0, 1, 2, 3] and set(a["records"][0]["correct"]) == set(a["accuracy"])
     index = json.loads((root / "eval_results.json").read_text())
     paths = sorted(e["path"] for e in index["entries"] if e["checkpoint"] == "step_000001" and e["n"] == 4)
-    assert paths == ["sweep/grpo-tiny-cpu/evals/step_000001-n4-greedy-2.json", "sweep/grpo-tiny-cpu/evals/step_000001-n4-greedy.json"]
-    assert "step_000001: strict" in capsys.readouterr().out
+    assert paths == ["sweep/grpo-tiny-cpu/evals/step_000001-qwen_boxed-n4-greedy-2.json",
+                     "sweep/grpo-tiny-cpu/evals/step_000001-qwen_boxed-n4-greedy.json"]
+    assert "step_000001: qwen_boxed/math_verify" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_tiny_run_pass_at_k_with_samples(tiny_run):
     root, run = tiny_run
     assert evaluate.main([f"run={run}", "checkpoint=1", "eval.num_examples=2", "eval.samples=3",
-                          "eval.sample_temperature=1.0", "eval.max_new_tokens=6"]) == 0
-    doc = read_json(run / "evals" / "step_000001-n2-k3.json")
+                          "eval.sample_temperature=1.0", "eval.max_new_tokens=6", "eval.protocol=finellama"]) == 0
+    doc = read_json(run / "evals" / "step_000001-finellama-n2-k3.json")
     k = doc["pass_at_k"]
-    assert (k["samples"], k["temperature"], sorted(k["strict"])) == (3, 1.0, ["1", "2", "3"])
+    assert (k["samples"], k["temperature"], k["primary"], sorted(k["strict"])) == (3, 1.0, "strict", ["1", "2", "3"])
+    assert k["decoding"]["do_sample"] is True and k["decoding"]["num_return_sequences"] == 3
     for rec in doc["records"]:
         assert len(rec["samples"]) == 3
-        assert 0 <= rec["samples_correct_strict"] <= 3 and 0 <= rec["samples_correct_lenient"] <= 3
-    expect = sum(pass_at_k(3, r["samples_correct_lenient"], 1) for r in doc["records"]) / 2
+        assert all(0 <= c <= 3 for c in rec["samples_correct"].values())
+    expect = sum(pass_at_k(3, r["samples_correct"]["lenient"], 1) for r in doc["records"]) / 2
     assert k["lenient"]["1"] == pytest.approx(expect)
+
+
+@pytest.mark.slow
+def test_checkpoint_all_loads_the_base_once_and_matches_one_at_a_time(tiny_run, monkeypatch):
+    """Both checkpoints of the tiny run: one base load, adapters swapped onto it, and the same
+    logits and completions as evaluating each checkpoint in a load of its own."""
+    import torch
+
+    import finellama_rl.model as model
+
+    root, run = tiny_run
+    loads, logits = [], {}
+    real_load, real_run_target = model.load_base, evaluate.run_target
+    monkeypatch.setattr(model, "load_base", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+
+    def spy(cfg, target, m, tokenizer, setup):  # next-token logits of the first prompt, per checkpoint
+        enc = tokenizer(setup.prompts[:1], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            logits.setdefault(target.label, []).append(m(**enc).logits[0, -1].float().clone())
+        return real_run_target(cfg, target, m, tokenizer, setup)
+
+    monkeypatch.setattr(evaluate, "run_target", spy)
+    args = [f"run={run}", "eval.num_examples=3", "eval.max_new_tokens=8", "eval.protocol=lm_eval_gsm8k"]
+    assert evaluate.main([*args, "checkpoint=all"]) == 0
+    assert len(loads) == 1
+    for step in ("1", "2"):
+        assert evaluate.main([*args, f"checkpoint={step}"]) == 0
+    assert len(loads) == 3
+    for name in ("step_000001", "step_000002"):
+        together, alone = logits[name]
+        assert torch.allclose(together, alone, atol=1e-5), name
+        a = read_json(run / "evals" / f"{name}-lm_eval_gsm8k-n3-greedy.json")
+        b = read_json(run / "evals" / f"{name}-lm_eval_gsm8k-n3-greedy-2.json")
+        assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]], name
+        assert a["protocol"]["model"]["adapter"].endswith(name) and a["protocol"]["shots"] == 5
+    assert (logits["step_000001"][0] - logits["step_000002"][0]).abs().max() > 1e-3  # the adapters really differ

@@ -1,4 +1,6 @@
-"""Tests for finellama_rl.rewards: answer extraction, normalization and rewards.
+"""Tests for finellama_rl.rewards: answer extraction, normalization and the reward
+functions of each protocol (tests/test_scoring.py covers the scorers on 176 labelled
+completions).
 
 The extraction table pins the exact output of both extraction rules on the
 kinds of text GSM8K references and model completions contain.
@@ -7,11 +9,13 @@ from __future__ import annotations
 
 import pytest
 
+from finellama_rl.config import EvalProtocol
 from finellama_rl.rewards.rules import (
-    REWARD_FUNCS, Extraction, build_reward_funcs, correctness_reward, digit_reward,
-    extract_answer, extract_lenient, extract_strict, format_reward, is_correct,
-    normalize_number, reference_answer,
+    REWARD_FUNCS, Extraction, boxed_content, build_reward_funcs, digit_reward, extract_answer, extract_lenient,
+    extract_strict, is_correct, normalize_number, reference_answer,
 )
+
+correctness_reward, format_reward = build_reward_funcs(["correctness", "format"], EvalProtocol.finellama)
 
 GSM8K_SOLUTION = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -175,11 +179,31 @@ def test_correctness_reward_length_mismatch() -> None:
 
 
 def test_build_reward_funcs() -> None:
-    assert build_reward_funcs(["format", "correctness", "digits"]) == [
-        format_reward, correctness_reward, digit_reward]
+    funcs = build_reward_funcs(["format", "correctness", "digits"], EvalProtocol.qwen_boxed)
+    assert [f.__name__ for f in funcs] == ["format_reward", "correctness_reward", "digit_reward"]
+    assert funcs[2] is digit_reward
     assert build_reward_funcs([]) == []
     assert set(REWARD_FUNCS) == {"correctness", "format", "digits"}
-    names = [func.__name__ for func in REWARD_FUNCS.values()]
-    assert len(set(names)) == len(names)
     with pytest.raises(ValueError, match=r"unknown reward 'accuracy': expected one of correctness\|format\|digits"):
         build_reward_funcs(["correctness", "accuracy"])
+
+
+@pytest.mark.parametrize(("protocol", "expected"), [
+    (EvalProtocol.qwen_boxed, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]),  # math-verify: box, else the last number
+    (EvalProtocol.finellama, [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]),
+    (EvalProtocol.lm_eval_gsm8k, [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
+])
+def test_rewards_follow_the_protocol(protocol, expected) -> None:
+    """The same completions earn correctness by each protocol's own scorer (reference 18)."""
+    completions = ["So \\boxed{18}.", "$$\\boxed{\\$18.00}$$", "#### 18", "#### $18", "It is 18.",
+                   "\\boxed{18} from 7 days", "#### 18 in 7 days"]
+    correctness = build_reward_funcs(["correctness"], protocol)[0]
+    assert correctness(completions, answer=["#### 18"] * 7) == expected
+
+
+def test_format_reward_per_protocol() -> None:
+    texts = ["\\boxed{\\frac{3}{4}}", "\\boxed{}", "#### 5", "#### $5", "5"]
+    assert build_reward_funcs(["format"], EvalProtocol.qwen_boxed)[0](texts) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert build_reward_funcs(["format"], EvalProtocol.finellama)[0](texts) == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert build_reward_funcs(["format"], EvalProtocol.lm_eval_gsm8k)[0](texts) == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert boxed_content("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}" and boxed_content("\\boxed{12") is None

@@ -1,4 +1,4 @@
-"""pass@k from n sampled completions per problem, under strict and lenient extraction.
+"""pass@k from n sampled completions per problem, under every scorer (the protocol's primary first).
 
 Why: greedy accuracy says what the model answers; pass@k says whether a right
 answer is within reach in k tries, which is what RL with sampled groups (GRPO)
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from finellama_rl.data import Problem
-from finellama_rl.rewards.rules import extract_lenient, extract_strict, is_correct, reference_answer
+from finellama_rl.rewards.scoring import ALL_SCORERS, Scorer, cut_at_stop, judge_all
+
+Problem = Dict[str, str]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -42,44 +43,42 @@ def k_values(n: int) -> List[int]:
 
 
 def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
-                       batch_size: int, seed: int, desc: str = "samples") -> List[List[str]]:
-    """`n` sampled completions per prompt (pure temperature sampling: top_p=1, top_k off).
+                       batch_size: int, seed: int, stops: Sequence[str] = (), desc: str = "samples"):
+    """`n` sampled completions per prompt (pure temperature sampling: top_p=1, top_k off),
+    cut at `stops`. About `batch_size` sequences per generate call: max(1, batch_size // n)
+    prompts, each expanded to n sequences. Returns (texts per prompt, Generated, Decoding)."""
+    from finellama_rl.eval.generation import Decoding, generate_completions
 
-    About `batch_size` sequences go through each generate call, i.e.
-    max(1, batch_size // n) prompts, each expanded to n sequences.
-    """
-    import torch
-
-    from finellama_rl.eval.generation import generate_batched
-
-    torch.manual_seed(seed)
-    texts = generate_batched(model, tokenizer, prompts, max(1, batch_size // n), desc, max_new_tokens=max_new_tokens,
-                             do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=n)
-    return [texts[j * n : (j + 1) * n] for j in range(len(prompts))]  # the n samples of a prompt are adjacent
+    decoding = Decoding(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                        num_return_sequences=n, seed=seed)
+    gen = generate_completions(model, tokenizer, prompts, decoding, stops, batch_size, desc)
+    texts = [c.text for c in gen.completions]
+    return [texts[j * n : (j + 1) * n] for j in range(len(prompts))], gen, decoding  # a prompt's n samples are adjacent
 
 
-def score_samples(problems: Sequence[Problem], samples: Sequence[Sequence[str]], temperature: float, seed: int) -> Dict[str, Any]:
-    """pass@k (mean over problems) for strict and lenient, plus per-problem counts.
+def score_samples(problems: Sequence[Problem], samples: Sequence[Sequence[str]], temperature: float, seed: int,
+                  primary: Scorer = Scorer.strict, stops: Sequence[str] = ()) -> Dict[str, Any]:
+    """pass@k (mean over problems) under every scorer, plus per-problem counts.
 
-    Returns {"summary": {...}, "per_problem": [{"samples": [...], "correct_strict": c, ...}]}.
-    """
+    Returns {"summary": {samples, temperature, ..., "primary", "<scorer>": {"1": p, ..., "n": p}},
+    "per_problem": [{"samples": [...], "correct": {scorer: c}}]}."""
     n = len(samples[0]) if samples else 0
     ks = k_values(n) if n else []
-    per_problem, totals = [], {"strict": [0.0] * len(ks), "lenient": [0.0] * len(ks)}
+    names = [s.value for s in ALL_SCORERS]
+    per_problem, totals = [], {s: [0.0] * len(ks) for s in names}
     for p, texts in zip(problems, samples):
-        ref = reference_answer(p["answer"])
-        c = {"strict": sum(is_correct(extract_strict(t), ref) for t in texts),
-             "lenient": sum(is_correct(extract_lenient(t), ref) for t in texts)}
-        for rule in totals:
+        texts = [cut_at_stop(t, stops)[0] for t in texts]
+        verdicts = [judge_all(t, p["answer"]) for t in texts]
+        c = {s: sum(v[s].correct for v in verdicts) for s in names}
+        for s in names:
             for j, k in enumerate(ks):
-                totals[rule][j] += pass_at_k(n, c[rule], k)
-        per_problem.append({"samples": list(texts), "correct_strict": c["strict"], "correct_lenient": c["lenient"]})
+                totals[s][j] += pass_at_k(n, c[s], k)
+        per_problem.append({"samples": list(texts), "correct": c})
     m = max(1, len(per_problem))
     summary = {
-        "samples": n, "temperature": temperature, "top_p": 1.0, "top_k": None, "seed": seed,
+        "samples": n, "temperature": temperature, "top_p": 1.0, "top_k": None, "seed": seed, "primary": Scorer(primary).value,
         "estimator": "unbiased, Chen et al. 2021: 1 - C(n-c,k)/C(n,k), mean over problems",
-        "strict": {str(k): totals["strict"][j] / m for j, k in enumerate(ks)},
-        "lenient": {str(k): totals["lenient"][j] / m for j, k in enumerate(ks)},
+        **{s: {str(k): totals[s][j] / m for j, k in enumerate(ks)} for s in names},
     }
     return {"summary": summary, "per_problem": per_problem}
 
@@ -88,11 +87,11 @@ def add_pass_at_k(result: Dict[str, Any], scored: Dict[str, Any]) -> Dict[str, A
     """Attach pass@k to a greedy `score()` result: summary at the top, samples per record."""
     result["pass_at_k"] = scored["summary"]
     for record, extra in zip(result["records"], scored["per_problem"]):
-        record.update({"samples": extra["samples"], "samples_correct_strict": extra["correct_strict"],
-                       "samples_correct_lenient": extra["correct_lenient"]})
+        record.update({"samples": extra["samples"], "samples_correct": extra["correct"]})
     return result
 
 
 def format_pass_at_k(summary: Dict[str, Any]) -> str:
-    k = str(summary["samples"])
-    return f"pass@{k} strict {summary['strict'][k]:.1%}, lenient {summary['lenient'][k]:.1%} (T={summary['temperature']})"
+    k, primary = str(summary["samples"]), summary.get("primary", "strict")
+    others = "".join(f", {s} {summary[s][k]:.1%}" for s in ("strict", "lenient") if s != primary and s in summary)
+    return f"pass@{k} {primary} {summary[primary][k]:.1%}{others} (T={summary['temperature']})"

@@ -1,153 +1,38 @@
-"""GSM8K answer extraction, numeric comparison and reward functions for RL.
+"""Rule-based reward functions for RL (PPO, GRPO), built for an evaluation protocol.
 
-Why: the RL trainers (PPO, GRPO) score each sampled completion with a scalar
-reward, and the evaluation reports accuracy; both must read the model's final
-answer the same way, so that a change here moves train and eval together.
+Why: the correctness reward must be the evaluation's own verdict. Under the
+qwen_boxed protocol a completion answering `\\boxed{72}` earns 1 in training and
+counts as correct in evaluation, because both call `scoring.judge` with the
+protocol's primary scorer, after cutting the completion at the protocol's stop
+strings (a run-on into an invented next question is not scored on that question).
 
-* ``normalize_number`` turns a number as written ("$1,234.50", "3/4", "42.",
-  "-7 km", "50%") into one canonical string through ``fractions.Fraction``:
-  integers as "123", everything else as a reduced fraction "3/4" (so 0.75 and
-  3/4 agree, and 2.0 and 2 agree).
-* ``extract_strict`` reads the number after the last ``####`` (GSM8K's format,
-  which is what the model is trained to write); ``extract_lenient`` reads the
-  last number anywhere (a fallback metric for untrained models).
-* The reward functions follow TRL's calling convention
-  ``f(completions, **dataset_columns) -> list[float]``, where a completion is a
-  string or a conversation ``[{"role": "assistant", "content": ...}]``.
+* correctness: 1.0 where the protocol's primary scorer credits the completion.
+* format: 1.0 where the completion has the protocol's answer form (`\\boxed{...}`
+  for qwen_boxed, `#### <number>` for finellama, lm-eval's strict-match form for
+  lm_eval_gsm8k).
+* digits: the fraction of visible characters that are digits (a shaping reward a
+  tiny random model can learn in a CPU test).
 
-Pure Python (stdlib only) so that it is cheap to import and to test.
+Every reward follows TRL's calling convention ``f(completions, **dataset_columns)
+-> list[float]``, where a completion is a string or a conversation
+``[{"role": "assistant", "content": ...}]``.
+
+    funcs = build_reward_funcs(cfg.trainer.rewards, cfg.eval.protocol)
+
+Extraction helpers are re-exported from extraction.py for older imports.
 """
 from __future__ import annotations
 
-import re
-from enum import Enum
-from fractions import Fraction
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
-__all__ = [
-    "Extraction", "normalize_number", "extract_strict", "extract_lenient", "extract_answer",
-    "reference_answer", "is_correct", "correctness_reward", "format_reward", "digit_reward",
-    "REWARD_FUNCS", "build_reward_funcs",
-]
-
-ANSWER_MARKER = "####"
-_MINUS_SIGNS = "-\u2212"  # ASCII hyphen-minus and the unicode minus sign
-_CURRENCY = "$\u20ac\u00a3\u00a5"  # $ € £ ¥
-
-# One number as written: an optional sign (not glued to a preceding word or
-# digit, so "5-3" is 5 and 3, not 5 and -3), an optional currency sign (which
-# may be followed by the sign: "$-5"), then, not right after a digit, either a
-# simple fraction a/b (b != 0) or an integer/decimal whose thousands separators
-# are commas between groups of exactly three digits.
-_NUMBER_RE = re.compile(
-    rf"""
-    (?:(?<![\w.])(?P<sign>[+\-\u2212]))?
-    (?:[{_CURRENCY}]\s?(?P<sign2>[\-\u2212])?)?
-    (?<!\d)
-    (?:
-        (?P<num>\d+)/(?P<den>\d*[1-9]\d*)
-      | (?=\.?\d)
-        (?P<int>\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d+)?
-        (?P<frac>\.\d+)?
-    )
-    """,
-    re.VERBOSE,
+from finellama_rl.config import EvalProtocol
+from finellama_rl.rewards.extraction import (  # noqa: F401 - re-exported
+    Extraction, extract_answer, extract_lenient, extract_strict, is_correct, normalize_number, reference_answer,
 )
-# What may not follow a whole number: another digit, or a separator and a
-# digit ("1,2" or "1.2.3" are not one number).
-_BAD_TAIL_RE = re.compile(r"\d|[.,/]\d")
 
-
-class Extraction(str, Enum):
-    """How to read the final answer out of a completion."""
-
-    STRICT = "strict"    # the number after the last "####"
-    LENIENT = "lenient"  # the last number anywhere
-
-
-def _render(value: Fraction) -> str:
-    """Canonical text of a value: "123" for integers, reduced "3/4" otherwise."""
-    if value.denominator == 1:
-        return str(value.numerator)
-    return f"{value.numerator}/{value.denominator}"
-
-
-def _match_value(match: re.Match[str]) -> Fraction:
-    """The value of a ``_NUMBER_RE`` match."""
-    if match.group("num") is not None:
-        value = Fraction(int(match.group("num")), int(match.group("den")))
-    else:
-        integer = (match.group("int") or "0").replace(",", "")
-        value = Fraction(integer + (match.group("frac") or ""))
-    negative = (match.group("sign") or "+") in _MINUS_SIGNS
-    if match.group("sign2") is not None:
-        negative = not negative
-    return -value if negative else value
-
-
-def normalize_number(text: str) -> Optional[str]:
-    """Canonical form of a number written at the start of ``text``, else None.
-
-    Whitespace, currency signs, thousands separators, a trailing period or
-    other punctuation, and units or words after the number are ignored:
-    "$1,234.50" -> "2469/2", "42 dollars" -> "42", "50%" -> "50", "2.0" -> "2".
-    Text before the number ("= 18") is not skipped: that is the extractors' job.
-    """
-    stripped = text.strip()
-    match = _NUMBER_RE.match(stripped)
-    if match is None:
-        return None
-    if _BAD_TAIL_RE.match(stripped, match.end()):
-        return None
-    return _render(_match_value(match))
-
-
-def extract_strict(text: str) -> Optional[str]:
-    """The normalized number right after the last "####" on its line, else None."""
-    position = text.rfind(ANSWER_MARKER)
-    if position < 0:
-        return None
-    line = text[position + len(ANSWER_MARKER):].split("\n", 1)[0]
-    return normalize_number(line.lstrip(" \t:=*"))
-
-
-def extract_lenient(text: str) -> Optional[str]:
-    """The last number anywhere in ``text``, normalized; None if there is none."""
-    last = None
-    for last in _NUMBER_RE.finditer(text):
-        pass
-    return None if last is None else _render(_match_value(last))
-
-
-def extract_answer(text: str, rule: Extraction) -> Optional[str]:
-    """Extract the final answer from ``text`` with the given rule."""
-    if rule == Extraction.STRICT:
-        return extract_strict(text)
-    if rule == Extraction.LENIENT:
-        return extract_lenient(text)
-    raise ValueError(f"unknown extraction {rule!r}: expected strict|lenient")
-
-
-def reference_answer(gsm8k_answer: str) -> str:
-    """The normalized answer of a GSM8K solution ("... #### 72") or bare number ("72")."""
-    if ANSWER_MARKER in gsm8k_answer:
-        answer = extract_strict(gsm8k_answer)
-    else:
-        answer = normalize_number(gsm8k_answer)
-    if answer is None:
-        shown = gsm8k_answer if len(gsm8k_answer) <= 200 else gsm8k_answer[-200:]
-        raise ValueError(f"no '#### <number>' answer in reference {shown!r}")
-    return answer
-
-
-def is_correct(predicted: Optional[str], reference: str) -> bool:
-    """Whether ``predicted`` equals ``reference`` as numbers (None never does)."""
-    if predicted is None:
-        return False
-    left, right = normalize_number(predicted), normalize_number(reference)
-    if left is None or right is None:
-        return False
-    return Fraction(left) == Fraction(right)
+RewardFunc = Callable[..., list]
+REWARD_NAMES = ("correctness", "format", "digits")
+LEGACY_PROTOCOL = EvalProtocol.finellama  # callers that build prompts from data.system_prompt
 
 
 def _completion_text(completion: Any) -> str:
@@ -161,19 +46,63 @@ def _completion_text(completion: Any) -> str:
     raise TypeError(f"completion must be a str or a list of messages, got {type(completion).__name__}")
 
 
-def correctness_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
-    """1.0 where the "#### <number>" answer equals the reference answer, else 0.0."""
-    if len(completions) != len(answer):
-        raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
-    return [
-        1.0 if is_correct(extract_strict(_completion_text(c)), reference_answer(str(a))) else 0.0
-        for c, a in zip(completions, answer)
-    ]
+def boxed_content(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
 
 
-def format_reward(completions: list, **kwargs: Any) -> list[float]:
-    """1.0 where the completion has "####" followed by a number, else 0.0."""
-    return [0.0 if extract_strict(_completion_text(c)) is None else 1.0 for c in completions]
+def has_answer_form(protocol: EvalProtocol, text: str) -> bool:
+    """Whether `text` states a final answer the way `protocol` asks for it."""
+    from finellama_rl.rewards import lm_eval
+
+    protocol = EvalProtocol(protocol)
+    if protocol == EvalProtocol.qwen_boxed:
+        content = boxed_content(text)
+        return bool(content and content.strip())
+    if protocol == EvalProtocol.lm_eval_gsm8k:
+        return lm_eval.extracted_answer(text, flexible=False) is not None
+    if protocol == EvalProtocol.finellama:
+        return extract_strict(text) is not None
+    raise ValueError(f"unknown eval protocol {protocol!r}: expected {'|'.join(p.value for p in EvalProtocol)}")
+
+
+def make_correctness_reward(protocol: EvalProtocol = LEGACY_PROTOCOL) -> RewardFunc:
+    """The correctness reward of `protocol`: its primary scorer on the completion cut at its stops."""
+    from finellama_rl.eval.protocols import protocol_spec
+    from finellama_rl.rewards.scoring import cut_at_stop, judge
+
+    spec = protocol_spec(protocol)
+
+    def correctness_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
+        if len(completions) != len(answer):
+            raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
+        return [1.0 if judge(spec.primary, cut_at_stop(_completion_text(c), spec.stop_strings)[0], str(a)).correct else 0.0
+                for c, a in zip(completions, answer)]
+
+    correctness_reward.__doc__ = f"1.0 where {spec.primary.value} credits the completion ({spec.name.value} protocol)."
+    return correctness_reward
+
+
+def make_format_reward(protocol: EvalProtocol = LEGACY_PROTOCOL) -> RewardFunc:
+    """1.0 where the completion (cut at the protocol's stops) has the protocol's answer form."""
+    from finellama_rl.eval.protocols import protocol_spec
+    from finellama_rl.rewards.scoring import cut_at_stop
+
+    spec = protocol_spec(protocol)
+
+    def format_reward(completions: list, **kwargs: Any) -> list[float]:
+        return [1.0 if has_answer_form(spec.name, cut_at_stop(_completion_text(c), spec.stop_strings)[0]) else 0.0
+                for c in completions]
+
+    return format_reward
 
 
 def _digit_fraction(text: str) -> float:
@@ -192,18 +121,21 @@ def digit_reward(completions: list, **kwargs: Any) -> list[float]:
     return [_digit_fraction(_completion_text(c)) for c in completions]
 
 
-REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
-    "correctness": correctness_reward,
-    "format": format_reward,
-    "digits": digit_reward,
+REWARD_FUNCS: Dict[str, Callable[[EvalProtocol], RewardFunc]] = {
+    "correctness": make_correctness_reward,
+    "format": make_format_reward,
+    "digits": lambda protocol: digit_reward,
 }
 
 
-def build_reward_funcs(names: Sequence[str]) -> list[Callable[..., list[float]]]:
-    """The reward functions for the given names, in order."""
+def build_reward_funcs(names: Sequence[str], protocol: EvalProtocol = LEGACY_PROTOCOL) -> list[RewardFunc]:
+    """The reward functions for the given names, in order, judged like `protocol`'s evaluation.
+
+    Training passes cfg.eval.protocol; the default (finellama) suits callers that built
+    their prompts from data.system_prompt."""
     funcs = []
     for name in names:
         if name not in REWARD_FUNCS:
-            raise ValueError(f"unknown reward {name!r}: expected one of correctness|format|digits")
-        funcs.append(REWARD_FUNCS[name])
+            raise ValueError(f"unknown reward {name!r}: expected one of {'|'.join(REWARD_FUNCS)}")
+        funcs.append(REWARD_FUNCS[name](protocol))
     return funcs
