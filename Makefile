@@ -1,13 +1,15 @@
 # finellama_rl developer entry points.
 #   make run    install (first time) and run the built-in smoke experiment locally
-#   make test   install (first time) and run the whole test suite (CI calls this)
+#   make test   install (first time) and run the whole test suite (CI calls this): the tests not
+#               marked slurm with the SLURM binaries hidden (a fresh machine), then the slurm tests
+#               on the local cluster (installed and started if needed, stopped if it was not up)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-fast slurm-up slurm-down bench clean
+.PHONY: run test test-fresh test-fast slurm-up slurm-down bench bench-slurm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,9 @@ run: $(STAMP)
 test: $(STAMP)
 	bash scripts/run_tests.sh $(ARGS)
 
+test-fresh: $(STAMP)  # phase 1 only: no SLURM on PATH, no cluster
+	FINELLAMA_TEST_PHASES=1 bash scripts/run_tests.sh $(ARGS)
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
@@ -33,6 +38,10 @@ slurm-down:
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ladder.py
 	$(PY) benchmarks/bench_ppo_grpo.py
+
+bench-slurm: $(STAMP)  # the 100-run grid on the local cluster (starts it)
+	bash scripts/slurm_cluster/cluster.sh start
+	$(PY) benchmarks/bench_launch_grid.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

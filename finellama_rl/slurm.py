@@ -260,8 +260,8 @@ def sbatch_error_line(text: str) -> str:
 
 # sbatch's words -> the setting that asked for it
 _ERROR_KEYS: List[Tuple[str, str]] = [
+    (r"qos|quality of service", "hardware.slurm.qos"),  # first: "Job violates accounting/QOS policy" is a QOS limit
     (r"account", "hardware.slurm.account"),
-    (r"qos|quality of service", "hardware.slurm.qos"),
     (r"gres|generic resource|gpu", "hardware.gpus_per_node / hardware.slurm.additional.gres"),
     (r"feature|constraint", "hardware.slurm.constraint"),
     (r"partition", "hardware.slurm.partition"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,8 +60,17 @@ class Submitted:
     seconds: float
 
     @property
+    def trains(self) -> List[dict]:
+        return [e for e in self.ledger if e.get("kind", "train") == "train"]
+
+    @property
     def job_ids(self) -> List[str]:
-        return [str(e["job_id"]) for e in self.ledger]
+        """The training jobs (the ledger also lists each run's watchdog)."""
+        return [str(e["job_id"]) for e in self.trains]
+
+    @property
+    def watchdog_ids(self) -> List[str]:
+        return [str(e["job_id"]) for e in self.ledger if e.get("kind") == "watchdog"]
 
     @property
     def run_dir(self) -> Path:
@@ -180,6 +190,24 @@ def jobs(env, tmp_path_factory):
     return Jobs(env, root, preempt, sweep)
 
 
+# --- one writer per run folder ----------------------------------------------------------------
+def test_relaunch_into_a_running_sweep_is_refused(jobs):
+    """The same command with the same run.sweep while its job runs: exit 2, nothing submitted;
+    the running job goes on and trains every step once (checked by the preemption test)."""
+    run = jobs.preempt.run_dir
+    wait_for("the preemption job to train", lambda: len(metric_steps(run)) >= 2, 600, describe=lambda: job_logs(run))
+    proc = run_module("finellama_rl.launch", [*COMMON, f"run.results_dir={jobs.root / 'preempt'}",
+                                              f"run.sweep={jobs.preempt.sweep.name}", *FAST_GRPO,
+                                              f"trainer.max_steps={PREEMPT['max_steps']}",
+                                              f"trainer.save_every={PREEMPT['save_every']}", "hardware.slurm.timeout_min=10"],
+                      jobs.env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1 and f"{run} is in use" in message, message
+    assert "wait until it ends and launch the same command again" in message and "--cancel" in message
+    assert read_jsonl(jobs.preempt.sweep / "ledger.jsonl") == jobs.preempt.ledger  # nothing submitted
+
+
 # --- c: preemption ---------------------------------------------------------------------------
 def test_preempted_job_resumes_and_loses_at_most_the_steps_since_its_checkpoint(jobs):
     run, (job_id,) = jobs.preempt.run_dir, jobs.preempt.job_ids
@@ -222,32 +250,99 @@ def test_bad_input_submits_nothing_and_exits_2(env, tmp_path, overrides, expecte
     bad_env = {**env, "HF_HOME": str(empty_home), "HF_HUB_OFFLINE": "1"}
     start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
     proc = run_module("finellama_rl.launch", [*COMMON, f"run.results_dir={tmp_path / 'results'}", f"run.name={name}",
-                                              *overrides], bad_env, timeout=120)
+                                              f"run.sweep={name}", *overrides], bad_env, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     message = proc.stderr.strip()
     assert message.startswith("error: ") and len(message.splitlines()) == 1, message
     for part in expected:
         assert part in message, f"{part!r} not in: {message}"
     assert not list(tmp_path.rglob("ledger.jsonl")) and not list(tmp_path.rglob("submitit"))
-    queued = subprocess.run(["squeue", "-h", "-n", f"fl-{name}", "-o", "%i"], capture_output=True, text=True, env=env).stdout
-    known = subprocess.run(["sacct", "-n", "-X", "-P", "-S", start, "--name", f"fl-{name}", "-o", "JobID"],
-                           capture_output=True, text=True, env=env).stdout
-    assert queued.strip() == "" and known.strip() == "", f"a job was submitted: {queued} {known}"
+    assert_no_job_named(env, f"fl-{name}-", start)
+
+
+def assert_no_job_named(env: Dict[str, str], prefix: str, start: str) -> None:
+    """No job whose name starts with `prefix` is queued or was ever accounted since `start`."""
+    queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, env=env).stdout
+    known = subprocess.run(["sacct", "-n", "-X", "-P", "-S", start, "-o", "JobName%200"], capture_output=True, text=True,
+                           env=env).stdout
+    names = [n.strip() for n in queued.splitlines() + known.splitlines()]
+    assert not [n for n in names if n.startswith(prefix)], f"a job was submitted: {names}"
+
+
+def test_sweep_whose_third_run_asks_for_an_unknown_gres_submits_nothing(env, tmp_path):
+    """All or nothing: sbatch --test-only checks every run before the first is submitted."""
+    sweep = f"gres-{uuid.uuid4().hex[:8]}"
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
+    proc = run_module("finellama_rl.launch", [*COMMON, "-m", "+hardware.slurm.additional.gres=none,gpu:0,tpu:1",
+                                              f"run.results_dir={tmp_path / 'results'}", f"run.sweep={sweep}"], env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert "sbatch --test-only refused run 2 (" in message and "gres=tpu" in message, message
+    assert "hardware.slurm.additional.gres" in message and "Invalid generic resource" in message, message
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    assert_no_job_named(env, f"fl-{sweep}-", start)
+
+
+def test_a_submission_that_fails_midway_is_rolled_back(env, tmp_path):
+    """sbatch accepts the checks, then refuses the fourth job (run 1's watchdog): the three
+    jobs already submitted are cancelled, their files and folders removed, exit 2."""
+    real = shutil.which("sbatch", path=env["PATH"])
+    count = tmp_path / "count"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+case " $* " in *" --test-only "*) exec {real} "$@";; esac
+n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
+if [ $n -eq 4 ]; then
+  echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit)" >&2; exit 1
+fi
+{real} "$@" | tee -a {tmp_path / "submitted"}
+""")
+    fake.chmod(0o755)
+    sweep = f"midway-{uuid.uuid4().hex[:8]}"
+    results = tmp_path / "results"
+    proc = run_module("finellama_rl.launch", [*COMMON, "-m", "trainer.seed=1,2,3", "hardware.slurm.timeout_min=5",
+                                              f"run.results_dir={results}", f"run.sweep={sweep}"],
+                      {**env, "PATH": f"{fake.parent}:{env['PATH']}"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = proc.stderr.strip()
+    assert "sbatch refused run 1 (" in message and "hardware.slurm.qos" in message and "cancelled the 3 job(s)" in message
+    assert count.read_text().strip() == "4"
+    assert not (results / sweep).exists(), sorted(str(p) for p in results.rglob("*"))
+    ids = re.findall(r"Submitted batch job (\d+)", (tmp_path / "submitted").read_text())
+    assert len(ids) == 3
+    final = wait_terminal(ids, 60, [])  # squeue's word first, sacct's after (accounting lags)
+    assert all(final[j]["state"] == "CANCELLED" for j in ids), final
+
+
+def test_auto_with_slurm_not_answering_refuses_a_gpu_profile(env, tmp_path):
+    conf = Path(env["SLURM_CONF"]).read_text()
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=1", conf))
+    t0 = time.time()
+    proc = run_module("finellama_rl.launch", ["hardware=a100_80", f"run.results_dir={tmp_path / 'r'}"],
+                      {**env, "SLURM_CONF": str(dead)})
+    timing("launcher=auto with SLURM not answering", time.time() - t0)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "sbatch is installed but SLURM does not answer" in proc.stderr and "hardware=a100_80" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 # --- f: dry run --------------------------------------------------------------------------------
 def test_dry_run_prints_the_sbatch_request_and_submits_nothing(env, tmp_path):
     name = f"dry-{uuid.uuid4().hex[:8]}"
     proc = run_module("finellama_rl.launch", ["experiment=smoke", "dry_run=true", "launcher=slurm",
-                                              f"run.results_dir={tmp_path}", f"run.name={name}"], env)
+                                              f"run.results_dir={tmp_path}", f"run.name={name}", "run.sweep=dry"], env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for line in ("#SBATCH --mem=6G", "#SBATCH --time=60", "#SBATCH --signal=USR2@30", "#SBATCH --cpus-per-task=2",
-                 f"#SBATCH --job-name=fl-{name}"):
+                 f"#SBATCH --job-name=fl-dry-{name}", "#SBATCH --requeue"):
         assert line in out, f"{line!r} not in:\n{out}"
     assert "python -m finellama_rl.train" in out and "nothing submitted" in out
+    assert "sbatch --test-only accepts all 1 job script(s)" in out
     assert not list(tmp_path.rglob("ledger.jsonl"))
-    queued = subprocess.run(["squeue", "-h", "-n", f"fl-{name}", "-o", "%i"], capture_output=True, text=True, env=env)
+    queued = subprocess.run(["squeue", "-h", "-n", f"fl-dry-{name}", "-o", "%i"], capture_output=True, text=True, env=env)
     assert queued.stdout.strip() == ""
 
 
@@ -257,14 +352,17 @@ def test_sweep_submits_two_jobs_at_once_and_both_complete(jobs):
     timing("launch of the two-run sweep (returns after submitting)", sweep.seconds)
     assert sweep.seconds < 60
     assert "run" in sweep.stdout and "job" in sweep.stdout and "status: python -m finellama_rl.status" in sweep.stdout
-    assert len(sweep.ledger) == 2
-    assert {e["run"] for e in sweep.ledger} == {"ppo-tiny-cpu", "grpo-tiny-cpu"}
-    for e in sweep.ledger:
+    assert len(sweep.trains) == 2 and len(sweep.watchdog_ids) == 2  # every job is in the ledger
+    assert {e["run"] for e in sweep.trains} == {"ppo-tiny-cpu", "grpo-tiny-cpu"}
+    for e in sweep.trains:
         assert re.search(rf"^{e['run']}\s+{e['job_id']}\s", sweep.stdout, re.M), sweep.stdout
+    names = subprocess.run(["squeue", "-h", "-o", "%j", "-j", ",".join(sweep.job_ids)], capture_output=True, text=True,
+                           env=jobs.env).stdout.split()
+    assert all(n.startswith(f"fl-{sweep.sweep.name}-") for n in names), names  # job names show the sweep
     t0 = time.time()
-    final = wait_terminal(sweep.job_ids, 900, [Path(e["run_dir"]) for e in sweep.ledger])
+    final = wait_terminal(sweep.job_ids, 900, [Path(e["run_dir"]) for e in sweep.trains])
     timing("waiting for the sweep to end (after the preemption test)", time.time() - t0)
-    for e in sweep.ledger:
+    for e in sweep.trains:
         assert final[str(e["job_id"])]["state"] == "COMPLETED", job_logs(Path(e["run_dir"]))
         assert (Path(e["run_dir"]) / "eval_results.json").exists()
         assert_every_step_once(Path(e["run_dir"]), 2)
@@ -276,7 +374,7 @@ def test_status_shows_the_finished_sweep(jobs):
     proc = run_module("finellama_rl.status", [str(jobs.sweep.sweep)], jobs.env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
-    for e in jobs.sweep.ledger:
+    for e in jobs.sweep.trains:
         accuracy = json.loads((Path(e["run_dir"]) / "eval_results.json").read_text())["accuracy"]
         row = rows[e["run"]]
         assert row[1:5] == [str(e["job_id"]), "COMPLETED", "0", "2/2"], proc.stdout
@@ -287,7 +385,7 @@ def test_status_shows_the_finished_sweep(jobs):
 
 def test_cancel_ends_a_long_job_cancelled(jobs, tmp_path):
     long = submit(jobs.env, tmp_path, "trainer=ppo", "trainer.max_steps=100000", "hardware.slurm.timeout_min=10")
-    (job_id,) = long.job_ids
+    (job_id,), (dog_id,) = long.job_ids, long.watchdog_ids
     t0 = time.time()
     try:  # cancel it running if a CPU frees up soon, else while it waits
         wait_for("the long job to start", lambda: states([job_id]).get(job_id, {}).get("state") == "RUNNING", 45)
@@ -295,10 +393,11 @@ def test_cancel_ends_a_long_job_cancelled(jobs, tmp_path):
         pass
     proc = run_module("finellama_rl.status", [str(long.sweep), "--cancel"], jobs.env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert f"cancelled 1 job(s): {long.ledger[0]['run']} (job {job_id}," in proc.stdout, proc.stdout
-    final = wait_terminal([job_id], 60, [long.run_dir])[job_id]
+    # the training job and the watchdog waiting on it
+    assert f"cancelled 2 job(s): {long.ledger[0]['run']} (job {job_id}, {dog_id}," in proc.stdout, proc.stdout
+    final = wait_terminal([job_id, dog_id], 60, [long.run_dir])
     timing("cancel test", time.time() - t0)
-    assert final["state"] == "CANCELLED"
+    assert final[job_id]["state"] == "CANCELLED" and final[dog_id]["state"] == "CANCELLED", final
     again = run_module("finellama_rl.status", [str(long.sweep), "--cancel"], jobs.env, timeout=60)
     assert "cancelled 0 job(s)" in again.stdout and "CANCELLED" in again.stdout
 

@@ -34,7 +34,13 @@ def test_host_oom_kill_is_resubmitted_at_next_rung(slurm_cluster, tmp_path):
     assert "OUT_OF_MEMORY" in attempts[0]["error"]
     assert attempts[1]["peak_host_rss_gb"] < 2.0  # the second attempt fits in --mem=2G
     ledger = read_jsonl(tmp_path / "oom" / "ledger.jsonl")
-    assert len(ledger) == 2 and ledger[0]["job_id"] != ledger[1]["job_id"]  # resubmitted by the watchdog
+    # every job: training, its watchdog, the watchdog's resubmission and that one's watchdog
+    assert [e["kind"] for e in ledger] == ["train", "watchdog", "train", "watchdog"], ledger
+    assert ledger[2]["resubmission_of"] == ledger[0]["job_id"] and ledger[3]["watches"] == ledger[2]["job_id"]
+    status = subprocess.run([sys.executable, "-m", "finellama_rl.status", str(tmp_path / "oom"), "--json"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    (row,) = json.loads(status.stdout)
+    assert row["job_id"] == ledger[2]["job_id"] and row["jobs"] == [e["job_id"] for e in ledger]
     state = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ledger[0]["job_id"]], capture_output=True, text=True, env=env).stdout
     assert "OUT_OF_MEMORY" in state
     events = [e["event"] for e in read_jsonl(run / "logs" / "job_events.jsonl")]

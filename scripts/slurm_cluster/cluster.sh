@@ -12,8 +12,10 @@
 #
 # Environment:
 #   FINELLAMA_SLURM_DIR        state dir (default /tmp/finellama-slurm): config, logs,
-#                              database, spool, pid files. Non-root clients need o+x on
-#                              every directory of its path (slurm.conf, munge socket).
+#                              database, spool, pid files, munge key, DB password. Created
+#                              0700; refused when another user owns it (or it is a
+#                              symlink): a planted key or pid file must never be trusted.
+#                              So only its owner (root) can use this test cluster.
 #   FINELLAMA_SLURM_PORT_BASE  first of 4 TCP ports on 127.0.0.1 (default 16817):
 #                              slurmctld, slurmd, slurmdbd, mariadbd. They differ from
 #                              SLURM's defaults so a system SLURM can stay as it is.
@@ -23,13 +25,16 @@
 # `debug` (default) and `cpu`, MaxTime=INFINITE, accounting through slurmdbd
 # (so sacct works, which submitit polls), cgroup v1 memory enforcement (a job
 # over --mem ends OUT_OF_MEMORY), JobRequeue=1 (scontrol requeue works).
-# A daemon this script did not start (pid files under $FINELLAMA_SLURM_DIR/pids)
-# is never signalled; a foreign slurmd makes `start` refuse (two slurmds on
-# one host would fight over the same cgroups).
+# A daemon this script did not start (pid files under $FINELLAMA_SLURM_DIR/pids,
+# checked against the process's start time and command) is never signalled; a
+# foreign slurmd makes `start` refuse (two slurmds on one host would fight over
+# the same cgroups). Every daemon listens on 127.0.0.1 only; the munge key and
+# the database password (generated, never a constant) are created under umask 077.
 set -euo pipefail
 
 PROG="slurm-cluster"
-DIR="$(realpath -m "${FINELLAMA_SLURM_DIR:-/tmp/finellama-slurm}")"
+DIR_GIVEN="${FINELLAMA_SLURM_DIR:-/tmp/finellama-slurm}"
+DIR="$(realpath -m "$DIR_GIVEN")"
 PORT_BASE="${FINELLAMA_SLURM_PORT_BASE:-16817}"
 CTLD_PORT=$PORT_BASE
 SLURMD_PORT=$((PORT_BASE + 1))
@@ -48,7 +53,7 @@ MUNGE_KEY="$MUNGE_DIR/munge.key"
 DB_DATA="$DIR/mysql"
 DB_SOCK="$RUN/mysqld.sock"
 DB_USER="slurm"
-DB_PASS="finellama-slurm"
+DB_PASS_FILE="$ETC/db.pass"
 CLUSTER_NAME="finellama"
 
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
@@ -76,15 +81,26 @@ pid_stat() {
     echo "$1 ${20}"
 }
 
-# The pid recorded for daemon $1, if that very process (same start time) is
-# still alive and not a zombie.
+# The program a pid runs (basename of argv[0]).
+pid_command() {
+    local argv0
+    argv0=$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | head -n 1) || return 1
+    [[ -n $argv0 ]] || return 1
+    basename -- "$argv0"
+}
+
+# The pid recorded for daemon $1, if that very process (same start time, and it
+# runs the daemon's program) is still alive and not a zombie. A pid file that
+# names any other process is ignored: it is never signalled.
 recorded_pid() {
     local f="$PIDS/$1" pid start info state now
-    [[ -r $f ]] || return 1
+    [[ -r $f && ! -L $f ]] || return 1
     read -r pid start <"$f" || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
     info=$(pid_stat "$pid") || return 1
     read -r state now <<<"$info"
     [[ $state != Z && $state != X && $now == "$start" ]] || return 1
+    [[ $(pid_command "$pid") == "$1" ]] || return 1
     echo "$pid"
 }
 
@@ -98,6 +114,11 @@ launch() {
     setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null 9>&- &
     pid=$!
     info=$(pid_stat "$pid") || { err "$name exited at once"; tail_logs "$name"; exit 1; }
+    local i
+    for ((i = 0; i < 100; i++)); do # until setsid has exec-ed the daemon (recorded_pid checks the command)
+        [[ $(pid_command "$pid" || true) == "$name" ]] && break
+        sleep 0.02
+    done
     echo "$pid ${info#* }" >"$PIDS/$name"
 }
 
@@ -229,28 +250,29 @@ write_file() {
     fi
 }
 
-check_path_traversable() {
-    local p=$DIR bad=()
-    while [[ $p != / ]]; do
-        p=$(dirname "$p")
-        if [[ -d $p ]] && (($(stat -c '%a' "$p") % 2 == 0)); then bad+=("$p"); fi
-    done
-    if ((${#bad[@]})); then
-        log "WARNING: directories on the path of $DIR lack o+x: ${bad[*]}"
-        log "WARNING: only root can then read slurm.conf and reach the munge socket (non-root sbatch/sinfo fail)"
-    fi
-}
-
 write_config() {
-    mkdir -p "$DIR" "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL/ctld" "$SPOOL/slurmd" "$MUNGE_DIR" "$DIR/tmp"
-    chmod 755 "$DIR" "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL" "$MUNGE_DIR"
+    mkdir -p "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL/ctld" "$SPOOL/slurmd" "$MUNGE_DIR" "$DIR/tmp"
+    chmod 700 "$DIR"
+    chmod 755 "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL"
+    chmod 700 "$MUNGE_DIR"
     chmod 1777 "$DIR/tmp"
-    check_path_traversable
 
+    # Secrets are created unreadable to others from the first byte (umask 077), never chmod-ed afterwards.
     if [[ ! -s $MUNGE_KEY ]]; then
-        dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
+        (umask 077 && dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none)
     fi
-    chmod 600 "$MUNGE_KEY"
+    if [[ ! -s $DB_PASS_FILE ]]; then
+        (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DB_PASS_FILE")
+    fi
+    local secret
+    for secret in "$MUNGE_KEY" "$DB_PASS_FILE"; do
+        if [[ -L $secret || $(stat -c %u "$secret") != "$EUID" ]]; then
+            err "$secret is a symlink or not owned by uid $EUID; refusing to use it (remove $DIR and start again)"
+            exit 1
+        fi
+        chmod 600 "$secret"
+    done
+    DB_PASS=$(cat "$DB_PASS_FILE")
 
     # Hardware as slurmd sees it (cached: slurmd -C costs ~1 s).
     if [[ ! -s $ETC/node.detected ]]; then
@@ -298,6 +320,8 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
+# Bind to the configured addresses (127.0.0.1), not to every interface.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 JobRequeue=1
 ReturnToService=2
 KillWait=5
@@ -373,6 +397,8 @@ ensure_db_user() {
     mariadb --no-defaults --socket="$DB_SOCK" -uroot -e "
         CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
         CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+        ALTER USER '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+        ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
         GRANT ALL ON slurm_acct_db.* TO '$DB_USER'@'127.0.0.1';
         GRANT ALL ON slurm_acct_db.* TO '$DB_USER'@'localhost';" >>"$LOG/mariadbd.out" 2>&1 || {
         err "could not create the slurm database user"
@@ -550,11 +576,28 @@ cmd_env() {
     printf 'export FINELLAMA_SLURM_DIR=%q\n' "$DIR"
 }
 
+# The state dir: created 0700 by us; one that is a symlink or owned by another
+# user is refused (its munge key, pid files or config could have been planted).
+check_state_dir() {
+    if [[ -L ${DIR_GIVEN%/} || -L $DIR ]]; then
+        err "$DIR is a symlink; refusing to use it (set FINELLAMA_SLURM_DIR to a folder of your own)"
+        exit 1
+    fi
+    if [[ ! -e $DIR ]]; then
+        mkdir -p "$(dirname "$DIR")"
+        mkdir -m 700 "$DIR"
+    fi
+    if [[ ! -d $DIR || $(stat -c %u "$DIR") != "$EUID" ]]; then
+        err "$DIR is not a folder owned by uid $EUID (owner: $(stat -c %U "$DIR" 2>/dev/null)); refusing to use it"
+        exit 1
+    fi
+    chmod 700 "$DIR"
+}
+
 # One start/stop at a time per state dir (e.g. parallel pytest workers).
 # fd 9 is closed in the daemons (see launch) so they never hold the lock.
 lock() {
-    mkdir -p "$DIR"
-    chmod 755 "$DIR"
+    check_state_dir
     exec 9>"$DIR/.lock"
     if ! flock -n 9; then
         log "waiting for another cluster.sh on $DIR ..."
