@@ -1,6 +1,9 @@
 """The results index: `<run.results_dir>/eval_results.json`, one entry per evaluated
-checkpoint across every sweep (run, sweep, model, trainer, hardware, step,
-strict/lenient accuracy, n, protocol summary, date, path of the eval file).
+checkpoint across every sweep (run, sweep, model, trainer, hardware, step, protocol
+and primary scorer, accuracy under every scorer with its Wilson 95% interval, n,
+protocol summary, date, path of the eval file). Index schema 2; eval files of
+schema 1 (before protocols: finellama, strict primary) and 2 are both read, and an
+index of schema 1 is rebuilt from the run folders on the next write.
 
 Why: "which checkpoint of which run scored what, under which protocol" should be
 one small JSON that other tools can read, without walking run folders. Many jobs
@@ -26,12 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from finellama_rl.eval import schema as eval_schema
 from finellama_rl.results import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "eval_results.json"
-INDEX_SCHEMA_VERSION = 1
+INDEX_SCHEMA_VERSION = 2  # 1: before eval protocols (strict/lenient only)
 INDEX_KIND = "finellama_rl/eval_index"
 LOCK_TIMEOUT_S = 300.0
 REQUIRED_KEYS = ("run", "step", "accuracy", "n", "path")
@@ -39,6 +43,10 @@ REQUIRED_KEYS = ("run", "step", "accuracy", "n", "path")
 
 class IndexDamaged(ValueError):
     """The index file exists but is not a valid index (bad JSON or wrong schema)."""
+
+
+class IndexOutdated(IndexDamaged):
+    """A valid index of an older schema: rebuilt from the run folders, not an error."""
 
 
 def index_path(root: Path) -> Path:
@@ -75,25 +83,35 @@ def checkpoint_label(doc: Dict[str, Any], path: Path) -> str:
 def protocol_summary(doc: Dict[str, Any]) -> Dict[str, Any]:
     p = doc.get("protocol") or {}
     k = doc.get("pass_at_k") or {}
-    return {"decoding": p.get("decoding", "greedy"), "shots": p.get("shots", 0),
-            "max_new_tokens": p.get("max_new_tokens"), "num_examples": p.get("num_examples"),
-            "samples": k.get("samples", 1), "sample_temperature": k.get("temperature"),
-            "primary": p.get("primary", "strict")}
+    decoding = p.get("decoding")
+    return {"name": eval_schema.protocol_name(doc), "primary": eval_schema.primary_scorer(doc),
+            "decoding": decoding.get("decoding", "greedy") if isinstance(decoding, dict) else (decoding or "greedy"),
+            "shots": p.get("shots", 0), "max_new_tokens": (decoding or {}).get("max_new_tokens") if isinstance(decoding, dict)
+            else p.get("max_new_tokens"), "num_examples": p.get("num_examples"), "system_prompt": p.get("system_prompt"),
+            "chat_template_sha256": p.get("chat_template_sha256"), "samples": k.get("samples", 1),
+            "sample_temperature": k.get("temperature")}
 
 
 def entry_from_document(doc: Dict[str, Any], path: Path, root: Path) -> Dict[str, Any]:
-    """One index entry for an eval document (eval_results.json schema v1)."""
+    """One index entry for an eval document (eval file schema 1 or 2)."""
     try:
-        acc = {"strict": float(doc["accuracy"]["strict"]), "lenient": float(doc["accuracy"]["lenient"])}
+        acc = {str(name): float(value) for name, value in dict(doc["accuracy"]).items()}
         step, n = int(doc["step"]), int(doc["total"])
+        primary = eval_schema.primary_scorer(doc)
+        if primary not in acc:
+            raise KeyError(f"accuracy.{primary}")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not an eval document (missing or bad {exc})") from None
     k = doc.get("pass_at_k")
+    intervals = {name: eval_schema.interval(doc, name) for name in acc}
     return {
         "run": doc.get("run"), "sweep": doc.get("sweep"), "model": doc.get("model"), "trainer": doc.get("trainer"),
         "hardware": doc.get("hardware"), "data": doc.get("data"), "checkpoint": checkpoint_label(doc, path),
-        "step": step, "accuracy": acc, "n": n, "protocol": protocol_summary(doc),
-        "pass_at_k": {"strict": k["strict"], "lenient": k["lenient"]} if k else None,
+        "step": step, "schema_version": eval_schema.schema_version(doc), "primary": primary, "accuracy": acc,
+        "correct": {name: eval_schema.correct_count(doc, name) for name in acc},
+        "ci95": {name: list(ci) if ci else None for name, ci in intervals.items()}, "n": n,
+        "protocol": protocol_summary(doc),
+        "pass_at_k": {name: k[name] for name in acc if isinstance(k.get(name), dict)} if k else None,
         "date": doc.get("date"), "path": _relative(path, root),
     }
 
@@ -102,6 +120,8 @@ def validate_index(data: Any) -> List[Dict[str, Any]]:
     """The entries of a parsed index; IndexDamaged if the schema is wrong."""
     if not isinstance(data, dict):
         raise IndexDamaged(f"expected a JSON object, got {type(data).__name__}")
+    if data.get("kind") == INDEX_KIND and isinstance(data.get("schema_version"), int) and data["schema_version"] < INDEX_SCHEMA_VERSION:
+        raise IndexOutdated(f"schema_version {data['schema_version']} (current: {INDEX_SCHEMA_VERSION})")
     if data.get("schema_version") != INDEX_SCHEMA_VERSION or data.get("kind") != INDEX_KIND:
         raise IndexDamaged(f"schema_version/kind {data.get('schema_version')!r}/{data.get('kind')!r}, "
                            f"expected {INDEX_SCHEMA_VERSION}/{INDEX_KIND}")
@@ -153,9 +173,9 @@ def write_index(path: Path, entries: List[Dict[str, Any]]) -> None:
     atomic_write_json(path, doc)
 
 
-def move_aside(path: Path) -> Path:
+def move_aside(path: Path, why: str = "damaged") -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{path.name}.damaged-{stamp}-{os.getpid()}")
+    aside = path.with_name(f"{path.name}.{why}-{stamp}-{os.getpid()}")
     os.replace(path, aside)
     return aside
 
@@ -167,6 +187,12 @@ def load_entries(root: Path) -> List[Dict[str, Any]]:
         return collect_entries(root)
     try:
         return read_index(path)
+    except IndexOutdated as exc:
+        aside = move_aside(path, "outdated")
+        entries = collect_entries(root)
+        log.info("results index %s is of an older %s; moved it to %s and rebuilt %d entries from the run folders",
+                 path, exc, aside.name, len(entries))
+        return entries
     except IndexDamaged as exc:
         aside = move_aside(path)
         entries = collect_entries(root)
@@ -218,8 +244,10 @@ def main(argv: List[str]) -> int:
         return 2
     entries = rebuild(Path(argv[0]))
     for e in entries:
-        print(f"{e['sweep']}/{e['run']} {e['checkpoint']}: strict {e['accuracy']['strict']:.1%}, "
-              f"lenient {e['accuracy']['lenient']:.1%} (n={e['n']}) {e['path']}")
+        primary, ci = e["primary"], e["ci95"].get(e["primary"])
+        ci_txt = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+        print(f"{e['sweep']}/{e['run']} {e['checkpoint']}: {e['protocol']['name']}/{primary} "
+              f"{e['accuracy'][primary]:.1%}{ci_txt} (n={e['n']}) {e['path']}")
     print(f"{len(entries)} entries in {index_path(Path(argv[0]))}")
     return 0
 

@@ -1,12 +1,15 @@
 """Sweep comparison: one table and a few plots from the run folders of a sweep.
 
 Why: after `launch -m trainer=ppo,grpo ...` the question is "which run did what,
-at what cost": steps, wall time, GPU-hours, out-of-memory attempts, and baseline
-vs final accuracy under both extraction rules (strict `####` and lenient last
-number can differ by tens of points on GSM8K, so we always show both). Everything
+at what cost, and is the difference real": steps, wall time, GPU-hours,
+out-of-memory attempts, baseline and final accuracy under the run's evaluation
+protocol with 95% Wilson intervals, the exact McNemar test of final against
+baseline on the same problems, the same test between runs (a second table), and
+strict/lenient variants for comparison with older runs. Evaluations under
+different protocols are never compared and never joined by one curve. Everything
 comes from files the runs wrote (config.yaml, metrics.jsonl, attempts.jsonl,
-training_stats.json, eval_baseline.json, evals/*.json, eval_results.json); a run
-still in progress shows what it has so far.
+training_stats.json, eval_baseline.json, evals/*.json, eval_results.json; eval
+files of schema 1 and 2); a run still in progress shows what it has so far.
 
     python -m finellama_rl.report results/<sweep> [--out DIR]
 
@@ -23,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from finellama_rl.eval.compare import EvalView, paired, why_not_paired
+from finellama_rl.eval.statistics import format_interval, format_p
 from finellama_rl.monitor import format_duration
-from finellama_rl.results import RunPaths, iter_run_dirs, read_json, read_jsonl
+from finellama_rl.results import (RunConfigUnreadable, RunPaths, atomic_output, iter_run_dirs,
+                                  number_or_none, read_json_object, read_jsonl, read_run_config_data, warn)
 from finellama_rl.stats import dedupe_steps
 
 log = logging.getLogger(__name__)
@@ -35,10 +41,10 @@ PLOTS = ("reward", "loss", "accuracy", "attempts")
 OOM_OUTCOMES = ("oom", "out_of_memory", "outofmemory")
 OOM_ERRORS = ("out of memory", "outofmemoryerror")
 FAILED_OUTCOMES = {"error", "failed", "failure", "crash", "crashed"}  # attempts.py also writes completed|stopped|crashed_on_purpose
-HEADERS = ["run", "model", "trainer", "hardware", "steps", "wall time", "GPU-hours", "OOM attempts", "eval n",
-           "baseline strict %", "baseline lenient %", "final strict %", "final lenient %",
-           "Δ strict (pp)", "Δ lenient (pp)"]
-Acc = Tuple[float, float, int]  # (strict, lenient, n)
+HEADERS = ["run", "model", "trainer", "hardware", "steps", "wall time", "GPU-hours", "OOM attempts", "protocol",
+           "eval n", "baseline %", "baseline 95% CI", "final %", "final 95% CI", "Δ (pp)", "p (McNemar)",
+           "vs baseline", "final strict %", "final lenient %"]
+PAIR_HEADERS = ["run A", "run B", "protocol", "common n", "A %", "B %", "Δ B−A (pp)", "p (McNemar)", "verdict"]
 
 
 # --------------------------------------------------------------- attempts.jsonl
@@ -50,8 +56,9 @@ def is_oom_attempt(attempt: Dict[str, Any]) -> bool:
 
 
 def attempt_micro_batch(attempt: Dict[str, Any]) -> Optional[int]:
-    value = attempt.get("micro_batch") or (attempt.get("setting") or {}).get("micro_batch")
-    return int(value) if value else None
+    setting = attempt.get("setting") if isinstance(attempt.get("setting"), dict) else {}
+    value = attempt.get("micro_batch") or setting.get("micro_batch")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def last_ok_micro_batch(attempts: Sequence[Dict[str, Any]]) -> Optional[int]:
@@ -66,8 +73,9 @@ def last_ok_micro_batch(attempts: Sequence[Dict[str, Any]]) -> Optional[int]:
 
 def attempt_wall_s(attempt: Dict[str, Any]) -> float:
     for key in ("wall_time_s", "wall_s", "wall_time", "seconds"):
-        if attempt.get(key) is not None:
-            return float(attempt[key])
+        value = number_or_none(attempt.get(key))
+        if value is not None and value >= 0:
+            return value
     return 0.0
 
 
@@ -84,10 +92,10 @@ class RunSummary:
     gpus: int
     oom_attempts: int
     attempts: List[Dict[str, Any]]
-    baseline: Optional[Acc]
-    final: Optional[Acc]
+    baseline: Optional[EvalView]
+    final: Optional[EvalView]
     metrics: List[Dict[str, Any]] = field(default_factory=list)
-    points: List[Tuple[int, float, float, int]] = field(default_factory=list)  # accuracy per checkpoint
+    points: List[EvalView] = field(default_factory=list)  # one per (protocol, scorer, step), by step
 
     @property
     def gpu_hours(self) -> Optional[float]:
@@ -95,47 +103,52 @@ class RunSummary:
 
 
 def read_run_config(run_dir: Path) -> Dict[str, Any]:
-    """config.yaml as plain data (tolerant of older schemas: the report only reads names)."""
-    from omegaconf import OmegaConf
-
+    """config.yaml as plain data, never resolving `${...}` (tolerant of older schemas:
+    the report only reads names)."""
     try:
-        return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=False) or {}
-    except Exception as exc:  # a broken config must not hide the other runs
-        log.warning("report: cannot read %s/config.yaml (%s)", run_dir, exc)
+        return read_run_config_data(Path(run_dir) / "config.yaml", escape=False)
+    except RunConfigUnreadable as exc:  # a broken config must not hide the other runs
+        warn(f"report: {exc}; its names are not shown")
         return {}
 
 
 def _read_doc(path: Path) -> Optional[Dict[str, Any]]:
-    if not path.is_file():
+    doc = read_json_object(path, "this evaluation", require={"accuracy": dict})
+    if doc is not None and doc.get("step") is not None and (not isinstance(doc["step"], int) or isinstance(doc["step"], bool)):
+        warn(f"{path}: step {doc['step']!r} is not an integer; ignoring this evaluation")
         return None
-    try:
-        doc = read_json(path)
-        return doc if isinstance(doc, dict) and "accuracy" in doc else None
-    except (OSError, ValueError) as exc:
-        log.warning("report: skipping %s (%s)", path, exc)
+    return doc
+
+
+def _view(doc: Optional[Dict[str, Any]], where: str) -> Optional[EvalView]:
+    """The evaluation's primary accuracy and per-problem verdicts; None (with a warning)
+    when its accuracy is missing, not a number or outside [0, 1]."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("accuracy"), dict):
         return None
+    view = EvalView.of(doc)
+    if view is None:
+        warn(f"{where}: no usable accuracy (missing, not a number or outside [0, 1]); not shown")
+    return view
 
 
-def _acc(summary: Optional[Dict[str, Any]]) -> Optional[Acc]:
-    if not summary or "accuracy" not in summary:
-        return None
-    return float(summary["accuracy"]["strict"]), float(summary["accuracy"]["lenient"]), int(summary.get("total") or 0)
-
-
-def accuracy_points(paths: RunPaths) -> List[Tuple[int, float, float, int]]:
-    """(step, strict, lenient, n) per evaluated step; the evaluation with most problems wins a step."""
-    best: Dict[int, Tuple[int, str, Tuple[int, float, float, int]]] = {}
+def accuracy_points(paths: RunPaths) -> List[EvalView]:
+    """The evaluations of a run, one per (protocol, scorer, step): the one with most problems
+    (then the latest) wins; sorted by protocol then step."""
+    best: Dict[Tuple[str, str, int], Tuple[int, str, EvalView]] = {}
     files = [paths.baseline, *sorted((paths.root / "evals").glob("*.json")), paths.eval_results]
     docs = [d for d in map(_read_doc, files) if d is not None and d.get("step") is not None]
     final = _read_doc(paths.eval_results)
-    if final and final.get("baseline"):  # the baseline summary embedded in the final eval is step 0
+    if final and isinstance(final.get("baseline"), dict):  # the baseline summary embedded in the final eval is step 0
         docs.insert(0, {**final["baseline"], "step": 0, "date": ""})
     for doc in docs:
-        step, acc = int(doc["step"]), _acc(doc)
-        rank = (acc[2], str(doc.get("date") or ""))
-        if step not in best or rank >= best[step][:2]:
-            best[step] = (*rank, (step, acc[0], acc[1], acc[2]))
-    return [best[s][2] for s in sorted(best)]
+        view = _view(doc, f"{paths.root} step {doc['step']}")
+        if view is None or view.step is None:
+            continue
+        rank = (view.n, str(doc.get("date") or ""))
+        key = (*view.key, view.step)
+        if key not in best or rank >= best[key][:2]:
+            best[key] = (*rank, view)
+    return [best[k][2] for k in sorted(best)]
 
 
 def run_wall_s(paths: RunPaths, attempts: List[Dict[str, Any]], metrics: List[Dict[str, Any]]) -> Optional[float]:
@@ -143,12 +156,13 @@ def run_wall_s(paths: RunPaths, attempts: List[Dict[str, Any]], metrics: List[Di
     total = sum(attempt_wall_s(a) for a in attempts)
     if total > 0:
         return total
-    if paths.training_stats.is_file():
-        wall = (read_json(paths.training_stats).get("summary") or {}).get("wall_time_s_this_attempt")
+    stats = read_json_object(paths.training_stats, "its wall time")
+    if stats is not None and isinstance(stats.get("summary"), dict):
+        wall = number_or_none(stats["summary"].get("wall_time_s_this_attempt"))
         if wall is not None:
-            return float(wall)
-    elapsed = [m["time/elapsed_s"] for m in metrics if m.get("time/elapsed_s") is not None]
-    return float(elapsed[-1]) if elapsed else None
+            return wall
+    elapsed = [v for m in metrics if (v := number_or_none(m.get("time/elapsed_s"))) is not None]
+    return elapsed[-1] if elapsed else None
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -156,42 +170,75 @@ def summarize_run(run_dir: Path) -> RunSummary:
     cfg = read_run_config(run_dir)
     hw, run = cfg.get("hardware") or {}, cfg.get("run") or {}
     attempts = read_jsonl(paths.attempts)
-    metrics = dedupe_steps(read_jsonl(paths.metrics))
+    metrics = dedupe_steps(read_jsonl(paths.metrics, require={"step": int}))
     final_doc = _read_doc(paths.eval_results)
-    baseline = (final_doc or {}).get("baseline") or _read_doc(paths.baseline)
-    steps = int(final_doc["step"]) if final_doc else (int(metrics[-1]["step"]) if metrics else 0)
+    # eval_baseline.json has the per-problem records a paired test needs; the copy inside eval_results.json has not
+    baseline = _read_doc(paths.baseline) or (final_doc or {}).get("baseline")
+    final_step = (final_doc or {}).get("step")
+    steps = final_step if isinstance(final_step, int) else (metrics[-1]["step"] if metrics else 0)
+    gpus = hw.get("gpus_per_node") if isinstance(hw.get("gpus_per_node"), int) else 0
     return RunSummary(
         name=str(run.get("name") or Path(run_dir).name), model=str((cfg.get("model") or {}).get("name", "?")),
         trainer=str((cfg.get("trainer") or {}).get("algo", "?")), hardware=str(hw.get("name", "?")), steps=steps,
-        wall_s=run_wall_s(paths, attempts, metrics), gpus=int(hw.get("gpus_per_node") or 0) if hw.get("device") == "cuda" else 0,
-        oom_attempts=sum(is_oom_attempt(a) for a in attempts), attempts=attempts, baseline=_acc(baseline),
-        final=_acc(final_doc), metrics=metrics, points=accuracy_points(paths),
+        wall_s=run_wall_s(paths, attempts, metrics), gpus=gpus if hw.get("device") == "cuda" else 0,
+        oom_attempts=sum(is_oom_attempt(a) for a in attempts), attempts=attempts,
+        baseline=_view(baseline, f"{paths.root} baseline"), final=_view(final_doc, str(paths.eval_results)),
+        metrics=metrics, points=accuracy_points(paths),
     )
 
 
 # -------------------------------------------------------------------- table
 
-def _pct(acc: Optional[Acc], i: int) -> str:
-    return "-" if acc is None else f"{100 * acc[i]:.1f}"
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _delta(r: RunSummary, i: int) -> str:
-    if r.final is None or r.baseline is None:
-        return "-"
-    if r.final[2] != r.baseline[2]:
-        return "n/a"  # different numbers of problems: not comparable
-    return f"{100 * (r.final[i] - r.baseline[i]):+.1f}"
+def _vs_baseline(r: RunSummary) -> Tuple[str, str, str]:
+    """(Δ pp, p, verdict) of final against baseline: paired on the same problems when the
+    records allow, else Δ alone when the evaluations match in protocol and size."""
+    b, f = r.baseline, r.final
+    if b is None or f is None:
+        return "-", "-", "-"
+    if b.key != f.key:
+        return "n/a", "-", "protocols differ"
+    cmp = paired(b, f)
+    if cmp is not None:
+        verdict = {"B better": "better", "A better": "worse"}.get(cmp.verdict, cmp.verdict)
+        return f"{100 * cmp.delta:+.1f}", format_p(cmp.p_value), verdict if cmp.n == f.n == b.n else f"{verdict} (n={cmp.n})"
+    if b.n != f.n:
+        return "n/a", "-", "different problems"
+    return f"{100 * (f.accuracy - b.accuracy):+.1f}", "-", "untested (no records)"
 
 
 def table_rows(runs: Sequence[RunSummary]) -> List[List[str]]:
     rows = []
     for r in runs:
-        n = r.final[2] if r.final else (r.baseline[2] if r.baseline else None)
+        shown = r.final or r.baseline
+        delta, p, verdict = _vs_baseline(r)
         rows.append([r.name, r.model, r.trainer, r.hardware, str(r.steps),
                      "-" if r.wall_s is None else format_duration(r.wall_s),
                      "-" if r.gpu_hours is None else f"{r.gpu_hours:.2f}", str(r.oom_attempts),
-                     "-" if n is None else str(n), _pct(r.baseline, 0), _pct(r.baseline, 1),
-                     _pct(r.final, 0), _pct(r.final, 1), _delta(r, 0), _delta(r, 1)])
+                     "-" if shown is None else f"{shown.protocol}/{shown.scorer}", "-" if shown is None else str(shown.n),
+                     _pct(r.baseline and r.baseline.accuracy), format_interval(r.baseline and r.baseline.ci),
+                     _pct(r.final and r.final.accuracy), format_interval(r.final and r.final.ci), delta, p, verdict,
+                     _pct(r.final and r.final.strict), _pct(r.final and r.final.lenient)])
+    return rows
+
+
+def pair_rows(runs: Sequence[RunSummary]) -> List[List[str]]:
+    """Every two runs with a final evaluation: exact McNemar on their common problems."""
+    rows = []
+    finished = [r for r in runs if r.final is not None]
+    for i, a in enumerate(finished):
+        for b in finished[i + 1:]:
+            cmp = paired(a.final, b.final)
+            if cmp is None:
+                rows.append([a.name, b.name, a.final.protocol if a.final.key == b.final.key else "differ", "-", _pct(a.final.accuracy),
+                             _pct(b.final.accuracy), "-", "-", why_not_paired(a.final, b.final)])
+                continue
+            verdict = {"B better": f"{b.name} better", "A better": f"{a.name} better"}.get(cmp.verdict, cmp.verdict)
+            rows.append([a.name, b.name, f"{a.final.protocol}/{a.final.scorer}", str(cmp.n), _pct(cmp.accuracy_a),
+                         _pct(cmp.accuracy_b), f"{100 * cmp.delta:+.1f}", format_p(cmp.p_value), verdict])
     return rows
 
 
@@ -203,9 +250,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 NOTES = [
-    "Accuracy: share of test problems answered correctly, greedy decoding. strict: the number after the last "
-    "`####`; lenient: the last number in the completion.",
-    "Δ = final − baseline in percentage points; n/a when the two evaluations used different numbers of problems.",
+    "Accuracy: share of test problems answered correctly (greedy) under the run's protocol and its primary scorer "
+    "(protocol column: qwen_boxed/math_verify, lm_eval_gsm8k/lm_eval_strict, finellama/strict; README 'Evaluation "
+    "protocols'). 95% CI: Wilson score interval. strict/lenient: the number after the last `####` / the last number.",
+    "Δ = final − baseline in percentage points on the same problems; p: two-sided exact McNemar test on the problems "
+    "where the two disagree; 'not significant' when p ≥ 0.05. Evaluations under different protocols are not compared.",
     "Wall time: summed over attempts.jsonl when present, else the last attempt (training_stats.json). "
     "GPU-hours = wall time × GPUs (0 on CPU).",
     "OOM attempts: attempts in attempts.jsonl that ran out of memory (0 when the file is absent).",
@@ -235,8 +284,11 @@ def _save(fig, ax, path: Path, has_data: bool) -> Path:
     else:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
-    fig.savefig(path, dpi=FIG_DPI)  # no bbox_inches="tight": the size stays FIG_SIZE_IN * FIG_DPI
-    plt.close(fig)
+    try:  # a temp file renamed into place: a full disk leaves the previous PNG, never a truncated one
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=FIG_DPI, format="png")  # no bbox_inches="tight": the size stays FIG_SIZE_IN * FIG_DPI
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -244,24 +296,32 @@ def plot_metric(runs: Sequence[RunSummary], key: str, ylabel: str, path: Path) -
     fig, ax = _figure(f"{ylabel} per step", "step", ylabel)
     has_data = False
     for r in runs:
-        pts = [(m["step"], m[key]) for m in r.metrics if m.get(key) is not None]
+        pts = [(m["step"], v) for m in r.metrics if (v := number_or_none(m.get(key))) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=r.name)
             has_data = True
     return _save(fig, ax, path, has_data)
 
 
-def plot_accuracy(runs: Sequence[RunSummary], path: Path) -> Path:
-    fig, ax = _figure("Accuracy per checkpoint (solid: strict, dashed: lenient)", "step", "accuracy (%)")
-    has_data = False
+def accuracy_series(runs: Sequence[RunSummary]) -> Dict[str, List[Tuple[int, float, float, float]]]:
+    """{"<run> (<protocol>/<scorer>)": [(step, %, % low, % high)]}: one series per run and protocol,
+    so no curve ever joins evaluations made under different protocols."""
+    series: Dict[str, List[Tuple[int, float, float, float]]] = {}
     for r in runs:
-        if not r.points:
-            continue
-        steps = [p[0] for p in r.points]
-        line, = ax.plot(steps, [100 * p[1] for p in r.points], marker="o", label=f"{r.name} strict")
-        ax.plot(steps, [100 * p[2] for p in r.points], marker="x", ls="--", color=line.get_color(), label=f"{r.name} lenient")
-        has_data = True
-    return _save(fig, ax, path, has_data)
+        for v in r.points:
+            lo, hi = v.ci or (v.accuracy, v.accuracy)
+            series.setdefault(f"{r.name} ({v.protocol}/{v.scorer})", []).append((v.step, 100 * v.accuracy, 100 * lo, 100 * hi))
+    return series
+
+
+def plot_accuracy(runs: Sequence[RunSummary], path: Path) -> Path:
+    fig, ax = _figure("Accuracy per checkpoint, 95% Wilson intervals (one curve per run and protocol)", "step", "accuracy (%)")
+    series = accuracy_series(runs)
+    for label, pts in series.items():
+        steps, ys, lo, hi = zip(*pts)
+        ax.errorbar(steps, ys, yerr=[[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]], marker="o",
+                    capsize=3, label=label)
+    return _save(fig, ax, path, bool(series))
 
 
 def plot_attempts(runs: Sequence[RunSummary], path: Path) -> Path:
@@ -285,6 +345,7 @@ class Report:
     html: Path
     images: Dict[str, Path]
     runs: List[RunSummary]
+    pairs: str = ""
 
 
 def write_plots(runs: Sequence[RunSummary], out: Path) -> Dict[str, Path]:
@@ -296,8 +357,9 @@ def write_plots(runs: Sequence[RunSummary], out: Path) -> Dict[str, Path]:
     }
 
 
-def markdown_report(title: str, subtitle: str, table: str, images: Dict[str, Path], out: Path) -> str:
-    parts = [f"# {title}", "", subtitle, "", table, "", *[f"- {n}" for n in NOTES], ""]
+def markdown_report(title: str, subtitle: str, table: str, pairs: str, images: Dict[str, Path], out: Path) -> str:
+    parts = [f"# {title}", "", subtitle, "", table, "", "## Runs compared on the same problems", "", pairs or "(fewer than two finished runs)",
+             "", *[f"- {n}" for n in NOTES], ""]
     for name, path in images.items():
         rel = path.relative_to(out) if path.is_relative_to(out) else path
         parts += [f"## {name.capitalize()}", "", f"![{name}]({rel})", ""]
@@ -313,15 +375,15 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> Report:
     out = Path(out or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [summarize_run(d) for d in iter_run_dirs(sweep_dir)]
-    rows = table_rows(runs)
-    table = markdown_table(HEADERS, rows)
+    rows, prs = table_rows(runs), pair_rows(runs)
+    table, pairs = markdown_table(HEADERS, rows), markdown_table(PAIR_HEADERS, prs) if prs else ""
     images = write_plots(runs, out)
     title = f"Sweep report: {sweep_dir.resolve().name}"
     subtitle = f"{sweep_dir.resolve()} · {len(runs)} run(s) · generated {_dt.datetime.now().isoformat(timespec='seconds')}"
     md, html = out / "report.md", out / "report.html"
-    atomic_write_text(md, markdown_report(title, subtitle, table, images, out))
-    atomic_write_text(html, build_html(title, subtitle, HEADERS, rows, NOTES, images))
-    return Report(table, md, html, images, runs)
+    atomic_write_text(md, markdown_report(title, subtitle, table, pairs, images, out))
+    atomic_write_text(html, build_html(title, subtitle, HEADERS, rows, NOTES, images, [("Runs compared on the same problems", PAIR_HEADERS, prs)]))
+    return Report(table, md, html, images, runs, pairs)
 
 
 def main(argv: List[str]) -> int:
@@ -338,6 +400,8 @@ def main(argv: List[str]) -> int:
         raise UsageError(f"sweep: no run folders (with config.yaml) in {sweep}; pass results/<sweep>, not a run or results/")
     report = write_report(sweep, Path(args.out) if args.out else None)
     print(report.table)
+    if report.pairs:
+        print("\nRuns compared on the same problems:\n" + report.pairs)
     print(f"\nreport: {report.markdown}\n        {report.html}", flush=True)
     return 0
 

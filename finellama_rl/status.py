@@ -44,6 +44,9 @@ class RunStatus:
     last_step: Optional[int] = None
     max_steps: Optional[int] = None
     last_reward: Optional[float] = None
+    accuracy: Optional[float] = None
+    """The final evaluation's headline: its protocol's primary scorer (eval files of schema 2; strict for schema 1)."""
+    scorer: Optional[str] = None
     strict: Optional[float] = None
     lenient: Optional[float] = None
     attempts: Optional[int] = None
@@ -98,6 +101,19 @@ def read_accuracy(path: Path) -> Tuple[Optional[float], Optional[float]]:
     return tuple(fraction_or_none(doc["accuracy"].get(k), f"{path}: accuracy.{k}") for k in ("strict", "lenient"))
 
 
+def read_primary_accuracy(path: Path, known: Dict[str, Optional[float]]) -> Tuple[Optional[float], Optional[str]]:
+    """(accuracy, "protocol/scorer") of an eval file's primary scorer (finellama_rl/eval/schema.py);
+    `known` holds values already read (strict, lenient), so each is checked and warned about once."""
+    from finellama_rl.eval import schema
+
+    doc = read_json_object(path, "its accuracy", require={"accuracy": dict}, quiet=True)
+    if doc is None:
+        return None, None
+    scorer = schema.primary_scorer(doc)
+    value = known[scorer] if scorer in known else fraction_or_none(doc["accuracy"].get(scorer), f"{path}: accuracy.{scorer}")
+    return value, f"{schema.protocol_name(doc)}/{scorer}"
+
+
 def fill_from_files(status: RunStatus) -> RunStatus:
     """Progress, reward, accuracy, attempts and requeue events from the run folder."""
     paths = RunPaths(Path(status.run_dir))
@@ -111,6 +127,7 @@ def fill_from_files(status: RunStatus) -> RunStatus:
             status.last_reward = number_or_none(last["train/reward_mean"], f"{paths.metrics}: train/reward_mean")
     if paths.eval_results.exists():
         status.strict, status.lenient = read_accuracy(paths.eval_results)
+        status.accuracy, status.scorer = read_primary_accuracy(paths.eval_results, {"strict": status.strict, "lenient": status.lenient})
     if paths.attempts.exists():
         status.attempts = len(read_jsonl(paths.attempts))
     events = read_jsonl(paths.logs / "job_events.jsonl", require={"event": str})
@@ -161,12 +178,12 @@ def _fmt(value: Optional[float], pct: bool = False) -> str:
 
 
 def table_rows(runs: List[RunStatus]) -> List[List[str]]:
-    header = ["run", "job", "state", "requeues", "step", "reward", "strict", "lenient", "attempts"]
+    header = ["run", "job", "state", "requeues", "step", "reward", "accuracy", "scored by", "strict", "lenient", "attempts"]
     rows = [header]
     for r in runs:
         step = f"{'-' if r.last_step is None else r.last_step}/{'?' if r.max_steps is None else r.max_steps}"
         rows.append([r.run, r.job_id or "-", r.state, str(r.requeues), step, _fmt(r.last_reward),
-                     _fmt(r.strict, pct=True), _fmt(r.lenient, pct=True), "-" if r.attempts is None else str(r.attempts)])
+                     _fmt(r.accuracy, pct=True), r.scorer or "-", _fmt(r.strict, pct=True), _fmt(r.lenient, pct=True), "-" if r.attempts is None else str(r.attempts)])
     return rows
 
 

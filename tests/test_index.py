@@ -146,3 +146,73 @@ def test_entry_paths_outside_the_root_are_absolute(tmp_path):
     entry = index.entry_from_document(doc, outside, tmp_path / "root")
     assert entry["path"] == str(outside.resolve())
     assert entry["protocol"]["decoding"] == "greedy" and entry["pass_at_k"] is None
+
+
+# ------------------------------------------------------------------ schema 2 and schema-1 files
+
+V1_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "eval_results_v1.json"
+
+
+def eval_doc_v2(run: str, step: int, correct: dict, n: int, protocol: str = "qwen_boxed", primary: str = "math_verify") -> dict:
+    """A schema-2 eval document as eval/core.py writes it (records left out)."""
+    from finellama_rl.eval.statistics import wilson_interval
+
+    return {"schema_version": 2, "run": run, "sweep": "sw", "model": "tiny", "trainer": "grpo", "hardware": "cpu",
+            "data": "arithmetic", "step": step, "date": "2026-11-30T00:00:00", "primary": primary,
+            "protocol": {"name": protocol, "primary": primary, "shots": 0, "system_prompt": "You are a helpful assistant.",
+                         "num_examples": "all", "chat_template_sha256": "ab" * 32,
+                         "decoding": {"decoding": "greedy", "max_new_tokens": 1024}},
+            "accuracy": {k: v / n for k, v in correct.items()}, "correct": correct, "total": n,
+            "ci95": {k: list(wilson_interval(v, n)) for k, v in correct.items()}, "records": []}
+
+
+def test_entries_of_schema_2_documents_carry_protocol_and_intervals(tmp_path):
+    doc = eval_doc_v2("r", 3, {"math_verify": 40, "strict": 10, "lenient": 30}, 50)
+    e = index.entry_from_document(doc, tmp_path / "sw" / "r" / "eval_results.json", tmp_path)
+    assert (e["primary"], e["schema_version"], e["n"], e["checkpoint"]) == ("math_verify", 2, 50, "step_000003")
+    assert e["accuracy"] == {"math_verify": 0.8, "strict": 0.2, "lenient": 0.6}
+    assert e["ci95"]["math_verify"] == pytest.approx([0.6696, 0.8876], abs=1e-4)  # Wilson 40/50
+    p = e["protocol"]
+    assert (p["name"], p["primary"], p["system_prompt"], p["max_new_tokens"], p["decoding"]) == (
+        "qwen_boxed", "math_verify", "You are a helpful assistant.", 1024, "greedy")
+    bad = {**doc, "primary": "lm_eval_strict"}
+    with pytest.raises(ValueError, match="accuracy.lm_eval_strict"):
+        index.entry_from_document(bad, tmp_path / "x.json", tmp_path)
+
+
+def test_schema_1_eval_file_is_read_as_finellama_strict(tmp_path):
+    doc = json.loads(V1_FIXTURE.read_text())
+    e = index.entry_from_document(doc, tmp_path / "seed" / "run" / "eval_results.json", tmp_path)
+    assert (e["schema_version"], e["primary"], e["protocol"]["name"], e["n"]) == (1, "strict", "finellama", 6)
+    assert e["accuracy"] == {"strict": pytest.approx(2 / 6), "lenient": pytest.approx(4 / 6)}
+    assert e["correct"] == {"strict": 2, "lenient": 4}
+    assert e["ci95"]["strict"] == pytest.approx([0.0968, 0.7000], abs=1e-4)  # Wilson 2/6, computed from correct/total
+    assert e["protocol"]["system_prompt"].startswith("Solve the math problem")
+
+
+def test_schema_1_index_is_rebuilt_quietly(tmp_path, caplog):
+    fixture_tree(tmp_path)
+    write_run(tmp_path, "sw", "qwen", {"eval_results.json": eval_doc_v2("qwen", 5, {"math_verify": 7, "strict": 1}, 10)})
+    old = {"schema_version": 1, "kind": index.INDEX_KIND, "updated": "2026-11-20T00:00:00",
+           "entries": [{"run": "grpo-a", "step": 4, "accuracy": {"strict": 0.5, "lenient": 0.6}, "n": 20, "path": "x"}]}
+    (tmp_path / "eval_results.json").write_text(json.dumps(old))
+    with pytest.raises(index.IndexOutdated):
+        index.read_index(tmp_path / "eval_results.json")
+    new_doc = eval_doc_v2("qwen", 6, {"math_verify": 8, "strict": 2}, 10)
+    new_path = tmp_path / "sw" / "qwen" / "evals" / "step_000006-qwen_boxed-n10-greedy.json"
+    atomic_write_json(new_path, new_doc)
+    with caplog.at_level(logging.INFO, logger="finellama_rl.index"):
+        index.add_entry(tmp_path, new_doc, new_path)
+    assert not any("damaged" in r.getMessage() for r in caplog.records)
+    assert any("older schema_version 1" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+    assert len(list(tmp_path.glob("eval_results.json.outdated-*"))) == 1
+    entries = index.read_index(tmp_path / "eval_results.json")
+    assert len(entries) == len(EXPECTED) + 2 and {e["schema_version"] for e in entries} == {1, 2}
+    qwen = sorted((e["step"], e["primary"], e["accuracy"]["math_verify"]) for e in entries if e["run"] == "qwen")
+    assert qwen == [(5, "math_verify", 0.7), (6, "math_verify", 0.8)]
+
+
+def test_index_command_prints_protocol_and_interval(tmp_path, capsys):
+    write_run(tmp_path, "sw", "qwen", {"eval_results.json": eval_doc_v2("qwen", 5, {"math_verify": 7, "strict": 1}, 10)})
+    assert index.main([str(tmp_path)]) == 0
+    assert "sw/qwen step_000005: qwen_boxed/math_verify 70.0% [39.7, 89.2] (n=10)" in capsys.readouterr().out

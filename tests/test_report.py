@@ -1,8 +1,12 @@
-"""finellama_rl.report on a hand-built sweep: the numbers in report.md's table, PNGs that
-decode at the expected size, a self-contained report.html, and a headless-Chromium
-screenshot of that page that shows the table."""
+"""finellama_rl.report on a hand-built sweep: accuracy with its 95% Wilson interval and
+the exact McNemar test against the baseline and between runs (equal to the statistics
+module's values on the sweep's per-problem records), "not significant" where it is not,
+no comparison or curve across protocols, schema-1 eval files still read, PNGs that decode
+at the expected size, a self-contained report.html, and a headless-Chromium screenshot
+of that page that shows the table and its significance column."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,20 +17,45 @@ import pytest
 
 from finellama_rl import report
 from finellama_rl.compose import load_config
+from finellama_rl.eval.statistics import mcnemar_exact, wilson_interval
 from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SHAPE = (450, 800)  # report.FIG_SIZE_IN * report.FIG_DPI
+V1_FIXTURE = REPO / "tests" / "fixtures" / "eval_results_v1.json"
+N = 60
 
 
-def eval_doc(name: str, step: int, strict: float, lenient: float, n: int, baseline=None) -> dict:
-    correct = {"strict": round(strict * n), "lenient": round(lenient * n)}
-    doc = {"schema_version": 1, "run": name, "sweep": "sw", "step": step, "date": "2026-01-01T00:00:00",
-           "accuracy": {"strict": strict, "lenient": lenient}, "correct": correct, "total": n,
-           "protocol": {"decoding": "greedy", "shots": 0}, "records": []}
+def eval_doc(name: str, step: int, correct, protocol: str = "qwen_boxed", primary: str = "math_verify",
+             baseline=None, strict=None) -> dict:
+    """A schema-2 eval document with per-problem records (problem i is `correct[i]`)."""
+    n, c = len(correct), sum(correct)
+    strict = strict if strict is not None else [False] * n
+    records = [{"index": i, "question": f"problem {i}", "reference": str(i), "completion": "...",
+                "correct": {primary: bool(ok), "strict": bool(st), "lenient": bool(ok)}} for i, (ok, st) in enumerate(zip(correct, strict))]
+    doc = {"schema_version": 2, "run": name, "sweep": "sw", "step": step, "date": f"2026-11-30T00:00:{step:02d}",
+           "primary": primary, "protocol": {"name": protocol, "primary": primary, "shots": 0},
+           "accuracy": {primary: c / n, "strict": sum(strict) / n, "lenient": c / n},
+           "correct": {primary: c, "strict": sum(strict), "lenient": c}, "total": n,
+           "ci95": {primary: list(wilson_interval(c, n))}, "records": records}
     if baseline is not None:
         doc["baseline"] = {k: v for k, v in baseline.items() if k != "records"}
     return doc
+
+
+def vector(*runs):
+    """[(value, count), ...] -> a list of booleans."""
+    out = []
+    for value, count in runs:
+        out += [value] * count
+    return out
+
+
+# Per-problem correctness on the same 60 problems.
+BASE = vector((True, 20), (False, 40))                                 # 20/60
+GRPO_FINAL = vector((True, 18), (False, 2), (True, 20), (False, 20))  # 38/60: fixes 20, breaks 2 -> significant
+GRPO_MID = vector((True, 20), (True, 5), (False, 35))                 # 25/60
+PPO_FINAL = vector((True, 17), (False, 3), (True, 6), (False, 34))    # 23/60: fixes 6, breaks 3 -> not significant
 
 
 def make_run(sweep: Path, name: str, overrides, rewards, losses, elapsed_s) -> Path:
@@ -34,7 +63,7 @@ def make_run(sweep: Path, name: str, overrides, rewards, losses, elapsed_s) -> P
     from finellama_rl.train import config_yaml
 
     run = sweep / name
-    cfg = load_config([*overrides, f"run.dir={run}", "run.sweep=sw", f"run.name={name}"])
+    cfg = load_config([*overrides, f"run.dir={run}", f"run.results_dir={sweep.parent}", "run.sweep=sw", f"run.name={name}"])
     atomic_write_text(run / "config.yaml", config_yaml(cfg))
     for i, (r, l) in enumerate(zip(rewards, losses), start=1):
         append_jsonl(run / "metrics.jsonl", {"step": i, "train/reward_mean": r, "train/loss": l,
@@ -45,51 +74,89 @@ def make_run(sweep: Path, name: str, overrides, rewards, losses, elapsed_s) -> P
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     sw = tmp_path / "sw"
-    # A finished GRPO run on CPU: baseline 20/30 % -> final 50/60 % on 50 problems, one mid-run eval.
+    # A finished GRPO run on CPU: 20/60 -> 38/60 under qwen_boxed, one mid-run eval, and one
+    # extra evaluation of its last checkpoint under lm_eval_gsm8k (a separate curve).
     a = make_run(sw, "grpo-tiny-cpu", ["experiment=smoke", "trainer=grpo"], [0.1, 0.2, 0.4, 0.5], [1.0, 0.8, 0.7, 0.5], 3000)
-    base_a = eval_doc("grpo-tiny-cpu", 0, 0.2, 0.3, 50)
+    base_a = eval_doc("grpo-tiny-cpu", 0, BASE)
     atomic_write_json(a / "eval_baseline.json", base_a)
-    atomic_write_json(a / "evals" / "step_000002.json", eval_doc("grpo-tiny-cpu", 2, 0.34, 0.44, 50))
-    atomic_write_json(a / "eval_results.json", eval_doc("grpo-tiny-cpu", 4, 0.5, 0.6, 50, baseline=base_a))
+    atomic_write_json(a / "evals" / "step_000002.json", eval_doc("grpo-tiny-cpu", 2, GRPO_MID))
+    atomic_write_json(a / "eval_results.json", eval_doc("grpo-tiny-cpu", 4, GRPO_FINAL, baseline=base_a, strict=BASE))
+    atomic_write_json(a / "evals" / "step_000004-lm_eval_gsm8k-n60-greedy.json",
+                      eval_doc("grpo-tiny-cpu", 4, PPO_FINAL, protocol="lm_eval_gsm8k", primary="lm_eval_strict"))
     atomic_write_json(a / "training_stats.json", {"summary": {"wall_time_s_this_attempt": 3600.0}})
-    # A finished PPO run on 2 GPUs after two out-of-memory attempts; worse than its baseline.
+    # A finished PPO run on 2 GPUs after two out-of-memory attempts: not significantly better.
     b = make_run(sw, "ppo-tiny-a100_80", ["experiment=smoke", "trainer=ppo", "hardware=a100_80",
                                           "hardware.gpus_per_node=2", "trainer.micro_batch=2"], [0.3, 0.2], [0.9, 1.1], 100)
-    base_b = eval_doc("ppo-tiny-a100_80", 0, 0.4, 0.5, 40)
-    atomic_write_json(b / "eval_results.json", eval_doc("ppo-tiny-a100_80", 2, 0.35, 0.55, 40, baseline=base_b))
+    base_b = eval_doc("ppo-tiny-a100_80", 0, BASE)
+    atomic_write_json(b / "eval_baseline.json", base_b)
+    atomic_write_json(b / "eval_results.json", eval_doc("ppo-tiny-a100_80", 2, PPO_FINAL, baseline=base_b))
     for outcome, mb, wall, err in [("oom", 4, 600, "OutOfMemoryError: CUDA out of memory"), ("oom", 2, 300, "OutOfMemoryError"),
                                    ("completed", 1, 3000, None)]:
         append_jsonl(b / "attempts.jsonl", {"rung": mb, "micro_batch": mb, "outcome": outcome, "wall_time_s": wall, "error": err})
     # A run still training: metrics and a baseline, no final eval, no attempts.jsonl.
     c = make_run(sw, "grpo-tiny-cpu-lr", ["experiment=smoke", "trainer=grpo", "trainer.learning_rate=1e-4"], [0.0, 0.1, 0.1], [1.2, 1.1, 1.0], 90)
-    atomic_write_json(c / "eval_baseline.json", eval_doc("grpo-tiny-cpu-lr", 0, 0.1, 0.15, 20))
+    atomic_write_json(c / "eval_baseline.json", eval_doc("grpo-tiny-cpu-lr", 0, BASE[10:30]))
+    # A run from before eval protocols: a schema-1 eval file (finellama, strict primary).
+    d = make_run(sw, "seed-v1", ["experiment=smoke", "trainer=grpo"], [0.2], [0.9], 60)
+    atomic_write_json(d / "eval_results.json", json.loads(V1_FIXTURE.read_text()))
     return sw
 
 
-def parse_table(markdown: str):
+def parse_table(markdown: str, first_header: str = "run"):
     lines = [l for l in markdown.splitlines() if l.startswith("|") and not l.startswith("|-")]
     cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
-    return [dict(zip(cells[0], row)) for row in cells[1:]]
+    starts = [i for i, row in enumerate(cells) if row[0] == first_header]
+    table = cells[starts[0]:]
+    end = next((i for i, row in enumerate(table[1:], 1) if row[0] in ("run", "run A")), len(table))
+    return [dict(zip(table[0], row)) for row in table[1:end]]
 
 
-def test_report_table_has_the_right_numbers(sweep, tmp_path, capsys):
+def ci_text(c: int, n: int) -> str:
+    lo, hi = wilson_interval(c, n)
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def test_report_table_has_accuracy_intervals_and_significance(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(sweep), "--out", str(out)]) == 0
-    rows = {r["run"]: r for r in parse_table((out / "report.md").read_text())}
-    assert list(rows) == ["grpo-tiny-cpu", "grpo-tiny-cpu-lr", "ppo-tiny-a100_80"]
-    a, b, c = rows["grpo-tiny-cpu"], rows["ppo-tiny-a100_80"], rows["grpo-tiny-cpu-lr"]
-    assert (a["model"], a["trainer"], a["hardware"], a["steps"]) == ("tiny", "grpo", "cpu", "4")
-    assert (a["wall time"], a["GPU-hours"], a["OOM attempts"], a["eval n"]) == ("1:00:00", "0.00", "0", "50")
-    assert [float(a[k]) for k in ("baseline strict %", "baseline lenient %", "final strict %", "final lenient %")] == [20.0, 30.0, 50.0, 60.0]
-    assert (float(a["Δ strict (pp)"]), float(a["Δ lenient (pp)"])) == (30.0, 30.0)
-    # 600 + 300 + 3000 s over attempts on 2 GPUs
-    assert (b["trainer"], b["hardware"], b["steps"], b["wall time"], b["OOM attempts"]) == ("ppo", "a100_80", "2", "1:05:00", "2")
-    assert float(b["GPU-hours"]) == pytest.approx(3900 / 3600 * 2, abs=0.005)
-    assert (float(b["Δ strict (pp)"]), float(b["Δ lenient (pp)"])) == (-5.0, 5.0)
-    assert (c["steps"], c["wall time"], c["OOM attempts"], c["final strict %"], c["Δ strict (pp)"]) == ("3", "0:01:30", "0", "-", "-")
-    assert float(c["baseline strict %"]) == 10.0
+    md = (out / "report.md").read_text()
+    rows = {r["run"]: r for r in parse_table(md)}
+    assert list(rows) == ["grpo-tiny-cpu", "grpo-tiny-cpu-lr", "ppo-tiny-a100_80", "seed-v1"]
+    a, b, c, d = rows["grpo-tiny-cpu"], rows["ppo-tiny-a100_80"], rows["grpo-tiny-cpu-lr"], rows["seed-v1"]
+    assert (a["model"], a["trainer"], a["hardware"], a["steps"], a["protocol"]) == ("tiny", "grpo", "cpu", "4", "qwen_boxed/math_verify")
+    assert (a["wall time"], a["GPU-hours"], a["OOM attempts"], a["eval n"]) == ("1:00:00", "0.00", "0", "60")
+    assert (a["baseline %"], a["baseline 95% CI"], a["final %"], a["final 95% CI"]) == ("33.3", ci_text(20, 60), "63.3", ci_text(38, 60))
+    assert (a["Δ (pp)"], a["p (McNemar)"], a["vs baseline"]) == ("+30.0", "<0.001", "better")
+    assert mcnemar_exact(2, 20) < 0.001 and (a["final strict %"], a["final lenient %"]) == ("33.3", "63.3")
+    assert (b["final %"], b["Δ (pp)"], b["p (McNemar)"], b["vs baseline"]) == ("38.3", "+5.0", f"{mcnemar_exact(3, 6):.3f}", "not significant")
+    assert float(b["GPU-hours"]) == pytest.approx(3900 / 3600 * 2, abs=0.005) and b["OOM attempts"] == "2"
+    assert (c["steps"], c["final %"], c["Δ (pp)"], c["vs baseline"], c["baseline %"], c["eval n"]) == ("3", "-", "-", "-", "50.0", "20")
+    # schema 1: finellama/strict, 2 of 6; its embedded baseline has no records: Δ without a test
+    assert (d["protocol"], d["final %"], d["final 95% CI"], d["baseline %"]) == ("finellama/strict", "33.3", ci_text(2, 6), "16.7")
+    assert (d["Δ (pp)"], d["p (McNemar)"], d["vs baseline"]) == ("+16.7", "-", "untested (no records)")
+    pairs = {(r["run A"], r["run B"]): r for r in parse_table(md, "run A")}
+    ab = pairs[("grpo-tiny-cpu", "ppo-tiny-a100_80")]
+    only_a = sum(x and not y for x, y in zip(GRPO_FINAL, PPO_FINAL))
+    only_b = sum(y and not x for x, y in zip(GRPO_FINAL, PPO_FINAL))
+    assert (ab["common n"], ab["A %"], ab["B %"], ab["Δ B−A (pp)"]) == ("60", "63.3", "38.3", "-25.0")
+    assert ab["p (McNemar)"] == ("<0.001" if mcnemar_exact(only_a, only_b) < 0.001 else f"{mcnemar_exact(only_a, only_b):.3f}")
+    assert ab["verdict"] == "grpo-tiny-cpu better"
+    assert pairs[("grpo-tiny-cpu", "seed-v1")]["verdict"] == "protocols differ"
     printed = capsys.readouterr().out
-    assert "| grpo-tiny-cpu " in printed and "report.html" in printed
+    assert "| grpo-tiny-cpu " in printed and "report.html" in printed and "Runs compared on the same problems" in printed
+
+
+def test_accuracy_curves_never_join_protocols(sweep, tmp_path):
+    rep = report.write_report(sweep, tmp_path / "out")
+    series = report.accuracy_series(rep.runs)
+    assert series["grpo-tiny-cpu (qwen_boxed/math_verify)"] == [
+        (0, pytest.approx(100 / 3), pytest.approx(100 * wilson_interval(20, 60)[0]), pytest.approx(100 * wilson_interval(20, 60)[1])),
+        (2, pytest.approx(100 * 25 / 60), pytest.approx(100 * wilson_interval(25, 60)[0]), pytest.approx(100 * wilson_interval(25, 60)[1])),
+        (4, pytest.approx(100 * 38 / 60), pytest.approx(100 * wilson_interval(38, 60)[0]), pytest.approx(100 * wilson_interval(38, 60)[1]))]
+    assert [p[0] for p in series["grpo-tiny-cpu (lm_eval_gsm8k/lm_eval_strict)"]] == [4]
+    assert [p[0] for p in series["ppo-tiny-a100_80 (qwen_boxed/math_verify)"]] == [0, 2]
+    assert [p[0] for p in series["seed-v1 (finellama/strict)"]] == [0, 200]  # baseline from inside eval_results.json
+    assert len(series) == 5
 
 
 def test_report_pngs_decode_at_the_expected_size(sweep, tmp_path):
@@ -102,10 +169,6 @@ def test_report_pngs_decode_at_the_expected_size(sweep, tmp_path):
         assert img.shape[:2] == PNG_SHAPE, name
         assert img[..., :3].std() > 0.05, f"{name}.png looks blank"
         assert f"![{name}]({name}.png)" in rep.markdown.read_text()
-    acc = {r.name: r.points for r in rep.runs}
-    assert acc["grpo-tiny-cpu"] == [(0, 0.2, 0.3, 50), (2, 0.34, 0.44, 50), (4, 0.5, 0.6, 50)]
-    assert acc["ppo-tiny-a100_80"] == [(0, 0.4, 0.5, 40), (2, 0.35, 0.55, 40)]  # baseline from eval_results.json
-    assert acc["grpo-tiny-cpu-lr"] == [(0, 0.1, 0.15, 20)]
 
 
 def test_report_defaults_to_the_sweep_folder_and_bad_input_exits_2(sweep, tmp_path, capsys):
@@ -123,11 +186,13 @@ def test_report_defaults_to_the_sweep_folder_and_bad_input_exits_2(sweep, tmp_pa
 def test_html_is_self_contained(sweep, tmp_path):
     rep = report.write_report(sweep, tmp_path / "out")
     page = rep.html.read_text()
-    assert "<table id='runs'>" in page and page.count("<tr>") == 1 + 3
+    assert "<table id='runs'>" in page and "<table id='table2'>" in page
+    assert page.count("<tr>") == (1 + 4) + (1 + 3)  # runs table, pairs table (3 pairs of finished runs)
     assert page.count("src='data:image/png;base64,") == 4
     assert not re.search(r"(src|href)=['\"](?!data:)", page), "external resource in report.html"
     assert "<script" not in page and "<link" not in page and "@import" not in page
-    assert "<td class='pos'>+30.0</td>" in page and "<td class='neg'>-5.0</td>" in page
+    assert "<td class='pos'>+30.0</td>" in page and "<td class='sig-pos'>better</td>" in page
+    assert "<td class='ns'>not significant</td>" in page and "<td class='neg'>-25.0</td>" in page
 
 
 def chromium() -> str:
@@ -144,18 +209,18 @@ def chromium() -> str:
     return shutil.which("chromium")
 
 
-def test_html_screenshot_in_headless_chromium_shows_the_table(sweep, tmp_path):
+def test_html_screenshot_in_headless_chromium_shows_the_table_and_significance(sweep, tmp_path):
     from PIL import Image
 
     rep = report.write_report(sweep, tmp_path / "out")
     shot = tmp_path / "screenshot.png"
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={shot}", "--window-size=1600,900",
            f"file://{rep.html}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     img = Image.open(shot).convert("RGB")
-    assert img.size == (1200, 900)
+    assert img.size == (1600, 900)
     px = np.asarray(img).astype(int)
     assert px.std() > 20, "the screenshot is blank"
     # The table header is dark blue (#1f3b5c) near the top: the table rendered.
@@ -165,4 +230,7 @@ def test_html_screenshot_in_headless_chromium_shows_the_table(sweep, tmp_path):
     # Dark text on the (light) body rows just below the header.
     below = px[rows_hit.max() + 2 : rows_hit.max() + 80, :600]
     assert (below.sum(axis=2) < 200).sum() > 200, "no text in the table rows"
+    # The significance column: a green "better" cell (#d8f0dd) for the GRPO run, in the runs table.
+    green = (np.abs(px - np.array([0xD8, 0xF0, 0xDD])).sum(axis=2) < 12)
+    assert green.sum() > 300 and np.nonzero(green.any(axis=1))[0].min() < rows_hit.max() + 120, "no significance cell"
     shutil.copy(shot, rep.html.with_name("screenshot.png"))  # kept next to the report for a human look

@@ -60,11 +60,13 @@ def test_table_numbers_from_files_and_scheduler(sweep, capsys):
     assert status.main([str(sweep)], states=fake_states(calls)) == 0
     assert sorted(calls[0]) == ["11", "12", "13"]  # every job of the ledger, in one query
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["run", "job", "state", "requeues", "step", "reward", "strict", "lenient", "attempts"]
+    assert out.splitlines()[0].split() == ["run", "job", "state", "requeues", "step", "reward", "accuracy", "scored", "by",
+                                           "strict", "lenient", "attempts"]
     table = rows(out)
     # sacct says 2 restarts, job_events.jsonl 1 requeue: the larger wins
-    assert table["grpo-tiny-cpu"] == ["grpo-tiny-cpu", "11", "COMPLETED", "2", "8/8", "0.6250", "25.0%", "43.8%", "-"]
-    assert table["ppo-tiny-cpu"] == ["ppo-tiny-cpu", "13", "RUNNING", "0", "3/40", "0.1250", "-", "-", "2"]
+    assert table["grpo-tiny-cpu"] == ["grpo-tiny-cpu", "11", "COMPLETED", "2", "8/8", "0.6250", "25.0%", "finellama/strict",
+                                      "25.0%", "43.8%", "-"]
+    assert table["ppo-tiny-cpu"] == ["ppo-tiny-cpu", "13", "RUNNING", "0", "3/40", "0.1250", "-", "-", "-", "-", "2"]
 
 
 def test_without_sacct_state_comes_from_files(sweep, capsys, monkeypatch):
@@ -73,6 +75,7 @@ def test_without_sacct_state_comes_from_files(sweep, capsys, monkeypatch):
     found = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
     assert found["grpo-tiny-cpu"]["state"] == "done" and found["grpo-tiny-cpu"]["requeues"] == 1
     assert found["grpo-tiny-cpu"]["strict"] == 0.25 and found["grpo-tiny-cpu"]["lenient"] == 0.4375
+    assert found["grpo-tiny-cpu"]["accuracy"] == 0.25 and found["grpo-tiny-cpu"]["scorer"] == "finellama/strict"  # schema 1
     assert found["ppo-tiny-cpu"]["state"] == "unknown" and found["ppo-tiny-cpu"]["last_step"] == 3
     assert found["ppo-tiny-cpu"]["max_steps"] == 40 and found["ppo-tiny-cpu"]["attempts"] == 2
 
@@ -82,7 +85,8 @@ def test_local_runs_without_ledger(tmp_path, make_config, capsys, monkeypatch):
     make_run(make_config, tmp_path, "grpo-tiny-cpu", [1, 2], [0.5, 0.75], accuracy={"strict": 0.5, "lenient": 0.5}, max_steps=2)
     (tmp_path / "not-a-run").mkdir()
     status.main([str(tmp_path)])
-    assert rows(capsys.readouterr().out) == {"grpo-tiny-cpu": ["grpo-tiny-cpu", "-", "done", "0", "2/2", "0.7500", "50.0%", "50.0%", "-"]}
+    assert rows(capsys.readouterr().out) == {"grpo-tiny-cpu": ["grpo-tiny-cpu", "-", "done", "0", "2/2", "0.7500", "50.0%", "finellama/strict",
+                                                                  "50.0%", "50.0%", "-"]}
 
 
 def test_cancel_only_active_jobs(sweep):
