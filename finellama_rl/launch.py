@@ -193,18 +193,20 @@ def check_folders_free(runs: List[PlannedRun]) -> None:
     from finellama_rl.runlock import RunFolderBusy, active_jobs, busy_hint, busy_reason
 
     by_dir = {str(Path(r.cfg.run.dir).resolve()): r for r in runs}
-    jobs: Dict[str, List[str]] = {}
+    jobs: Dict[str, List[Tuple[str, str]]] = {}  # run folder -> [(job id, kind)]
     for ledger in sorted({ledger_path(r.cfg) for r in runs}):
         for entry in read_jsonl(ledger, require={"run_dir": str, "job_id": (str, int)}):
             run_dir = str(Path(entry["run_dir"]).resolve())
             if run_dir in by_dir:
-                jobs.setdefault(run_dir, []).append(str(entry["job_id"]))
-    active = active_jobs([j for ids in jobs.values() for j in ids])
+                jobs.setdefault(run_dir, []).append((str(entry["job_id"]), str(entry.get("kind", "train"))))
+    active = active_jobs([j for ids in jobs.values() for j, _ in ids])
     for run_dir, r in by_dir.items():
-        busy = [(j, active[j]) for j in jobs.get(run_dir, []) if j in active]
+        busy = sorted(((j, kind, active[j]) for j, kind in jobs.get(run_dir, []) if j in active),
+                      key=lambda b: b[1] != "train")  # a training job before a watchdog
         if busy:
-            job, state = busy[-1]
-            err = RunFolderBusy(Path(run_dir), f"job {job} of this run is {state}", busy_hint(Path(run_dir), job))
+            job, kind, state = busy[0]
+            what = f"job {job} of this run is {state}" if kind == "train" else f"its watchdog job {job} is {state}"
+            err = RunFolderBusy(Path(run_dir), what, busy_hint(Path(run_dir), job))
             raise ConfigError(err.key, f"{err.message} [in {r.label}]")
         why = busy_reason(Path(run_dir))
         if why:

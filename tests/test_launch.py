@@ -128,7 +128,7 @@ def test_relaunch_while_the_ledger_shows_a_running_job_is_refused(tmp_path, no_s
         json.dumps({"kind": "watchdog", "run": "grpo-tiny-cpu", "run_dir": str(run_dir), "job_id": "77"}) + "\n")
     with pytest.raises(ConfigError) as err:
         launch.main(["experiment=smoke", "launcher=local", "dry_run=true", f"run.results_dir={tmp_path}", "run.sweep=s"])
-    assert "job 77 of this run is RUNNING" in err.value.message
+    assert "its watchdog job 77 is RUNNING" in err.value.message  # the training job 76 has ended
     assert f"python -m finellama_rl.status {tmp_path / 's'} --cancel (or scancel 77)" in err.value.message
 
 
