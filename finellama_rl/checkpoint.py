@@ -1,26 +1,45 @@
-"""Checkpoints: `checkpoints/step_000200/` folders that are complete or absent.
+"""Checkpoints: `checkpoints/step_000200/` folders that are complete and durable, or
+absent.
 
-A checkpoint is written into `checkpoints/.staging/...` and renamed into place in
-one `os.replace`, so a crash mid-save never leaves a folder that looks complete.
-Files use the Hugging Face Trainer's names (adapter_model.safetensors,
-optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json) so TRL's
-GRPOTrainer can resume from them; PPO adds value_head.safetensors. Our own
-`finellama_state.json` (step, data position, rung) marks a committed checkpoint.
+A checkpoint is written into `checkpoints/.staging/...`; `commit_checkpoint` records
+a manifest (size and SHA-256 of every file) in `finellama_state.json`, fsyncs every
+file and the folder, renames it into place in one `os.replace`, fsyncs the parent,
+and only then prunes older checkpoints (each moved into `.trash/` first, so a prune
+cut short never leaves a half-deleted folder that looks complete). So a crash or a
+node failure at any point leaves at least one complete checkpoint, also with
+keep_last=1 and a re-save of the same step. `latest_checkpoint` verifies the
+manifest and falls back to the previous checkpoint when the newest is damaged
+(truncated or changed files).
+
+Files use the Hugging Face Trainer's names (adapter_model.safetensors, optimizer.pt,
+scheduler.pt, rng_state.pth, trainer_state.json) so TRL's GRPOTrainer can resume
+from them; PPO writes its own safe formats (finellama_rl/trainers/snapshot.py).
+
+`checkpoints/.snapshot/step_N` holds the host-memory snapshot a run wrote after an
+in-process out-of-memory (finellama_rl/trainers/snapshot.py); it is resumed like a
+checkpoint when it is newer, and dropped once a committed checkpoint reaches its step.
 
     commit_checkpoint(paths.checkpoints, staging_dir, step, state); latest_checkpoint(...)
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finellama_rl.results import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "finellama_state.json"
+SNAPSHOT_DIR = ".snapshot"
+TRASH_DIR = ".trash"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -32,8 +51,12 @@ def staging_root(root: Path) -> Path:
     return Path(root) / ".staging"
 
 
+def snapshot_root(root: Path) -> Path:
+    return Path(root) / SNAPSHOT_DIR
+
+
 def list_checkpoints(root: Path) -> List[Path]:
-    """Committed checkpoints, oldest first."""
+    """Committed checkpoints (verified or not), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -41,31 +64,140 @@ def list_checkpoints(root: Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
+def step_of(ckpt: Path) -> int:
+    return int(_STEP_RE.match(Path(ckpt).name).group(1))
+
+
+# ----------------------------------------------------------------- durability
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """{relative path: {bytes, sha256}} of every file but the state file."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        out[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (the folder's entries: names created or renamed in it)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then every folder bottom-up, on disk."""
+    folder = Path(folder)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def verify_checkpoint(ckpt: Path, hashes: bool = True) -> Optional[str]:
+    """None if `ckpt` is complete, else what is wrong (checked against its manifest)."""
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable {STATE_FILE}: {exc}"
+    files = state.get("manifest")
+    if files is None:
+        return None  # written before manifests existed: complete if committed
+    for rel, want in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if hashes and _sha256(path) != want["sha256"]:
+            return f"{rel} differs from the manifest (SHA-256)"
+    return None
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
+    """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt, problem)
+    return None
+
+
+def latest_resume_point(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint or in-process OOM snapshot, whichever is later."""
+    candidates = [c for c in (latest_checkpoint(root), latest_checkpoint(snapshot_root(root))) if c is not None]
+    return max(candidates, key=step_of) if candidates else None
 
 
 def read_state(ckpt: Path) -> Dict[str, Any]:
     return json.loads((Path(ckpt) / STATE_FILE).read_text())
 
 
+# --------------------------------------------------------------------- commit
+
+
+def _discard(root: Path, folder: Path) -> None:
+    """Rename into .trash (atomic: the folder stops being a checkpoint at once), then delete."""
+    trash = Path(root) / TRASH_DIR
+    trash.mkdir(exist_ok=True)
+    target = trash / f"{folder.name}-{os.getpid()}-{time.time_ns()}"
+    os.replace(folder, target)
+    fsync_path(root)
+    shutil.rmtree(target, ignore_errors=True)
+
+
 def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any], keep_last: int) -> Path:
-    """Mark `staged` complete, rename it to step_NNNNNN, prune to `keep_last`."""
-    atomic_write_json(Path(staged) / STATE_FILE, {"step": step, **state})
+    """Mark `staged` complete (manifest), make it durable, rename it to step_NNNNNN, and
+    only then prune to `keep_last` complete checkpoints."""
+    root, staged = Path(root), Path(staged)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(staged / STATE_FILE, {"step": step, **state, "manifest": manifest(staged)})
+    fsync_tree(staged)
     final = checkpoint_dir(root, step)
-    if final.exists():  # re-saving the same step (e.g. signal right after a scheduled save)
-        shutil.rmtree(final)
-    os.replace(staged, final)
+    if final.exists() and verify_checkpoint(final) is None:
+        # Re-saving a step (a signal right after a scheduled save): the same state is
+        # already complete on disk. Keep it rather than ever having no checkpoint.
+        shutil.rmtree(staged)
+    else:
+        if final.exists():
+            _discard(root, final)  # damaged: never the only complete one (it is not complete)
+        os.replace(staged, final)
+        fsync_path(root)
     prune_checkpoints(root, keep_last)
+    drop_snapshots(root, step)
     return final
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(root)[:-max(1, keep_last)]:
+        _discard(root, old)
+    shutil.rmtree(Path(root) / TRASH_DIR, ignore_errors=True)
+
+
+def drop_snapshots(root: Path, up_to_step: int) -> None:
+    """OOM snapshots that a committed checkpoint has caught up with."""
+    for snap in list_checkpoints(snapshot_root(root)):
+        if step_of(snap) <= up_to_step:
+            _discard(snapshot_root(root), snap)
 
 
 def clear_staging(root: Path) -> None:
     """Leftovers of a save that crashed; never a valid checkpoint."""
     shutil.rmtree(staging_root(root), ignore_errors=True)
+    shutil.rmtree(Path(root) / TRASH_DIR, ignore_errors=True)

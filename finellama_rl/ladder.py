@@ -18,8 +18,22 @@ The ladder keeps the experiment's meaning for as long as possible:
    Truncating completions changes what the policy can learn, so the caller
    must report these rungs loudly.
 
-After the last rung the caller gives up and reports. This module is pure: no
-torch import; ``is_oom_error`` matches exception types by name.
+After the last rung the caller gives up and reports.
+
+The generation batch is a knob of its own (sequences per generate call), because
+the phase that ran out decides what helps: ``step_down(ladder, rung, phase)`` cuts
+the generation batch first after an out-of-memory in generation (halving it, down
+to its floor), and walks the rungs above (micro batch first) after one in
+training. It never walks a rung that cannot shrink the phase that ran out: after
+a generation OOM at the floor it skips to the next rung whose generation is
+smaller. A rung is therefore a point of a two-dimensional ladder: ``Rung.index``
+is its position on the list above, and ``Rung.setting.generation_batch`` is its
+generation batch. GRPO (``grouped_generation``, TRL's generation batch) keeps whole
+micro batches and whole groups; PPO's generation batch is any size up to the
+rollout.
+
+This module is pure: no torch import; ``is_oom_error`` matches exception types by
+name.
 """
 from __future__ import annotations
 
@@ -27,8 +41,8 @@ from dataclasses import dataclass, replace
 from typing import List, Optional
 
 __all__ = [
-    "Setting", "Rung", "build_ladder", "next_rung", "rung_for_setting",
-    "is_oom_error", "format_ladder",
+    "Setting", "Rung", "Phase", "build_ladder", "next_rung", "rung_for_setting", "step_down",
+    "generation_batches", "fit_generation_batch", "is_oom_error", "format_ladder",
 ]
 
 LENGTH_MULTIPLE = 8  # cut lengths are multiples of 8 (tensor-core friendly shapes)
@@ -44,10 +58,27 @@ class Setting:
     max_prompt_tokens: int
     max_completion_tokens: int
     activation_checkpointing: bool
+    generation_batch: int = 0  # sequences per generate call per device; 0 = the whole rollout
+    rollout_batch: int = 0  # sequences generated per step per device; 0 = effective_batch
+    grouped_generation: bool = False  # GRPO/TRL: whole micro batches and groups, dividing the rollout
 
     @property
     def effective_batch(self) -> int:
         return self.micro_batch * self.grad_accum
+
+    @property
+    def rollout(self) -> int:
+        return self.rollout_batch or self.effective_batch
+
+    @property
+    def generation(self) -> int:
+        """Sequences per generate call (0 means the whole rollout)."""
+        return self.generation_batch or self.rollout
+
+    @property
+    def generation_cost(self) -> int:
+        """What the generation phase's memory grows with: sequences x length (KV cache)."""
+        return self.generation * self.max_seq_len
 
     @property
     def max_seq_len(self) -> int:
@@ -56,10 +87,23 @@ class Setting:
 
 @dataclass(frozen=True)
 class Rung:
-    index: int
-    setting: Setting
+    index: int  # position on the ladder list (batch, checkpointing, length rungs)
+    setting: Setting  # its generation_batch may be cut below the list's (step_down)
     changes_experiment: bool  # True once a length was cut (this rung or earlier)
     description: str  # what changed versus the previous rung
+
+
+class Phase:
+    """Where an out-of-memory happened (attempts.jsonl `phase`). Plain strings so the
+    job side can record them without importing anything."""
+
+    generation = "generation"  # sampling completions (KV cache): the generation batch
+    scoring = "scoring"  # no-grad log-prob/value passes at micro-batch size
+    training = "training"  # forward/backward of a micro batch
+    optimizer = "optimizer"  # clipping and the optimizer step
+    eval = "eval"  # evaluation during or after training
+    other = "other"  # anything else (loading, checkpoint writes)
+    ALL = (generation, scoring, training, optimizer, eval, other)
 
 
 def _validate_start(start: Setting, min_completion_tokens: int, min_prompt_tokens: int,
@@ -73,6 +117,11 @@ def _validate_start(start: Setting, min_completion_tokens: int, min_prompt_token
         raise ValueError(
             f"effective batch {start.effective_batch} (micro_batch {start.micro_batch} x grad_accum "
             f"{start.grad_accum}) must be divisible by num_generations {start.num_generations}")
+    if start.rollout_batch and start.rollout_batch % start.effective_batch:
+        raise ValueError(f"rollout_batch {start.rollout_batch} must be a multiple of the effective batch "
+                         f"{start.effective_batch}")
+    if start.generation_batch and start.generation_batch not in generation_batches(start):
+        raise ValueError(f"generation_batch {start.generation_batch} is not a valid generation batch of {start}")
     if min_completion_tokens < 1 or min_prompt_tokens < 1:
         raise ValueError("length floors must be >= 1")
     if not 0.0 < length_step < 1.0:
@@ -110,13 +159,47 @@ def _cut_length(current: int, floor: int, length_step: float) -> int:
     return max(floor, cut)
 
 
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def generation_batches(s: Setting) -> List[int]:
+    """Valid generation batches of `s`, ascending. PPO: 1..rollout. GRPO (grouped): the
+    multiples of lcm(micro_batch, num_generations) that divide the rollout (TRL
+    generates whole micro batches of whole groups, steps_per_generation of them)."""
+    rollout = s.rollout
+    if not s.grouped_generation:
+        return list(range(1, rollout + 1))
+    unit = s.micro_batch * s.num_generations // _gcd(s.micro_batch, s.num_generations)
+    return [g for g in range(unit, rollout + 1, unit) if rollout % g == 0] or [rollout]
+
+
+def fit_generation_batch(s: Setting, target: int) -> Setting:
+    """`s` with the largest valid generation batch <= target (the smallest valid one if
+    none is). Used when a batch rung changes micro_batch under a grouped generation."""
+    if not s.generation_batch:
+        return s
+    valid = generation_batches(s)
+    fitting = [g for g in valid if g <= target]
+    return replace(s, generation_batch=fitting[-1] if fitting else valid[0])
+
+
+def _cut_generation(s: Setting) -> Optional[Setting]:
+    """The largest valid generation batch <= ceil(G/2), or None at the floor."""
+    current = s.generation
+    smaller = [g for g in generation_batches(s) if g < current and g <= (current + 1) // 2]
+    return replace(s, generation_batch=smaller[-1]) if smaller else None
+
+
 def _batch_rungs(start: Setting) -> List[tuple]:
     out = []
     s = start
     while s.micro_batch > 1:
         eff = s.effective_batch
         m = _next_micro_batch(s.micro_batch, eff)
-        nxt = replace(s, micro_batch=m, grad_accum=eff // m)
+        nxt = fit_generation_batch(replace(s, micro_batch=m, grad_accum=eff // m), s.generation_batch)
         out.append((nxt, f"micro_batch {s.micro_batch}->{m}, grad_accum {s.grad_accum}->{nxt.grad_accum}"))
         s = nxt
     return out
@@ -164,6 +247,35 @@ def next_rung(ladder: List[Rung], current_index: int) -> Optional[Rung]:
     if not 0 <= current_index < len(ladder):
         raise IndexError(f"rung index {current_index} outside ladder of {len(ladder)} rungs")
     return ladder[current_index + 1] if current_index + 1 < len(ladder) else None
+
+
+def step_down(ladder: List[Rung], current: Rung, phase: str) -> Optional[Rung]:
+    """Where to retry after an out-of-memory in `phase` at `current` (None: give up).
+
+    generation: cut the generation batch if it can shrink; else the next rung of the
+    list whose generation is smaller (sequences x length). Any other phase: the next
+    rung of the list (micro batch, checkpointing, lengths). The current generation
+    batch is carried along (refitted to the new micro batch), never grown back.
+    """
+    if not 0 <= current.index < len(ladder):
+        raise IndexError(f"rung index {current.index} outside ladder of {len(ladder)} rungs")
+    if phase not in Phase.ALL:
+        raise ValueError(f"unknown phase {phase!r}: expected one of {'|'.join(Phase.ALL)}")
+    s = current.setting
+    if phase == Phase.generation:
+        cut = _cut_generation(s)
+        if cut is not None:
+            return Rung(current.index, cut, current.changes_experiment,
+                        f"generation_batch {s.generation}->{cut.generation_batch}")
+    for rung in ladder[current.index + 1:]:
+        target = s.generation_batch or rung.setting.generation_batch
+        carried = fit_generation_batch(rung.setting, target) if target else rung.setting
+        if phase == Phase.generation and carried.generation_cost >= s.generation_cost:
+            continue  # cannot shrink the phase that ran out
+        description = rung.description + (f", generation_batch {carried.generation_batch}"
+                                           if carried.generation_batch != rung.setting.generation_batch else "")
+        return Rung(rung.index, carried, rung.changes_experiment, description)
+    return None
 
 
 def rung_for_setting(ladder: List[Rung], setting: Setting) -> int:
@@ -215,14 +327,14 @@ def is_oom_error(exc: BaseException) -> bool:
 
 def format_ladder(ladder: List[Rung]) -> str:
     """A fixed-width table for logs, one line per rung."""
-    header = (f"{'rung':>4} {'micro':>5} {'accum':>5} {'eff':>5} {'G':>3} {'prompt':>6} "
+    header = (f"{'rung':>4} {'micro':>5} {'accum':>5} {'eff':>5} {'G':>3} {'gen':>5} {'prompt':>6} "
               f"{'compl':>5} {'seq':>5} {'ckpt':>4} {'changes':>7}  description")
     lines = [header, "-" * len(header)]
     for r in ladder:
         s = r.setting
         lines.append(
             f"{r.index:>4} {s.micro_batch:>5} {s.grad_accum:>5} {s.effective_batch:>5} "
-            f"{s.num_generations:>3} {s.max_prompt_tokens:>6} {s.max_completion_tokens:>5} "
+            f"{s.num_generations:>3} {s.generation:>5} {s.max_prompt_tokens:>6} {s.max_completion_tokens:>5} "
             f"{s.max_seq_len:>5} {'on' if s.activation_checkpointing else 'off':>4} "
             f"{'YES' if r.changes_experiment else 'no':>7}  {r.description}")
     return "\n".join(lines)

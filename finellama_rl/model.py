@@ -163,6 +163,8 @@ def disable_cpu_repack(model) -> int:
 def _quantization_config(t: TrainerConfig, dtype):
     from transformers import BitsAndBytesConfig
 
+    if t.quantization.bits == 8:  # LLM.int8 (e.g. the *full* preset's 14B generator)
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=t.quantization.quant_type.value,
         bnb_4bit_use_double_quant=t.quantization.double_quant, bnb_4bit_compute_dtype=dtype,
@@ -198,7 +200,8 @@ def lora_config(t: TrainerConfig):
 
 
 def load_policy(m: ModelConfig, t: TrainerConfig, hardware: HardwareConfig, adapter_dir: Optional[str] = None):
-    """Base + LoRA (a fresh adapter, or the one saved in `adapter_dir`)."""
+    """Base + LoRA (a fresh adapter, or the one saved in `adapter_dir`); with
+    model.adapter, that adapter frozen underneath (finellama_rl/adapters.py)."""
     model = load_base(m, t, hardware)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -207,8 +210,19 @@ def load_policy(m: ModelConfig, t: TrainerConfig, hardware: HardwareConfig, adap
         return model
     from peft import PeftModel, get_peft_model
 
-    if t.quantization.enabled:
-        model.enable_input_require_grads()  # gradients must reach LoRA through frozen 4-bit layers
+    if t.activation_checkpointing:
+        # Only checkpointing needs it (a checkpointed block whose inputs need no grad would
+        # otherwise be skipped in backward), as in plain TRL; without checkpointing LoRA gets
+        # its gradients anyway and the embedding-output grads cost 4-9% of backward time
+        # (tests/test_model.py checks the gradients are identical).
+        model.enable_input_require_grads()
+    if m.adapter:  # a frozen trained adapter (e.g. SFT) under the trainable one: finellama_rl/adapters.py
+        from finellama_rl.adapters import FROZEN, resolve_adapter, stack_adapters
+
+        inside = Path(adapter_dir) / FROZEN if adapter_dir else None  # a checkpoint of such a run holds both
+        frozen = inside if inside is not None and inside.is_dir() else resolve_adapter(m.adapter)
+        log.info("starting from the frozen adapter %s", frozen)
+        return stack_adapters(model, frozen, lora_config(t), Path(adapter_dir) if adapter_dir else None)
     if adapter_dir:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     return get_peft_model(model, lora_config(t))

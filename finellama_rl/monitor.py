@@ -5,7 +5,12 @@ An algorithm calls `monitor.log(step, metrics)` when it has metrics and
 `monitor.decide(step)` after every optimizer step; the decision already accounts
 for the save schedule, a pending SLURM signal, the job's time limit and the
 `debug.crash_after_step` test hook. The training side knows nothing of SLURM
-beyond "a signal asks me to save" (`request_stop`).
+beyond "a signal asks me to save" (`request_stop`, or the supervisor's stop file in a
+multi-device run).
+
+Data parallel: every rank calls `decide` at every step and the decisions are agreed
+(one small all-reduce), so a signal or a time limit seen by one rank stops all of
+them at the same step; only rank 0 writes metrics.jsonl and prints.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class TrainingMonitor:
         self._last_log_time = self._t0
         self._last_log_step = start_step
         self._step_times: list[float] = []
+        # Callables (steps since the last line) -> extra metrics for each line, e.g. the
+        # scoring time and memory of model-backed reward sources (rewards/sources.py).
+        self.metric_sources: list[Callable[[int], Dict[str, float]]] = []
 
     def request_stop(self, reason: str) -> None:
         """Called from a signal handler: save at the end of this step, then stop."""
@@ -59,16 +67,21 @@ class TrainingMonitor:
         return (self._last_log_time - self._t0) / done if done > 0 else float("nan")
 
     def log(self, step: int, metrics: Dict[str, float], tokens: Optional[float] = None) -> Dict[str, float]:
+        from finellama_rl import distributed
+
         now = time.monotonic()
         steps = max(1, step - self._last_log_step)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        for source in self.metric_sources:
+            record.update({k: float(v) for k, v in source(steps).items()})
         record["perf/sec_per_step"] = (now - self._last_log_time) / steps
         if tokens is not None:
             record["perf/tokens_per_sec"] = tokens / max(now - self._last_log_time, 1e-9)
         record["time/elapsed_s"] = now - self._t0
         self._last_log_time, self._last_log_step = now, step
-        append_jsonl(self.paths.metrics, record)
-        self.print(self.progress_line(record))
+        if distributed.is_main():
+            append_jsonl(self.paths.metrics, record)
+            self.print(self.progress_line(record))
         return record
 
     def progress_line(self, r: Dict[str, float]) -> str:
@@ -85,13 +98,33 @@ class TrainingMonitor:
     def decide(self, step: int) -> Decision:
         evaluate = bool(self.t.eval_every) and step % self.t.eval_every == 0 and step < self.t.max_steps
         scheduled = step % self.t.save_every == 0 or step >= self.t.max_steps
-        if self.stop_reason:
+        stop, early = self._agreed(bool(self.stop_reason) or self._stop_file(),
+                                   not scheduled and self._save_would_come_too_late(step))
+        if stop:
+            self.request_stop("stop requested (signal on another rank or to the supervisor)")
             return Decision(save=True, evaluate=False, stop=True, reason=self.stop_reason)
         if self.crash_after_step is not None and step >= self.crash_after_step:
             return Decision(save=scheduled, evaluate=False, stop=True, reason="debug.crash_after_step")
-        if not scheduled and self._save_would_come_too_late(step):
+        if early:
             return Decision(save=True, evaluate=evaluate, stop=False, reason="time limit near: saving early")
         return Decision(save=scheduled, evaluate=evaluate, stop=False)
+
+    def _stop_file(self) -> bool:
+        from finellama_rl import distributed
+
+        return distributed.world() > 1 and distributed.stop_requested(self.paths.logs)
+
+    @staticmethod
+    def _agreed(*flags: bool) -> tuple:
+        """Each flag true if it is true on any rank (one all-reduce; local in one process)."""
+        from finellama_rl import distributed
+
+        if not distributed.initialized():
+            return flags
+        import torch
+
+        t = torch.tensor([float(f) for f in flags], device="cuda" if torch.cuda.is_available() else "cpu")
+        return tuple(bool(v) for v in distributed.all_reduce_max(t).tolist())
 
     def _save_would_come_too_late(self, step: int) -> bool:
         """True when the next scheduled save would land after the deadline."""

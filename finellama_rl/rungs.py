@@ -7,15 +7,25 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List
 
-from finellama_rl.config import Config
+from finellama_rl.config import Algo, Config, world_size
 from finellama_rl.ladder import Rung, Setting, build_ladder
 
 
 def setting_of(cfg: Config) -> Setting:
+    """Rung 0, per device. The generation batch is concrete: PPO samples the rollout
+    (prompts_per_step / devices sequences) in chunks of it; GRPO's is TRL's generation
+    batch, whole micro batches of whole groups (grouped_generation)."""
     t = cfg.trainer
+    rollout, grouped = 0, False
+    if t.algo == Algo.ppo:
+        rollout = t.prompts_per_step // world_size(cfg.hardware)
+    elif t.algo == Algo.grpo:
+        rollout, grouped = t.micro_batch * t.grad_accum, True
+    generation = (t.generation_batch or rollout) if rollout else 0
     return Setting(micro_batch=t.micro_batch, grad_accum=t.grad_accum, num_generations=t.num_generations,
                    max_prompt_tokens=t.max_prompt_tokens, max_completion_tokens=t.max_completion_tokens,
-                   activation_checkpointing=t.activation_checkpointing)
+                   activation_checkpointing=t.activation_checkpointing, generation_batch=generation,
+                   rollout_batch=rollout, grouped_generation=grouped)
 
 
 def ladder_for(cfg: Config) -> List[Rung]:
@@ -30,5 +40,6 @@ def config_at(cfg: Config, rung: Rung) -> Config:
     s = rung.setting
     trainer = replace(cfg.trainer, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
                       max_prompt_tokens=s.max_prompt_tokens, max_completion_tokens=s.max_completion_tokens,
-                      activation_checkpointing=s.activation_checkpointing)
+                      activation_checkpointing=s.activation_checkpointing,
+                      generation_batch=s.generation_batch if s.rollout_batch else cfg.trainer.generation_batch)
     return replace(cfg, trainer=trainer)

@@ -216,3 +216,125 @@ def test_modules_do_not_import_torch():
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     repo_root = Path(__file__).resolve().parents[1]  # `-c` puts the cwd on sys.path
     assert subprocess.run([sys.executable, "-c", code], cwd=repo_root).returncode == 0
+
+
+# ------------------------------------------------- generation batch and step_down
+
+
+def _ppo(m=4, accum=2, minibatches=2, gen=0, ckpt=False):
+    """A PPO-like setting: rollout = effective batch x mini-batches, any generation batch."""
+    eff = m * accum
+    return Setting(m, accum, 1, 128, 128, ckpt, generation_batch=gen or eff * minibatches,
+                   rollout_batch=eff * minibatches)
+
+
+def _grpo(m=4, accum=8, g=8, gen=0):
+    return Setting(m, accum, g, 128, 128, False, generation_batch=gen or m * accum, grouped_generation=True)
+
+
+def test_generation_batches_ppo_and_grpo():
+    from finellama_rl.ladder import generation_batches
+
+    assert generation_batches(_ppo(m=2, accum=2, minibatches=2)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    # GRPO: multiples of lcm(micro 4, group 8) = 8 that divide the step's 32 sequences
+    assert generation_batches(_grpo(m=4, accum=8, g=8)) == [8, 16, 32]
+    assert generation_batches(_grpo(m=6, accum=4, g=4)) == [12, 24]  # lcm(6, 4) = 12, E = 24
+
+
+def test_generation_oom_cuts_the_generation_batch_first_and_keeps_micro_batch():
+    from finellama_rl.ladder import Phase, step_down
+
+    ladder = build_ladder(_ppo(m=4, accum=2, minibatches=2), 64, 64)  # rollout 16
+    rung, gens = ladder[0], []
+    while rung is not None and rung.index == 0:
+        gens.append(rung.setting.generation_batch)
+        assert rung.setting.micro_batch == 4 and not rung.changes_experiment
+        rung = step_down(ladder, rung, Phase.generation)
+    assert gens == [16, 8, 4, 2, 1]
+    # at the floor: batch and checkpointing rungs cannot shrink generation; the first
+    # rung that does is a length cut, and it keeps the generation batch at 1
+    assert rung.setting.max_completion_tokens < 128 and rung.setting.generation_batch == 1
+    assert rung.index == next(r.index for r in ladder if r.setting.max_seq_len < 256)
+
+
+def test_training_oom_cuts_the_micro_batch_and_keeps_the_generation_batch():
+    from finellama_rl.ladder import Phase, step_down
+
+    ladder = build_ladder(_ppo(m=4, accum=2, minibatches=2), 64, 64)
+    r1 = step_down(ladder, ladder[0], Phase.training)
+    assert (r1.index, r1.setting.micro_batch, r1.setting.generation_batch) == (1, 2, 16)
+    cut = step_down(ladder, r1, Phase.generation)  # then a generation OOM: only the generation batch moves
+    assert (cut.index, cut.setting.micro_batch, cut.setting.generation_batch) == (1, 2, 8)
+    r2 = step_down(ladder, cut, Phase.optimizer)  # the cut generation batch is carried, never grown back
+    assert (r2.index, r2.setting.micro_batch, r2.setting.generation_batch) == (2, 1, 8)
+    assert "generation_batch 8" in r2.description
+
+
+def test_grpo_generation_batch_keeps_whole_micro_batches_and_groups():
+    from finellama_rl.ladder import Phase, step_down
+
+    ladder = build_ladder(_grpo(m=4, accum=8, g=8), 64, 64)
+    r = step_down(ladder, ladder[0], Phase.generation)
+    assert r.setting.generation_batch == 16 and r.setting.micro_batch == 4
+    r = step_down(ladder, r, Phase.generation)
+    assert r.setting.generation_batch == 8  # one group of 8 = two micro batches of 4
+    r = step_down(ladder, r, Phase.generation)  # floor: lcm(4, 8) = 8; batch rungs keep it at 8 -> skipped
+    assert r.setting.max_seq_len < 256 and r.setting.generation_batch == 8
+
+
+def test_step_down_exhaustive_invariants():
+    """Random starts and random phase sequences: every step shrinks the knob of the phase
+    that ran out (or the next rung's), keeps the effective batch and the groups, never grows
+    the generation batch, and ends (None) after finitely many steps."""
+    from finellama_rl.ladder import Phase, generation_batches, step_down
+
+    rng = random.Random(7)
+    for _ in range(300):
+        grouped = rng.random() < 0.5
+        g = rng.choice([2, 4, 8]) if grouped else 1
+        m = rng.choice([1, 2, 3, 4, 6, 8, 16])
+        accum = rng.choice([a for a in range(1, 9) if (m * a) % g == 0] or [g])
+        eff = m * accum
+        rollout = eff if grouped else eff * rng.choice([1, 2, 4])
+        start = Setting(m, accum, g, rng.choice([64, 200]), rng.choice([64, 300]), rng.random() < 0.3,
+                        generation_batch=rng.choice(generation_batches(Setting(m, accum, g, 8, 8, False, 0, rollout, grouped))),
+                        rollout_batch=0 if grouped else rollout, grouped_generation=grouped)
+        ladder = build_ladder(start, 64, 64)
+        rung, steps = ladder[0], 0
+        while rung is not None:
+            phase = rng.choice(Phase.ALL)
+            nxt = step_down(ladder, rung, phase)
+            steps += 1
+            assert steps < 200
+            if nxt is None:
+                break
+            s, n = rung.setting, nxt.setting
+            assert n.effective_batch == s.effective_batch and n.generation_batch in generation_batches(n)
+            assert n.generation_batch <= s.generation_batch and nxt.index >= rung.index
+            if phase == Phase.generation:
+                assert n.generation_cost < s.generation_cost  # it shrank the phase that ran out
+            else:
+                assert nxt.index == rung.index + 1  # the next rung of the list
+            rung = nxt
+
+
+def test_start_point_after_an_oom_steps_by_phase(tmp_path):
+    from finellama_rl.attempts import record_attempt, start_point
+    from finellama_rl.compose import load_config
+    from finellama_rl.ladder import Phase
+    from finellama_rl.results import RunPaths
+    from finellama_rl.rungs import ladder_for
+
+    cfg = load_config(["experiment=smoke", "trainer=ppo", "trainer.prompts_per_step=8", "trainer.micro_batch=4",
+                       f"run.dir={tmp_path}/results/r", f"run.results_dir={tmp_path}/results"])
+    paths = RunPaths(tmp_path / "results" / "r").make()
+    ladder = ladder_for(cfg)
+    assert start_point(cfg, paths, ladder) == ladder[0] and ladder[0].setting.generation_batch == 8
+    record_attempt(paths, ladder[0], "oom", phase=Phase.generation)
+    after_gen = start_point(cfg, paths, ladder)
+    assert (after_gen.index, after_gen.setting.generation_batch, after_gen.setting.micro_batch) == (0, 4, 4)
+    record_attempt(paths, after_gen, "oom", phase=Phase.training)
+    after_train = start_point(cfg, paths, ladder)
+    assert (after_train.index, after_train.setting.generation_batch, after_train.setting.micro_batch) == (1, 4, 2)
+    record_attempt(paths, after_train, "oom_killed")  # killed by the scheduler: phase unknown -> the list's next rung
+    assert start_point(cfg, paths, ladder).index == 2

@@ -1,10 +1,12 @@
 """The small interface both algorithms sit behind, so that checkpoints, metrics,
 evaluation, resume and the OOM ladder are written once.
 
-An algorithm is a function `train(ctx: TrainContext) -> TrainOutcome`. It trains
+An algorithm (grpo, ppo, sft) is a function `train(ctx: TrainContext) -> TrainOutcome`. It trains
 from `ctx.resume_from` (or from scratch) until `trainer.max_steps` or a stop
 decision, calls `ctx.monitor.log/decide` as it goes, and writes checkpoints with
-`ctx.save_checkpoint` (staging folder in, committed step folder out).
+`ctx.save_checkpoint` (staging folder in, committed step folder out). GRPO and PPO
+also report their phases to `ctx.tracker` and leave a host-memory snapshot in
+`ctx.snapshots` after every global step (no step is redone after an OOM).
 """
 from __future__ import annotations
 
@@ -30,6 +32,24 @@ class TrainContext:
     resume_from: Optional[Path] = None
     start_step: int = 0
     extra_state: Dict[str, Any] = field(default_factory=dict)  # written into finellama_state.json
+    # OOM attribution: trainers wrap generation/scoring/training/optimizer phases in
+    # tracker.phase(...) and set tracker.step (finellama_rl/attempts.py).
+    tracker: Any = field(default_factory=lambda: _new_tracker())
+    # Host-memory snapshot after every global step, kept across ladder attempts
+    # (finellama_rl/trainers/snapshot.py): an OOM retries the failing step from it.
+    snapshots: Any = field(default_factory=lambda: _new_holder())
+
+
+def _new_tracker():
+    from finellama_rl.attempts import PhaseTracker
+
+    return PhaseTracker()
+
+
+def _new_holder():
+    from finellama_rl.trainers.snapshot import SnapshotHolder
+
+    return SnapshotHolder()
 
 
 @dataclass
@@ -37,3 +57,4 @@ class TrainOutcome:
     final_step: int
     stopped_early: bool
     stop_reason: str = ""
+    restored_step: Optional[int] = None  # SFT keep_best: the checkpoint whose weights the policy ends with

@@ -19,6 +19,13 @@ Formulas
   L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)).
 * Clipped value loss:
   L_V = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2).
+* KL estimators (Schulman 2020, "Approximating KL Divergence"), with
+  d_t = log pi_ref(a_t) - log pi(a_t): k1 = -d_t (reward shaping), k3 = exp(d_t) - d_t - 1
+  (non-negative, TRL GRPO's estimator; the train/kl both trainers log).
+
+The means above are over all real tokens of a mini-batch. The trainer sums the
+per-token terms (``*_terms``) of each micro batch and divides by the mini-batch's
+token count (over all ranks), so any split into micro batches gives the same gradient.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from torch import Tensor
 
 __all__ = [
     "masked_mean", "masked_var", "masked_whiten", "compute_gae", "build_token_rewards",
-    "kl_per_token", "policy_loss", "value_loss", "entropy_from_logits",
+    "kl_per_token", "kl_k3", "policy_loss", "policy_loss_terms", "value_loss", "value_loss_terms",
+    "entropy_from_logits",
     "logprobs_from_logits", "explained_variance",
 ]
 
@@ -118,30 +126,49 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return logprobs - ref_logprobs
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO clipped surrogate. Returns (loss, clip_frac, approx_kl); the last two are detached."""
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3 KL estimator exp(d) - d - 1 with d = log pi_ref - log pi, (B, T); >= 0, unbiased
+    for KL(pi || pi_ref) under pi. TRL's GRPO uses it (in the loss when beta > 0)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
+
+
+def policy_loss_terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                      clip_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token clipped surrogate (B, T), clipped indicator and 0.5 * log_ratio^2 (both detached)."""
     log_ratio = logprobs - old_logprobs                                    # (B, T)
     ratio = torch.exp(log_ratio)                                           # (B, T)
     pg_unclipped = -advantages * ratio                                     # (B, T)
     pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), mask)
     with torch.no_grad():
-        clip_frac = masked_mean((pg_clipped > pg_unclipped).float(), mask)
-        approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
-    return loss, clip_frac, approx_kl
+        clipped = (pg_clipped > pg_unclipped).float()
+        approx_kl = 0.5 * log_ratio ** 2
+    return torch.maximum(pg_unclipped, pg_clipped), clipped, approx_kl
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                clip_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate. Returns (loss, clip_frac, approx_kl); the last two are detached."""
+    terms, clipped, approx_kl = policy_loss_terms(logprobs, old_logprobs, advantages, clip_eps)
+    return masked_mean(terms, mask), masked_mean(clipped, mask), masked_mean(approx_kl, mask)
+
+
+def value_loss_terms(values: Tensor, old_values: Tensor, returns: Tensor,
+                     clip_range_value: float) -> tuple[Tensor, Tensor]:
+    """Per-token clipped value loss 0.5 * max((v-R)^2, (v_clip-R)^2) (B, T) and the clipped indicator."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    loss_unclipped = (values - returns) ** 2                               # (B, T)
+    loss_clipped = (v_clipped - returns) ** 2                              # (B, T)
+    with torch.no_grad():
+        clipped = (loss_clipped > loss_unclipped).float()
+    return 0.5 * torch.maximum(loss_unclipped, loss_clipped), clipped
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
                clip_range_value: float) -> tuple[Tensor, Tensor]:
     """Clipped value loss 0.5 * mean max((v-R)^2, (v_clip-R)^2). Returns (loss, clip_frac)."""
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
-    loss_unclipped = (values - returns) ** 2                               # (B, T)
-    loss_clipped = (v_clipped - returns) ** 2                              # (B, T)
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    with torch.no_grad():
-        clip_frac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
-    return loss, clip_frac
+    terms, clipped = value_loss_terms(values, old_values, returns, clip_range_value)
+    return masked_mean(terms, mask), masked_mean(clipped, mask)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -5,27 +5,56 @@ advantages (old log-probs, values, reference log-probs, KL-shaped rewards, GAE).
 Why a module of its own: ppo.py keeps the loop, the update and checkpoints; this
 file is everything that happens under no_grad. Used by finellama_rl/trainers/ppo.py.
 
-Layout of a rollout (B = prompts_per_step sequences):
+Sampling: the rollout is generated in as few generate calls as memory allows
+(trainer.generation_batch sequences per call; 0 = all in one), with every decoding
+setting passed explicitly (`sampling_kwargs`: a model's generation_config, e.g.
+Qwen2.5's repetition_penalty 1.05 and top_k 20, never changes what is sampled).
+Each call samples under its own seed, derived from (seed, step, the call's prompts),
+inside `torch.random.fork_rng`: the samples do not depend on how the rollout is split
+across calls or ranks of the same chunking, and sampling leaves the global RNG alone.
+
+Layout of a rollout (B = this rank's prompts of the step):
     input_ids / attention_mask  (B, L)  prompt left-padded to Lp, then T completion tokens
     completion / mask           (B, T)  sampled ids; 1 on tokens up to and incl. the first EOS
-    old_logprobs, values, ref_logprobs, kl, advantages, returns  (B, T) fp32
+    old_logprobs, values, ref_logprobs, kl, kl_k3, advantages, returns  (B, T) fp32
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from finellama_rl import distributed as dist
+from finellama_rl.config import TrainerConfig
+from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
+from finellama_rl.ladder import Phase
 from finellama_rl.trainers.ppo_core import (
-    build_token_rewards, compute_gae, kl_per_token, logprobs_from_logits, masked_whiten,
+    build_token_rewards, compute_gae, kl_k3, kl_per_token, logprobs_from_logits,
 )
 from finellama_rl.trainers.value_head import Critic, forward_completion, is_peft, model_device
-from finellama_rl.config import TrainerConfig
 
 TOKEN_KEYS = ("completion", "mask", "old_logprobs", "values", "ref_logprobs", "kl", "advantages", "returns")
+
+
+@dataclass
+class RolloutEnv:
+    """Where a rollout runs: its global step (sampling seeds), the phase tracker (OOM
+    attribution, fault injection) and whether forwards run under bf16 autocast."""
+
+    step: int = 0
+    tracker: Any = None  # finellama_rl.attempts.PhaseTracker
+    amp: bool = False
+
+    def phase(self, name: str):
+        return self.tracker.phase(name) if self.tracker is not None else contextlib.nullcontext()
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
 
 def rows_for_step(rows: Sequence[dict], step: int, prompts_per_step: int, seed: int) -> List[dict]:
@@ -43,11 +72,63 @@ def rows_for_step(rows: Sequence[dict], step: int, prompts_per_step: int, seed: 
     return out
 
 
+def shard(rows: List[dict]) -> List[dict]:
+    """This rank's contiguous share of the step's prompts."""
+    per = len(rows) // dist.world()
+    return rows[dist.rank() * per:(dist.rank() + 1) * per]
+
+
 def completion_mask(completion: Tensor, eos_id: int) -> Tensor:
     """1 on tokens up to and including the first EOS, 0 after: (B, T) long."""
     is_eos = (completion == eos_id).long()                    # (B, T)
     eos_before = is_eos.cumsum(-1) - is_eos                   # EOS strictly before t
     return (eos_before == 0).long()
+
+
+def sampling_seed(seed: int, step: int, prompts: Sequence[str]) -> int:
+    """A seed for one generate call from its content (stable across processes and ranks)."""
+    h = hashlib.sha256(f"{seed}|{step}|".encode())
+    for p in prompts:
+        h.update(p.encode())
+        h.update(b"\x00")
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Sample under `seed` without touching the global RNG streams."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _left_pad(ids: Tensor, attn: Tensor, width: int, pad_id: int):
+    extra = width - ids.shape[1]
+    if not extra:
+        return ids, attn
+    return (torch.nn.functional.pad(ids, (extra, 0), value=pad_id), torch.nn.functional.pad(attn, (extra, 0), value=0))
+
+
+def _sample(policy, tokenizer, prompts: List[str], t: TrainerConfig, env: RolloutEnv):
+    """Left-padded prompts (B, Lp) and sampled completions (B, T) right-padded with pad ids,
+    in chunks of trainer.generation_batch prompts (0 = one generate call)."""
+    device = model_device(policy)
+    size = t.generation_batch or len(prompts)
+    kwargs = sampling_kwargs(t, tokenizer)
+    pieces = []
+    for i in range(0, len(prompts), size):
+        chunk = prompts[i:i + size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with seeded(sampling_seed(t.seed, env.step, chunk), device), env.autocast(), own_generation_config(policy):
+            out = policy.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
+        pieces.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:]))  # (b, t_i)
+    Lp = max(p[0].shape[1] for p in pieces)
+    T = max(p[2].shape[1] for p in pieces)
+    pad = tokenizer.pad_token_id
+    ids, attn = zip(*(_left_pad(p[0], p[1], Lp, pad) for p in pieces))
+    completion = torch.cat([torch.nn.functional.pad(p[2], (0, T - p[2].shape[1]), value=pad) for p in pieces])
+    return torch.cat(ids), torch.cat(attn), completion
 
 
 @dataclass
@@ -79,26 +160,6 @@ class Rollout:
         return out
 
 
-def _sample(policy, tokenizer, prompts: List[str], t: TrainerConfig):
-    """Left-padded prompts (B, Lp) and sampled completions (B, T) right-padded with pad ids."""
-    device = model_device(policy)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    pieces = []
-    for i in range(0, len(prompts), t.micro_batch):
-        ids, attn = enc["input_ids"][i:i + t.micro_batch], enc["attention_mask"][i:i + t.micro_batch]
-        # top_k=0 / repetition_penalty=1: sample from the policy itself (the model's
-        # generation_config may say otherwise), so old log-probs describe the sampler
-        out = policy.generate(
-            input_ids=ids, attention_mask=attn, do_sample=True, temperature=t.temperature, top_p=t.top_p,
-            top_k=0, repetition_penalty=1.0, max_new_tokens=t.max_completion_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-        )
-        pieces.append(out[:, ids.shape[1]:])                   # (b, t_i)
-    T = max(p.shape[1] for p in pieces)
-    completion = torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces])
-    return enc["input_ids"], enc["attention_mask"], completion
-
-
 def compute_rewards(reward_funcs: Sequence[Callable], names: Sequence[str], weights: Optional[Sequence[float]],
                     texts: List[str], rows: List[dict]):
     """Weighted sum of the reward functions: ((B,) tensor, {name: per-sample list})."""
@@ -112,13 +173,15 @@ def compute_rewards(reward_funcs: Sequence[Callable], names: Sequence[str], weig
     return total, parts
 
 
-def generate_rollout(policy, tokenizer, rows: List[dict], reward_funcs, t: TrainerConfig) -> Rollout:
+def generate_rollout(policy, tokenizer, rows: List[dict], reward_funcs, t: TrainerConfig,
+                     env: Optional[RolloutEnv] = None) -> Rollout:
     """Sample one completion per prompt (eval mode, no grad) and score it."""
+    env = env or RolloutEnv()
     was_training = policy.training
     policy.eval()
     try:
-        with torch.no_grad():
-            prompt_ids, prompt_attn, completion = _sample(policy, tokenizer, [r["prompt"] for r in rows], t)
+        with torch.no_grad(), env.phase(Phase.generation):
+            prompt_ids, prompt_attn, completion = _sample(policy, tokenizer, [r["prompt"] for r in rows], t, env)
     finally:
         policy.train(was_training)
     mask = completion_mask(completion, tokenizer.eos_token_id)          # (B, T)
@@ -143,8 +206,10 @@ def reference_logprobs(policy, reference, batch: Dict[str, Tensor], temperature:
 
 
 @torch.no_grad()
-def score_rollout(policy, critic: Critic, reference, roll: Rollout, t: TrainerConfig) -> None:
+def score_rollout(policy, critic: Critic, reference, roll: Rollout, t: TrainerConfig,
+                  env: Optional[RolloutEnv] = None) -> None:
     """Fill old_logprobs, values and ref_logprobs (micro batch at a time, eval mode)."""
+    env = env or RolloutEnv()
     B, T = roll.completion.shape
     for key in ("old_logprobs", "values", "ref_logprobs"):
         roll.extra[key] = torch.zeros(B, T, dtype=torch.float32, device=roll.completion.device)
@@ -155,30 +220,46 @@ def score_rollout(policy, critic: Critic, reference, roll: Rollout, t: TrainerCo
         for rows in torch.arange(B, device=roll.completion.device).split(t.micro_batch):
             batch = roll.batch(rows)                                          # trimmed: (b, L'), (b, T')
             T_b = batch["completion"].shape[1]
-            logits, hidden = forward_completion(policy, batch, t.temperature)  # (b, T', V), (b, T', H)
-            old = logprobs_from_logits(logits, batch["completion"])
-            del logits
-            ref = reference_logprobs(policy, reference, batch, t.temperature) if has_ref else old
+            with env.phase(Phase.scoring), env.autocast():
+                logits, hidden = forward_completion(policy, batch, t.temperature)  # (b, T', V), (b, T', H)
+                old = logprobs_from_logits(logits, batch["completion"])
+                del logits
+                ref = reference_logprobs(policy, reference, batch, t.temperature) if has_ref else old
+                values = critic.values(policy, batch, hidden)
             roll.extra["old_logprobs"][rows, :T_b] = old
-            roll.extra["values"][rows, :T_b] = critic.values(policy, batch, hidden)
+            roll.extra["values"][rows, :T_b] = values
             roll.extra["ref_logprobs"][rows, :T_b] = ref
     finally:
         policy.train(was_training)
 
 
+def global_whiten(x: Tensor, mask: Tensor) -> Tensor:
+    """masked_whiten with the mean and (unbiased) variance over every rank's tokens."""
+    m = mask.to(x.dtype)
+    s = dist.all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]))
+    mean = s[0] / s[1].clamp(min=1.0)
+    sq = dist.all_reduce_sum(((x - mean) ** 2 * m).sum().reshape(1))[0]
+    n = s[1]
+    var = sq / n.clamp(min=1.0) * (n / (n - 1) if n > 1 else 1.0)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), torch.zeros_like(x))
+
+
 def compute_advantages(roll: Rollout, t: TrainerConfig) -> None:
-    """KL-shaped token rewards -> GAE advantages (whitened if asked) and returns, all (B, T)."""
+    """KL-shaped token rewards (k1 x ppo.kl_coef) -> GAE advantages (whitened over all
+    ranks if asked) and returns, all (B, T); also the k3 estimate for train/kl."""
     mask = roll.mask
-    kl = kl_per_token(roll["old_logprobs"], roll["ref_logprobs"]) * mask            # (B, T)
-    token_rewards = build_token_rewards(roll.scores, kl, mask, t.beta)               # (B, T)
+    kl = kl_per_token(roll["old_logprobs"], roll["ref_logprobs"]) * mask            # (B, T) k1
+    token_rewards = build_token_rewards(roll.scores, kl, mask, t.ppo.kl_coef)        # (B, T)
     advantages, returns = compute_gae(token_rewards, roll["values"], mask, t.ppo.gamma, t.ppo.lam)
     if t.ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    roll.extra.update(kl=kl, advantages=advantages, returns=returns)
+        advantages = global_whiten(advantages, mask)
+    k3 = kl_k3(roll["old_logprobs"], roll["ref_logprobs"]) * mask
+    roll.extra.update(kl=kl, kl_k3=k3, advantages=advantages, returns=returns)
 
 
-def collect_rollout(policy, tokenizer, critic: Critic, reference, rows: List[dict], reward_funcs, t: TrainerConfig) -> Rollout:
-    roll = generate_rollout(policy, tokenizer, rows, reward_funcs, t)
-    score_rollout(policy, critic, reference, roll, t)
+def collect_rollout(policy, tokenizer, critic: Critic, reference, rows: List[dict], reward_funcs, t: TrainerConfig,
+                    env: Optional[RolloutEnv] = None) -> Rollout:
+    roll = generate_rollout(policy, tokenizer, rows, reward_funcs, t, env)
+    score_rollout(policy, critic, reference, roll, t, env)
     compute_advantages(roll, t)
     return roll

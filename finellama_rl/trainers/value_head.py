@@ -76,7 +76,8 @@ class LinearValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32 even under bf16 autocast
+            return self.linear(hidden.float()).squeeze(-1)
 
 
 class Critic:

@@ -1,0 +1,182 @@
+"""Data parallel over the devices of one node: the torchrun supervisor and the few
+collective operations both trainers need.
+
+How a multi-device run starts (hardware.gpus_per_node > 1, or hardware.processes > 1):
+`python -m finellama_rl.train ...` (what SLURM jobs and sbatch scripts run) sees it is
+not a torchrun worker and becomes the *supervisor*: it starts
+`torchrun --standalone --nproc_per_node=N -m finellama_rl.train ...` and waits. Each
+worker is one rank: NCCL on GPUs, gloo on CPU. Rank 0 alone writes files (metrics,
+checkpoints, evaluations, attempts.jsonl); the others wait at barriers.
+
+Out of memory on any rank: the other ranks are then stuck in a collective, so the
+rank that ran out writes its host snapshot and the attempt (with the phase) and
+exits with EXIT_OOM_RETRY; torchrun stops the others; the supervisor starts torchrun
+again, and every rank reads the same attempts.jsonl and steps down to the same rung
+(an OOM on one rank steps every rank down) and resumes from the snapshot: no step is
+redone. Stop requests (SLURM's USR2/TERM reach the supervisor) are passed on through a
+file that rank 0 reads every step; `TrainingMonitor.decide` makes every rank agree.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+log = logging.getLogger(__name__)
+
+EXIT_OOM_RETRY = 76  # a rank ran out of memory and recorded it: start the ranks again at the next rung
+STOP_FILE = "stop_request"  # in <run>/logs: the supervisor asks the ranks to save and stop
+EXIT_FILE = "rank_exit.json"  # in <run>/logs: the exit code the ranks meant (torchrun reports only 1)
+
+
+def world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_worker() -> bool:
+    """True inside a torchrun worker (a rank)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(cuda: bool) -> None:
+    """Join the process group (once): NCCL on GPUs, gloo on CPU."""
+    if world() <= 1 or initialized():
+        return
+    import torch
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    log.info("rank %d of %d joined the process group (%s)", rank(), world(), dist.get_backend())
+
+
+def barrier() -> None:
+    if initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """In place, over all ranks (a no-op in one process); returns the tensor."""
+    if initialized():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor):
+    if initialized():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_(tensors) -> None:
+    """Rank 0's values into every rank's tensors (identical starting weights)."""
+    if initialized():
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def all_reduce_grads(params) -> None:
+    """Sum the gradients of `params` over ranks in one flat buffer (the loss is already
+    normalised by the global token count, so the sum is the global gradient)."""
+    if not initialized():
+        return
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_sum(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def write_exit_code(logs: Path, code: int) -> None:
+    (Path(logs) / EXIT_FILE).write_text(json.dumps({"code": code, "rank": rank()}))
+
+
+def claim(logs: Path, name: str) -> bool:
+    """True for exactly one rank (the first to create `logs/name`)."""
+    try:
+        fd = os.open(str(Path(logs) / name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def stop_requested(logs: Path) -> bool:
+    return (Path(logs) / STOP_FILE).exists()
+
+
+# ----------------------------------------------------------------- supervisor
+
+
+def torchrun_command(argv: List[str], nprocs: int) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
+            "-m", "finellama_rl.train", *argv]
+
+
+def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) -> int:
+    """Run the ranks under torchrun until they finish; start them again after an OOM
+    (EXIT_OOM_RETRY), at most `max_restarts` times. Returns the ranks' exit code."""
+    logs = Path(run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / STOP_FILE).unlink(missing_ok=True)
+    proc: Optional[subprocess.Popen] = None
+
+    def request_stop(signum, _frame):
+        log.warning("received %s: asking the ranks to save and stop", signal.Signals(signum).name)
+        (logs / STOP_FILE).write_text(signal.Signals(signum).name)
+
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    for restart in range(max_restarts + 1):
+        (logs / EXIT_FILE).unlink(missing_ok=True)
+        proc = subprocess.Popen(torchrun_command(argv, nprocs))
+        while proc.poll() is None:  # poll, not wait: the signal handler must be able to run
+            time.sleep(0.5)
+        code = proc.returncode
+        try:
+            code = int(json.loads((logs / EXIT_FILE).read_text())["code"]) if code else 0
+        except (OSError, ValueError, KeyError):
+            pass
+        if code != EXIT_OOM_RETRY or (logs / STOP_FILE).exists():
+            return code
+        log.warning("a rank ran out of memory: starting the %d ranks again at the next rung (%d)", nprocs, restart + 1)
+    return code

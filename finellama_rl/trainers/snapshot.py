@@ -1,0 +1,148 @@
+"""Host-memory snapshots of training state, and RNG/scheduler state in safe formats.
+
+Why: after an in-process out-of-memory the run steps down the ladder and must not
+redo any step. Both trainers copy everything a checkpoint holds (adapter weights,
+value head, optimizer and scheduler state, RNG, step, data position and unlogged
+metrics) into host memory after every global step; LoRA state is megabytes. After
+an OOM, `SnapshotHolder.write` puts the last one on disk as a checkpoint-format
+folder (`checkpoints/.snapshot/step_N`, committed like a checkpoint) and the next
+attempt resumes from it: the failing step is retried at the next rung, nothing else
+is repeated. A snapshot holds no reference to the model, so the model can be freed
+before the next rung loads.
+
+Safe loading: nothing read from a run folder is unpickled with weights_only=False.
+RNG state goes to `rng_state.safetensors` (tensors plus JSON metadata), the LR
+scheduler to `scheduler.json`; optimizer.pt is read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+RNG_FILE = "rng_state.safetensors"
+SCHEDULER_FILE = "scheduler.json"
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU (a copy even when already there)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.random.set_rng_state_all(state["cuda"])
+
+
+def save_rng(path: Path, state: Dict[str, Any]) -> None:
+    """Tensors in safetensors, the rest as JSON in its metadata: no pickle."""
+    from safetensors.torch import save_file
+
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {"cpu": state["cpu"].contiguous(), "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda_{i}"] = s.cpu().contiguous()
+    meta = {"python": json.dumps([version, list(internal), gauss]),
+            "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
+            "cuda_devices": str(len(state.get("cuda", [])))}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng(path: Path) -> Dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    version, internal, gauss = json.loads(meta["python"])
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    keys = tensors["numpy_keys"].numpy().astype(np.uint32)
+    state = {"python": (version, tuple(internal), gauss), "numpy": (kind, keys, pos, has_gauss, cached),
+             "cpu": tensors["cpu"]}
+    cuda = int(meta.get("cuda_devices", "0"))
+    if cuda:
+        state["cuda"] = [tensors[f"cuda_{i}"] for i in range(cuda)]
+    return state
+
+
+def save_scheduler(path: Path, state: Dict[str, Any]) -> None:
+    """LambdaLR-style state (numbers, lists, None) as JSON; refuses anything else."""
+    Path(path).write_text(json.dumps(state))
+
+
+def load_scheduler(path: Path) -> Dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def load_optimizer(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """An optimizer state dict through torch's restricted unpickler (tensors and plain data only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ------------------------------------------------------------------ snapshots
+
+
+@dataclass
+class Snapshot:
+    step: int
+    payload: Dict[str, Any]  # CPU tensors and plain data; no model references
+    write: Callable[[Path, Dict[str, Any]], None]  # writes payload as a checkpoint-format folder
+    info: Dict[str, Any] = field(default_factory=dict)  # finellama_state.json extras (data position, pending eval)
+
+
+class SnapshotHolder:
+    """The latest host-memory snapshot of a run (one per process), kept across ladder attempts."""
+
+    def __init__(self) -> None:
+        self.latest: Optional[Snapshot] = None
+
+    def take(self, step: int, payload: Dict[str, Any], write: Callable[[Path, Dict[str, Any]], None],
+             **info: Any) -> Snapshot:
+        self.latest = Snapshot(step, payload, write, dict(info))
+        return self.latest
+
+    def mark(self, **info: Any) -> None:
+        """Update the latest snapshot's info (e.g. its evaluation has now run)."""
+        if self.latest is not None:
+            self.latest.info.update(info)
+
+    def write(self, checkpoints: Path, newer_than: int) -> Optional[Path]:
+        """Commit the latest snapshot to checkpoints/.snapshot/ if it is newer than
+        `newer_than` (the latest complete checkpoint's step); returns its folder."""
+        from finellama_rl.checkpoint import commit_checkpoint, snapshot_root, staging_root
+
+        snap = self.latest
+        if snap is None or snap.step <= newer_than:
+            return None
+        staged = staging_root(checkpoints) / f"snapshot-{snap.step}"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        snap.write(staged, snap.payload)
+        return commit_checkpoint(snapshot_root(checkpoints), staged, snap.step, {**snap.info, "snapshot": True}, 1)
