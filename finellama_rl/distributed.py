@@ -126,6 +126,30 @@ def all_reduce_grads(params) -> None:
         offset += g.numel()
 
 
+def weights_digest(params) -> str:
+    """SHA-256 of trainable weights (a few MB of LoRA): equal on every rank, or a bug."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def rank_digests(params) -> List[str]:
+    """Every rank's weights_digest, in rank order (on every rank); rank 0 warns if they differ."""
+    digest = weights_digest(params)
+    if not initialized():
+        return [digest]
+    import torch.distributed as dist
+
+    out: List[Optional[str]] = [None] * world()
+    dist.all_gather_object(out, digest)
+    if len(set(out)) > 1 and is_main():
+        log.warning("ranks hold different trainable weights: %s", out)
+    return [str(d) for d in out]
+
+
 def write_exit_code(logs: Path, code: int) -> None:
     (Path(logs) / EXIT_FILE).write_text(json.dumps({"code": code, "rank": rank()}))
 

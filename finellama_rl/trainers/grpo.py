@@ -259,10 +259,12 @@ def _callback(ctx: TrainContext, staging: Path):
                 ctx.snapshots.mark(eval_pending=False)
 
         def on_save(self, args, state, control, **kw):
+            digests = dist.rank_digests([p for p in ctx.policy.parameters() if p.requires_grad])
             dist.barrier()  # every rank has written its part (rng_state_<rank>.pth)
             if dist.is_main():
                 staged = staging / f"checkpoint-{state.global_step}"
-                info = {"data_position": state.global_step * ctx.cfg.trainer.prompts_per_step, **ctx.extra_state}
+                info = {"data_position": state.global_step * ctx.cfg.trainer.prompts_per_step,
+                        "rank_weight_digests": digests, **ctx.extra_state}
                 final = commit_checkpoint(ctx.paths.checkpoints, staged, state.global_step, info, ctx.cfg.trainer.keep_last)
                 log.info("checkpoint %s", final)
             dist.barrier()

@@ -260,11 +260,12 @@ def save_checkpoint(ctx: TrainContext, state: PPOState, step: int, payload: Dict
     """Rank 0 writes everything resume needs into staging and commits it as step_NNNNNN."""
     staged = staging_root(ctx.paths.checkpoints) / f"checkpoint-{step}"
     final = None
+    digests = dist.rank_digests(state.params)  # every rank: the data-parallel replicas must agree
     if dist.is_main():
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
         write_payload(staged, payload or capture(state, step))
-        info = {"data_position": step * ctx.cfg.trainer.prompts_per_step, **ctx.extra_state}
+        info = {"data_position": step * ctx.cfg.trainer.prompts_per_step, "rank_weight_digests": digests, **ctx.extra_state}
         final = commit_checkpoint(ctx.paths.checkpoints, staged, step, info, ctx.cfg.trainer.keep_last)
         log.info("checkpoint %s", final)
     dist.barrier()

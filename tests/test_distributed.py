@@ -1,0 +1,90 @@
+"""Data parallel on CPU: two torchrun ranks (gloo), started the way a multi-GPU job
+starts them (`python -m finellama_rl.train ... hardware.processes=2`: the training
+process supervises torchrun, finellama_rl/distributed.py), for both algorithms.
+
+Checked against a one-process run with the same global batch: the ranks hold identical
+adapters (every checkpoint records each rank's weight digest), the run folder has one
+set of files, and the per-step rewards, losses and gradient norms and the final adapter
+match the one-process run. The one-process run samples in two generate calls of the
+same prompts the two ranks sample (trainer.generation_batch = half the step), and every
+generate call is seeded from its prompts and step (trainers/ppo_rollout.sampling_seed),
+so both runs draw the same completions; what remains is float summation order.
+Tolerance: 1e-3 relative on rewards, losses and gradient norms, 1e-3 relative on the
+adapter (measured: ~1e-6). GRPO uses loss_type=grpo here because TRL's dapo normaliser
+counts the tokens of one generate call (a 2-call one-process step then weighs its two
+halves by their own token counts, a 2-rank step by the total).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finellama_rl.checkpoint import list_checkpoints, read_state
+from finellama_rl.compose import load_config
+from finellama_rl.results import read_jsonl
+from finellama_rl.train import run_training
+
+COMMON = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=2", "eval.max_new_tokens=4",
+          "eval.before_training=false", "trainer.max_completion_tokens=12", "trainer.max_steps=3",
+          "trainer.save_every=3", "trainer.rewards=[digits]", "trainer.learning_rate=3e-3", "trainer.micro_batch=2",
+          "ladder.remember_fit=false"]
+ALGO = {
+    # global batch 8 sequences; one process samples them in two calls of 4, like the two ranks
+    "ppo": (["trainer=ppo", "trainer.prompts_per_step=8"], "trainer.generation_batch=4"),
+    "grpo": (["trainer=grpo", "trainer.prompts_per_step=2", "trainer.num_generations=4", "trainer.loss_type=grpo"],
+             "trainer.generation_batch=4"),
+}
+KEYS = ("train/reward_mean", "train/loss", "train/grad_norm")
+
+
+def _adapter(run: Path):
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    return ckpt, load_file(str(ckpt / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_two_ranks_match_one_process(algo, tmp_path):
+    args, one_process_generation = ALGO[algo]
+    results = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = results / "two"
+    proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *COMMON, *args, "hardware.processes=2",
+                           f"run.results_dir={results}", f"run.dir={two}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 of 2 joined the process group (gloo)" in proc.stdout + proc.stderr
+
+    one = results / "one"
+    torch.set_num_threads(1)
+    assert run_training(load_config([*COMMON, *args, one_process_generation, f"run.results_dir={results}",
+                                     f"run.dir={one}"])) == 0
+
+    # one set of files: every step logged once, one eval, each checkpoint once
+    a, b = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    assert len(read_jsonl(two / "attempts.jsonl")) == 1
+    assert json.loads((two / "eval_results.json").read_text())["step"] == 3
+    assert [c.name for c in list_checkpoints(two / "checkpoints")] == ["step_000003"]
+    # identical adapters on both ranks
+    ckpt, adapter_two = _adapter(two)
+    digests = read_state(ckpt)["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # the curve and the weights of the one-process run with the same global batch
+    assert any(r["train/reward_mean"] > 0 for r in b), "the test needs rewards with variance"
+    for key in KEYS:
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-6), key
+    _, adapter_one = _adapter(one)
+    for name, w in adapter_one.items():
+        assert torch.allclose(adapter_two[name], w, rtol=1e-3, atol=1e-6), name
+    worst = max(((adapter_two[k] - w).abs().max() / w.abs().max().clamp(min=1e-12)).item() for k, w in adapter_one.items())
+    curve = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-9) for x, y in zip(a, b) for k in KEYS)
+    print(f"{algo}: 2 ranks vs 1 process: max relative difference {curve:.2e} (curve), {worst:.2e} (adapter)")
+    assert any(v.abs().max() > 0 for k, v in adapter_one.items() if "lora_B" in k), "training moved the adapter"
