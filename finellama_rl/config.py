@@ -130,6 +130,10 @@ class ModelConfig:
     """A local model folder; takes precedence over hub_id."""
     tiny: bool = False
     """Build a random-init Qwen2-architecture model and tokenizer locally (no download)."""
+    tiny_final_norm: float = 1.0
+    """Tiny only: initial weight of the final RMSNorm. With frozen random tied embeddings
+    (std 0.02) the logits of a random base stay within about +-0.02*hidden_size*this, so at
+    1.0 LoRA training can never make a confident prediction; model=tiny-lm uses 10."""
     params_b: float = MISSING
     """Parameter count in billions (memory planning)."""
     hidden_size: int = MISSING
@@ -237,8 +241,8 @@ class RewardModelConfig:
     trainer=rm."""
 
     model: Optional[ModelConfig] = None
-    """Architecture and shape (planning; trainer=rm's base; an ORM folder's base): a conf/model
-    option chosen with `model@reward_model.model=qwen2.5-1.5b`."""
+    """Architecture and shape (planning; trainer=rm's base, which defaults to `model`): a
+    conf/model option chosen with `model@reward_model.model=qwen2.5-1.5b`."""
     path: Optional[str] = None
     """What scores: a trainer=rm run folder, or a folder/hub id of a sequence-classification
     (orm) or Qwen2.5-Math-PRM-format (prm) model."""

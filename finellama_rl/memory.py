@@ -102,6 +102,7 @@ class MemoryInputs:
     value_head: str = "shared"  # PPO: "shared" linear head | "adapter" 2nd LoRA on the base
     completion_logits_only: bool = False  # lm_head on completion positions only
     double_quant: bool = True
+    quant_bits: int = 4  # 8: LLM.int8 base (1 byte per weight + fp32 row scales) instead of NF4
     context_bytes: int = 768 * 1024 ** 2  # CUDA context, cuBLAS workspaces, kernels
     fragmentation: float = 0.10  # caching-allocator slack, fraction of the phase's tensors
 
@@ -164,6 +165,8 @@ def _base_weight_bytes(inp: MemoryInputs) -> int:
     if not inp.quantized:
         return linear * b + leftover * b
     per_param = NF4_BYTES_DOUBLE_QUANT if inp.double_quant else NF4_BYTES_SINGLE_QUANT
+    if inp.quant_bits == 8:
+        per_param = 1 + 4 / min(i for i, _ in _linear_dims(s).values())  # int8 + an fp32 scale per row (upper bound)
     dequant = max(i * o for i, o in _linear_dims(s).values()) * b
     return int(linear * per_param) + leftover * b + dequant
 

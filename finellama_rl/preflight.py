@@ -86,6 +86,16 @@ def check_partition(cfg: Config, partitions: List[str]) -> None:
                           "(set it on the command line or in your site file)")
 
 
+def check_scoring(cfg: Config) -> None:
+    """A reward model named as a reward source exists (a trainer=rm run, a model folder or a hub id)."""
+    from finellama_rl.config import scoring_sources
+
+    if "reward_model" in scoring_sources(cfg.trainer):
+        from finellama_rl.rewards.reward_model import describe_source
+
+        describe_source(cfg.reward_model)
+
+
 def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) -> None:
     try:
         check_writable(Path(cfg.run.dir))
@@ -93,6 +103,7 @@ def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) 
         raise ConfigError("run.results_dir", f"{exc}; set run.results_dir=<a writable folder>") from None
     check_model(cfg)
     check_data(cfg)
+    check_scoring(cfg)
     if slurm:
         check_partition(cfg, partitions or [])
 

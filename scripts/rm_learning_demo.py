@@ -1,0 +1,168 @@
+"""Learning demo of the reward-model path on CPU with tiny models (issue 13), end to end:
+
+1. SFT start: the tiny random model is fully fine-tuned on the synthetic task's reference
+   solutions (finellama protocol) for a short while, so that it solves some problems;
+2. trainer=rm: a tiny reward model (the SFT'd model as its base, a one-logit head) is
+   trained on completions the SFT'd policy samples, corrupted copies and references, all
+   labelled by the correctness scorer; held-out accuracy / precision / recall / AUROC;
+3. GRPO with that reward model as the ONLY reward (trainer.rewards=[reward_model]); the
+   policy's accuracy on the test split is measured by the scorer (greedy), before and after.
+
+    python scripts/rm_learning_demo.py --out /tmp/rm-demo --seeds 0 1 2      (several minutes)
+
+Prints one JSON line per stage; docs/LOG.md quotes these figures. tests/test_rm_trainer.py
+runs a smaller version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TASK = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "data.num_train=1000",
+        "data.num_test=100", "data.max_operand=9", "data.ops=[add,sub]"]
+
+
+def sft_start(folder: Path, steps: int = 300, lr: float = 3e-3, batch: int = 32, seed: int = 0) -> Dict[str, float]:
+    """Full fine-tune of the tiny model on reference solutions (teacher forcing), saved to `folder`."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finellama_rl.compose import load_config
+    from finellama_rl.data import build_prompt, load_problems
+    from finellama_rl.eval.protocols import prompt_format, target_text
+    from finellama_rl.model import load_tokenizer, model_source
+
+    cfg = load_config(TASK, resolve_paths=False)
+    tok = load_tokenizer(cfg.model)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_source(cfg.model), dtype=torch.float32)
+    fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)
+    rows = [(build_prompt(tok, fmt, p["question"]), target_text(cfg.eval.protocol, p["answer"]) + tok.eos_token)
+            for p in load_problems(cfg.data, "train")]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng, t0, losses = random.Random(seed), time.time(), []
+    tok.padding_side = "right"
+    for step in range(steps):
+        chunk = rng.sample(rows, batch)
+        enc = tok([p + t for p, t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].clone()
+        for i, (p, _) in enumerate(chunk):
+            labels[i, : len(tok(p, add_special_tokens=False)["input_ids"])] = -100
+        labels[enc["attention_mask"] == 0] = -100
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(folder)
+    tok.padding_side = "left"
+    tok.save_pretrained(folder)
+    return {"sft_steps": steps, "sft_loss_last10": sum(losses[-10:]) / 10, "sft_seconds": round(time.time() - t0, 1)}
+
+
+def accuracy(model_path: Path, adapter: str | None = None) -> float:
+    """Greedy test accuracy (the protocol's scorer) of the SFT'd policy, optionally with an RL adapter."""
+    from finellama_rl.compose import load_config
+    from finellama_rl.eval.core import evaluate_model, prepare_eval
+    from finellama_rl.data import load_problems
+    from finellama_rl.model import load_tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config([*TASK, f"model.path={model_path}", "eval.num_examples=all", "eval.max_new_tokens=24"], resolve_paths=False)
+    tok = load_tokenizer(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    setup = prepare_eval(cfg, tok, load_problems(cfg.data, "test"), load_problems(cfg.data, "train"))
+    result = evaluate_model(model, tok, setup, desc="demo eval")
+    return float(result["accuracy"]["strict"] if isinstance(result["accuracy"], dict) else result["accuracy"])
+
+
+def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = ()) -> Dict[str, object]:
+    from finellama_rl.compose import load_config
+    from finellama_rl.train import run_training
+
+    run_dir = root / f"rm-seed{seed}"
+    cfg = load_config([*TASK, f"model.path={policy}", "trainer=rm", "model@reward_model.model=tiny",
+                       f"reward_model.model.path={policy}", f"trainer.seed={seed}", "trainer.max_completion_tokens=24",
+                       "trainer.rm.num_problems=400", "trainer.rm.samples_per_problem=4", "trainer.max_steps=150",
+                       "trainer.prompts_per_step=32", "trainer.micro_batch=32", "trainer.eval_every=50",
+                       "trainer.learning_rate=1e-3", "trainer.lora.r=16", "trainer.lora.alpha=32",
+                       "reward_model.batch_size=64", *extra,
+                       f"run.results_dir={root}", f"run.dir={run_dir}"])
+    t0 = time.time()
+    code = run_training(cfg)
+    doc = json.loads((run_dir / "rm_eval.json").read_text())
+    return {"seed": seed, "exit": code, "seconds": round(time.time() - t0, 1), "heldout": doc["heldout"],
+            "before_training": doc["before_training"]["accuracy"], "train_data": doc["train_data"],
+            "heldout_data": doc["heldout_data"], "run_dir": str(run_dir)}
+
+
+def grpo_with_rm(root: Path, policy: Path, rm_run: str, seed: int, steps: int, extra: Sequence[str] = ()) -> Dict[str, object]:
+    from finellama_rl.compose import load_config
+    from finellama_rl.train import run_training
+
+    run_dir = root / f"grpo-rm-seed{seed}"
+    cfg = load_config([*TASK, f"model.path={policy}", "trainer=grpo", "trainer.rewards=[reward_model]",
+                       "model@reward_model.model=tiny", f"reward_model.model.path={policy}", f"reward_model.path={rm_run}",
+                       "reward_model.quantization=fp32", "trainer.quantization.enabled=false", "trainer.lora.enabled=false",
+                       "trainer.learning_rate=2e-5", "trainer.prompts_per_step=16", "trainer.num_generations=8",
+                       "trainer.micro_batch=32", "trainer.max_completion_tokens=24", f"trainer.max_steps={steps}",
+                       f"trainer.save_every={steps}", f"trainer.seed={seed}", "trainer.temperature=1.0",
+                       "eval.num_examples=all", "eval.max_new_tokens=24", *extra,
+                       f"run.results_dir={root}", f"run.dir={run_dir}"])
+    t0 = time.time()
+    code = run_training(cfg)
+    doc = json.loads((run_dir / "eval_results.json").read_text())
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"seed": seed, "exit": code, "seconds": round(time.time() - t0, 1),
+            "baseline_accuracy": doc["baseline"]["accuracy"], "final_accuracy": doc["accuracy"],
+            "rm_reward_first5": sum(m["train/reward/reward_model"] for m in metrics[:5]) / 5,
+            "rm_reward_last5": sum(m["train/reward/reward_model"] for m in metrics[-5:]) / 5,
+            "score_s_per_step": sum(m.get("perf/reward/reward_model_s", 0) for m in metrics) / len(metrics),
+            "run_dir": str(run_dir)}
+
+
+def main(argv: List[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--grpo-steps", type=int, default=40)
+    ap.add_argument("--skip-grpo", action="store_true")
+    args = ap.parse_args(argv)
+    root = Path(args.out or tempfile.mkdtemp(prefix="rm-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HOME", str(root / "hf"))
+    from finellama_rl.console import setup_logging
+
+    setup_logging()
+    policy = root / "sft-policy"
+    if not (policy / "config.json").exists():
+        print(json.dumps({"stage": "sft", **sft_start(policy, args.sft_steps)}), flush=True)
+    rms = []
+    for seed in args.seeds:
+        rms.append(train_rm(root, policy, seed))
+        print(json.dumps({"stage": "rm", **rms[-1]}), flush=True)
+    if not args.skip_grpo:
+        out = grpo_with_rm(root, policy, rms[0]["run_dir"], args.seeds[0], args.grpo_steps)
+        print(json.dumps({"stage": "grpo_rm", **out}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
