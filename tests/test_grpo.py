@@ -82,3 +82,62 @@ def test_grpo_learns_a_learnable_task(make_config, tmp_path):
     rewards = [r["train/reward_mean"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
     assert last >= first + 0.25, f"reward {first:.3f} -> {last:.3f}"
+
+
+# ------------------------------------------------------- fp32 adapters, decoding
+
+
+def _grpo_ctx(make_config, *extra):
+    from _trainctx import alternating_reward, build_ctx
+
+    cfg = make_config("experiment=smoke", "eval.protocol=finellama", "trainer.max_completion_tokens=8",
+                      "trainer.prompts_per_step=2", "trainer.num_generations=4", "trainer.micro_batch=4",
+                      "trainer.max_steps=1", "trainer.save_every=100", *extra)
+    return cfg, build_ctx(cfg, reward_funcs=[alternating_reward])
+
+
+def _dtypes(tensors):
+    return {str(t.dtype) for t in tensors}
+
+
+def test_grpo_trainable_weights_and_optimizer_state_are_fp32_on_a_4bit_base(make_config):
+    import bitsandbytes as bnb
+    import torch
+
+    from finellama_rl.trainers import grpo
+
+    cfg, ctx = _grpo_ctx(make_config)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in ctx.policy.modules())  # a 4-bit base
+    trainer, _ = grpo.build_trainer(ctx)
+    assert trainer.cast_back_to_fp32 > 0, "TRL 1.16 casts trainable weights of a 4-bit model to bf16"
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and _dtypes(trainable) == {"torch.float32"}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert _dtypes(p for p in trainer.model.parameters() if p.requires_grad) == {"torch.float32"}
+    state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    assert state and _dtypes(state) == {"torch.float32"}  # exp_avg / exp_avg_sq
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+def test_grpo_sampling_ignores_the_models_generation_config(make_config):
+    """A checkpoint's generation_config (Qwen2.5 ships repetition_penalty 1.05, top_k 20,
+    top_p 0.8, temperature 0.7) must not change what GRPO samples."""
+    from transformers import GenerationConfig
+
+    from finellama_rl.trainers import grpo
+    from finellama_rl.trainers.decoding import own_generation_config
+
+    cfg, ctx = _grpo_ctx(make_config)
+    lm = ctx.policy.get_base_model()
+    lm.generation_config = GenerationConfig(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7,
+                                            min_p=0.1, no_repeat_ngram_size=3, do_sample=True)
+    trainer, _ = grpo.build_trainer(ctx)
+    with own_generation_config(trainer.model):
+        effective, _ = lm._prepare_generation_config(trainer.generation_config)
+    assert lm.generation_config.repetition_penalty == 1.05  # restored afterwards
+    assert (effective.temperature, effective.top_p, effective.top_k, effective.repetition_penalty) == (1.0, 1.0, 0, 1.0)
+    assert effective.min_p is None and effective.no_repeat_ngram_size == 0
+    leaked, _ = lm._prepare_generation_config(trainer.generation_config)  # without the guard: TRL alone
+    assert leaked.min_p == 0.1  # what the guard keeps out (TRL leaves min_p unset: None)

@@ -30,33 +30,11 @@ from finellama_rl.results import RunPaths, read_jsonl
 PPO = ["experiment=smoke", "trainer=ppo", "trainer.num_generations=1", "trainer.prompts_per_step=8",
        "trainer.micro_batch=4", "trainer.max_completion_tokens=8", "trainer.warmup_steps=0"]
 METRIC_KEYS = ["train/reward_mean", "train/reward_std", "train/loss", "train/policy_loss", "train/value_loss",
-               "train/kl", "train/entropy", "train/clip_frac", "train/approx_kl", "train/value_clip_frac",
+               "train/kl", "train/kl_k1", "train/entropy", "train/clip_frac", "train/approx_kl", "train/value_clip_frac",
                "train/value_explained_var", "train/learning_rate", "train/grad_norm", "train/completion_len"]
 
 
-def alternating_reward(completions, **kw):
-    """Rewards with variance whatever the model writes (so advantages are not all 0)."""
-    return [float(i % 2) for i in range(len(completions))]
-
-
-def build_ctx(cfg, reward_funcs=None, resume_from=None, start_step=0) -> TrainContext:
-    """A TrainContext like run_training's, without evaluation or the OOM ladder."""
-    import transformers
-
-    from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
-    from finellama_rl.monitor import TrainingMonitor
-    from finellama_rl.rewards.rules import build_reward_funcs
-
-    ensure_tiny_model(cfg.model)  # built before seeding: building consumes RNG
-    transformers.set_seed(cfg.trainer.seed)
-    tok = load_tokenizer(cfg.model)
-    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
-    rows, _ = with_prompts(load_problems(cfg.data, "train"), tok, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
-    paths = RunPaths(Path(cfg.run.dir)).make()
-    monitor = TrainingMonitor(cfg.trainer, paths, start_step, "test", print_fn=lambda s: None)
-    funcs = reward_funcs or build_reward_funcs(cfg.trainer.rewards)
-    return TrainContext(cfg, paths, policy, tok, rows, funcs, monitor, lambda m, s: {}, resume_from, start_step)
+from _trainctx import alternating_reward, build_ctx  # noqa: E402  (tests/ is on sys.path)
 
 
 def batch_loss(state, roll, t) -> tuple[float, float]:
@@ -131,7 +109,7 @@ def test_one_update_lowers_the_loss_on_its_batch(make_config):
     assert roll["advantages"].abs().sum() > 0
     pl0, vl0 = batch_loss(state, roll, t)
     stats = ppo.optimizer_step(state, roll, torch.randperm(8), t)
-    assert max(s["approx_kl"] for s in stats) < 1e-8  # before the step the policy is the rollout policy
+    assert stats["approx_kl"] < 1e-8  # before the step the policy is the rollout policy
     pl1, vl1 = batch_loss(state, roll, t)
     loss0, loss1 = pl0 + t.ppo.vf_coef * vl0, pl1 + t.ppo.vf_coef * vl1
     assert loss1 < loss0 - 1e-4, (loss0, loss1)
@@ -149,7 +127,7 @@ def test_two_steps_4bit_lora_log_every_metric_and_checkpoint_restores(make_confi
     outcome = ppo.train(ctx)
     assert outcome.final_step == 2 and not outcome.stopped_early
     dropouts = [m for m in ctx.policy.modules() if isinstance(m, torch.nn.Dropout)]
-    assert dropouts and all(m.p == 0 for m in dropouts)  # incl. the value adapter's
+    assert all(m.p == 0 for m in dropouts)  # incl. the value adapter's (LoRA dropout 0: PEFT uses Identity)
     records = read_jsonl(ctx.paths.metrics)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
@@ -230,7 +208,7 @@ def cfg_epochs_minibatches(cfg) -> int:
 LEARN = ["trainer=ppo", "model=tiny", "data=arithmetic", "data.num_train=256", "trainer.lora.enabled=false",
          "trainer.quantization.enabled=false", "trainer.rewards=[digits]", "trainer.prompts_per_step=32",
          "trainer.micro_batch=16", "trainer.max_completion_tokens=8", "trainer.learning_rate=1e-3",
-         "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.beta=0.01", "trainer.max_steps=45",
+         "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.ppo.kl_coef=0.01", "trainer.max_steps=45",
          "trainer.save_every=1000"]
 
 
@@ -249,3 +227,123 @@ def test_ppo_raises_a_learnable_reward(make_config):
     assert first < 0.1 and last >= first + 0.2, (first, last, rewards)
     kls = [r["train/kl"] for r in read_jsonl(ctx.paths.metrics)]
     assert kls[0] == 0.0 and kls[-1] > 0.0  # the reference stays where training started
+
+
+# ------------------------------------------ the objective does not depend on micro_batch
+
+
+def _uneven_rollout(state, ctx, t, lengths):
+    """A real rollout whose completions are cut to `lengths` tokens (uneven), rescored."""
+    from finellama_rl.trainers.ppo_rollout import generate_rollout
+
+    roll = generate_rollout(state.policy, ctx.tokenizer, ctx.train_rows[:len(lengths)], ctx.reward_funcs, t)
+    L = roll.completion.shape[1]
+    for i, n in enumerate(lengths):
+        roll.mask[i, n:] = 0
+        roll.attention_mask[i, roll.input_ids.shape[1] - L + n:] = 0
+    score_rollout(state.policy, state.critic, state.reference, roll, t)
+    compute_advantages(roll, t)
+    return roll
+
+
+@pytest.mark.parametrize("value_head", ["shared", "adapter"])
+def test_gradient_is_the_same_for_every_micro_batch(make_config, value_head):
+    """README: the OOM ladder's batch rungs keep the objective. Token terms are summed
+    per micro batch and divided by the mini-batch's token count, so micro batch 8, 4, 2
+    and 1 give the same gradient (before: per-micro token means scaled by 1/n differed
+    by 218% between micro batch 1 and 8 on these lengths)."""
+    from dataclasses import replace
+
+    cfg = make_config(*PPO, "trainer.max_completion_tokens=16", f"trainer.ppo.value_head={value_head}")
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    t = cfg.trainer
+    state = ppo.build_state(ctx.policy, t)
+    with torch.no_grad():  # a moved adapter and head, so that ratios and values are not trivial
+        for p in state.params:
+            p.add_(torch.randn_like(p) * 0.02)
+    roll = _uneven_rollout(state, ctx, t, lengths=[1, 16, 3, 9, 2, 14, 5, 7])
+    rows = torch.arange(8)
+    grads, stats = {}, {}
+    for micro in (8, 4, 2, 1):
+        state.optimizer.zero_grad(set_to_none=True)
+        stats[micro] = ppo.accumulate_gradients(state, roll, rows, replace(t, micro_batch=micro))
+        grads[micro] = torch.cat([p.grad.reshape(-1) for p in state.params if p.grad is not None])
+    ref = grads[8]
+    assert ref.norm() > 0
+    for micro in (4, 2, 1):
+        rel = ((grads[micro] - ref).norm() / ref.norm()).item()
+        assert rel < 1e-4, (micro, rel)
+        assert stats[micro]["policy_loss"] == pytest.approx(stats[8]["policy_loss"], rel=1e-4, abs=1e-7)
+        assert stats[micro]["value_loss"] == pytest.approx(stats[8]["value_loss"], rel=1e-4, abs=1e-7)
+
+
+def test_ppo_trainable_weights_and_optimizer_state_are_fp32_on_a_4bit_base(make_config):
+    import bitsandbytes as bnb
+
+    cfg = make_config(*PPO)
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in ctx.policy.modules())
+    state = ppo.build_state(ctx.policy, cfg.trainer)
+    assert {str(p.dtype) for p in state.params} == {"torch.float32"}
+    roll = collect_rollout(state.policy, ctx.tokenizer, state.critic, state.reference, ctx.train_rows[:8], ctx.reward_funcs, cfg.trainer)
+    ppo.optimizer_step(state, roll, torch.arange(8), cfg.trainer)
+    assert {str(p.dtype) for p in state.params} == {"torch.float32"}
+    opt = [v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    assert opt and {str(v.dtype) for v in opt} == {"torch.float32"}
+
+
+def test_rollout_generation_batch_and_explicit_decoding(make_config):
+    """The rollout is sampled in ceil(B / generation_batch) generate calls (0: one), each
+    seeded from its prompts and step, and a model generation_config (Qwen2.5's
+    repetition_penalty 1.05, top_k 20, ...) changes nothing that is sampled."""
+    from transformers import GenerationConfig
+
+    from finellama_rl.trainers.ppo_rollout import RolloutEnv
+
+    cfg = make_config(*PPO, "trainer.max_completion_tokens=12")
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    policy, rows = ctx.policy, ctx.train_rows[:8]
+    calls = []
+    original = policy.generate
+
+    def counting(*a, **kw):
+        calls.append(kw["input_ids"].shape[0])
+        return original(*a, **kw)
+
+    policy.generate = counting
+    t = cfg.trainer
+    whole = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, t, RolloutEnv(step=3))
+    assert calls == [8]
+    calls.clear()
+    from dataclasses import replace
+
+    halves = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, replace(t, generation_batch=4), RolloutEnv(step=3))
+    assert calls == [4, 4]
+    again = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, replace(t, generation_batch=4), RolloutEnv(step=3))
+    assert torch.equal(halves.completion, again.completion)  # seeded by content and step
+    other_step = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, t, RolloutEnv(step=4))
+    assert not torch.equal(whole.completion, other_step.completion)
+    policy.get_base_model().generation_config = GenerationConfig(
+        repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, min_p=0.1, do_sample=True)
+    leaky = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, t, RolloutEnv(step=3))
+    assert torch.equal(leaky.completion, whole.completion)
+    assert policy.get_base_model().generation_config.repetition_penalty == 1.05  # restored
+
+
+def test_kl_metrics_are_k3_and_k1_per_token(make_config):
+    from finellama_rl.trainers.ppo_core import kl_k3
+
+    cfg = make_config(*PPO)
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    state = ppo.build_state(ctx.policy, cfg.trainer)
+    with torch.no_grad():
+        for n, p in state.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)  # the policy differs from the reference
+    roll = collect_rollout(state.policy, ctx.tokenizer, state.critic, state.reference, ctx.train_rows[:8], ctx.reward_funcs, cfg.trainer)
+    m = ppo.step_metrics(roll, ppo.ppo_update(state, roll, cfg.trainer), cfg.trainer)
+    mask = roll.mask
+    k3 = (kl_k3(roll["old_logprobs"], roll["ref_logprobs"]) * mask).sum() / mask.sum()
+    k1 = ((roll["old_logprobs"] - roll["ref_logprobs"]) * mask).sum() / mask.sum()
+    assert m["train/kl"] == pytest.approx(k3.item(), rel=1e-6) and m["train/kl"] > 0
+    assert m["train/kl_k1"] == pytest.approx(k1.item(), rel=1e-6)

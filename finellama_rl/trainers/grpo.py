@@ -272,7 +272,8 @@ def _callback(ctx: TrainContext, staging: Path):
     return FinellamaCallback()
 
 
-def train(ctx: TrainContext) -> TrainOutcome:
+def build_trainer(ctx: TrainContext):
+    """TRL's GRPOTrainer (our subclass) for this run, trainable weights back in fp32."""
     from datasets import Dataset
 
     staging = staging_root(ctx.paths.checkpoints)
@@ -287,9 +288,14 @@ def train(ctx: TrainContext) -> TrainOutcome:
         processing_class=ctx.tokenizer,
         callbacks=[callback],
     )
-    cast = keep_trainable_fp32(trainer.model)
-    log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", cast)
+    trainer.cast_back_to_fp32 = keep_trainable_fp32(trainer.model)
+    log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", trainer.cast_back_to_fp32)
     trainer.remove_callback(_printer_callback_type())
+    return trainer, callback
+
+
+def train(ctx: TrainContext) -> TrainOutcome:
+    trainer, callback = build_trainer(ctx)
     resume = str(ctx.resume_from) if ctx.resume_from else None
     trainer.train(resume_from_checkpoint=resume)
     if dist.is_main():
