@@ -15,9 +15,10 @@ from typing import List, Tuple
 from finellama_rl.fitmem import describe as describe_fit_memory, remembered
 from finellama_rl.rungs import ladder_for
 from finellama_rl.compose import CONF_DIR, load_config, split_argv
-from finellama_rl.config import Algo, Config, Device
+from finellama_rl.config import Algo, Config, ConfigError, Device, world_size
 from finellama_rl.ladder import Rung, Setting
 from finellama_rl.memory import GIB, MemoryEstimate, MemoryInputs, ModelShape, estimate_memory, format_estimate, plan_rung
+from finellama_rl.plan_scoring import batch_table, format_parts, parse_batches, scoring_parts, shared_bytes
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -39,13 +40,25 @@ def memory_inputs(cfg: Config, setting: Setting) -> MemoryInputs:
         compute_bytes=2 if cfg.hardware.bf16 else 4, beta=t.beta,
         generation_batch=setting.micro_batch if ppo else setting.micro_batch * setting.grad_accum,
         lora_dropout=0.0 if ppo else t.lora.dropout, value_head=t.ppo.value_head.value,
-        completion_logits_only=ppo, double_quant=t.quantization.double_quant)
+        completion_logits_only=ppo, double_quant=t.quantization.double_quant, quant_bits=t.quantization.bits)
+
+
+def policy_budget_bytes(cfg: Config) -> int:
+    """GPU bytes left to the policy: the card minus the scoring models that share its GPU."""
+    return int(cfg.hardware.gpu_mem_gb * GIB) - shared_bytes(scoring_parts(cfg))
 
 
 def plan(cfg: Config) -> Tuple[List[Rung], int, MemoryEstimate]:
     ladder = ladder_for(cfg)
-    index, est = plan_rung(ladder, lambda s: memory_inputs(cfg, s), int(cfg.hardware.gpu_mem_gb * GIB), cfg.ladder.planner_margin)
+    index, est = plan_rung(ladder, lambda s: memory_inputs(cfg, s), policy_budget_bytes(cfg), cfg.ladder.planner_margin)
     return ladder, index, est
+
+
+def rung0_peak_bytes(cfg: Config) -> int:
+    """The policy's predicted peak at rung 0 (the seed-style batch table's policy part)."""
+    from finellama_rl.rungs import setting_of
+
+    return estimate_memory(memory_inputs(cfg, setting_of(cfg))).peak_bytes
 
 
 def choose_start_rung(cfg: Config) -> Tuple[int, str]:
@@ -64,19 +77,27 @@ def choose_start_rung(cfg: Config) -> Tuple[int, str]:
 
 
 def verdict_table(overrides: List[str]) -> str:
-    rows = [["hardware", "GPU GiB", "rung 0 peak", "planned rung", "setting", "peak", "verdict"]]
+    rows = [["hardware", "GPU GiB", "scorers GiB", "rung 0 peak", "planned rung", "setting", "peak", "verdict"]]
     for hw in sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml")):
-        cfg = load_config([*overrides, f"hardware={hw}"], resolve_paths=False)
+        if load_config([f"hardware={hw}"], resolve_paths=False).hardware.device != Device.cuda:
+            continue
+        try:
+            cfg = load_config([*overrides, f"hardware={hw}"], resolve_paths=False)
+        except ConfigError as exc:  # e.g. reward_model.gpu=1 on a one-GPU profile
+            rows.append([hw, "", "", "", "", "", "", f"n/a: {exc.key} (not valid on this profile)"])
+            continue
         if cfg.hardware.device != Device.cuda:
             continue
         ladder, index, est = plan(cfg)
         first = estimate_memory(memory_inputs(cfg, ladder[0].setting))
-        budget = (1 - cfg.ladder.planner_margin) * cfg.hardware.gpu_mem_gb * GIB
+        budget = (1 - cfg.ladder.planner_margin) * policy_budget_bytes(cfg)
+        parts = scoring_parts(cfg)
+        scorers = " ".join(f"{p.total / GIB:.1f}{'' if p.gpu is None else f'@GPU{p.gpu}'}" for p in parts) or "-"
         s = ladder[index].setting
         verdict = "fits" if index == 0 else ("fits after step-down" if est.peak_bytes <= budget else "DOES NOT FIT")
         if est.peak_bytes <= budget and ladder[index].changes_experiment:
             verdict = "fits only with shorter sequences"
-        rows.append([hw, f"{cfg.hardware.gpu_mem_gb:g}", f"{first.peak_bytes / GIB:.1f}", str(index),
+        rows.append([hw, f"{cfg.hardware.gpu_mem_gb:g}", scorers, f"{first.peak_bytes / GIB:.1f}", str(index),
                      f"{s.micro_batch}x{s.grad_accum} seq {s.max_prompt_tokens}+{s.max_completion_tokens}"
                      f"{' ckpt' if s.activation_checkpointing else ''}", f"{est.peak_bytes / GIB:.1f}", verdict])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -84,12 +105,20 @@ def verdict_table(overrides: List[str]) -> str:
 
 
 def main(argv: List[str]) -> int:
+    argv, batches = parse_batches(argv)  # --batches 1,2,4,8: the seed-style table (plan_scoring.py)
     _, overrides = split_argv(argv)
     cfg = load_config(overrides, resolve_paths=False)
     t = cfg.trainer
+    quant = f"{t.quantization.bits}-bit" if t.quantization.enabled else "no"
     print(f"{cfg.model.name} {t.algo.value} on {cfg.hardware.name}: micro batch {t.micro_batch} x accum {t.grad_accum}, "
           f"prompt {t.max_prompt_tokens} + completion {t.max_completion_tokens} tokens, LoRA r={t.lora.r}, "
-          f"4-bit={t.quantization.enabled}")
+          f"quantization={quant}, training processes={world_size(cfg.hardware)}")
+    if t.algo not in (Algo.grpo, Algo.ppo):
+        print(f"the planner models GRPO and PPO steps; trainer={t.algo.value} is not planned")
+        return 0
+    parts = scoring_parts(cfg)
+    if parts:
+        print("\nscoring models (additive to the policy; plan_scoring.py):\n" + format_parts(parts))
     if cfg.hardware.device == Device.cuda:
         ladder, index, est = plan(cfg)
         print(f"\npredicted peak at the planned rung {index} ({ladder[index].description}):")
@@ -97,6 +126,10 @@ def main(argv: List[str]) -> int:
     print("\n" + describe_fit_memory(cfg, ladder_for(cfg)))
     print("\nper GPU profile (margin {:.0%}):".format(cfg.ladder.planner_margin))
     print(verdict_table([o for o in overrides if not o.startswith("hardware=")]))
+    if batches:
+        print(f"\npredicted GiB per GPU used (GPU 0 [+ GPU 1]) by sequences per process per step (rung 0, "
+              f"margin {cfg.ladder.planner_margin:.0%}):")
+        print(batch_table(overrides, batches, rung0_peak_bytes))
     return 0
 
 

@@ -121,10 +121,12 @@ def _cell(overrides: List[str], profile: str, b: int, policy_peak: Callable[[Con
     from finellama_rl.compose import load_config
 
     try:
-        base = load_config([*overrides, f"hardware={profile}"], resolve_paths=False)
+        gpus = load_config([f"hardware={profile}"], resolve_paths=False).hardware.gpus_per_node
+        base = load_config([*overrides, f"hardware={profile}", "trainer.micro_batch=1",  # any valid batch: for the split
+                            f"trainer.prompts_per_step={max(1, gpus)}", "trainer.generation_batch=0"], resolve_paths=False)
         procs, g = world_size(base.hardware), base.trainer.num_generations
         if (b * procs) % g:
-            return f"n/a (b x {procs} not a multiple of {g} generations)"
+            return f"n/a ({g} generations)"
         cfg = load_config([*overrides, f"hardware={profile}", f"trainer.micro_batch={b}",
                            f"trainer.prompts_per_step={b * procs // g}", "trainer.generation_batch=0"], resolve_paths=False)
     except ConfigError as exc:

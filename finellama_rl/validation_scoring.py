@@ -54,9 +54,6 @@ def _validate_rm_trainer(cfg: Config) -> None:
     r = cfg.trainer.rm
     if cfg.reward_model.kind != RewardModelKind.orm:
         raise ConfigError("reward_model.kind", "trainer=rm trains an outcome reward model; set reward_model.kind=orm")
-    if cfg.trainer.num_generations != 1:
-        raise ConfigError("trainer.num_generations", "trainer=rm trains on labelled completions; set trainer.num_generations=1 "
-                                                     "(trainer.rm.samples_per_problem sets how many are sampled)")
     if not 0 < r.heldout_fraction < 1:
         raise ConfigError("trainer.rm.heldout_fraction", f"must be in (0, 1), got {r.heldout_fraction}")
     _positive("trainer.rm.samples_per_problem", r.samples_per_problem)

@@ -28,10 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TASK = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "data.num_train=1000",
-        "data.num_test=100", "data.max_operand=9", "data.ops=[add,sub]"]
+        "data.num_test=100", "data.max_operand=5", "data.ops=[add]"]
+RM_FULL = ["trainer.lora.enabled=false", "trainer.quantization.enabled=false"]  # see LOG: LoRA on the tiny base
 
 
-def sft_start(folder: Path, steps: int = 300, lr: float = 3e-3, batch: int = 32, seed: int = 0) -> Dict[str, float]:
+def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16, seed: int = 0) -> Dict[str, float]:
     """Full fine-tune of the tiny model on reference solutions (teacher forcing), saved to `folder`."""
     import random
 
@@ -141,7 +142,8 @@ def main(argv: List[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=200)
+    ap.add_argument("--rm-lora", action="store_true", help="4-bit base + LoRA for the reward model (default: full fine-tune)")
     ap.add_argument("--grpo-steps", type=int, default=40)
     ap.add_argument("--skip-grpo", action="store_true")
     args = ap.parse_args(argv)
@@ -156,7 +158,7 @@ def main(argv: List[str]) -> int:
         print(json.dumps({"stage": "sft", **sft_start(policy, args.sft_steps)}), flush=True)
     rms = []
     for seed in args.seeds:
-        rms.append(train_rm(root, policy, seed))
+        rms.append(train_rm(root, policy, seed, [] if args.rm_lora else RM_FULL))
         print(json.dumps({"stage": "rm", **rms[-1]}), flush=True)
     if not args.skip_grpo:
         out = grpo_with_rm(root, policy, rms[0]["run_dir"], args.seeds[0], args.grpo_steps)

@@ -97,7 +97,7 @@ class JudgeScorer(FrozenScorer):
         render = lambda c: tok.apply_chat_template(judge_messages(question, c, reference), tokenize=False,
                                                    add_generation_prompt=True)
         overhead = len(tok(render(""), add_special_tokens=False)["input_ids"])
-        room = max(16, self.j.max_input_tokens - overhead)
+        room = max(16, self.j.max_input_tokens - overhead - 16)  # 16: "..." and re-tokenisation at the cut
         ids = tok(completion, add_special_tokens=False)["input_ids"]
         if len(ids) > room:
             completion = "..." + tok.decode(ids[-room:], skip_special_tokens=True)
