@@ -314,13 +314,16 @@ class TrainerConfig:
     ppo.epochs x ppo.num_mini_batches optimizer steps."""
 
     algo: Algo = MISSING
+    """grpo (TRL's GRPOTrainer), ppo (ours), sft; selects conf/trainer/<algo>.yaml."""
     learning_rate: float = 1e-5
     """AdamW learning rate of the trainable (fp32) weights: LoRA, and PPO's value head."""
     lr_schedule: LRSchedule = LRSchedule.constant
+    """LR schedule after warmup, both trainers (PPO over optimizer steps, GRPO over global steps)."""
     warmup_steps: int = 0
     """Linear warmup length in global steps, both trainers (PPO converts it to optimizer
     steps internally: x ppo.epochs x ppo.num_mini_batches)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the trainable weights, both trainers."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm per optimizer step (0 = no clipping), both trainers."""
     prompts_per_step: int = 8
@@ -377,6 +380,7 @@ class TrainerConfig:
     rewards (correctness, format, digits) and frozen models (reward_model, judge: their own
     top-level sections). README "Reward sources"."""
     reward_weights: Optional[List[float]] = None
+    """One weight per reward (None: all 1), both trainers (GRPO: TRL's reward_weights)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -1,0 +1,97 @@
+"""One meaning per knob (issue 10): the settings PPO and GRPO would read differently are
+rejected with a message that names the knob to use, and every TrainerConfig field says
+what it means for each trainer."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from finellama_rl.compose import load_config
+from finellama_rl.config import ConfigError, TrainerConfig
+
+SMOKE = ["experiment=smoke"]
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["trainer=ppo", "trainer.beta=0.05"], "trainer.beta", "trainer.ppo.kl_coef"),
+    (["trainer=ppo", "trainer.top_p=0.9"], "trainer.top_p", "must be 1 for PPO"),
+    (["trainer=ppo", "trainer.num_iterations=2"], "trainer.num_iterations", "trainer.ppo.epochs"),
+    (["trainer=ppo", "trainer.lora.dropout=0.05"], "trainer.lora.dropout", "must be 0"),
+    (["trainer=grpo", "trainer.lora.dropout=0.05"], "trainer.lora.dropout", "must be 0"),
+    (["trainer=grpo", "trainer.generation_batch=6"], "trainer.generation_batch", "multiple of micro_batch"),
+    (["trainer=grpo", "trainer.num_iterations=0"], "trainer.num_iterations", "> 0"),
+    (["trainer=ppo", "trainer.generation_batch=-1"], "trainer.generation_batch", ">= 0"),
+])
+def test_conflicting_knobs_are_rejected(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config([*SMOKE, *overrides], resolve_paths=False)
+    assert err.value.key == key and words in err.value.message
+
+
+def test_accepted_settings():
+    g = load_config([*SMOKE, "trainer=grpo", "trainer.generation_batch=8", "trainer.num_iterations=2",
+                     "trainer.top_p=0.9", "trainer.beta=0.04"], resolve_paths=False).trainer
+    assert (g.generation_batch, g.num_iterations, g.beta, g.lora.dropout) == (8, 2, 0.04, 0.0)
+    p = load_config([*SMOKE, "trainer=ppo", "trainer.generation_batch=3"], resolve_paths=False).trainer
+    assert p.generation_batch == 3 and p.ppo.kl_coef == 0.05 and p.beta == 0.0 and p.warmup_steps == 0
+
+
+def test_grpo_config_maps_generation_batch_and_iterations():
+    from finellama_rl.trainers.grpo import build_grpo_config
+
+    cfg = load_config([*SMOKE, "trainer=grpo", "trainer.prompts_per_step=4", "trainer.num_generations=8",
+                       "trainer.micro_batch=4", "trainer.generation_batch=16", "trainer.num_iterations=2",
+                       "trainer.warmup_steps=3"], resolve_paths=False)
+    args = build_grpo_config(cfg, "/tmp/unused")
+    assert (args.gradient_accumulation_steps, args.steps_per_generation, args.generation_batch_size) == (8, 4, 16)
+    assert args.num_iterations == 2 and args.warmup_steps == 3
+    assert (args.top_k, args.repetition_penalty) == (0, 1.0)  # explicit, whatever the model's generation_config says
+
+
+def test_ppo_warmup_counts_global_steps():
+    """Both trainers count trainer.warmup_steps in global steps; PPO's scheduler runs in
+    optimizer steps (epochs x mini-batches per global step)."""
+    import torch
+
+    from finellama_rl.trainers import ppo
+
+    cfg = load_config([*SMOKE, "trainer=ppo", "trainer.prompts_per_step=8", "trainer.micro_batch=4",
+                       "trainer.warmup_steps=2", "trainer.max_steps=8", "trainer.ppo.epochs=2",
+                       "trainer.ppo.num_mini_batches=2", "trainer.lr_schedule=linear"], resolve_paths=False)
+    model = torch.nn.Linear(2, 2)
+    model.config = type("C", (), {"hidden_size": 2})()
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    from transformers import get_scheduler
+
+    t = cfg.trainer
+    per_step = t.ppo.epochs * t.ppo.num_mini_batches
+    sched = get_scheduler(t.lr_schedule.value, opt, num_warmup_steps=t.warmup_steps * per_step,
+                          num_training_steps=t.max_steps * per_step)
+    lrs = []
+    for _ in range(t.max_steps * per_step):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:per_step * 2] == pytest.approx([i / 8 for i in range(8)])  # warmup over 2 global steps
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 2 * per_step
+    assert "warmup_steps * per_step" in open(ppo.__file__).read()
+
+
+def test_every_trainer_field_is_documented_for_each_trainer():
+    import ast
+    import inspect
+
+    import finellama_rl.config as config
+
+    tree = ast.parse(inspect.getsource(config))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainerConfig")
+    documented, body = set(), cls.body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            documented.add(a.target.id)
+    nested = {f.name for f in dataclasses.fields(TrainerConfig)  # lora, ppo, ...: their fields have their own docs
+              if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+    scalar = [f.name for f in dataclasses.fields(TrainerConfig) if f.name not in nested]
+    missing = [name for name in scalar if name not in documented]
+    assert not missing, f"TrainerConfig fields without a doc line: {missing}"
