@@ -49,33 +49,24 @@ def test_grpo_config_maps_generation_batch_and_iterations():
     assert (args.top_k, args.repetition_penalty) == (0, 1.0)  # explicit, whatever the model's generation_config says
 
 
-def test_ppo_warmup_counts_global_steps():
+def test_ppo_warmup_counts_global_steps(make_config):
     """Both trainers count trainer.warmup_steps in global steps; PPO's scheduler runs in
     optimizer steps (epochs x mini-batches per global step)."""
-    import torch
+    from _trainctx import build_ctx
 
     from finellama_rl.trainers import ppo
 
-    cfg = load_config([*SMOKE, "trainer=ppo", "trainer.prompts_per_step=8", "trainer.micro_batch=4",
-                       "trainer.warmup_steps=2", "trainer.max_steps=8", "trainer.ppo.epochs=2",
-                       "trainer.ppo.num_mini_batches=2", "trainer.lr_schedule=linear"], resolve_paths=False)
-    model = torch.nn.Linear(2, 2)
-    model.config = type("C", (), {"hidden_size": 2})()
-    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    from transformers import get_scheduler
-
-    t = cfg.trainer
-    per_step = t.ppo.epochs * t.ppo.num_mini_batches
-    sched = get_scheduler(t.lr_schedule.value, opt, num_warmup_steps=t.warmup_steps * per_step,
-                          num_training_steps=t.max_steps * per_step)
+    cfg = make_config(*SMOKE, "trainer=ppo", "trainer.prompts_per_step=8", "trainer.micro_batch=4",
+                      "trainer.warmup_steps=2", "trainer.max_steps=8", "trainer.ppo.epochs=2",
+                      "trainer.ppo.num_mini_batches=2", "trainer.lr_schedule=linear", "trainer.learning_rate=1.0")
+    state = ppo.build_state(build_ctx(cfg).policy, cfg.trainer)
     lrs = []
-    for _ in range(t.max_steps * per_step):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert lrs[:per_step * 2] == pytest.approx([i / 8 for i in range(8)])  # warmup over 2 global steps
-    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 2 * per_step
-    assert "warmup_steps * per_step" in open(ppo.__file__).read()
+    for _ in range(8 * 4):  # 8 global steps x 4 optimizer steps
+        lrs.append(state.scheduler.get_last_lr()[0])
+        state.optimizer.step()
+        state.scheduler.step()
+    assert lrs[:8] == pytest.approx([i / 8 for i in range(8)])  # warmup = 2 global steps = 8 optimizer steps
+    assert lrs.index(max(lrs)) == 8 and max(lrs) == pytest.approx(1.0)
 
 
 def test_every_trainer_field_is_documented_for_each_trainer():
