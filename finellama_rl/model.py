@@ -43,6 +43,8 @@ def cache_root() -> Path:
 
 def _tiny_key(m: ModelConfig) -> str:
     shape = [m.hidden_size, m.num_layers, m.num_attention_heads, m.num_kv_heads, m.intermediate_size, m.vocab_size, m.max_position_embeddings, m.tie_embeddings]
+    if m.tiny_final_norm != 1.0:  # appended only when set, so existing tiny models keep their folder
+        shape.append(["final_norm", m.tiny_final_norm])
     return "tiny-qwen2-" + hashlib.sha1(json.dumps(shape + [3]).encode()).hexdigest()[:10]
 
 
@@ -89,6 +91,8 @@ def build_tiny_model(m: ModelConfig, folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # see ModelConfig.tiny_final_norm: lets LoRA on a frozen random base reach confident logits
+        model.model.norm.weight.fill_(m.tiny_final_norm)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -62,3 +62,36 @@ def test_4bit_lora_policy_trains_after_eval(cfg):
     loss.backward()
     grads = [p.grad for n, p in policy.named_parameters() if p.requires_grad and "lora_A" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_input_require_grads_only_with_activation_checkpointing(cfg):
+    """enable_input_require_grads() (an embedding-output hook that makes backward compute
+    gradients for the embeddings' output) only where checkpointing needs it, as plain TRL
+    does; without checkpointing the LoRA gradients are identical with or without it."""
+    from dataclasses import replace
+
+    tok = load_tokenizer(cfg.model)
+    enc = tok(["Ava has 3 apples. Ben has 4."], return_tensors="pt")
+
+    def lora_grads(policy):
+        policy.zero_grad(set_to_none=True)
+        policy(**enc, labels=enc["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(0)
+    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
+    base = policy.get_base_model()
+    assert getattr(base, "_require_grads_hook", None) is None
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)  # non-zero B: lora_A gets gradients too
+    plain = lora_grads(policy)
+    base.enable_input_require_grads()
+    hooked = lora_grads(policy)
+    assert plain.keys() == hooked.keys() and all(torch.equal(plain[n], hooked[n]) for n in plain)
+    assert all(g.abs().sum() > 0 for g in plain.values())
+
+    ckpt = replace(cfg.trainer, activation_checkpointing=True)
+    checkpointed = load_policy(cfg.model, ckpt, cfg.hardware)
+    assert getattr(checkpointed.get_base_model(), "_require_grads_hook", None) is not None
