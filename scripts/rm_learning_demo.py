@@ -93,13 +93,13 @@ def accuracy(model_path: Path, adapter: str | None = None) -> float:
     return float(result["accuracy"]["strict"] if isinstance(result["accuracy"], dict) else result["accuracy"])
 
 
-def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = ()) -> Dict[str, object]:
+def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), base: Path | None = None) -> Dict[str, object]:
     from finellama_rl.compose import load_config
     from finellama_rl.train import run_training
 
     run_dir = root / f"rm-seed{seed}"
     cfg = load_config([*TASK, f"model.path={policy}", "trainer=rm", "model@reward_model.model=tiny",
-                       f"reward_model.model.path={policy}", f"trainer.seed={seed}", "trainer.max_completion_tokens=24",
+                       f"reward_model.model.path={base or policy}", f"trainer.seed={seed}", "trainer.max_completion_tokens=24",
                        "trainer.rm.num_problems=400", "trainer.rm.samples_per_problem=4", "trainer.max_steps=150",
                        "trainer.prompts_per_step=32", "trainer.micro_batch=32", "trainer.eval_every=50",
                        "trainer.learning_rate=1e-3", "trainer.lora.r=16", "trainer.lora.alpha=32",
@@ -113,13 +113,14 @@ def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = ()) -> 
             "heldout_data": doc["heldout_data"], "run_dir": str(run_dir)}
 
 
-def grpo_with_rm(root: Path, policy: Path, rm_run: str, seed: int, steps: int, extra: Sequence[str] = ()) -> Dict[str, object]:
+def grpo_with_rm(root: Path, policy: Path, rm_run: str, seed: int, steps: int, extra: Sequence[str] = (),
+                 base: Path | None = None) -> Dict[str, object]:
     from finellama_rl.compose import load_config
     from finellama_rl.train import run_training
 
     run_dir = root / f"grpo-rm-seed{seed}"
     cfg = load_config([*TASK, f"model.path={policy}", "trainer=grpo", "trainer.rewards=[reward_model]",
-                       "model@reward_model.model=tiny", f"reward_model.model.path={policy}", f"reward_model.path={rm_run}",
+                       "model@reward_model.model=tiny", f"reward_model.model.path={base or policy}", f"reward_model.path={rm_run}",
                        "reward_model.quantization=fp32", "trainer.quantization.enabled=false", "trainer.lora.enabled=false",
                        "trainer.learning_rate=2e-5", "trainer.prompts_per_step=16", "trainer.num_generations=8",
                        "trainer.micro_batch=32", "trainer.max_completion_tokens=24", f"trainer.max_steps={steps}",
@@ -146,6 +147,8 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--rm-lora", action="store_true", help="4-bit base + LoRA for the reward model (default: full fine-tune)")
     ap.add_argument("--grpo-steps", type=int, default=40)
     ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--rm-base-sft-steps", type=int, default=300,
+                    help="the reward model's base: the same SFT run longer (0: the policy itself)")
     args = ap.parse_args(argv)
     root = Path(args.out or tempfile.mkdtemp(prefix="rm-demo-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -156,12 +159,18 @@ def main(argv: List[str]) -> int:
     policy = root / "sft-policy"
     if not (policy / "config.json").exists():
         print(json.dumps({"stage": "sft", **sft_start(policy, args.sft_steps)}), flush=True)
+    base = None
+    if args.rm_base_sft_steps:
+        base = root / "sft-rm-base"
+        if not (base / "config.json").exists():
+            print(json.dumps({"stage": "sft_rm_base", **sft_start(base, args.rm_base_sft_steps)}), flush=True)
+    print(json.dumps({"stage": "sft_accuracy", "policy": accuracy(policy), "rm_base": accuracy(base) if base else None}), flush=True)
     rms = []
     for seed in args.seeds:
-        rms.append(train_rm(root, policy, seed, [] if args.rm_lora else RM_FULL))
+        rms.append(train_rm(root, policy, seed, [] if args.rm_lora else RM_FULL, base))
         print(json.dumps({"stage": "rm", **rms[-1]}), flush=True)
     if not args.skip_grpo:
-        out = grpo_with_rm(root, policy, rms[0]["run_dir"], args.seeds[0], args.grpo_steps)
+        out = grpo_with_rm(root, policy, rms[0]["run_dir"], args.seeds[0], args.grpo_steps, base=base)
         print(json.dumps({"stage": "grpo_rm", **out}), flush=True)
     return 0
 

@@ -268,18 +268,23 @@ def test_real_tiny_judge_model_loads_and_malformed_output_scores_zero(tiny_folde
 
 
 @pytest.mark.slow
-def test_grpo_with_judge_runs_end_to_end(monkeypatch, tiny_folder, make_config):
-    """GRPO whose only reward is the (fake) judge: trains, logs train/reward/judge and the scoring figures."""
+@pytest.mark.parametrize("trainer, batch", [
+    ("grpo", ["trainer.prompts_per_step=2", "trainer.num_generations=4", "trainer.micro_batch=8"]),
+    ("ppo", ["trainer.prompts_per_step=4", "trainer.num_generations=1", "trainer.micro_batch=4", "trainer.warmup_steps=0"]),
+])
+def test_judge_runs_end_to_end_in_both_trainers(monkeypatch, tiny_folder, make_config, trainer, batch):
+    """GRPO and PPO with the (fake) judge next to a rule reward, weighted: both train and log
+    train/reward/<name> per source and the judge's scoring figures on every line."""
     from finellama_rl.train import run_training
 
     _fake_judge(monkeypatch, tiny_folder)
-    cfg = make_config(*TINY, "trainer=grpo", "trainer.rewards=[judge]", "model@judge.model=tiny", "eval.protocol=finellama",
-                      "trainer.max_steps=2", "trainer.save_every=2", "trainer.prompts_per_step=2", "trainer.num_generations=4",
-                      "trainer.micro_batch=8", "trainer.max_completion_tokens=8", "eval.num_examples=4",
+    cfg = make_config(*TINY, f"trainer={trainer}", "trainer.rewards=[judge,format]", "trainer.reward_weights=[1.0,0.5]",
+                      "model@judge.model=tiny", "eval.protocol=finellama", *batch,
+                      "trainer.max_steps=2", "trainer.save_every=2", "trainer.max_completion_tokens=8", "eval.num_examples=4",
                       "eval.max_new_tokens=8", "data.num_train=32", "data.num_test=8")
     assert run_training(cfg) == 0
     lines = [json.loads(x) for x in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2
     for rec in lines:
-        assert 0.0 <= rec["train/reward/judge"] <= 1.0
+        assert 0.0 <= rec["train/reward/judge"] <= 1.0 and 0.0 <= rec["train/reward/format"] <= 1.0
         assert rec["perf/reward/judge_s"] > 0 and "train/judge_malformed_frac" in rec
