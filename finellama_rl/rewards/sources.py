@@ -108,7 +108,7 @@ def check_sources_available(cfg: Config) -> None:
         judge_source(cfg.judge)
 
 
-def _build_scorer(name: str, cfg: Config, tokenizer_of_policy: Any = None):
+def _build_scorer(name: str, cfg: Config):
     device = scoring_device(cfg.hardware, getattr(cfg, name).gpu)
     if name == "reward_model":
         from finellama_rl.rewards.reward_model import load_reward_model
