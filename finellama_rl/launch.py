@@ -166,7 +166,7 @@ def check_local_gpu(runs: List[PlannedRun]) -> None:
     if not present:
         r = gpu_runs[0]
         raise ConfigError("hardware", f"hardware={r.cfg.hardware.name} needs a CUDA GPU but {why}; on a SLURM login node "
-                          "use launcher=slurm, on this machine use hardware=cpu (e.g. experiment=smoke) [in {}]".format(r.label))
+                          f"use launcher=slurm, on this machine use hardware=cpu (e.g. experiment=smoke) [in {r.label}]")
 
 
 def preflight(runs: List[PlannedRun], slurm: bool) -> None:

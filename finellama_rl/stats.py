@@ -7,7 +7,7 @@ import statistics
 from typing import Any, Dict, List
 
 from finellama_rl.config import Config
-from finellama_rl.results import RunPaths, atomic_write_json, read_jsonl
+from finellama_rl.results import RunPaths, atomic_write_json, number_or_none, read_jsonl
 
 STEP_KEYS = {
     "reward_mean": "train/reward_mean",
@@ -45,8 +45,8 @@ def summarize(steps: List[Dict[str, Any]], wall_time_s: float) -> Dict[str, Any]
 
 def write_training_stats(paths: RunPaths, cfg: Config, wall_time_s: float) -> Dict[str, Any]:
     steps = []
-    for r in dedupe_steps(read_jsonl(paths.metrics)):
-        steps.append({"step": int(r["step"]), **{name: r.get(key) for name, key in STEP_KEYS.items()}})
+    for r in dedupe_steps(read_jsonl(paths.metrics, require={"step": int})):
+        steps.append({"step": r["step"], **{name: number_or_none(r.get(key)) for name, key in STEP_KEYS.items()}})
     doc = {"run": cfg.run.name, "trainer": cfg.trainer.algo.value, "model": cfg.model.name,
            "hardware": cfg.hardware.name, "steps": steps, "summary": summarize(steps, wall_time_s)}
     atomic_write_json(paths.training_stats, doc)
