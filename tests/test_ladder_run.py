@@ -1,9 +1,13 @@
 """The OOM ladder inside a real run: a simulated memory budget (a real
 torch.OutOfMemoryError from the model's forward) makes the run step down, finish,
-and train every step exactly once; attempts.jsonl and the fit memory record it."""
+and train every step exactly once; attempts.jsonl and the fit memory record it. An
+OOM injected mid-run in generation steps the generation batch, one in training the
+micro batch; the failing step is retried from the host snapshot of the step before
+(no checkpoint exists yet), on the same prompts, and no step is trained twice."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,7 +19,8 @@ from finellama_rl.plan import choose_start_rung
 from finellama_rl.results import read_jsonl
 from finellama_rl.train import EXIT_LADDER_EXHAUSTED, run_training
 
-SMALL = ["experiment=smoke", "eval.num_examples=4", "eval.max_new_tokens=8", "trainer.max_completion_tokens=8"]
+SMALL = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=4", "eval.max_new_tokens=8",
+         "trainer.max_prompt_tokens=96", "trainer.max_completion_tokens=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +64,9 @@ def test_plan_cli_table():
     assert proc.returncode == 0, proc.stderr
     lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln.split() and ln.split()[0] in ("a100_40", "a100_80", "h200")}
     assert "fits after step-down" in lines["a100_40"]
-    rung = {hw: int(ln.split()[3]) for hw, ln in lines.items()}
+    header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("hardware"))
+    col = re.split(r"\s{2,}", header).index("planned rung")
+    rung = {hw: int(re.split(r"\s{2,}", ln)[col]) for hw, ln in lines.items()}
     assert rung["a100_40"] > rung["a100_80"] > rung["h200"]  # less memory, lower rung
     for part in ("weights_4bit", "activations", "logits", "kv_cache", "value_head", "peak (training)"):
         assert part in proc.stdout
@@ -76,3 +83,88 @@ def test_planner_picks_start_rung_for_gpu_profiles():
     cfg = load_config([*big, "hardware=a100_40"])
     assert fit_key(cfg).startswith("qwen2.5-3b|ppo|a100_40|")
     assert fit_key(cfg) != fit_key(load_config([*big, "hardware=a100_40", "hardware.slurm.mem_gb=8"]))
+
+
+# ------------------------------------------------- mid-run OOMs: phase, knob, no step redone
+
+MID = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=2", "eval.max_new_tokens=4",
+       "eval.before_training=false", "trainer.max_completion_tokens=8", "trainer.max_steps=3", "trainer.save_every=100",
+       "trainer.rewards=[digits]", "trainer.learning_rate=3e-3", "trainer.micro_batch=2", "ladder.remember_fit=false"]
+MID_ALGO = {"ppo": ["trainer=ppo", "trainer.prompts_per_step=4"],
+            "grpo": ["trainer=grpo", "trainer.prompts_per_step=2", "trainer.num_generations=4"]}
+
+
+def _recording_run(cfg, monkeypatch):
+    """run_training that records, per attempt and global step, the questions its rewards saw."""
+    import finellama_rl.attempts as attempts
+    from finellama_rl.rewards import sources
+
+    trackers, seen = [], []
+    install, build = attempts.install_fault_injection, sources.build_reward_sources
+
+    def tracked(*a, **kw):
+        trackers.append(install(*a, **kw))
+        return trackers[-1]
+
+    def recording(*a, **kw):
+        def wrap(f):
+            def g(completions, **cols):
+                seen.append((len(trackers), trackers[-1].step, sorted(cols["question"])))
+                return f(completions=completions, **cols)
+            g.__name__ = f.__name__
+            return g
+        return [wrap(f) for f in build(*a, **kw)]
+
+    monkeypatch.setattr(attempts, "install_fault_injection", tracked)
+    monkeypatch.setattr(sources, "build_reward_sources", recording)
+    assert run_training(cfg) == 0
+    by_step = {}
+    for attempt, step, questions in seen:  # the last attempt that computed a step is the one that trained it
+        by_step.setdefault(step, {}).setdefault(attempt, []).extend(questions)
+    return {step: sorted(v[max(v)]) for step, v in by_step.items()}
+
+
+def _adapter(run):
+    from safetensors.torch import load_file
+
+    from finellama_rl.checkpoint import latest_checkpoint
+
+    return load_file(str(latest_checkpoint(run / "checkpoints") / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_oom_mid_run_steps_the_phase_knob_and_redoes_no_step(algo, make_config, tmp_path, monkeypatch):
+    import torch
+
+    straight = tmp_path / "straight"
+    data = _recording_run(make_config(*MID, *MID_ALGO[algo], run_dir=str(straight)), monkeypatch)
+    assert sorted(data) == [1, 2, 3]
+    for phase, knob in (("generation", "generation_batch"), ("training", "micro_batch")):
+        run = tmp_path / phase
+        cfg = make_config(*MID, *MID_ALGO[algo], "debug.oom_at_step=2", f"debug.oom_phase={phase}", run_dir=str(run))
+        got = _recording_run(cfg, monkeypatch)
+        attempts = read_jsonl(run / "attempts.jsonl")
+        assert [(a["outcome"], a.get("phase")) for a in attempts] == [("oom", phase), ("completed", None)], attempts
+        first, second = attempts
+        other = "micro_batch" if knob == "generation_batch" else "generation_batch"
+        assert second[knob] == first[knob] // 2 and second[other] == first[other], (phase, attempts)
+        assert first["steps_done"] == 1 and second["steps_done"] == 2  # step 2 retried once, step 1 not redone
+        assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+        assert not (run / "metrics_discarded.jsonl").exists()
+        assert got == data, f"{phase}: the steps saw other prompts than the uninterrupted run"
+        if phase == "training":  # same samples (same generation batch): the same weights as never interrupted
+            a, b = _adapter(run), _adapter(straight)
+            assert a.keys() == b.keys()
+            for name in a:
+                assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+            assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_generation_budget_steps_the_generation_batch(make_config, tmp_path):
+    """debug.oom_generation_above_sequences: a generation forward of more sequences fails."""
+    cfg = make_config(*MID, *MID_ALGO["ppo"], "trainer.max_steps=1", "debug.oom_generation_above_sequences=2")
+    assert run_training(cfg) == 0
+    attempts = read_jsonl(tmp_path / "run" / "attempts.jsonl")
+    assert [(a["outcome"], a.get("phase"), a["generation_batch"], a["micro_batch"]) for a in attempts] == [
+        ("oom", "generation", 4, 2), ("completed", None, 2, 2)]
