@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -41,6 +42,22 @@ STATE_FILE = "finellama_state.json"
 SNAPSHOT_DIR = ".snapshot"
 TRASH_DIR = ".trash"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
+KILL_AT_ENV = "FINELLAMA_TEST_KILL_AT_EVENT"  # test hook: SIGKILL at the N-th checkpoint event
+_events = 0
+
+
+def fault_point(label: str) -> None:
+    """A point of the save protocol where a crash may happen. With the test hook
+    FINELLAMA_TEST_KILL_AT_EVENT=N the process SIGKILLs itself at the N-th one
+    (tests/test_checkpoint.py kills a save at every point); otherwise nothing."""
+    global _events
+    kill_at = os.environ.get(KILL_AT_ENV)
+    if not kill_at:
+        return
+    _events += 1
+    if _events == int(kill_at):
+        print(f"[test hook] SIGKILL at checkpoint event {_events}: {label}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -158,8 +175,10 @@ def _discard(root: Path, folder: Path) -> None:
     trash.mkdir(exist_ok=True)
     target = trash / f"{folder.name}-{os.getpid()}-{time.time_ns()}"
     os.replace(folder, target)
+    fault_point(f"moved {folder.name} to the trash")
     fsync_path(root)
     shutil.rmtree(target, ignore_errors=True)
+    fault_point(f"deleted {folder.name}")
 
 
 def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any], keep_last: int) -> Path:
@@ -168,17 +187,22 @@ def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any]
     root, staged = Path(root), Path(staged)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(staged / STATE_FILE, {"step": step, **state, "manifest": manifest(staged)})
+    fault_point("state file written")
     fsync_tree(staged)
+    fault_point("staged folder fsynced")
     final = checkpoint_dir(root, step)
     if final.exists() and verify_checkpoint(final) is None:
         # Re-saving a step (a signal right after a scheduled save): the same state is
         # already complete on disk. Keep it rather than ever having no checkpoint.
         shutil.rmtree(staged)
+        fault_point("re-save of a complete step dropped")
     else:
         if final.exists():
             _discard(root, final)  # damaged: never the only complete one (it is not complete)
         os.replace(staged, final)
+        fault_point("renamed into place")
         fsync_path(root)
+        fault_point("parent fsynced")
     prune_checkpoints(root, keep_last)
     drop_snapshots(root, step)
     return final
