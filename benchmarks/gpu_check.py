@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry:
         torch.set_num_threads(1)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would fill the log
 
     from gpu_check_sections import SECTIONS
     from gpu_check_setup import preflight, versions

@@ -213,18 +213,15 @@ def compose(profile: Profile, model: str, overrides: Sequence[str], hardware: Op
                         "model.tiny=false", "model.attn_implementation=sdpa", *overrides], resolve_paths=resolve_paths)
 
 
-def build_model_folder(m, folder: Path) -> float:
+def build_model_folder(m, folder: Path, tok) -> float:
     """A random-init Qwen2 model of `m`'s exact shape (bf16 on a GPU, fp32 on CPU) and the tiny
-    tokenizer, saved like a downloaded checkpoint. Returns the seconds it took (0 if it existed)."""
+    tokenizer `tok`, saved like a downloaded checkpoint. Returns the seconds it took (0 if it existed)."""
     if (folder / "config.json").exists():
         return 0.0
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from finellama_rl.model import build_tiny_tokenizer
-
     t0 = time.perf_counter()
-    tok = build_tiny_tokenizer(min(m.vocab_size, 4096))  # the BPE stops at a few hundred tokens anyway
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
@@ -283,12 +280,19 @@ class Workspace:
         self.root = root
         self.build_seconds: Dict[str, float] = {}
         self._runs = 0
+        self._tokenizer = None
 
     def model_folder(self, model: str) -> Path:
         folder = self.root / "models" / model
         folder.parent.mkdir(parents=True, exist_ok=True)
+        if (folder / "config.json").exists():
+            return folder
+        if self._tokenizer is None:  # trained once (seconds): the BPE stops at a few hundred tokens
+            from finellama_rl.model import build_tiny_tokenizer
+
+            self._tokenizer = build_tiny_tokenizer(4096)
         cfg = compose(self.profile, model, [], resolve_paths=False)
-        seconds = build_model_folder(cfg.model, folder)
+        seconds = build_model_folder(cfg.model, folder, self._tokenizer)
         if seconds:
             self.build_seconds[model] = round(seconds, 1)
         return folder
