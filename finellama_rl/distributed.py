@@ -190,9 +190,11 @@ def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) ->
 
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    env = os.environ.copy()  # the job's CPUs shared by the ranks (torchrun would leave the job's count to each)
+    env["OMP_NUM_THREADS"] = str(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // nprocs))
     for restart in range(max_restarts + 1):
         (logs / EXIT_FILE).unlink(missing_ok=True)
-        proc = subprocess.Popen(torchrun_command(argv, nprocs))
+        proc = subprocess.Popen(torchrun_command(argv, nprocs), env=env)
         while proc.poll() is None:  # poll, not wait: the signal handler must be able to run
             time.sleep(0.5)
         code = proc.returncode
@@ -200,7 +202,9 @@ def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) ->
             code = int(json.loads((logs / EXIT_FILE).read_text())["code"]) if code else 0
         except (OSError, ValueError, KeyError):
             pass
-        if code != EXIT_OOM_RETRY or (logs / STOP_FILE).exists():
+        if code != EXIT_OOM_RETRY:
             return code
+        if (logs / STOP_FILE).exists():
+            return 75  # train.EXIT_STOPPED: asked to stop; the requeued job resumes from the snapshot
         log.warning("a rank ran out of memory: starting the %d ranks again at the next rung (%d)", nprocs, restart + 1)
     return code

@@ -122,7 +122,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         env["FINELLAMA_DEADLINE"] = str(time.time() + self.timeout_min * 60 - self.signal_delay_s)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:  # not the submitting shell's OMP_NUM_THREADS: 2 threads on 1 CPU made steps 10-70x slower
-            env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // max(1, self.gpus)))
+            env["OMP_NUM_THREADS"] = str(max(1, int(cpus)))  # several GPUs: the train supervisor splits them per rank
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         self._note("start", restarts=restarts)
         # stderr into the same log as stdout: the launch table points at the .out file
