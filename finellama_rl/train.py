@@ -305,6 +305,7 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
     from finellama_rl.monitor import TrainingMonitor
     from finellama_rl.rewards.sources import build_reward_sources, check_sources_available, metric_sources
     from finellama_rl.stats import write_training_stats
+    from finellama_rl.tracking import eval_scalars, open_tracker
 
     t0 = time.time()
     run = run or AttemptRun()
@@ -355,7 +356,8 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
             print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
             return 0
     test_problems = load_problems(cfg.data, "test")
-    eval_setup = prepare_eval(cfg, tokenizer, test_problems, load_problems(cfg.data, "train"))  # protocol, shots, decoding
+    eval_setup = prepare_eval(cfg, tokenizer, test_problems, load_problems(cfg.data, "train"),  # protocol, shots, decoding
+                              adapter="this run's policy at the evaluated step" if cfg.trainer.lora.enabled else None)
 
     def evaluate_fn(model, step: int, desc: str = "eval") -> Dict[str, Any]:
         with tracker.phase(Phase.eval):
@@ -370,16 +372,26 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
             atomic_write_json(path, eval_document(cfg, step, result, None))
             add_eval_file(results_root(cfg.run), path)
             log.info("step %d accuracy: %s", step, format_accuracy(result))
+            track(step, result)
             out = summary(result)
         dist.barrier()
         return out
 
+    experiment = open_tracker(cfg, paths.root, start_step)  # TensorBoard / W&B; None with tracking=none
+
+    def track(step: int, result: Optional[Dict[str, Any]]) -> None:
+        if experiment is not None and result is not None:
+            experiment.log(step, eval_scalars(result))
+
     baseline = baseline_eval(cfg, paths, evaluate_fn, policy) if main else None
+    if start_step == 0:
+        track(0, baseline)
     dist.barrier()
     if resumed.get("eval_pending"):  # an evaluation that ran out of memory right after this step: redo it
         evaluate_during(policy, start_step)
     label = f"{cfg.trainer.algo.value} {cfg.run.name}"
     monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline())
+    monitor.experiment_tracker = experiment
     install_stop_handlers(monitor)
     reward_funcs = build_reward_sources(cfg)  # rule rewards and frozen scoring models (reward_model, judge)
     monitor.metric_sources += metric_sources(reward_funcs)  # their scoring time and memory on every metrics line
@@ -390,6 +402,8 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
         return EXIT_CRASH_TEST if outcome.stop_reason == "debug.crash_after_step" else (EXIT_STOPPED if outcome.stopped_early else 0)
     write_training_stats(paths, cfg, time.time() - t0)
     if outcome.stopped_early:
+        if experiment is not None:
+            experiment.close()
         print(f"stopped at step {outcome.final_step} ({outcome.stop_reason}); run again to resume: {paths.root}", flush=True)
         return EXIT_CRASH_TEST if outcome.stop_reason == "debug.crash_after_step" else EXIT_STOPPED
 
@@ -398,6 +412,9 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
     if outcome.restored_step is not None:  # SFT keep_best: the evaluated weights are that checkpoint's
         document["restored_checkpoint_step"] = outcome.restored_step
     atomic_write_json(paths.eval_results, document)
+    track(outcome.final_step, final)
+    if experiment is not None:
+        experiment.close()
     add_eval_file(results_root(cfg.run), paths.eval_results)  # the shared index; never fails the run
     write_training_stats(paths, cfg, time.time() - t0)
     base_txt = f" (baseline {format_accuracy(baseline)})" if baseline else ""
