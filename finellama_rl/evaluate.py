@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Config, ConfigError, EvalConfig, EvalProtocol, eval_num_examples
-from finellama_rl.data import Problem
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
 from finellama_rl.validation import validate
 

@@ -40,7 +40,6 @@ FIG_DPI = 100  # PNGs are 800 x 450 pixels
 PLOTS = ("reward", "loss", "accuracy", "attempts")
 OOM_OUTCOMES = ("oom", "out_of_memory", "outofmemory")
 OOM_ERRORS = ("out of memory", "outofmemoryerror")
-FAILED_OUTCOMES = {"error", "failed", "failure", "crash", "crashed"}  # attempts.py also writes completed|stopped|crashed_on_purpose
 HEADERS = ["run", "model", "trainer", "hardware", "steps", "wall time", "GPU-hours", "OOM attempts", "protocol",
            "eval n", "baseline %", "baseline 95% CI", "final %", "final 95% CI", "Δ (pp)", "p (McNemar)",
            "vs baseline", "final strict %", "final lenient %"]
@@ -53,22 +52,6 @@ def is_oom_attempt(attempt: Dict[str, Any]) -> bool:
     outcome = str(attempt.get("outcome") or "").lower()
     error = str(attempt.get("error") or "").lower()
     return any(w in outcome for w in OOM_OUTCOMES) or any(w in error for w in OOM_ERRORS)
-
-
-def attempt_micro_batch(attempt: Dict[str, Any]) -> Optional[int]:
-    setting = attempt.get("setting") if isinstance(attempt.get("setting"), dict) else {}
-    value = attempt.get("micro_batch") or setting.get("micro_batch")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def last_ok_micro_batch(attempts: Sequence[Dict[str, Any]]) -> Optional[int]:
-    """The micro batch of the last attempt that neither ran out of memory nor failed."""
-    for a in reversed(attempts):
-        if not is_oom_attempt(a) and str(a.get("outcome") or "").lower() not in FAILED_OUTCOMES:
-            mb = attempt_micro_batch(a)
-            if mb:
-                return mb
-    return None
 
 
 def attempt_wall_s(attempt: Dict[str, Any]) -> float:
