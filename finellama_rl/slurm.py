@@ -136,6 +136,10 @@ class TrainJob(submitit.helpers.Checkpointable):
             print(f"[finellama_rl job] training saved and stopped on a signal (exit {EXIT_STOPPED}); "
                   f"it resumes from its checkpoint when the job runs again: {self.run_dir}", flush=True)
             sys.exit(EXIT_STOPPED)  # SystemExit: no traceback, no result pickle
+        if code is not None and code < 0:  # a signal ended training before it could save (e.g. scancel while loading)
+            print(f"[finellama_rl job] training was ended by {signal.Signals(-code).name} before it saved; "
+                  f"the last checkpoint in {self.run_dir} stays the resume point", flush=True)
+            sys.exit(128 - code)
         if code != 0:
             raise RuntimeError(f"training exited with code {code}; see the log above and {self.run_dir}")
         results = Path(self.run_dir) / "eval_results.json"

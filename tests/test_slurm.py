@@ -373,12 +373,18 @@ def test_status_shows_the_finished_sweep(jobs):
     wait_terminal(jobs.sweep.job_ids, 900, [])
     proc = run_module("finellama_rl.status", [str(jobs.sweep.sweep)], jobs.env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    header, *lines = proc.stdout.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+(?: by)?", header)]  # column starts ("scored by" is one column)
+    names = [header[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+    rows = {}
+    for line in lines:
+        cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+        rows[cells[0]] = dict(zip(names, cells))
     for e in jobs.sweep.trains:
         accuracy = json.loads((Path(e["run_dir"]) / "eval_results.json").read_text())["accuracy"]
         row = rows[e["run"]]
-        assert row[1:5] == [str(e["job_id"]), "COMPLETED", "0", "2/2"], proc.stdout
-        assert row[6:8] == [f"{accuracy['strict']:.1%}", f"{accuracy['lenient']:.1%}"], proc.stdout
+        assert [row[k] for k in ("job", "state", "requeues", "step")] == [str(e["job_id"]), "COMPLETED", "0", "2/2"], row
+        assert (row["strict"], row["lenient"]) == (f"{accuracy['strict']:.1%}", f"{accuracy['lenient']:.1%}"), row
     as_json = json.loads(run_module("finellama_rl.status", [str(jobs.sweep.sweep), "--json"], jobs.env).stdout)
     assert {r["run"]: r["state"] for r in as_json} == {"ppo-tiny-cpu": "COMPLETED", "grpo-tiny-cpu": "COMPLETED"}
 
