@@ -84,11 +84,11 @@ def render_markdown(results: Dict[str, Any]) -> str:
     if planner:
         lines += ["## 1. Planner against measurement (GiB; ratio = predicted / measured)", ""]
         lines += _table(["model", "algo", "micro", "seq", "predicted", "phase", "allocated", "reserved", "outside",
-                         "pred/(reserved+outside)", "pred-overhead/allocated"],
+                         "pred/(reserved+outside)", "pred-overhead/allocated", "within 10%"],
                         [[c.get("model"), c.get("algo"), _pair(c, "micro_batch", "grad_accum", "x"),
                           _pair(c, "prompt", "completion", "+"), c.get("predicted_gib"), c.get("predicted_phase"),
                           c.get("allocated_gib"), c.get("reserved_gib"), c.get("outside_allocator_gib"),
-                          c.get("ratio_vs_reserved"), c.get("ratio_vs_allocated")] for c in planner])
+                          c.get("ratio_vs_reserved"), c.get("ratio_vs_allocated"), c.get("within_10pct")] for c in planner])
         lines.append("")
     ladder = results.get("ladder", {}).get("items", [])
     if ladder:
@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: no CUDA device; use --dry on a machine without a GPU", file=sys.stderr)
         return 2
     results: Dict[str, Any] = json.loads(args.merge.read_text()) if args.merge else {}
+    for section in SECTION_ORDER:  # an earlier run's pieces stay; its skips are this run's to decide
+        results.get(section, {}).pop("skipped", None)
     results["meta"] = {"mode": profile.name, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                        "budget_s": budget, "versions": versions(), "sections": args.sections, "out": str(out)}
     results["errors"], results["stopped"] = [], None

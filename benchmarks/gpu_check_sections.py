@@ -138,6 +138,7 @@ def planner_cell(cfg, policy, tokenizer) -> Dict[str, Any]:
         # compare it with reserved + what lies outside the allocator; its tensors alone with allocated
         record["ratio_vs_reserved"] = round(pred["peak"] / (measured["reserved_gib"] * GIB + (outside or 0)), 3)
         record["ratio_vs_allocated"] = round((pred["peak"] - pred["overhead"]) / (measured["allocated_gib"] * GIB), 3)
+        record["within_10pct"] = abs(record["ratio_vs_reserved"] - 1) <= 0.10
     return record
 
 

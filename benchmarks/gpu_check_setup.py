@@ -44,7 +44,7 @@ class Profile:
     model_overrides: Tuple[str, ...] = ()
     # 1. planner against measurement: micro batches x (prompt, completion) per model and algorithm
     planner_micro_batches: Tuple[int, ...] = (2, 8)
-    planner_lengths: Tuple[Tuple[int, int], ...] = ((128, 128), (384, 128))
+    planner_lengths: Tuple[Tuple[int, int], ...] = ((192, 64), (448, 64))  # sequences 256 and 512; short sampling
     planner_steps: int = 2  # step 2 runs with the optimizer state allocated
     planner_grpo: Tuple[int, int] = (1, 8)  # (prompts_per_step, num_generations)
     planner_ppo_prompts: int = 8

@@ -210,10 +210,10 @@ def test_markdown_shows_the_ratio_of_every_cell():
 
     cell = {"model": "qwen2.5-3b", "algo": "ppo", "micro_batch": 8, "grad_accum": 1, "prompt": 384, "completion": 128,
             "predicted_gib": 20.5, "predicted_phase": "training", "allocated_gib": 18.25, "reserved_gib": 19.0,
-            "outside_allocator_gib": 0.52, "ratio_vs_reserved": 1.05, "ratio_vs_allocated": 1.071}
+            "outside_allocator_gib": 0.52, "ratio_vs_reserved": 1.05, "ratio_vs_allocated": 1.071, "within_10pct": True}
     md = render_markdown({"meta": {"mode": "gpu", "versions": {"device": "NVIDIA H200"}}, "planner": {"items": [cell]}})
     assert "# GPU check (gpu): NVIDIA H200" in md
-    assert "| qwen2.5-3b | ppo | 8x1 | 384+128 | 20.5 | training | 18.2 | 19 | 0.52 | 1.05 | 1.07 |" in md
+    assert "| qwen2.5-3b | ppo | 8x1 | 384+128 | 20.5 | training | 18.2 | 19 | 0.52 | 1.05 | 1.07 | True |" in md
 
 
 def _fake_wheel(folder: Path, name: str, version: str, requires) -> None:
