@@ -143,6 +143,10 @@ class FaultInjector:
         self.oom_above_tokens = d.oom_above_tokens
         self.generation_above = d.oom_generation_above_sequences
         self.at_step, self.at_phase, self.armed = d.oom_at_step, d.oom_phase.value, armed
+        if d.oom_rank is not None:
+            import os
+
+            self.armed = armed and int(os.environ.get("RANK", "0")) == d.oom_rank
         self.host_mb = d.host_mem_mb_per_sequence
         self.tracker: Optional[PhaseTracker] = None
         self._held: Optional[bytearray] = None

@@ -521,6 +521,8 @@ class DebugConfig:
     this global step (once per run folder), to test the ladder mid-run."""
     oom_phase: OomPhase = OomPhase.training
     """generation | training | optimizer | eval: where debug.oom_at_step strikes."""
+    oom_rank: Optional[int] = None
+    """Data parallel: only this rank injects debug.oom_at_step (None: every rank)."""
 
 
 @dataclass

@@ -204,6 +204,8 @@ def run_ladder(cfg: Config) -> int:
             code = train_attempt(config_at(cfg, rung), paths, run)
         except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
             fields = attempt_fields(paths, step0, started, exc)
+            if dist.world() > 1 and (paths.logs / f"oom_claim-{attempt_no}").exists():
+                os._exit(dist.EXIT_OOM_RETRY)  # a peer ran out of memory (this error is the broken collective)
             if not (cfg.ladder.enabled and is_oom_error(exc)):
                 if main:
                     record_attempt(paths, rung, "error", **fields)

@@ -88,3 +88,25 @@ def test_two_ranks_match_one_process(algo, tmp_path):
     curve = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-9) for x, y in zip(a, b) for k in KEYS)
     print(f"{algo}: 2 ranks vs 1 process: max relative difference {curve:.2e} (curve), {worst:.2e} (adapter)")
     assert any(v.abs().max() > 0 for k, v in adapter_one.items() if "lora_B" in k), "training moved the adapter"
+
+
+@pytest.mark.slow
+def test_an_oom_on_one_rank_steps_every_rank_down(tmp_path):
+    """Rank 1 runs out of memory in training at step 2 while rank 0 waits for it in the
+    gradient all-reduce: rank 1 records the attempt (phase training) and the snapshot and
+    exits; the supervisor starts both ranks again at the next rung (micro batch halved on
+    both), from the snapshot: no step redone."""
+    results = tmp_path / "results"
+    run = results / "run"
+    proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *COMMON, *ALGO["ppo"][0], "hardware.processes=2",
+                           "debug.oom_at_step=2", "debug.oom_phase=training", "debug.oom_rank=1",
+                           f"run.results_dir={results}", f"run.dir={run}"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    attempts = read_jsonl(run / "attempts.jsonl")
+    assert [(a["outcome"], a.get("phase"), a.get("rank"), a["micro_batch"]) for a in attempts] == [
+        ("oom", "training", 1, 2), ("completed", None, None, 1)], attempts
+    assert "starting the 2 ranks again at the next rung" in proc.stdout + proc.stderr
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    digests = read_state(list_checkpoints(run / "checkpoints")[-1])["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
