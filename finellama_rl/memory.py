@@ -91,11 +91,11 @@ class MemoryInputs:
     quantized: bool  # 4-bit NF4 base; False: base linears in compute dtype
     compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
     beta: float  # KL coef; > 0 stores reference log-probs (adapter disabled, no 2nd model)
-    # Sequences decoded at once. Default None -> setting.micro_batch (a trainer that
-    # generates one micro batch at a time). Trap: TRL's GRPOTrainer generates the whole
-    # per-device generation batch (micro_batch * steps_per_generation = effective batch)
-    # in one call; pass generation_batch=setting.effective_batch for it, and note the
-    # ladder's batch rungs then do NOT shrink the KV cache.
+    # Sequences decoded at once. Default None -> setting.generation_batch (the ladder's
+    # generation knob: trainer.generation_batch, PPO's whole rollout or TRL's whole step
+    # by default), or setting.micro_batch when the setting does not model it. Trap: the
+    # batch rungs do NOT shrink it; the ladder's generation cuts (step_down) and length
+    # rungs do.
     generation_batch: Optional[int] = None
     lora_dropout: float = 0.05  # > 0: PEFT saves a dropped-out input copy per target module
     autocast: bool = True  # forward under autocast; False with fp32 adapters -> fp32 input copies
@@ -126,7 +126,9 @@ class MemoryInputs:
 
     @property
     def gen_batch(self) -> int:
-        return self.generation_batch if self.generation_batch is not None else self.setting.micro_batch
+        if self.generation_batch is not None:
+            return self.generation_batch
+        return self.setting.generation_batch or self.setting.micro_batch
 
 
 @dataclass(frozen=True)

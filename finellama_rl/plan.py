@@ -29,17 +29,19 @@ def model_shape(cfg: Config) -> ModelShape:
 
 
 def memory_inputs(cfg: Config, setting: Setting) -> MemoryInputs:
-    """Our trainers as the planner sees them: TRL's GRPO generates the whole
-    effective batch at once; our PPO generates one micro batch at a time, without
-    LoRA dropout, and builds logits only for completion positions."""
+    """Our trainers as the planner sees them: both generate trainer.generation_batch
+    sequences per generate call (the rung's setting.generation: PPO's whole rollout, or
+    TRL's whole step, unless set or cut by the ladder), without LoRA dropout; PPO builds
+    logits only for completion positions and keeps reference log-probs when
+    ppo.kl_coef > 0 (GRPO when beta > 0)."""
     t = cfg.trainer
     ppo = t.algo == Algo.ppo
     return MemoryInputs(
         shape=model_shape(cfg), algo=t.algo.value, setting=setting, lora_r=t.lora.r if t.lora.enabled else 0,
         lora_target_modules=tuple(t.lora.target_modules), quantized=t.quantization.enabled,
-        compute_bytes=2 if cfg.hardware.bf16 else 4, beta=t.beta,
-        generation_batch=setting.micro_batch if ppo else setting.micro_batch * setting.grad_accum,
-        lora_dropout=0.0 if ppo else t.lora.dropout, value_head=t.ppo.value_head.value,
+        compute_bytes=2 if cfg.hardware.bf16 else 4, beta=t.ppo.kl_coef if ppo else t.beta,
+        generation_batch=setting.generation,
+        lora_dropout=t.lora.dropout, value_head=t.ppo.value_head.value,
         completion_logits_only=ppo, double_quant=t.quantization.double_quant, quant_bits=t.quantization.bits)
 
 
