@@ -118,7 +118,7 @@ def render_markdown(results: Dict[str, Any]) -> str:
     if skipped:
         lines += ["Skipped for lack of time: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in skipped.items()), ""]
     for err in results.get("errors", []):
-        lines.append(f"ERROR in {err['section']}: {err['error']}")
+        lines.append(f"ERROR in {err['section']}{' / ' + err['piece'] if err.get('piece') else ''}: {err['error']}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         results["meta"]["model_build_s"] = ws.build_seconds
         write_results(results, out, clock)
 
-    signal.signal(signal.SIGALRM, _alarm)
+    previous_handler = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(max(1, int(clock.left() + GRACE_S)))  # from the clock's start, like the budget
     try:
         for i, name in enumerate(args.sections):
@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         print(results["stopped"], flush=True)
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous_handler)
     save()
     print(render_markdown(results), flush=True)
     print(f"results: {out / 'gpu_check.json'} and {out / 'gpu_check.md'}", flush=True)

@@ -18,6 +18,7 @@ asks `clock.allows(...)` before each piece (pieces already in `results`, e.g. fr
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -72,14 +73,34 @@ def train_with(cfg, policy, tokenizer, tracker) -> Dict[str, Any]:
 
 
 class Pieces:
-    """Skip-or-run bookkeeping of one section: ids already done, the clock, the last duration."""
+    """Skip-or-run bookkeeping of one section: ids already done, the clock, the last duration;
+    a piece that raises is recorded in results["errors"] and the section goes on."""
 
     def __init__(self, results: Dict[str, Any], key: str, clock: Clock, save: Callable[[], None]):
+        self.key = key
         self.out = results.setdefault(key, {})
         self.items = self.out.setdefault("items", [])
         self.skipped = self.out.setdefault("skipped", [])
+        self.errors = results.setdefault("errors", [])
         self.done = {r["id"] for r in self.items}
         self.clock, self.save, self.last = clock, save, 0.0
+
+    def attempt(self, piece_id: str, measure: Callable[[], Dict[str, Any]]) -> None:
+        """Run `measure` for `piece_id` if wanted; keep its record, or its error."""
+        if not self.want(piece_id):
+            return
+        started = time.monotonic()
+        try:
+            record = measure()
+        except Exception as exc:  # noqa: BLE001 - one piece's failure must not lose the others
+            traceback.print_exc()
+            self.last = time.monotonic() - started
+            self.errors.append({"section": self.key, "piece": piece_id, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            del exc
+            free_cuda()
+            self.save()
+            return
+        self.add({"id": piece_id, **record}, started)
 
     def want(self, piece_id: str) -> bool:
         if piece_id in self.done:
@@ -147,22 +168,20 @@ def planner_section(ws: Workspace, clock: Clock, results: Dict[str, Any], save) 
     pieces = Pieces(results, "planner", clock, save)
     for model in p.models:
         for algo in ("ppo", "grpo"):
-            policy = tokenizer = None
+            loaded: Dict[str, Any] = {}  # one load per model and algorithm; every cell trains it afresh
+            batch = ([f"trainer.prompts_per_step={p.planner_grpo[0]}", f"trainer.num_generations={p.planner_grpo[1]}"]
+                     if algo == "grpo" else [f"trainer.prompts_per_step={p.planner_ppo_prompts}", "trainer.ppo.epochs=1"])
             for prompt, completion in p.planner_lengths:
                 for mb in p.planner_micro_batches:
-                    piece = f"{model}/{algo}/mb{mb}/seq{prompt}+{completion}"
-                    if not pieces.want(piece):
-                        continue
-                    started = time.monotonic()
-                    batch = ([f"trainer.prompts_per_step={p.planner_grpo[0]}", f"trainer.num_generations={p.planner_grpo[1]}"]
-                             if algo == "grpo" else [f"trainer.prompts_per_step={p.planner_ppo_prompts}", "trainer.ppo.epochs=1"])
-                    cfg = ws.config(model, algo, prompt, completion,
-                                    [*batch, f"trainer.micro_batch={mb}", f"trainer.max_steps={p.planner_steps}"])
-                    if policy is None:  # one load per model and algorithm; every cell trains it afresh
-                        policy, tokenizer = load(cfg)
-                    record = planner_cell(cfg, policy, tokenizer)
-                    pieces.add({"id": piece, "model": model, "algo": algo, **record}, started)
-            del policy
+                    def measure(model=model, algo=algo, prompt=prompt, completion=completion, mb=mb):
+                        cfg = ws.config(model, algo, prompt, completion,
+                                        [*batch, f"trainer.micro_batch={mb}", f"trainer.max_steps={p.planner_steps}"])
+                        if not loaded:
+                            loaded["policy"], loaded["tokenizer"] = load(cfg)
+                        return {"model": model, "algo": algo, **planner_cell(cfg, loaded["policy"], loaded["tokenizer"])}
+
+                    pieces.attempt(f"{model}/{algo}/mb{mb}/seq{prompt}+{completion}", measure)
+            loaded.clear()
             free_cuda()
 
 
@@ -252,10 +271,8 @@ def ladder_section(ws: Workspace, clock: Clock, results: Dict[str, Any], save) -
     pieces = Pieces(results, "ladder", clock, save)
     for index, planner in ws.profile.ladder_cases:
         cap = ws.profile.ladder_caps[index]
-        piece = f"{cap.label}/{'planner' if planner else 'no planner'}"
-        if pieces.want(piece):
-            started = time.monotonic()
-            pieces.add({"id": piece, **ladder_case(ws, cap, planner)}, started)
+        pieces.attempt(f"{cap.label}/{'planner' if planner else 'no planner'}",
+                       lambda cap=cap, planner=planner: ladder_case(ws, cap, planner))
 
 
 # ------------------------------------------------------------------------------ 3. overhead
@@ -304,14 +321,14 @@ def overhead_section(ws: Workspace, clock: Clock, results: Dict[str, Any], save)
     }
     pieces = Pieces(results, "overhead", clock, save)
     for name, make in configs.items():
-        if not pieces.want(name):
-            continue
-        started = time.monotonic()
-        cfg = make()
-        run = _plain_run(cfg) if name == "plain_trl_grpo" else _project_run(cfg)
-        run["median_s"] = median(run["sec_per_step"][1:] or run["sec_per_step"])  # step 1 is warm-up
-        pieces.add({"id": name, "model": p.overhead_model, "sequences_per_step": prompts * generations,
-                    "tokens_per_step": prompts * generations * (prompt + completion), "micro_batch": mb, **run}, started)
+        def measure(name=name, make=make):
+            cfg = make()
+            run = _plain_run(cfg) if name == "plain_trl_grpo" else _project_run(cfg)
+            run["median_s"] = median(run["sec_per_step"][1:] or run["sec_per_step"])  # step 1 is warm-up
+            return {"model": p.overhead_model, "sequences_per_step": prompts * generations,
+                    "tokens_per_step": prompts * generations * (prompt + completion), "micro_batch": mb, **run}
+
+        pieces.attempt(name, measure)
     runs = {r["id"]: r for r in pieces.items}
     f, t, o = runs.get("finellama_grpo", {}), runs.get("plain_trl_grpo", {}), runs.get("finellama_ppo", {})
     pieces.out["ratios"] = {
@@ -336,29 +353,29 @@ def generation_section(ws: Workspace, clock: Clock, results: Dict[str, Any], sav
     prompt, new_tokens = p.generation_lengths
     pieces = Pieces(results, "generation", clock, save)
     for model in p.generation_models:
-        policy = None
+        loaded: Dict[str, Any] = {}  # one load and one warm-up generate call per model
         for batch in p.generation_batches:
-            piece = f"{model}/batch{batch}"
-            if not pieces.want(piece):
-                continue
-            started = time.monotonic()
-            if policy is None:  # one load per model, one warm-up generate call
-                cfg = ws.config(model, "ppo", prompt, new_tokens, [f"trainer.prompts_per_step={max(p.generation_batches)}"])
-                policy, tokenizer = load(cfg)
-                rows, rewards = train_rows(cfg, tokenizer), build_reward_sources(cfg)
-                env = RolloutEnv(step=1, amp=cfg.hardware.bf16 and cfg.hardware.device == Device.cuda)
-                generate_rollout(policy, tokenizer, rows[:2], rewards, replace(cfg.trainer, max_completion_tokens=4), env)
-            free_cuda()
-            t0 = time.perf_counter()
-            roll = generate_rollout(policy, tokenizer, rows[:batch], rewards, cfg.trainer, env)
-            _sync()
-            seconds = time.perf_counter() - t0
-            tokens = int(roll.mask.sum())
-            pieces.add({"id": piece, "model": model, "batch": batch, "prompt": prompt, "max_new_tokens": new_tokens,
+            def measure(model=model, batch=batch):
+                if not loaded:
+                    cfg = ws.config(model, "ppo", prompt, new_tokens, [f"trainer.prompts_per_step={max(p.generation_batches)}"])
+                    policy, tokenizer = load(cfg)
+                    rows, rewards = train_rows(cfg, tokenizer), build_reward_sources(cfg)
+                    env = RolloutEnv(step=1, amp=cfg.hardware.bf16 and cfg.hardware.device == Device.cuda)
+                    generate_rollout(policy, tokenizer, rows[:2], rewards, replace(cfg.trainer, max_completion_tokens=4), env)
+                    loaded.update(cfg=cfg, policy=policy, tokenizer=tokenizer, rows=rows, rewards=rewards, env=env)
+                free_cuda()
+                t0 = time.perf_counter()
+                roll = generate_rollout(loaded["policy"], loaded["tokenizer"], loaded["rows"][:batch], loaded["rewards"],
+                                        loaded["cfg"].trainer, loaded["env"])
+                _sync()
+                seconds = time.perf_counter() - t0
+                tokens = int(roll.mask.sum())
+                return {"model": model, "batch": batch, "prompt": prompt, "max_new_tokens": new_tokens,
                         "new_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-                        "allocated_gib": gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None},
-                       started)
-        del policy
+                        "allocated_gib": gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None}
+
+            pieces.attempt(f"{model}/batch{batch}", measure)
+        loaded.clear()
         free_cuda()
 
 

@@ -144,6 +144,24 @@ def test_merge_keeps_earlier_pieces(tmp_path, monkeypatch):
     assert not pieces.want("c") and earlier["planner"]["skipped"] == ["c"]
 
 
+def test_a_failing_piece_is_recorded_and_the_section_goes_on():
+    import gpu_check_sections
+    from gpu_check import render_markdown
+
+    results = {}
+    pieces = gpu_check_sections.Pieces(results, "ladder", Clock(100, {"ladder": 1.0}), lambda: None)
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    pieces.attempt("40 GB/no planner", broken)
+    pieces.attempt("40 GB/planner", lambda: {"cap": "40 GB"})
+    assert [i["id"] for i in results["ladder"]["items"]] == ["40 GB/planner"]
+    assert results["errors"] == [{"section": "ladder", "piece": "40 GB/no planner",
+                                  "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
+    assert "ERROR in ladder / 40 GB/no planner: RuntimeError" in render_markdown({"meta": {}, **results})
+
+
 def test_clock_gives_each_section_its_share_of_what_is_left():
     now = [0.0]
     clock = Clock(100, {"a": 0.5, "b": 0.25, "c": 0.25}, now=lambda: now[0])
