@@ -32,7 +32,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from finellama_rl.results import atomic_write_json
 
@@ -181,9 +181,10 @@ def _discard(root: Path, folder: Path) -> None:
     fault_point(f"deleted {folder.name}")
 
 
-def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any], keep_last: int) -> Path:
+def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any], keep_last: int,
+                      keep: Sequence[int] = ()) -> Path:
     """Mark `staged` complete (manifest), make it durable, rename it to step_NNNNNN, and
-    only then prune to `keep_last` complete checkpoints."""
+    only then prune to `keep_last` complete checkpoints (plus the steps in `keep`: SFT's best)."""
     root, staged = Path(root), Path(staged)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(staged / STATE_FILE, {"step": step, **state, "manifest": manifest(staged)})
@@ -203,14 +204,15 @@ def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any]
         fault_point("renamed into place")
         fsync_path(root)
         fault_point("parent fsynced")
-    prune_checkpoints(root, keep_last)
+    prune_checkpoints(root, keep_last, keep)
     drop_snapshots(root, step)
     return final
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> None:
+def prune_checkpoints(root: Path, keep_last: int, keep: Sequence[int] = ()) -> None:
     for old in list_checkpoints(root)[:-max(1, keep_last)]:
-        _discard(root, old)
+        if step_of(old) not in keep:
+            _discard(root, old)
     shutil.rmtree(Path(root) / TRASH_DIR, ignore_errors=True)
 
 

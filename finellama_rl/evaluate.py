@@ -211,7 +211,7 @@ def run_target(cfg: Config, target: Target, model, tokenizer, setup: EvalSetup) 
     """Greedy accuracy (and pass@k when eval.samples > 1) of one checkpoint."""
     import transformers
 
-    from finellama_rl.eval.passk import add_pass_at_k, sample_completions, score_samples
+    from finellama_rl.eval.passk import add_sampled_pass_at_k
 
     ev = cfg.eval
     transformers.set_seed(cfg.trainer.seed)
@@ -219,13 +219,8 @@ def run_target(cfg: Config, target: Target, model, tokenizer, setup: EvalSetup) 
                                      "adapter": str(target.adapter_dir) if target.adapter_dir else None}})
     result = evaluate_model(model, tokenizer, setup, desc=f"{target.label} greedy")
     if ev.samples > 1:
-        texts, gen, decoding = sample_completions(model, tokenizer, setup.prompts, ev.samples, setup.decoding.max_new_tokens,
-                                                  ev.sample_temperature, setup.batch_size, cfg.trainer.seed, setup.stops,
-                                                  desc=f"{target.label} k={ev.samples}")
-        add_pass_at_k(result, score_samples(setup.problems, texts, ev.sample_temperature, cfg.trainer.seed,
-                                            setup.fmt.spec.primary, setup.stops))
-        result["pass_at_k"]["decoding"] = decoding.record()
-        result["pass_at_k"]["problems_per_s"] = round(gen.problems_per_s, 3)
+        add_sampled_pass_at_k(result, model, tokenizer, setup, ev.samples, ev.sample_temperature, cfg.trainer.seed,
+                              desc=f"{target.label} k={ev.samples}")
     return result
 
 

@@ -57,6 +57,8 @@ class TrainingMonitor:
         # Callables (steps since the last line) -> extra metrics for each line, e.g. the
         # scoring time and memory of model-backed reward sources (rewards/sources.py).
         self.metric_sources: list[Callable[[int], Dict[str, float]]] = []
+        # TensorBoard / W&B (finellama_rl/tracking.py); None with tracking=none.
+        self.experiment_tracker = None
 
     def request_stop(self, reason: str) -> None:
         """Called from a signal handler: save at the end of this step, then stop."""
@@ -81,8 +83,14 @@ class TrainingMonitor:
         self._last_log_time, self._last_log_step = now, step
         if distributed.is_main():
             append_jsonl(self.paths.metrics, record)
+            self.track(step, record)
             self.print(self.progress_line(record))
         return record
+
+    def track(self, step: int, metrics: Dict[str, float]) -> None:
+        """Also send a record (metrics line, evaluation) to TensorBoard / W&B when tracking is on."""
+        if self.experiment_tracker is not None:
+            self.experiment_tracker.log(step, metrics)
 
     def progress_line(self, r: Dict[str, float]) -> str:
         step, total = int(r["step"]), self.t.max_steps

@@ -308,6 +308,7 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
     from finellama_rl.rewards.sources import build_reward_sources, check_sources_available, metric_sources
     from finellama_rl.stats import write_training_stats
     from finellama_rl.tracking import eval_scalars, open_tracker
+    from finellama_rl.eval.passk import add_sampled_pass_at_k, format_pass_at_k
 
     t0 = time.time()
     run = run or AttemptRun()
@@ -363,7 +364,12 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
 
     def evaluate_fn(model, step: int, desc: str = "eval") -> Dict[str, Any]:
         with tracker.phase(Phase.eval):
-            return evaluate_model(model, tokenizer, eval_setup, desc=f"{desc} step {step}")
+            result = evaluate_model(model, tokenizer, eval_setup, desc=f"{desc} step {step}")
+            if cfg.eval.samples > 1:  # pass@1..k at every evaluation too (e.g. experiment=nanochat_rl)
+                add_sampled_pass_at_k(result, model, tokenizer, eval_setup, cfg.eval.samples, cfg.eval.sample_temperature,
+                                      cfg.trainer.seed, desc=f"{desc} step {step} k={cfg.eval.samples}")
+                log.info("%s step %d: %s", desc, step, format_pass_at_k(result["pass_at_k"]))
+            return result
 
     def evaluate_during(model, step: int) -> Optional[Dict[str, Any]]:
         """Rank 0 evaluates and writes; the other ranks wait."""

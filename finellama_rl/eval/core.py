@@ -161,6 +161,7 @@ def eval_document(cfg: Config, step: int, result: Dict[str, Any], baseline: Opti
         "protocol": result["protocol"], "primary": result["primary"],
         "accuracy": result["accuracy"], "correct": result["correct"], "ci95": result["ci95"], "total": result["total"],
         "generation": result.get("generation"),
+        "pass_at_k": result.get("pass_at_k"),  # eval.samples > 1 (evaluate command, training evaluations)
         "baseline": summary(baseline) if baseline else None,
         "records": result["records"],
     }

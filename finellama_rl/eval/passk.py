@@ -91,6 +91,18 @@ def add_pass_at_k(result: Dict[str, Any], scored: Dict[str, Any]) -> Dict[str, A
     return result
 
 
+def add_sampled_pass_at_k(result: Dict[str, Any], model, tokenizer, setup, samples: int, temperature: float, seed: int,
+                          desc: str = "samples") -> Dict[str, Any]:
+    """Sample `samples` completions per problem of an EvalSetup and attach pass@1..k to a
+    greedy evaluate_model() result (the evaluate command and training-time evaluations)."""
+    texts, gen, decoding = sample_completions(model, tokenizer, setup.prompts, samples, setup.decoding.max_new_tokens,
+                                              temperature, setup.batch_size, seed, setup.stops, desc=desc)
+    add_pass_at_k(result, score_samples(setup.problems, texts, temperature, seed, setup.fmt.spec.primary, setup.stops))
+    result["pass_at_k"]["decoding"] = decoding.record()
+    result["pass_at_k"]["problems_per_s"] = round(gen.problems_per_s, 3)
+    return result
+
+
 def format_pass_at_k(summary: Dict[str, Any]) -> str:
     k, primary = str(summary["samples"]), summary.get("primary", "strict")
     others = "".join(f", {s} {summary[s][k]:.1%}" for s in ("strict", "lenient") if s != primary and s in summary)

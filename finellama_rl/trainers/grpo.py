@@ -36,6 +36,7 @@ from typing import Any, Dict
 import torch
 
 from finellama_rl import distributed as dist
+from finellama_rl.adapters import after_trl_init
 from finellama_rl.checkpoint import checkpoint_dir, clear_staging, commit_checkpoint, staging_root
 from finellama_rl.config import Config, Device
 from finellama_rl.ladder import Phase
@@ -288,6 +289,7 @@ def build_trainer(ctx: TrainContext):
         processing_class=ctx.tokenizer,
         callbacks=[callback],
     )
+    after_trl_init(trainer)  # a frozen model.adapter under ours stays active (finellama_rl/adapters.py)
     trainer.cast_back_to_fp32 = keep_trainable_fp32(trainer.model)
     log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", trainer.cast_back_to_fp32)
     trainer.remove_callback(_printer_callback_type())

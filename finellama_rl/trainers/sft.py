@@ -1,0 +1,317 @@
+"""Supervised fine-tuning through TRL 1.16's SFTTrainer, behind the same
+`train(ctx) -> TrainOutcome` interface as GRPO and PPO.
+
+    python -m finellama_rl.train trainer=sft model=qwen2.5-3b data=gsm8k trainer.sft.epochs=1
+    python -m finellama_rl.launch experiment=sft_1epoch          (the seed's SFT presets: sft_*)
+
+Why: the usual recipe is SFT first, then RL from the SFT policy
+(`model.adapter=<this run folder>`). Each training row is the run's prompt (the
+same chat-templated text RL and evaluation use) and, as the completion, the
+problem's reference solution; the loss covers completion tokens only, and TRL
+appends the tokenizer's end-of-turn token so the model learns to stop.
+
+What is shared with the RL trainers (the same shape as trainers/grpo.py): the 4-bit
+base with LoRA (model.load_policy), metrics through the monitor (metrics.jsonl, the
+progress line, tracking), checkpoints written by the HF Trainer into a staging folder
+and committed by rank 0, a host-memory snapshot after every step and phase
+attribution for the OOM ladder, resume
+(the HF Trainer restores adapter, optimizer, scheduler, RNG and skips the batches
+already seen, so a run resumed mid-epoch continues at the same sample), the OOM
+ladder's rungs (micro_batch and grad_accum map to per_device_train_batch_size and
+gradient_accumulation_steps; the sample order does not depend on them), and
+baseline/final accuracy by generation (train.py).
+
+SFT's own parts: trainer.sft.epochs sets max_steps (config.sft_max_steps);
+evaluations at trainer.eval_every measure the teacher-forced loss on the test
+problems' reference solutions (eval/loss) and, with best_metric=accuracy, greedy
+accuracy by generation (after the step's metrics line, like GRPO's eval_every; the
+values go to best_checkpoint.json and tracking); with trainer.sft.keep_best the best
+checkpoint is saved (even off the save schedule), never pruned, recorded in
+best_checkpoint.json and restored at the end (the final evaluation is of it).
+
+Correctness trap: SFTTrainer casts every trainable parameter of a quantized model
+to bf16 (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights
+are converted to bf16", about line 902), also on CPU; bf16 Adam then loses small
+updates. We cast back to fp32 right after building the trainer (grpo.keep_trainable_fp32;
+the optimizer is created later, in train()).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from finellama_rl import distributed as dist
+from finellama_rl.adapters import BEST_FILE
+from finellama_rl.checkpoint import checkpoint_dir, clear_staging, commit_checkpoint, staging_root
+from finellama_rl.config import BestMetric, Config, Device
+from finellama_rl.ladder import Phase
+from finellama_rl.results import atomic_write_json, read_json
+from finellama_rl.trainers.base import TrainContext, TrainOutcome
+from finellama_rl.trainers.grpo import capture, keep_trainable_fp32, write_payload
+
+log = logging.getLogger(__name__)
+
+
+# TRL/HF log name -> ours
+METRIC_NAMES = {
+    "loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "entropy": "train/entropy",
+    "mean_token_accuracy": "train/token_accuracy",
+    "epoch": "train/epoch",
+}
+
+
+def sft_rows(train_rows: List[Dict[str, str]], protocol) -> List[Dict[str, str]]:
+    """Prompt-completion rows: the run's prompt, and as target what a perfect model
+    writes under the evaluation protocol (eval/protocols.py target_text)."""
+    from finellama_rl.eval.protocols import target_text
+
+    return [{"prompt": r["prompt"], "completion": target_text(protocol, r["answer"])} for r in train_rows]
+
+
+def build_sft_config(cfg: Config, output_dir: Path):
+    """Our fields mapped one by one onto TRL's SFTConfig (no dict splat)."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    t, hw = cfg.trainer, cfg.hardware
+    warmup = t.warmup_steps or t.sft.warmup_ratio  # HF: an int is steps, a float in [0, 1) a ratio
+    return TRLSFTConfig(
+        output_dir=str(output_dir),
+        use_cpu=hw.device == Device.cpu,
+        bf16=hw.bf16 and hw.device == Device.cuda,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_schedule.value,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.micro_batch,
+        per_device_eval_batch_size=max(cfg.eval.batch_size, t.micro_batch),
+        gradient_accumulation_steps=t.grad_accum,
+        max_steps=t.max_steps,
+        max_length=t.max_prompt_tokens + t.max_completion_tokens,
+        completion_only_loss=True,
+        seed=t.seed,
+        gradient_checkpointing=t.activation_checkpointing,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=None,  # we prune committed checkpoints ourselves (keep_last, keep_best)
+        eval_strategy="no",  # evaluations run from our callback at trainer.eval_every
+        logging_steps=t.log_every,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=t.sft.dataloader_workers,
+        dataset_num_proc=None,
+    )
+
+
+class BestTracker:
+    """The best evaluation so far by trainer.sft.best_metric, kept in best_checkpoint.json."""
+
+    def __init__(self, cfg: Config, run_root: Path, start_step: int):
+        self.metric = cfg.trainer.sft.best_metric
+        self.path = run_root / BEST_FILE
+        self.history: List[Dict[str, Any]] = []
+        self.step: Optional[int] = None
+        self.value: Optional[float] = None
+        if self.path.exists():  # resume: keep what was measured up to the checkpoint we resume from
+            doc = read_json(self.path)
+            self.history = [h for h in doc.get("history", []) if h["step"] <= start_step]
+            for h in self.history:
+                self.offer(h["step"], h["value"], record=False)
+
+    def better(self, value: float) -> bool:
+        if self.value is None:
+            return True
+        return value > self.value if self.metric == BestMetric.accuracy else value < self.value
+
+    def offer(self, step: int, value: float, record: bool = True) -> bool:
+        if record:
+            self.history.append({"step": step, "value": value})
+        if self.better(value):
+            self.step, self.value = step, value
+            return True
+        return False
+
+    def write(self, checkpoints: Path, restored: bool = False) -> None:
+        ckpt = checkpoint_dir(checkpoints, self.step) if self.step is not None else None
+        atomic_write_json(self.path, {
+            "metric": self.metric.value, "mode": "max" if self.metric == BestMetric.accuracy else "min",
+            "step": self.step, "value": self.value,
+            "checkpoint": str(ckpt) if ckpt is not None and ckpt.exists() else None,
+            "restored": restored, "history": self.history})
+
+
+def eval_loss_rows(cfg: Config, tokenizer) -> List[Dict[str, str]]:
+    """The test problems evaluation uses, as prompt-completion rows (for eval/loss)."""
+    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.eval.core import select_problems
+    from finellama_rl.eval.protocols import prompt_format
+
+    problems = select_problems(load_problems(cfg.data, "test"), cfg.eval.num_examples)
+    fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)  # zero-shot, like the training prompts
+    rows, _ = with_prompts(problems, tokenizer, fmt, cfg.trainer.max_prompt_tokens)
+    return sft_rows(rows, cfg.eval.protocol)
+
+
+def measure(trainer, ctx: TrainContext, model, step: int) -> Tuple[float, Dict[str, float]]:
+    """One evaluation during SFT: eval/loss (teacher-forced on the test problems' targets)
+    always, greedy accuracy by generation (evals/step_N.json) unless best_metric=loss.
+    Returns (value of trainer.sft.best_metric, the scalars), the same on every rank."""
+    import torch
+
+    scalars = {"eval/loss": float(trainer.evaluate()["eval_loss"])}  # every rank takes part
+    if ctx.cfg.trainer.sft.best_metric == BestMetric.loss:
+        return scalars["eval/loss"], scalars
+    summary = ctx.evaluate(model, step)  # rank 0 generates and writes; None on the others
+    value = torch.tensor([summary["accuracy"][summary["primary"]] if summary else 0.0])
+    dist.broadcast_([value])  # every rank must take the same keep-best decision
+    scalars["eval/accuracy"] = float(value.item())
+    return scalars["eval/accuracy"], scalars
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        """SFTTrainer that reports its training phase to our phase tracker (OOM attribution)."""
+
+        tracker = None
+
+        def training_step(self, *args, **kwargs):
+            with self.tracker.phase(Phase.training):
+                return super().training_step(*args, **kwargs)
+
+    return Trainer
+
+
+def _callback(ctx: TrainContext, staging: Path, best: Optional[BestTracker]):
+    from transformers import TrainerCallback
+
+    t = ctx.cfg.trainer
+
+    class SFTCallback(TrainerCallback):
+        """Bridges the HF Trainer loop to our monitor, evaluations, snapshots and checkpoints."""
+
+        def __init__(self):
+            self.trainer = None  # set after the trainer is built (measure() needs it)
+            self.outcome_reason = ""
+            self.last_tokens = 0.0
+            self.eval_step = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_tokens = float(state.num_input_tokens_seen or 0)
+
+        def on_step_begin(self, args, state, control, **kw):
+            ctx.tracker.step = state.global_step + 1
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            ctx.tracker.current = Phase.optimizer
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            ctx.tracker.current = Phase.other
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            decision = ctx.monitor.decide(step)
+            control.should_save = decision.save
+            last = step >= t.max_steps and not decision.stop  # keep_best also weighs the final weights
+            if decision.evaluate or (best is not None and last):  # after this step's metrics are logged
+                self.eval_step = step
+                control.should_log = True
+            if decision.stop:
+                self.outcome_reason = decision.reason
+                control.should_training_stop = True
+            payload = capture(kw["model"], kw["optimizer"], kw["lr_scheduler"], state)
+            ctx.snapshots.take(step, payload, write_payload, eval_pending=self.eval_step == step,
+                               data_position=step * t.prompts_per_step)
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:
+                return  # eval_* logs and the end-of-training summary (ours: evals/, training_stats.json)
+            metrics = {ours: logs[theirs] for theirs, ours in METRIC_NAMES.items() if theirs in logs}
+            tokens = float(logs.get("num_tokens", self.last_tokens))
+            ctx.monitor.log(state.global_step, metrics, tokens=tokens - self.last_tokens)  # writes on rank 0
+            self.last_tokens = tokens
+            if self.eval_step == state.global_step:
+                self.eval_step = None
+                value, scalars = measure(self.trainer, ctx, ctx.policy, state.global_step)
+                ctx.monitor.track(state.global_step, scalars)
+                ctx.snapshots.mark(eval_pending=False)
+                if best is not None and best.offer(state.global_step, value):
+                    control.should_save = True  # the best is always restorable (saved right after this log)
+                    log.info("step %d: best %s so far (%.4f)", state.global_step, best.metric.value, value)
+
+        def on_save(self, args, state, control, **kw):
+            step = state.global_step
+            digests = dist.rank_digests([p for p in ctx.policy.parameters() if p.requires_grad])
+            dist.barrier()  # every rank has written its part
+            if dist.is_main():
+                staged = staging / f"checkpoint-{step}"
+                info = {"data_position": step * t.prompts_per_step, "rank_weight_digests": digests, **ctx.extra_state}
+                keep = [best.step] if best is not None and best.step is not None else []
+                final = commit_checkpoint(ctx.paths.checkpoints, staged, step, info, t.keep_last, keep)
+                if best is not None:
+                    best.write(ctx.paths.checkpoints)
+                log.info("checkpoint %s", final)
+            dist.barrier()
+
+    return SFTCallback()
+
+
+def restore_best(policy, best: BestTracker, checkpoints: Path) -> Optional[int]:
+    """Load the best checkpoint's adapter into the live policy; returns its step."""
+    from finellama_rl.adapters import load_adapter_weights
+
+    if best.step is None or not checkpoint_dir(checkpoints, best.step).exists():
+        log.warning("trainer.sft.keep_best: no evaluated checkpoint to restore; keeping the last weights")
+        return None
+    load_adapter_weights(policy, checkpoint_dir(checkpoints, best.step))
+    if dist.is_main():
+        best.write(checkpoints, restored=True)
+    log.info("restored the best checkpoint: step %d (%s %.4f)", best.step, best.metric.value, best.value)
+    return best.step
+
+
+def build_trainer(ctx: TrainContext, best: Optional[BestTracker]):
+    """TRL's SFTTrainer (our subclass) for this run, trainable weights back in fp32."""
+    from datasets import Dataset, disable_progress_bars
+    from transformers.trainer_callback import PrinterCallback
+
+    disable_progress_bars()  # datasets' map bars for a few hundred rows are noise in job logs
+    cfg = ctx.cfg
+    callback = _callback(ctx, staging_root(ctx.paths.checkpoints), best)
+    Trainer = _trainer_class()
+    Trainer.tracker = ctx.tracker
+    trainer = Trainer(
+        model=ctx.policy,
+        args=build_sft_config(cfg, staging_root(ctx.paths.checkpoints)),
+        train_dataset=Dataset.from_list(sft_rows(ctx.train_rows, cfg.eval.protocol)),
+        eval_dataset=Dataset.from_list(eval_loss_rows(cfg, ctx.tokenizer)) if cfg.trainer.eval_every else None,
+        processing_class=ctx.tokenizer,
+        callbacks=[callback],
+    )
+    callback.trainer = trainer
+    trainer.remove_callback(PrinterCallback)
+    n = keep_trainable_fp32(trainer.model)
+    log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", n)
+    return trainer, callback
+
+
+def train(ctx: TrainContext) -> TrainOutcome:
+    if not ctx.train_rows:
+        raise ValueError("no training rows: every prompt is longer than trainer.max_prompt_tokens?")
+    best = BestTracker(ctx.cfg, ctx.paths.root, ctx.start_step) if ctx.cfg.trainer.sft.keep_best else None
+    trainer, callback = build_trainer(ctx, best)
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if dist.is_main():
+        clear_staging(ctx.paths.checkpoints)  # the HF Trainer leaves a model card there
+    step = trainer.state.global_step
+    if callback.outcome_reason:
+        return TrainOutcome(final_step=step, stopped_early=True, stop_reason=callback.outcome_reason)
+    restored = restore_best(ctx.policy, best, ctx.paths.checkpoints) if best is not None else None
+    return TrainOutcome(final_step=step, stopped_early=False, restored_step=restored)
