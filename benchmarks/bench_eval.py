@@ -10,10 +10,11 @@ stop strings), so the difference is the batching alone.
 The model is the smoke preset's (tiny 4-bit Qwen2, qwen_boxed prompts of ~110 tokens,
 greedy, --max-new-tokens each; a random model never stops early, so every problem
 costs the full budget). Old and new alternate, --repeat times; the table shows the
-median problems/s of each and their ratio. CPU timings on a shared machine swing:
-compare within one run only.
+median problems/s of each and their ratio. CPU timings on a shared machine swing
+(with 2 threads under a load of 10, both were 20x slower than with 1 thread on a
+quiet machine): one thread by default, compare within one run only.
 
-    .venv/bin/python benchmarks/bench_eval.py                  # greedy + pass@4, 64 problems, 2 threads
+    .venv/bin/python benchmarks/bench_eval.py                  # greedy + pass@4, 64 problems, 1 thread
     .venv/bin/python benchmarks/bench_eval.py --problems 32 --repeat 3 --sizes 1,4,16,64
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> int:
     parser.add_argument("--new-batch", type=int, default=64, help="eval.batch_size's default")
     parser.add_argument("--samples", type=int, default=4, help="k for the pass@k rows")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sizes", default="", help="also: new batching at these batch sizes (e.g. 1,4,16,64)")
     args = parser.parse_args()
 
@@ -98,10 +99,14 @@ def main() -> int:
     for label, o, n, os_, ns in rows:
         print(f"| {label} | {o:.2f} ({', '.join(f'{x:.2f}' for x in os_)}) | {n:.2f} ({', '.join(f'{x:.2f}' for x in ns)}) | {n / o:.1f}x |")
     if args.sizes:
-        print("\n| eval.batch_size (greedy, sorted) | problems/s |\n|---|---|")
-        for size in (int(x) for x in args.sizes.split(",")):
-            runs = [new_batching(model, tok, ev.prompts, greedy, ev.stops, size) for _ in range(args.repeat)]
-            print(f"| {size} | {statistics.median(runs):.2f} |")
+        sizes = [int(x) for x in args.sizes.split(",")]
+        runs = {size: [] for size in sizes}
+        for _ in range(args.repeat):  # interleaved: every size once per round
+            for size in sizes:
+                runs[size].append(new_batching(model, tok, ev.prompts, greedy, ev.stops, size))
+        print("\n| eval.batch_size (greedy, sorted) | problems/s (median; runs) |\n|---|---|")
+        for size in sizes:
+            print(f"| {size} | {statistics.median(runs[size]):.2f} ({', '.join(f'{x:.2f}' for x in runs[size])}) |")
     return 0
 
 
