@@ -247,7 +247,7 @@ def test_checkpoint_all_loads_the_base_once_and_matches_one_at_a_time(tiny_run, 
         return real_run_target(cfg, target, m, tokenizer, setup)
 
     monkeypatch.setattr(evaluate, "run_target", spy)
-    args = [f"run={run}", "eval.num_examples=3", "eval.max_new_tokens=8", "eval.protocol=lm_eval_gsm8k"]
+    args = [f"run={run}", "eval.num_examples=2", "eval.max_new_tokens=6", "eval.protocol=lm_eval_gsm8k", "eval.shots=2"]
     assert evaluate.main([*args, "checkpoint=all"]) == 0
     assert len(loads) == 1
     for step in ("1", "2"):
@@ -256,8 +256,8 @@ def test_checkpoint_all_loads_the_base_once_and_matches_one_at_a_time(tiny_run, 
     for name in ("step_000001", "step_000002"):
         together, alone = logits[name]
         assert torch.allclose(together, alone, atol=1e-5), name
-        a = read_json(run / "evals" / f"{name}-lm_eval_gsm8k-n3-greedy.json")
-        b = read_json(run / "evals" / f"{name}-lm_eval_gsm8k-n3-greedy-2.json")
+        a = read_json(run / "evals" / f"{name}-lm_eval_gsm8k-n2-greedy-2shot.json")
+        b = read_json(run / "evals" / f"{name}-lm_eval_gsm8k-n2-greedy-2shot-2.json")
         assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]], name
-        assert a["protocol"]["model"]["adapter"].endswith(name) and a["protocol"]["shots"] == 5
+        assert a["protocol"]["model"]["adapter"].endswith(name) and a["protocol"]["shots"] == 2
     assert (logits["step_000001"][0] - logits["step_000002"][0]).abs().max() > 1e-3  # the adapters really differ
