@@ -42,7 +42,7 @@ from finellama_rl.config import Config, Device
 from finellama_rl.ladder import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
-from finellama_rl.trainers.snapshot import rng_state, to_host
+from finellama_rl.trainers.snapshot import adapter_state, rng_state, to_host
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +174,14 @@ def capture(model, optimizer, scheduler, state) -> Dict[str, Any]:
     from finellama_rl.trainers.value_head import is_peft
 
     if is_peft(model):
-        from peft import get_peft_model_state_dict
-
-        weights = to_host(get_peft_model_state_dict(model))
-        config = copy.deepcopy(model.peft_config["default"])
+        weights, config = adapter_state(model), copy.deepcopy(model.peft_config["default"])
     else:
         weights, config = to_host(model.state_dict()), None
+    trainer_state = copy.copy(state)  # serialised only if written; its log history is append-only
+    trainer_state.log_history = list(state.log_history)
     return {"weights": weights, "adapter_config": config, "optimizer": to_host(optimizer.state_dict()),
             "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": to_host(rng_state()),
-            "trainer_state": json.dumps(dataclasses.asdict(state), sort_keys=True),
+            "trainer_state": trainer_state,
             "rng_file": "rng_state.pth" if dist.world() <= 1 else f"rng_state_{dist.rank()}.pth"}
 
 
@@ -200,7 +199,7 @@ def write_payload(folder: Path, payload: Dict[str, Any]) -> None:
     torch.save(payload["optimizer"], folder / "optimizer.pt")
     torch.save(payload["scheduler"], folder / "scheduler.pt")
     torch.save(payload["rng"], folder / payload["rng_file"])  # read back with weights_only=True
-    (folder / "trainer_state.json").write_text(payload["trainer_state"])
+    (folder / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(payload["trainer_state"]), sort_keys=True))
 
 
 # ------------------------------------------------------------------- callback

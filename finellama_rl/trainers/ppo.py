@@ -65,7 +65,7 @@ from finellama_rl.trainers.ppo_core import entropy_from_logits, explained_varian
 from finellama_rl.trainers.ppo_core import policy_loss_terms, value_loss_terms
 from finellama_rl.trainers.ppo_rollout import Rollout, RolloutEnv, collect_rollout, rows_for_step, shard
 from finellama_rl.trainers.snapshot import (
-    RNG_FILE, SCHEDULER_FILE, load_optimizer, load_rng, load_scheduler, rng_state, save_rng, save_scheduler,
+    RNG_FILE, SCHEDULER_FILE, adapter_state, load_optimizer, load_rng, load_scheduler, rng_state, save_rng, save_scheduler,
     set_rng_state, to_host,
 )
 from finellama_rl.trainers.value_head import POLICY_ADAPTER, Critic, disable_dropout, forward_completion, is_peft, model_device
@@ -225,9 +225,7 @@ def capture(state: PPOState, step: int) -> Dict[str, Any]:
     """Everything a checkpoint holds, copied to host memory (no model references)."""
     policy = state.policy
     if is_peft(policy):
-        from peft import get_peft_model_state_dict
-
-        adapters = {name: to_host(get_peft_model_state_dict(policy, adapter_name=name)) for name in policy.peft_config}
+        adapters = {name: adapter_state(policy, name) for name in policy.peft_config}
         configs = {name: copy.deepcopy(cfg) for name, cfg in policy.peft_config.items()}
     else:
         adapters, configs = {"": to_host(policy.state_dict())}, {}

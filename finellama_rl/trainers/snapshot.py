@@ -41,6 +41,21 @@ def to_host(obj: Any) -> Any:
     return obj
 
 
+def adapter_state(model, name: str = "default") -> Dict[str, Any]:
+    """Host copy of one LoRA adapter's weights, keyed as PEFT saves them
+    (get_peft_model_state_dict), read straight from named_parameters: PEFT's own
+    function builds the whole model's state_dict (packing every 4-bit weight) and cost
+    ~2% of a GRPO step when called after every step."""
+    tag = f".{name}."
+    out = {k.replace(f".{name}", "", 1): v.detach().to("cpu", copy=True)
+           for k, v in model.named_parameters() if tag in k and "lora_" in k}
+    if not out:  # not a plain LoRA adapter (e.g. another PEFT method): PEFT's own, slower path
+        from peft import get_peft_model_state_dict
+
+        out = to_host(get_peft_model_state_dict(model, adapter_name=name))
+    return out
+
+
 # ------------------------------------------------------------------------ RNG
 
 

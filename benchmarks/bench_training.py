@@ -1,0 +1,302 @@
+"""Benchmark of the training core (issue 10), on one run, printing measured numbers:
+
+  A. GRPO adapter update size with and without the fp32 fix (TRL 1.16 casts the LoRA
+     weights of a 4-bit model to bf16; finellama casts them back): the fraction of
+     lora_A entries that never moved, and the norms of the updates.
+  B. PPO rollout time per step before (one generate call per micro batch, as the seed
+     and the first PPO did) and after batched generation (trainer.generation_batch=0).
+  C. Our GRPO s/step against a plain TRL GRPOTrainer script at identical settings
+     (same 4-bit base, LoRA, GRPOConfig, data, reward), paired and interleaved, two model
+     sizes; plain TRL both as shipped (bf16 LoRA) and with the same fp32 cast (the
+     overhead comparison). Target: ours <= 1.02x plain.
+  D. PPO against GRPO at equal tokens per step (PPO prompts = GRPO prompts x group),
+     ppo.epochs 1 and 2. Target: <= 1.3x.
+
+    .venv/bin/python benchmarks/bench_training.py                 # all parts, CPU (~20 min on 2 busy cores)
+    .venv/bin/python benchmarks/bench_training.py --parts C --repeat 5
+
+Timing: every timed arm runs in its own subprocess with one thread (spin-waiting
+OpenMP threads make timings swing 10x on a shared machine), arms interleaved in a
+rotating order within each repeat, s/step = median of steps 2..N (step 1 includes
+warm-up); ratios are per repeat (paired) and the median and range are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULT_TAG = "BENCH_RESULT "
+SHAPES = {"tiny": [], "256x4": ["model.hidden_size=256", "model.num_layers=4", "model.intermediate_size=512",
+                                "model.num_attention_heads=4", "model.num_kv_heads=2"]}
+BASE = ["experiment=smoke", "model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama",
+        "data.num_train=256", "trainer.save_every=100000", "trainer.log_every=1", "trainer.warmup_steps=0",
+        "trainer.lr_schedule=constant", "trainer.max_prompt_tokens=128", "ladder.enabled=false"]
+
+
+def alternating_reward(completions, **kw):
+    """Rewards with variance whatever a random model writes (non-zero advantages)."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def build_ctx(cfg):
+    import transformers
+
+    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
+    from finellama_rl.monitor import TrainingMonitor
+    from finellama_rl.results import RunPaths
+    from finellama_rl.trainers.base import TrainContext
+
+    ensure_tiny_model(cfg.model)
+    transformers.set_seed(cfg.trainer.seed)
+    tok = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
+    rows, _ = with_prompts(load_problems(cfg.data, "train"), tok, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
+    paths = RunPaths(Path(cfg.run.dir)).make()
+    monitor = TrainingMonitor(cfg.trainer, paths, 0, "bench", print_fn=lambda s: None)
+    return TrainContext(cfg, paths, policy, tok, rows, [alternating_reward], monitor, lambda m, s: {})
+
+
+def _config(overrides, tmp):
+    from finellama_rl.compose import load_config
+
+    return load_config([*BASE, *overrides, f"run.results_dir={tmp}", f"run.dir={tmp}/run"])
+
+
+# --------------------------------------------------------------------- workers
+
+
+def worker_step_time(arm: str, overrides: list) -> dict:
+    """s/step of one arm: ours (grpo/ppo through our trainers), plain (TRL as shipped),
+    plain_fp32 (TRL with the same fp32 cast)."""
+    from finellama_rl.results import read_jsonl
+
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
+        cfg = _config(overrides, tmp)
+        ctx = build_ctx(cfg)
+        if arm == "ours":
+            from finellama_rl.train import algorithm
+
+            algorithm(cfg)(ctx)
+            sps = [r["perf/sec_per_step"] for r in read_jsonl(ctx.paths.metrics)][1:]
+        else:
+            sps = _plain_trl(ctx, fp32=arm == "plain_fp32")[1:]
+    return {"s_per_step": statistics.median(sps), "steps": len(sps) + 1}
+
+
+def _plain_trl(ctx, fp32: bool) -> list:
+    """A plain TRL GRPOTrainer script: the same model, GRPOConfig, data and reward."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from finellama_rl.trainers.grpo import build_grpo_config, keep_trainable_fp32
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.monotonic())
+
+    trainer = GRPOTrainer(model=ctx.policy, reward_funcs=[alternating_reward],
+                          args=build_grpo_config(ctx.cfg, ctx.paths.checkpoints / ".staging"),
+                          train_dataset=Dataset.from_list(ctx.train_rows), processing_class=ctx.tokenizer,
+                          callbacks=[Clock()])
+    if fp32:
+        keep_trainable_fp32(trainer.model)
+    t0 = time.monotonic()
+    trainer.train()
+    stamps = [t0] + times
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def worker_fp32(overrides: list) -> dict:
+    """Part A in one process: GRPO at lr 1e-5 with and without the cast back to fp32."""
+    import torch
+
+    from finellama_rl.trainers import grpo
+
+    out = {}
+    for arm in ("fp32", "bf16"):
+        with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
+            ctx = build_ctx(_config(overrides, tmp))
+            original = grpo.keep_trainable_fp32
+            if arm == "bf16":
+                grpo.keep_trainable_fp32 = lambda model: 0  # TRL as shipped
+            try:
+                trainer, _ = grpo.build_trainer(ctx)
+            finally:
+                grpo.keep_trainable_fp32 = original
+            named = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+            start = {n: p.detach().float().clone() for n, p in named.items()}
+            trainer.train()
+            a = [(named[n].detach().float(), start[n]) for n in named if "lora_A" in n]
+            b = [named[n].detach().float() for n in named if "lora_B" in n]
+            frozen = sum(int((p == s).sum()) for p, s in a) / sum(p.numel() for p, _ in a)
+            out[arm] = {"dtype": str(next(iter(named.values())).dtype), "lora_A_unchanged": frozen,
+                        "lora_A_update_norm": float(torch.sqrt(sum(((p - s) ** 2).sum() for p, s in a))),
+                        "lora_B_norm": float(torch.sqrt(sum((p ** 2).sum() for p in b))),
+                        "lora_B_max": float(max(p.abs().max() for p in b))}
+    return out
+
+
+def worker_rollout(overrides: list, generation_batch: int, repeats: int) -> dict:
+    """Part B: PPO collect_rollout (generation + scoring) per step at a generation batch."""
+    from dataclasses import replace
+
+    from finellama_rl.trainers import ppo
+    from finellama_rl.trainers.ppo_rollout import RolloutEnv, collect_rollout, rows_for_step
+
+    with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
+        cfg = _config(overrides, tmp)
+        ctx = build_ctx(cfg)
+        t = replace(cfg.trainer, generation_batch=generation_batch)
+        state = ppo.build_state(ctx.policy, t)
+        times = []
+        for step in range(1, repeats + 2):
+            rows = rows_for_step(ctx.train_rows, step, t.prompts_per_step, t.seed)
+            t0 = time.monotonic()
+            collect_rollout(state.policy, ctx.tokenizer, state.critic, state.reference, rows, ctx.reward_funcs, t,
+                            RolloutEnv(step=step))
+            times.append(time.monotonic() - t0)
+    return {"s_per_rollout": statistics.median(times[1:])}
+
+
+def run_worker(kind: str, payload: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--worker", kind, "--payload", json.dumps(payload)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker {kind} {payload} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+# ---------------------------------------------------------------------- parts
+
+
+def _spread(values):
+    return f"median {statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f}, n={len(values)})"
+
+
+def part_a(args):
+    grpo = ["trainer=grpo", "trainer.prompts_per_step=4", "trainer.num_generations=4", "trainer.micro_batch=8",
+            "trainer.max_completion_tokens=16", "trainer.learning_rate=1e-5", f"trainer.max_steps={args.fp32_steps}",
+            *SHAPES["256x4"]]
+    r = run_worker("fp32", {"overrides": grpo})
+    print(f"\nA. GRPO adapter update, 4-bit 256x4 model, LoRA r=16, AdamW lr 1e-5, {args.fp32_steps} steps")
+    print(f"{'arm':<28} {'dtype':<15} {'lora_A unchanged':>17} {'|dA|':>10} {'|B|':>10} {'max|B|':>10}")
+    for arm, label in (("bf16", "TRL as shipped (bf16 cast)"), ("fp32", "finellama (cast back)")):
+        x = r[arm]
+        print(f"{label:<28} {x['dtype']:<15} {x['lora_A_unchanged']:>16.1%} {x['lora_A_update_norm']:>10.3e} "
+              f"{x['lora_B_norm']:>10.3e} {x['lora_B_max']:>10.3e}")
+    return r
+
+
+def part_b(args):
+    ppo = ["trainer=ppo", "trainer.prompts_per_step=32", "trainer.micro_batch=4", "trainer.max_completion_tokens=32",
+           *SHAPES["256x4"]]
+    times = {4: [], 0: []}
+    for rep in range(args.repeat):
+        for gen in ((4, 0) if rep % 2 == 0 else (0, 4)):
+            times[gen].append(run_worker("rollout", {"overrides": ppo, "generation_batch": gen, "repeats": 3})["s_per_rollout"])
+    ratios = [b / a for a, b in zip(times[0], times[4])]
+    print("\nB. PPO rollout (generation + scoring) per step, 256x4 model, 32 prompts x 32 new tokens, micro batch 4")
+    print(f"   before (one generate call per micro batch, 8 calls): {_spread(times[4])} s")
+    print(f"   after  (trainer.generation_batch=0, one call):       {_spread(times[0])} s")
+    print(f"   speed-up: {_spread(ratios)}x")
+    return {"before": times[4], "after": times[0], "speedup": ratios}
+
+
+def _paired(arms, overrides_of, shapes, repeats):
+    """{shape: {arm: [s/step per repeat]}}, arms interleaved in a rotating order."""
+    out = {s: {a: [] for a in arms} for s in shapes}
+    for rep in range(repeats):
+        for shape in shapes:
+            order = arms[rep % len(arms):] + arms[:rep % len(arms)]
+            for arm in order:
+                worker_arm, overrides = overrides_of(arm, shape)
+                out[shape][arm].append(run_worker("step_time", {"arm": worker_arm, "overrides": overrides})["s_per_step"])
+                print(f"   [{shape} {arm} rep {rep}] {out[shape][arm][-1]:.3f} s/step", file=sys.stderr, flush=True)
+    return out
+
+
+def part_c(args):
+    grpo = ["trainer=grpo", "trainer.prompts_per_step=4", "trainer.num_generations=4", "trainer.micro_batch=8",
+            "trainer.max_completion_tokens=24", f"trainer.max_steps={args.steps}"]
+    arms = ["ours", "plain_fp32", "plain"]
+    res = _paired(arms, lambda arm, shape: (arm, [*grpo, *SHAPES[shape]]), list(SHAPES), args.repeat)
+    print(f"\nC. GRPO s/step, ours vs a plain TRL GRPOTrainer script, identical settings "
+          f"(4 prompts x 4, micro 8, <=24 new tokens, {args.steps} steps, 1 thread)")
+    for shape, r in res.items():
+        print(f"   {shape}: ours {_spread(r['ours'])}; plain fp32 {_spread(r['plain_fp32'])}; plain bf16 {_spread(r['plain'])}")
+        over = [o / p for o, p in zip(r["ours"], r["plain_fp32"])]
+        ship = [o / p for o, p in zip(r["ours"], r["plain"])]
+        print(f"   {shape}: ours / plain TRL with fp32 LoRA = {_spread(over)}x (target <= 1.02); "
+              f"ours / plain TRL as shipped = {_spread(ship)}x")
+    return res
+
+
+def part_d(args):
+    g, prompts = 4, 4
+    common = ["trainer.micro_batch=8", "trainer.max_completion_tokens=24", f"trainer.max_steps={args.steps}"]
+    arms = ["grpo", "ppo_e1", "ppo_e2"]
+
+    def overrides(arm, shape):
+        if arm == "grpo":
+            return "ours", ["trainer=grpo", f"trainer.prompts_per_step={prompts}", f"trainer.num_generations={g}",
+                            *common, *SHAPES[shape]]
+        epochs = arm[-1]
+        return "ours", ["trainer=ppo", f"trainer.prompts_per_step={prompts * g}", f"trainer.ppo.epochs={epochs}",
+                        *common, *SHAPES[shape]]
+
+    res = _paired(arms, overrides, list(SHAPES), args.repeat)
+    print(f"\nD. PPO vs GRPO at equal tokens per step ({prompts * g} completions of <= 24 tokens, micro 8, 1 thread)")
+    for shape, r in res.items():
+        for arm in ("ppo_e1", "ppo_e2"):
+            ratio = [p / q for p, q in zip(r[arm], r["grpo"])]
+            print(f"   {shape}: {arm} {_spread(r[arm])} s/step vs grpo {_spread(r['grpo'])}: {_spread(ratio)}x (target <= 1.3)")
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="ABCD")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--fp32-steps", type=int, default=30)
+    p.add_argument("--json", default=None, help="also write the raw numbers here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(1)
+        kw = json.loads(args.payload)
+        fn = {"step_time": lambda: worker_step_time(kw["arm"], kw["overrides"]),
+              "fp32": lambda: worker_fp32(kw["overrides"]),
+              "rollout": lambda: worker_rollout(kw["overrides"], kw["generation_batch"], kw["repeats"])}[args.worker]
+        print(RESULT_TAG + json.dumps(fn()), flush=True)
+        return 0
+    print(f"bench_training: {time.strftime('%Y-%m-%d %H:%M')}, CPU, {os.cpu_count()} cores (shared machine), "
+          f"repeat={args.repeat}")
+    raw = {}
+    for part, fn in (("A", part_a), ("B", part_b), ("C", part_c), ("D", part_d)):
+        if part in args.parts:
+            raw[part] = fn(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
