@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -158,99 +157,31 @@ def take_lock(lock) -> None:
 
 
 def run_ladder(cfg: Config) -> int:
-    """The whole run under the OOM ladder; returns the process exit code.
-
-    An out-of-memory anywhere in an attempt (generation, scoring, forward, backward,
-    optimizer, evaluation) is recorded with its phase; the model is freed, the ladder
-    steps down the knob of that phase (ladder.step_down: the generation batch after a
-    generation OOM, the micro batch otherwise) and training continues in this same
-    process from the host-memory snapshot of the last finished step: no requeue, no
-    queue time lost, no step redone. With several ranks the rank that ran out records
-    the attempt, writes the snapshot and exits EXIT_OOM_RETRY; the supervisor
-    (finellama_rl.distributed) starts every rank again at the next rung.
-    """
+    """The whole run under the OOM ladder (finellama_rl/oom_loop.py: the phase of an
+    out-of-memory picks the knob to step down, and the failing step is retried from the
+    host snapshot of the step before); returns the process exit code. Rank 0 prepares
+    the run folder, the other ranks wait."""
     from finellama_rl import distributed as dist
-    from finellama_rl.attempts import (close_attempt, format_attempts, open_attempt, phase_of, read_attempts,
-                                       record_attempt, record_unclosed_attempt, start_point)
-    from finellama_rl.checkpoint import clear_staging, latest_checkpoint, step_of
+    from finellama_rl.attempts import record_unclosed_attempt
+    from finellama_rl.checkpoint import clear_staging
     from finellama_rl.config import Device
-    from finellama_rl.fitmem import remember_fit
-    from finellama_rl.ladder import Rung, format_ladder, is_oom_error, step_down
-    from finellama_rl.rungs import config_at, ladder_for, setting_of
-    from finellama_rl.trainers.snapshot import SnapshotHolder
+    from finellama_rl.ladder import Rung
+    from finellama_rl.oom_loop import AttemptHooks, run_attempts
+    from finellama_rl.rungs import ladder_for, setting_of
 
     dist.init(cuda=cfg.hardware.device == Device.cuda)
-    main = dist.is_main()
-    if main:
+    if dist.is_main():
         clear_staging(RunPaths(Path(cfg.run.dir)).checkpoints)  # first: a save cut by a full disk must not block the restart
-        paths = prepare_run_dir(cfg)
+        prepare_run_dir(cfg)
     dist.barrier()
     paths = RunPaths(Path(cfg.run.dir))
     ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of(cfg), False, "as configured")]
-    if main:
+    if dist.is_main():
         record_unclosed_attempt(paths, ladder, last_logged_step(paths))  # an earlier process that was hard-killed
     dist.barrier()
-    rung = first = start_point(cfg, paths, ladder)
-    holder = SnapshotHolder()  # survives attempts: the last finished step, in host memory
-    while rung is not None:
-        if rung != ladder[0]:
-            log.warning("ladder rung %d: %s%s", rung.index, rung.description,
-                        " (CHANGES THE EXPERIMENT: shorter sequences)" if rung.changes_experiment else "")
-        started, step0, attempt_no = time.time(), last_logged_step(paths), len(read_attempts(paths)) + 1
-        if main:  # if the scheduler kills us (host OOM, uncatchable GPU OOM), the watchdog or the next start reads this
-            open_attempt(paths, rung.index, step0, started)
-        run = AttemptRun(holder)
-        try:
-            code = train_attempt(config_at(cfg, rung), paths, run)
-        except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
-            fields = attempt_fields(paths, step0, started, exc)
-            if dist.world() > 1 and (paths.logs / f"oom_claim-{attempt_no}").exists():
-                os._exit(dist.EXIT_OOM_RETRY)  # a peer ran out of memory (this error is the broken collective)
-            if not (cfg.ladder.enabled and is_oom_error(exc)):
-                if main:
-                    record_attempt(paths, rung, "error", **fields)
-                    close_attempt(paths)
-                raise
-            phase = phase_of(exc, run.tracker)
-            traceback.clear_frames(exc.__traceback__)  # drop the frames that hold the model
-            del exc
-            if dist.world() > 1 and not dist.claim(paths.logs, f"oom_claim-{attempt_no}"):
-                os._exit(dist.EXIT_OOM_RETRY)  # another rank records this OOM
-            record_attempt(paths, rung, "oom", phase=phase, rank=dist.rank(), **fields)
-            close_attempt(paths)
-            latest = latest_checkpoint(paths.checkpoints)
-            snap = holder.write(paths.checkpoints, step_of(latest) if latest else 0)
-            log.warning("out of memory at rung %d in %s: %s%s", rung.index, phase, fields["error"],
-                        f"; continuing from the snapshot of step {step_of(snap)}" if snap else "")
-            if dist.world() > 1:  # the other ranks are stuck in a collective: the supervisor restarts all of them
-                dist.write_exit_code(paths.logs, dist.EXIT_OOM_RETRY)
-                os._exit(dist.EXIT_OOM_RETRY)
-            run = None
-            free_memory()
-            rung = step_down(ladder, rung, phase)
-            continue
-        outcome = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}.get(code, "failed")
-        if main:
-            record_attempt(paths, rung, outcome, **attempt_fields(paths, step0, started, None))
-            close_attempt(paths)
-            if code == 0 and cfg.ladder.remember_fit and cfg.ladder.enabled:
-                remember_fit(cfg, rung, clean=rung == first)  # never for debug.* runs (fitmem refuses)
-        return code
-    if main:
-        print("out of memory on every rung of the ladder; attempts:\n" + format_attempts(read_attempts(paths)), flush=True)
-        print("ladder:\n" + format_ladder(ladder), flush=True)
-    return EXIT_LADDER_EXHAUSTED
-
-
-class AttemptRun:
-    """What one attempt shares with the ladder loop: the snapshot holder (kept across
-    attempts) and the attempt's phase tracker (set once the model is loaded)."""
-
-    def __init__(self, snapshots=None):
-        from finellama_rl.trainers.snapshot import SnapshotHolder
-
-        self.snapshots = snapshots if snapshots is not None else SnapshotHolder()
-        self.tracker = None
+    outcomes = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}
+    return run_attempts(cfg, paths, ladder, AttemptHooks(train_attempt, last_logged_step, attempt_fields,
+                                                         free_memory, outcomes))
 
 
 def last_logged_step(paths: RunPaths) -> int:
@@ -288,7 +219,7 @@ def free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = None) -> int:
+def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
     """One attempt at one rung: resume (from the newest complete checkpoint or OOM
     snapshot), load, train, evaluate. With several ranks, rank 0 alone writes files."""
     import transformers
@@ -311,7 +242,10 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional["AttemptRun"] = No
     from finellama_rl.eval.passk import add_sampled_pass_at_k, format_pass_at_k
 
     t0 = time.time()
-    run = run or AttemptRun()
+    if run is None:
+        from finellama_rl.oom_loop import AttemptRun
+
+        run = AttemptRun()
     main = dist.is_main()
     if main:
         atomic_write_text(paths.config, config_yaml(cfg))  # the settings this attempt really uses

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from finellama_rl.trainers import ppo
-from finellama_rl.trainers.base import TrainContext
 from finellama_rl.trainers.ppo_core import logprobs_from_logits, policy_loss, value_loss
 from finellama_rl.trainers.ppo_rollout import (
     collect_rollout, completion_mask, compute_advantages, generate_rollout, reference_logprobs, rows_for_step,
@@ -25,7 +24,7 @@ from finellama_rl.trainers.ppo_rollout import (
 )
 from finellama_rl.trainers.value_head import Critic, forward_completion
 from finellama_rl.checkpoint import list_checkpoints
-from finellama_rl.results import RunPaths, read_jsonl
+from finellama_rl.results import read_jsonl
 
 PPO = ["experiment=smoke", "trainer=ppo", "trainer.num_generations=1", "trainer.prompts_per_step=8",
        "trainer.micro_batch=4", "trainer.max_completion_tokens=8", "trainer.warmup_steps=0"]

@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Dict
 
