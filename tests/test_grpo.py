@@ -32,10 +32,11 @@ def test_grpo_two_steps_4bit_lora_writes_outputs(make_config, tmp_path):
     assert json.loads((ckpts[0] / "finellama_state.json").read_text())["data_position"] == 2 * cfg.trainer.prompts_per_step
     assert not (run / "checkpoints" / ".staging").exists() or not any((run / "checkpoints" / ".staging").iterdir())
     ev = json.loads((run / "eval_results.json").read_text())
-    assert ev["schema_version"] == 1 and ev["step"] == 2 and ev["trainer"] == "grpo" and ev["total"] == 4
-    assert set(ev["accuracy"]) == {"strict", "lenient"} and len(ev["records"]) == 4
+    assert ev["schema_version"] == 2 and ev["step"] == 2 and ev["trainer"] == "grpo" and ev["total"] == 4
+    assert set(ev["accuracy"]) == {"math_verify", "strict", "lenient", "lm_eval_strict", "lm_eval_flexible"}
+    assert ev["primary"] == "math_verify" and len(ev["records"]) == 4  # eval.protocol=qwen_boxed (the default)
     assert ev["baseline"]["total"] == 4 and "records" not in ev["baseline"]
-    assert ev["protocol"]["decoding"] == "greedy" and ev["protocol"]["shots"] == 0
+    assert ev["protocol"]["decoding"]["decoding"] == "greedy" and ev["protocol"]["shots"] == 0
     stats = json.loads((run / "training_stats.json").read_text())
     assert [s["step"] for s in stats["steps"]] == [1, 2] and stats["summary"]["last_step"] == 2
     assert "trainer:\n  algo: grpo" in (run / "config.yaml").read_text()
