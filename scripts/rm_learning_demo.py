@@ -100,8 +100,9 @@ def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), bas
     run_dir = root / f"rm-seed{seed}"
     cfg = load_config([*TASK, f"model.path={policy}", "trainer=rm", "model@reward_model.model=tiny",
                        f"reward_model.model.path={base or policy}", f"trainer.seed={seed}", "trainer.max_completion_tokens=24",
-                       "trainer.rm.num_problems=400", "trainer.rm.samples_per_problem=4", "trainer.max_steps=150",
-                       "trainer.prompts_per_step=32", "trainer.micro_batch=32", "trainer.eval_every=50",
+                       "trainer.rm.num_problems=800", "trainer.rm.samples_per_problem=4", "trainer.max_steps=600",
+                       "trainer.rm.balance=false", "trainer.prompts_per_step=32", "trainer.micro_batch=32",
+                       "trainer.eval_every=100",
                        "trainer.learning_rate=1e-3", "trainer.lora.r=16", "trainer.lora.alpha=32",
                        "reward_model.batch_size=64", *extra,
                        f"run.results_dir={root}", f"run.dir={run_dir}"])
@@ -147,8 +148,8 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--rm-lora", action="store_true", help="4-bit base + LoRA for the reward model (default: full fine-tune)")
     ap.add_argument("--grpo-steps", type=int, default=40)
     ap.add_argument("--skip-grpo", action="store_true")
-    ap.add_argument("--rm-base-sft-steps", type=int, default=300,
-                    help="the reward model's base: the same SFT run longer (0: the policy itself)")
+    ap.add_argument("--rm-base-sft-steps", type=int, default=0,
+                    help="the reward model's base: the same SFT run longer (0: the policy itself, as measured)")
     args = ap.parse_args(argv)
     root = Path(args.out or tempfile.mkdtemp(prefix="rm-demo-"))
     root.mkdir(parents=True, exist_ok=True)
