@@ -136,3 +136,22 @@ def test_finish_text_cuts_at_eos_then_at_stop_strings(tiny):
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
     c = finish_text(tok, plain + [im_start] + plain, [eos], ["</s>"], 100)  # stray special tokens are dropped
     assert c.text == "#### 70#### 70"
+
+
+def test_a_peft_wrapped_model_is_protected_and_left_as_it_was(tiny):
+    """PeftModel.generate copies its (forwarded) generation_config onto the HF model: the swap must
+    cover that path, and afterwards the wrapper must still forward to the model's own config."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg, tok, setup, model = tiny
+    before = completions(model, tok, setup)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))  # B = 0: same outputs
+    inner = peft.get_base_model()
+    try:
+        inner.generation_config.repetition_penalty = 1.05
+        assert completions(peft, tok, setup) == before
+        assert "generation_config" not in vars(peft) and peft.generation_config is inner.generation_config
+        assert inner.generation_config.repetition_penalty == 1.05  # restored, not replaced
+    finally:
+        inner.generation_config.repetition_penalty = None
+        peft.unload()

@@ -118,7 +118,9 @@ def neutral_generation_config(model) -> Iterator[None]:
     neutral GenerationConfig while generating, so that none of the model's values leak in."""
     from transformers import GenerationConfig
 
-    holders = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    # Only modules that own the attribute: a PeftModel forwards `generation_config` to the HF model
+    # (and its generate() copies it there), so swapping the owner covers the wrapper too.
+    holders = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
     saved = [m.generation_config for m in holders]
     try:
         for m, old in zip(holders, saved):
