@@ -302,8 +302,9 @@ class RMTrainConfig:
     everywhere it appears (labelled by the scorer like every other example)."""
     include_reference: bool = True
     """Add the problem's reference solution, written in the protocol's answer form."""
-    balance: bool = True
-    """Drop surplus examples of the larger class in the training part (not the held-out part)."""
+    balance: bool = False
+    """Drop surplus examples of the larger class in the training part (not the held-out part).
+    Off by default: on the tiny task it skewed the classifier's prior (docs/LOG.md)."""
 
 
 @dataclass
