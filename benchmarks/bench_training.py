@@ -84,11 +84,20 @@ def worker_step_time(arm: str, overrides: list) -> dict:
         if arm == "ours":
             from finellama_rl.train import algorithm
 
+            cpu, log = [time.process_time()], ctx.monitor.log  # the metrics line closes each step
+
+            def timed_log(*a, **kw):
+                cpu.append(time.process_time())
+                return log(*a, **kw)
+
+            ctx.monitor.log = timed_log
             algorithm(cfg)(ctx)
             sps = [r["perf/sec_per_step"] for r in read_jsonl(ctx.paths.metrics)][1:]
+            cps = [b - a for a, b in zip(cpu, cpu[1:])][1:]
         else:
-            sps = _plain_trl(ctx, fp32=arm == "plain_fp32")[1:]
-    return {"s_per_step": statistics.median(sps), "steps": len(sps) + 1}
+            sps, cps = _plain_trl(ctx, fp32=arm == "plain_fp32")
+            sps, cps = sps[1:], cps[1:]
+    return {"s_per_step": statistics.median(sps), "cpu_s_per_step": statistics.median(cps), "steps": len(sps) + 1}
 
 
 def _plain_trl(ctx, fp32: bool) -> list:
@@ -99,11 +108,12 @@ def _plain_trl(ctx, fp32: bool) -> list:
 
     from finellama_rl.trainers.grpo import build_grpo_config, keep_trainable_fp32
 
-    times = []
+    times, cpu = [], []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             times.append(time.monotonic())
+            cpu.append(time.process_time())
 
     trainer = GRPOTrainer(model=ctx.policy, reward_funcs=[alternating_reward],
                           args=build_grpo_config(ctx.cfg, ctx.paths.checkpoints / ".staging"),
@@ -111,10 +121,10 @@ def _plain_trl(ctx, fp32: bool) -> list:
                           callbacks=[Clock()])
     if fp32:
         keep_trainable_fp32(trainer.model)
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     trainer.train()
-    stamps = [t0] + times
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    wall, proc = [t0] + times, [c0] + cpu
+    return [b - a for a, b in zip(wall, wall[1:])], [b - a for a, b in zip(proc, proc[1:])]
 
 
 def worker_fp32(overrides: list) -> dict:
@@ -217,32 +227,41 @@ def part_b(args):
 
 
 def _paired(arms, overrides_of, shapes, repeats):
-    """{shape: {arm: [s/step per repeat]}}, arms interleaved in a rotating order."""
+    """({shape: {arm: [wall s/step per repeat]}}, the same in CPU seconds of the training
+    process), arms interleaved in a rotating order."""
     out = {s: {a: [] for a in arms} for s in shapes}
+    cpu = {s: {a: [] for a in arms} for s in shapes}
     for rep in range(repeats):
         for shape in shapes:
             order = arms[rep % len(arms):] + arms[:rep % len(arms)]
             for arm in order:
                 worker_arm, overrides = overrides_of(arm, shape)
-                out[shape][arm].append(run_worker("step_time", {"arm": worker_arm, "overrides": overrides})["s_per_step"])
-                print(f"   [{shape} {arm} rep {rep}] {out[shape][arm][-1]:.3f} s/step", file=sys.stderr, flush=True)
-    return out
+                r = run_worker("step_time", {"arm": worker_arm, "overrides": overrides})
+                out[shape][arm].append(r["s_per_step"])
+                cpu[shape][arm].append(r["cpu_s_per_step"])
+                print(f"   [{shape} {arm} rep {rep}] {r['s_per_step']:.3f} s/step, {r['cpu_s_per_step']:.3f} CPU s/step",
+                      file=sys.stderr, flush=True)
+    return out, cpu
 
 
 def part_c(args):
     grpo = ["trainer=grpo", "trainer.prompts_per_step=4", "trainer.num_generations=4", "trainer.micro_batch=8",
             "trainer.max_completion_tokens=24", f"trainer.max_steps={args.steps}"]
     arms = ["ours", "plain_fp32", "plain"]
-    res = _paired(arms, lambda arm, shape: (arm, [*grpo, *SHAPES[shape]]), list(SHAPES), args.repeat)
+    res, cpu = _paired(arms, lambda arm, shape: (arm, [*grpo, *SHAPES[shape]]), list(SHAPES), args.repeat)
     print(f"\nC. GRPO s/step, ours vs a plain TRL GRPOTrainer script, identical settings "
           f"(4 prompts x 4, micro 8, <=24 new tokens, {args.steps} steps, 1 thread)")
+    for shape, r in cpu.items():  # CPU seconds of the training process: robust to other processes' load
+        over = [o / p for o, p in zip(r["ours"], r["plain_fp32"])]
+        print(f"   {shape} CPU s/step: ours {_spread(r['ours'])}; plain fp32 {_spread(r['plain_fp32'])}; "
+              f"ours / plain fp32 = {_spread(over)}x (target <= 1.02)")
     for shape, r in res.items():
         print(f"   {shape}: ours {_spread(r['ours'])}; plain fp32 {_spread(r['plain_fp32'])}; plain bf16 {_spread(r['plain'])}")
         over = [o / p for o, p in zip(r["ours"], r["plain_fp32"])]
         ship = [o / p for o, p in zip(r["ours"], r["plain"])]
         print(f"   {shape}: ours / plain TRL with fp32 LoRA = {_spread(over)}x (target <= 1.02); "
               f"ours / plain TRL as shipped = {_spread(ship)}x")
-    return res
+    return {"wall": res, "cpu": cpu}
 
 
 def part_d(args):
@@ -258,13 +277,16 @@ def part_d(args):
         return "ours", ["trainer=ppo", f"trainer.prompts_per_step={prompts * g}", f"trainer.ppo.epochs={epochs}",
                         *common, *SHAPES[shape]]
 
-    res = _paired(arms, overrides, list(SHAPES), args.repeat)
+    res, cpu = _paired(arms, overrides, list(SHAPES), args.repeat)
     print(f"\nD. PPO vs GRPO at equal tokens per step ({prompts * g} completions of <= 24 tokens, micro 8, 1 thread)")
     for shape, r in res.items():
         for arm in ("ppo_e1", "ppo_e2"):
             ratio = [p / q for p, q in zip(r[arm], r["grpo"])]
             print(f"   {shape}: {arm} {_spread(r[arm])} s/step vs grpo {_spread(r['grpo'])}: {_spread(ratio)}x (target <= 1.3)")
-    return res
+    for shape, r in cpu.items():
+        for arm in ("ppo_e1", "ppo_e2"):
+            print(f"   {shape} CPU s/step: {arm} / grpo = {_spread([p / q for p, q in zip(r[arm], r['grpo'])])}x")
+    return {"wall": res, "cpu": cpu}
 
 
 def main(argv=None) -> int:
