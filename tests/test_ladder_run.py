@@ -31,7 +31,8 @@ def private_fit_memory(tmp_path, monkeypatch):
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_simulated_oom_steps_down_and_trains_each_step_once(algo, make_config, tmp_path):
     # micro batch 4 x (prompt <= 96 + completion 8) tokens > 120 and 2 x ... > 120: two OOMs, then micro batch 1.
-    cfg = make_config(*SMALL, f"trainer={algo}", "trainer.max_steps=4", "trainer.save_every=2",
+    batch = ["trainer.prompts_per_step=2", "trainer.num_generations=4"] if algo == "grpo" else []  # 8 sequences
+    cfg = make_config(*SMALL, f"trainer={algo}", *batch, "trainer.max_steps=4", "trainer.save_every=2",
                       "debug.oom_above_tokens=120", "eval.before_training=false")
     assert run_training(cfg) == 0
     attempts = read_jsonl(tmp_path / "run" / "attempts.jsonl")
