@@ -1,5 +1,6 @@
 # finellama_rl developer entry points.
-#   make run    install (first time) and run the built-in smoke experiment locally
+#   make run    install (first time) and run the learning demo locally: SFT of a tiny model (cached
+#               after the first time), GRPO from that adapter, the report (ARGS="-m trainer=ppo,grpo" for both)
 #   make test   install (first time) and run the whole test suite (CI calls this): the tests not
 #               marked slurm with the SLURM binaries hidden (a fresh machine), then the slurm tests
 #               on the local cluster (installed and started if needed, stopped if it was not up)
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-*; touch $@
 
 run: $(STAMP)
-	$(PY) -m finellama_rl.launch experiment=smoke launcher=local $(ARGS)
+	$(PY) -m finellama_rl.demo $(ARGS)
 
 test: $(STAMP)
 	bash scripts/run_tests.sh $(ARGS)

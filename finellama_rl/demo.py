@@ -1,0 +1,188 @@
+"""The built-in demonstration behind `make run`: on CPU, a tiny model learns the
+synthetic task partly by SFT, and RL from that SFT adapter (4-bit base + LoRA, the
+real correctness reward) raises its held-out accuracy.
+
+    python -m finellama_rl.demo                        # SFT (first time only) -> GRPO -> report
+    python -m finellama_rl.demo -m trainer=ppo,grpo    # both RL trainers from the same SFT start
+    python -m finellama_rl.demo trainer.seed=1         # any override of the RL runs
+    python -m finellama_rl.demo sft_seed=1 trainer.seed=1   # also another SFT (cached separately)
+
+1. SFT: `experiment=demo_sft` (trainer=sft on the tiny model), cached like the tiny
+   model itself: in $FINELLAMA_CACHE (default $HF_HOME/finellama_rl)/sft/demo-<key>,
+   where key hashes the SFT run's resolved config, the library versions and the source
+   of the modules that shape it, so anything that would change the adapter retrains it.
+   Overrides of model.*, data.* and eval.protocol apply to the SFT too (same model and task).
+2. RL: `experiment=demo model.adapter=<that SFT run>` for every combination of the
+   command line, planned and validated like `finellama_rl.launch` does, each run in this
+   process (no second start-up), into results/demo-<date-time>/<run>.
+3. The sweep report (report.md/.html, reward.png, accuracy.png) and one line per run:
+   baseline -> final accuracy with 95% intervals.
+
+This is the same code path as the manual SFT -> RL workflow in README.md; only the
+cache and the chaining are the demo's.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+from finellama_rl.compose import UsageError, expand_sweep, load_config, split_argv
+from finellama_rl.config import Config, RunConfig
+
+log = logging.getLogger("finellama_rl")
+
+SFT_PRESET = "demo_sft"
+RL_PRESET = "demo"
+CACHE_VERSION = 1  # bump when the demo's SFT changes in a way the hashed sources do not show
+SHARED_PREFIXES = ("model.", "data.", "eval.protocol")  # overrides that also shape the SFT
+# PPO samples one completion per prompt: more prompts per step than GRPO's 8 x 8.
+PER_TRAINER = {"ppo": ["trainer.prompts_per_step=32"]}
+SHAPING_MODULES = ("data.py", "model.py", "adapters.py", "trainers/sft.py", "eval/protocols.py")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
+
+
+def split_overrides(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(overrides for the SFT, overrides for RL). model.*, data.* and eval.protocol go to
+    both and cannot be swept; `sft_seed=N` (the demo's own option) seeds the SFT only."""
+    sft = [f"trainer.seed={o.split('=', 1)[1]}" for o in overrides if o.startswith("sft_seed=")]
+    rl = [o for o in overrides if not o.startswith("sft_seed=")]
+    shared = [o for o in rl if o.split("=")[0].lstrip("+").startswith(SHARED_PREFIXES) or o.startswith("model=")]
+    if len(expand_sweep(shared + sft)) > 1:
+        raise UsageError(f"the demo trains one SFT adapter: sweep RL settings only (not {' '.join(shared + sft)})")
+    return shared + sft, rl
+
+
+def sft_config(shared: Sequence[str]) -> Config:
+    """The demo's SFT run config, its run folder in the cache under its key."""
+    from finellama_rl.model import cache_root
+
+    base = load_config([f"experiment={SFT_PRESET}", *shared], resolve_paths=False)
+    folder = cache_root() / "sft" / f"demo-{cache_key(base)}"
+    return load_config([f"experiment={SFT_PRESET}", *shared, f"run.results_dir={folder.parent}",
+                        f"run.dir={folder}", "run.sweep=sft", f"run.name={folder.name}"])
+
+
+def cache_key(cfg: Config) -> str:
+    """Everything that changes the SFT adapter: config (without run folders), library
+    versions, and the source of the modules that build the data, model and SFT."""
+    from finellama_rl.train import config_yaml
+
+    here = Path(__file__).resolve().parent
+    parts: Dict[str, Any] = {
+        "config": config_yaml(replace(cfg, run=RunConfig())),
+        "versions": {lib: importlib.metadata.version(lib) for lib in LIBRARIES},
+        "sources": {m: hashlib.sha1((here / m).read_bytes()).hexdigest() for m in SHAPING_MODULES},
+        "cache_version": CACHE_VERSION,
+    }
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_sft(cfg: Config) -> Path:
+    """The cached SFT run folder, trained under a file lock the first time."""
+    from filelock import FileLock
+
+    from finellama_rl.train import run_training
+
+    folder = Path(cfg.run.dir)
+    done = folder / "eval_results.json"
+    if done.exists():
+        print(f"SFT adapter (cached): {folder}", flush=True)
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            print(f"=== SFT of the tiny model on the synthetic task (first time only; cached in {folder})", flush=True)
+            code = run_training(cfg)
+            if code != 0 or not done.exists():
+                raise SystemExit(code or 1)
+    return folder
+
+
+def plan_rl(overrides: Sequence[str], adapter: Path, sweep: str):
+    """Every RL run of the command line, composed and validated before anything trains (a
+    typo fails before the SFT, not after). Each run gets its trainer's demo batch
+    (PER_TRAINER) unless the command line sets it; run names follow launch's rules."""
+    from finellama_rl.launch import PlannedRun, _check_distinct
+    from finellama_rl.plan import choose_start_rung
+
+    runs = []
+    for i, (combo, name_parts) in enumerate(expand_sweep(overrides)):
+        trainer = next((o.split("=", 1)[1] for o in combo if o.startswith("trainer=")), "grpo")
+        typed = {o.split("=", 1)[0] for o in combo}
+        extra = [o for o in PER_TRAINER.get(trainer, []) if o.split("=", 1)[0] not in typed]
+        ovs = [f"experiment={RL_PRESET}", *extra, *combo, f"model.adapter={adapter}", f"run.sweep={sweep}", "launcher=local"]
+        cfg = load_config(ovs, name_parts)
+        rung, why = choose_start_rung(cfg)
+        runs.append(PlannedRun(i, ovs, cfg, rung, why))
+    _check_distinct(runs)
+    return runs
+
+
+def run_rl(runs) -> List[Tuple[Any, int]]:
+    """Each planned run in this process, through the same entry as `python -m finellama_rl.train`."""
+    from finellama_rl.train import main as train_main
+
+    results = []
+    for r in runs:
+        print(f"=== {r.cfg.trainer.algo.value.upper()} from the SFT adapter -> {r.cfg.run.dir}", flush=True)
+        results.append((r, train_main(r.train_argv())))
+    return results
+
+
+def accuracy_line(run_dir: Path) -> str:
+    """'<run>: baseline 31.2% [20.5, 43.2] -> final 56.2% [44.1, 67.6] (+25.0 points, n=64, protocol/scorer)'."""
+    path = run_dir / "eval_results.json"
+    if not path.exists():
+        return f"{run_dir.name}: no final evaluation (see its log)"
+    doc = json.loads(path.read_text())
+    primary, base = doc["primary"], doc.get("baseline") or {}
+    final_acc, final_ci = doc["accuracy"][primary], doc["ci95"][primary]
+    if not base:
+        return f"{run_dir.name}: final {_pct(final_acc, final_ci)} (no baseline)"
+    base_acc, base_ci = base["accuracy"][primary], base["ci95"][primary]
+    protocol = doc["protocol"].get("name", "") if isinstance(doc.get("protocol"), dict) else ""
+    return (f"{run_dir.name}: baseline {_pct(base_acc, base_ci)} -> final {_pct(final_acc, final_ci)} "
+            f"({100 * (final_acc - base_acc):+.1f} points, n={doc['total']}, {protocol}/{primary})")
+
+
+def _pct(acc: float, ci: Sequence[float]) -> str:
+    return f"{100 * acc:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def main(argv: Sequence[str]) -> int:
+    import os
+
+    # One thread unless told otherwise: the demo's 64-wide model gains little from a second
+    # thread, and two OpenMP threads on a 2-core machine with any other busy process spin
+    # against it (measured: 636 s instead of 59 s for the same run; docs/LOG.md).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from finellama_rl.console import setup_logging
+    from finellama_rl.report import write_report
+
+    multirun, overrides = split_argv(argv)
+    shared, rl_overrides = split_overrides(overrides)
+    sft = sft_config(shared)
+    sweep = "demo-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if len(expand_sweep(rl_overrides)) > 1 and not multirun:
+        raise UsageError("comma-separated values sweep only with -m (e.g. -m trainer=ppo,grpo)")
+    runs = plan_rl(rl_overrides, Path(sft.run.dir), sweep)
+    setup_logging()
+    ensure_sft(sft)
+    results = run_rl(runs)
+    report = write_report(Path(runs[0].cfg.run.dir).parent)
+    print("\n" + "\n".join(accuracy_line(Path(r.cfg.run.dir)) for r, _ in results), flush=True)
+    print(f"report: {report.html}\n        {report.markdown} (plots: reward.png, accuracy.png)", flush=True)
+    failed = [code for _, code in results if code]
+    return failed[0] if failed else 0
+
+
+if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
+    cli_main(main)
