@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-RL_STEPS = 40  # the demo trains 80; the test asserts a smaller margin over fewer steps
+RL_STEPS = 40  # the demo trains 120; the test asserts a smaller margin over fewer steps
 MARGIN = 0.12  # final - baseline held-out accuracy, in [0, 1]; measured +18 to +34 points (docs/LOG.md)
 
 

@@ -1,0 +1,43 @@
+"""The demo behind `make run` (finellama_rl/demo.py) without training: which overrides
+reach the SFT, the SFT cache key, and the RL runs it plans. The demo's learning is
+measured in tests/test_learning.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finellama_rl.compose import UsageError
+from finellama_rl.demo import plan_rl, sft_config, split_overrides
+
+
+def test_overrides_reach_the_sft_only_when_they_shape_it():
+    sft, rl = split_overrides(["trainer=ppo", "trainer.seed=3", "data.max_operand=5", "model.tiny_final_norm=8",
+                               "eval.protocol=finellama", "sft_seed=2"])
+    assert sft == ["data.max_operand=5", "model.tiny_final_norm=8", "eval.protocol=finellama", "trainer.seed=2"]
+    assert rl == ["trainer=ppo", "trainer.seed=3", "data.max_operand=5", "model.tiny_final_norm=8", "eval.protocol=finellama"]
+    with pytest.raises(UsageError, match="one SFT adapter"):
+        split_overrides(["data.max_operand=5,9"])
+
+
+def test_sft_cache_folder_is_keyed_by_what_changes_the_adapter(monkeypatch, tmp_path):
+    monkeypatch.setenv("FINELLAMA_CACHE", str(tmp_path))
+    default = sft_config([])
+    assert Path(default.run.dir).parent == tmp_path / "sft" and Path(default.run.dir).name.startswith("demo-")
+    assert sft_config([]).run.dir == default.run.dir  # stable
+    assert default.trainer.algo.value == "sft" and default.model.tiny and default.model.tiny_final_norm == 10.0
+    others = {sft_config(o).run.dir for o in (["trainer.seed=1"], ["data.max_operand=5"], ["model.tiny_final_norm=8"])}
+    assert len(others) == 3 and default.run.dir not in others
+
+
+def test_rl_runs_get_their_trainers_demo_batch(tmp_path):
+    runs = plan_rl(["trainer=ppo,grpo", f"run.results_dir={tmp_path}"], tmp_path / "sft", "demo-test")
+    by_algo = {r.cfg.trainer.algo.value: r.cfg for r in runs}
+    assert by_algo["grpo"].trainer.prompts_per_step == 8 and by_algo["grpo"].trainer.num_generations == 8
+    assert by_algo["ppo"].trainer.prompts_per_step == 32 and by_algo["ppo"].trainer.num_generations == 1
+    for cfg in by_algo.values():
+        assert cfg.model.adapter == str(tmp_path / "sft") and cfg.trainer.rewards == ["correctness"]
+        assert cfg.trainer.quantization.enabled and cfg.trainer.lora.enabled and cfg.eval.num_examples == "256"
+        assert Path(cfg.run.dir).parent == tmp_path / "demo-test"
+    (ppo,) = plan_rl(["trainer=ppo", "trainer.prompts_per_step=16", f"run.results_dir={tmp_path}"], tmp_path / "sft", "d")
+    assert ppo.cfg.trainer.prompts_per_step == 16  # the command line wins
