@@ -102,6 +102,10 @@ def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) 
     except PermissionError as exc:
         raise ConfigError("run.results_dir", f"{exc}; set run.results_dir=<a writable folder>") from None
     check_model(cfg)
+    if cfg.model.adapter:  # RL from a trained adapter: the run folder or checkpoint must hold one
+        from finellama_rl.adapters import resolve_adapter
+
+        resolve_adapter(cfg.model.adapter)
     check_data(cfg)
     check_scoring(cfg)
     if slurm:

@@ -148,3 +148,28 @@ def test_rl_checkpoint_resumes_and_evaluates_with_both_adapters(sft_run, make_co
     assert evals, list((run / "evals").iterdir())
     again = json.loads(evals[-1].read_text())
     assert again["correct"] == final["correct"] and again["total"] == final["total"]
+
+
+def test_launch_refuses_a_missing_adapter_before_running(tmp_path):
+    from finellama_rl.launch import main as launch_main
+
+    with pytest.raises(ConfigError, match="model.adapter"):
+        launch_main(["-m", "trainer=ppo,grpo", *TINY, "launcher=local", f"run.results_dir={tmp_path}",
+                     f"model.adapter={tmp_path / 'no-such-run'}"])
+    assert not any(tmp_path.rglob("config.yaml"))
+
+
+@pytest.mark.slow
+def test_launch_sweep_ppo_and_grpo_from_one_sft_run(sft_run, tmp_path):
+    """The seed's "compare with GRPO" from one SFT start: -m trainer=ppo,grpo model.adapter=<run>."""
+    from finellama_rl.launch import main as launch_main
+
+    common = [*TINY, "trainer.max_steps=1", "trainer.save_every=1", "trainer.warmup_steps=0", "trainer.lora.dropout=0",
+              "trainer.prompts_per_step=4", "trainer.micro_batch=4", "trainer.max_completion_tokens=8",
+              "eval.before_training=false", "launcher=local", "run.sweep=compare", f"run.results_dir={tmp_path}"]
+    assert launch_main(["-m", "trainer=ppo,grpo", *common, f"model.adapter={sft_run}"]) == 0
+    for algo in ("ppo", "grpo"):
+        run = tmp_path / "compare" / f"{algo}-tiny-cpu"
+        assert json.loads((run / "eval_results.json").read_text())["trainer"] == algo
+        assert f"adapter: {sft_run}" in (run / "config.yaml").read_text()
+        assert (run / "checkpoints" / "step_000001" / FROZEN / "adapter_model.safetensors").is_file()

@@ -56,6 +56,17 @@ def test_sft_settings_are_validated(make_config):
         make_config(*SFT, "trainer.sft.warmup_ratio=1.5")
 
 
+def test_sft_targets_follow_the_evaluation_protocol():
+    """The SFT completion is what a perfect model writes under the run's protocol."""
+    from finellama_rl.config import EvalProtocol
+    from finellama_rl.trainers.sft import sft_rows
+
+    row = {"prompt": "<prompt>", "question": "q", "answer": "Half of 48 is <<48/2=24>>24.\n#### 24"}
+    (boxed,) = sft_rows([row], EvalProtocol.qwen_boxed)
+    assert boxed == {"prompt": "<prompt>", "completion": "Half of 48 is 24.\nThe final answer is $\\boxed{24}$."}
+    assert sft_rows([row], EvalProtocol.finellama)[0]["completion"] == "Half of 48 is 24.\n#### 24"
+
+
 def test_epochs_set_max_steps(make_config):
     from finellama_rl.config import sft_max_steps
 
