@@ -166,7 +166,8 @@ def measure(trainer, ctx: TrainContext, model, step: int) -> Tuple[float, Dict[s
     if ctx.cfg.trainer.sft.best_metric == BestMetric.loss:
         return scalars["eval/loss"], scalars
     summary = ctx.evaluate(model, step)  # rank 0 generates and writes; None on the others
-    value = torch.tensor([summary["accuracy"][summary["primary"]] if summary else 0.0])
+    device = next(p for p in model.parameters()).device  # NCCL broadcasts device tensors only
+    value = torch.tensor([summary["accuracy"][summary["primary"]] if summary else 0.0], device=device)
     dist.broadcast_([value])  # every rank must take the same keep-best decision
     scalars["eval/accuracy"] = float(value.item())
     return scalars["eval/accuracy"], scalars
