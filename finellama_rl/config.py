@@ -133,7 +133,7 @@ class ModelConfig:
     tiny_final_norm: float = 1.0
     """Tiny only: initial weight of the final RMSNorm. With frozen random tied embeddings
     (std 0.02) the logits of a random base stay within about +-0.02*hidden_size*this, so at
-    1.0 LoRA training can never make a confident prediction; model=tiny-lm uses 10."""
+    1.0 LoRA training can never make a confident prediction; the demo presets use 10."""
     params_b: float = MISSING
     """Parameter count in billions (memory planning)."""
     hidden_size: int = MISSING

@@ -259,6 +259,12 @@ def validate(cfg: Config) -> None:
     _positive("eval.samples", cfg.eval.samples, "1 = greedy only, k > 1 adds pass@k")
     _positive("eval.sample_temperature", cfg.eval.sample_temperature, "e.g. eval.sample_temperature=0.7")
     if cfg.data.source == DataSource.arithmetic:
+        from finellama_rl.data import OPS
+
+        unknown = [op for op in cfg.data.ops if op not in OPS]
+        if unknown or not cfg.data.ops:
+            raise ConfigError("data.ops", f"{unknown or 'empty'}: choose some of {'|'.join(OPS)}, e.g. data.ops=[add]")
+        _positive("data.max_operand", cfg.data.max_operand)
         _positive("data.num_train", cfg.data.num_train)
         _positive("data.num_test", cfg.data.num_test)
     _validate_ladder(cfg)

@@ -41,3 +41,21 @@ def test_rl_runs_get_their_trainers_demo_batch(tmp_path):
         assert Path(cfg.run.dir).parent == tmp_path / "demo-test"
     (ppo,) = plan_rl(["trainer=ppo", "trainer.prompts_per_step=16", f"run.results_dir={tmp_path}"], tmp_path / "sft", "d")
     assert ppo.cfg.trainer.prompts_per_step == 16  # the command line wins
+
+
+def test_synthetic_task_difficulty_knobs(make_config):
+    """data.ops and data.max_operand shape the synthetic task the demo uses; a bad kind is
+    refused at composition (exit 2), not at data loading."""
+    import re
+
+    from finellama_rl.config import ConfigError
+    from finellama_rl.data import generate_arithmetic
+
+    adds = generate_arithmetic(200, seed=3, max_operand=9, ops=["add"])
+    for p in adds:
+        a, b, c = map(int, re.fullmatch(r"(\d+) \+ (\d+) = (\d+)\n#### \d+", p["answer"]).groups())
+        assert 1 <= a <= 9 and 1 <= b <= 9 and c == a + b and p["answer"].endswith(f"#### {c}")
+    mixed = generate_arithmetic(200, seed=3, max_operand=9)
+    assert any("*" in p["answer"] for p in mixed) and any("-" in p["answer"] for p in mixed)
+    with pytest.raises(ConfigError, match="data.ops"):
+        make_config("experiment=demo", "data.ops=[add,div]")
