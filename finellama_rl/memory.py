@@ -101,6 +101,9 @@ class MemoryInputs:
     autocast: bool = True  # forward under autocast; False with fp32 adapters -> fp32 input copies
     value_head: str = "shared"  # PPO: "shared" linear head | "adapter" 2nd LoRA on the base
     completion_logits_only: bool = False  # lm_head on completion positions only
+    # TRL >= 1.16 GRPO: per-token log-probs through its chunked fused lm_head; the (tokens, vocab)
+    # logits are never materialised (see _fused_logprob_bytes)
+    fused_logprobs: bool = False
     double_quant: bool = True
     quant_bits: int = 4  # 8: LLM.int8 base (1 byte per weight + fp32 row scales) instead of NF4
     context_bytes: int = 768 * 1024 ** 2  # CUDA context, cuBLAS workspaces, kernels
@@ -264,12 +267,32 @@ def _value_path_bytes(inp: MemoryInputs) -> int:
     return inp.setting.micro_batch * inp.setting.max_seq_len * 4 * inp.shape.hidden_size
 
 
+# trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE and trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+# (TRL 1.16; tests/test_memory.py checks them against the installed TRL)
+FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
+
+
+def _fused_logprob_bytes(inp: MemoryInputs) -> int:
+    """TRL 1.16 GRPO (`model(..., labels=, fused_lm_head=True)`, ChunkedLogProbFunction): the
+    lm_head runs on the completion positions only (on CUDA, with Triton) in tiles of
+    FUSED_TILE_TOKENS x FUSED_TILE_VOCAB in compute dtype, folded into per-token online
+    log-sum-exp statistics; backward recomputes each tile. Alive at the peak: one tile, the
+    saved completion hidden states (compute dtype), their fp32 gradient, and a few fp32
+    per-token vectors (log-prob, log Z, entropy, their gradients)."""
+    st, s, b = inp.setting, inp.shape, inp.compute_bytes
+    n = st.micro_batch * st.max_completion_tokens
+    tile = min(n, FUSED_TILE_TOKENS) * min(s.vocab_size, FUSED_TILE_VOCAB) * b
+    return tile + n * s.hidden_size * (b + 4) + n * 4 * 6
+
+
 def _logits_bytes(inp: MemoryInputs) -> int:
     """Full-vocab logits of one micro batch: the lm_head output in compute dtype, its
     fp32 upcast (/ temperature), and one more fp32 tensor (log_softmax output / its
     gradient in backward). Positions: the whole sequence unless completion_logits_only
     (the lm_head applied to completion positions only, as value_head.forward_completion
     and TRL's logits_to_keep do)."""
+    if inp.fused_logprobs:
+        return _fused_logprob_bytes(inp)
     st = inp.setting
     positions = st.max_completion_tokens if inp.completion_logits_only else st.max_seq_len
     return st.micro_batch * positions * inp.shape.vocab_size * (inp.compute_bytes + 4 + 4)

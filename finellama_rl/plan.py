@@ -33,7 +33,8 @@ def memory_inputs(cfg: Config, setting: Setting) -> MemoryInputs:
     sequences per generate call (the rung's setting.generation: PPO's whole rollout, or
     TRL's whole step, unless set or cut by the ladder), without LoRA dropout; PPO builds
     logits only for completion positions and keeps reference log-probs when
-    ppo.kl_coef > 0 (GRPO when beta > 0)."""
+    ppo.kl_coef > 0 (GRPO when beta > 0); GRPO (TRL 1.16) takes its log-probs through
+    TRL's fused, chunked lm_head and never holds full-vocabulary logits."""
     t = cfg.trainer
     ppo = t.algo == Algo.ppo
     return MemoryInputs(
@@ -42,7 +43,7 @@ def memory_inputs(cfg: Config, setting: Setting) -> MemoryInputs:
         compute_bytes=2 if cfg.hardware.bf16 else 4, beta=t.ppo.kl_coef if ppo else t.beta,
         generation_batch=setting.generation,
         lora_dropout=t.lora.dropout, value_head=t.ppo.value_head.value,
-        completion_logits_only=ppo, double_quant=t.quantization.double_quant, quant_bits=t.quantization.bits)
+        completion_logits_only=ppo, fused_logprobs=t.algo == Algo.grpo, double_quant=t.quantization.double_quant, quant_bits=t.quantization.bits)
 
 
 def policy_budget_bytes(cfg: Config) -> int:

@@ -264,3 +264,64 @@ def test_layer_formula_matches_autograd_saved_tensors(adapter_fp32):
     predicted = _layer_bytes_per_token(_inputs(_s(), algo="grpo", shape=shape, lora_dropout=0.0,
                                                autocast=not adapter_fp32))
     assert 0.98 * per_layer <= predicted <= 1.06 * per_layer, (predicted, per_layer)
+
+
+def test_grpo_fused_logprobs_replace_full_vocab_logits():
+    """TRL 1.16 GRPO: one tile + completion hidden states, not micro x seq x vocab logits."""
+    from finellama_rl.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
+
+    s = Setting(128, 1, 8, 256, 256, False)
+    full = estimate_memory(_inputs(s, "0.5B", "grpo")).components["logits"]
+    fused = estimate_memory(_inputs(s, "0.5B", "grpo", fused_logprobs=True)).components["logits"]
+    assert full == 128 * 512 * 151936 * 10  # 92.7 GiB: what the planner counted before
+    n = 128 * 256  # completion positions only
+    assert fused == FUSED_TILE_TOKENS * FUSED_TILE_VOCAB * 2 + n * 896 * 6 + n * 24
+    assert 0.41 * GIB < fused < 0.42 * GIB
+    small = estimate_memory(_inputs(Setting(1, 1, 8, 16, 16, False), "0.5B", "grpo", fused_logprobs=True))
+    assert small.components["logits"] == 16 * 32768 * 2 + 16 * 896 * 6 + 16 * 24  # the tile shrinks with the tokens
+
+
+@pytest.mark.slow  # builds a tiny model and imports TRL: a few seconds
+def test_trl_grpo_fused_lm_head_keeps_no_vocab_sized_tensor():
+    """The planner's GRPO assumption, checked on the installed TRL: GRPOTrainer asks for
+    fused_lm_head=True, the tile constants match, and the fused head saves nothing of size
+    tokens x vocab for backward where the plain head + log_softmax does."""
+    import inspect
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from trl.kernels import chunked_logprob
+    from trl.trainer import grpo_trainer
+    from trl.trainer import utils as trl_utils
+
+    from finellama_rl.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
+
+    assert (chunked_logprob.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE) == (FUSED_TILE_TOKENS, FUSED_TILE_VOCAB)
+    assert "fused_lm_head=True" in inspect.getsource(grpo_trainer.GRPOTrainer._get_per_token_logps_and_entropies)
+    tokens = (2, 64)
+
+    def saved_bytes(vocab: int, fused: bool) -> int:
+        torch.manual_seed(0)
+        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        ids = torch.randint(0, vocab, tokens)
+        params, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if fused:
+                trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+                model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum()
+            else:
+                torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+        return sum(saved.values())
+
+    grown = tokens[0] * tokens[1] * (16384 - 2048) * 4  # one more fp32 (tokens, vocab) tensor
+    plain = saved_bytes(16384, False) - saved_bytes(2048, False)
+    fused = saved_bytes(16384, True) - saved_bytes(2048, True)
+    assert plain >= grown and abs(fused) < grown / 100, (plain, fused, grown)
