@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-fresh test-fast slurm-up slurm-down bench bench-slurm clean
+.PHONY: run test test-fresh test-fast slurm-up slurm-down bench bench-training bench-slurm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ slurm-down:
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ladder.py
 	$(PY) benchmarks/bench_ppo_grpo.py
+
+bench-training: $(STAMP)  # issue 10's training benchmark (~30 min on 2 cores, so not part of `make bench`)
+	$(PY) benchmarks/bench_training.py $(ARGS)
 
 bench-slurm: $(STAMP)  # the 100-run grid on the local cluster (starts it)
 	bash scripts/slurm_cluster/cluster.sh start

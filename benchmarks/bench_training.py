@@ -10,10 +10,19 @@
      sizes; plain TRL both as shipped (bf16 LoRA) and with the same fp32 cast (the
      overhead comparison). Target: ours <= 1.02x plain.
   D. PPO against GRPO at equal tokens per step (PPO prompts = GRPO prompts x group),
-     ppo.epochs 1 and 2. Target: <= 1.3x.
+     ppo.epochs 1 and 2. Target: <= 1.3x. Each trainer's defaults differ in what a step
+     computes: GRPO's beta = 0 runs no reference pass, PPO's kl_coef = 0.05 does (and PPO
+     also scores the rollout for values and old log-probs, which GRPO with
+     num_iterations = 1 never needs). So D also times two matched pairs: no KL in either
+     (ppo.kl_coef=0 vs GRPO beta=0) and KL in both (ppo.kl_coef=0.05 vs GRPO beta=0.05).
 
-    .venv/bin/python benchmarks/bench_training.py                 # all parts, CPU (~20 min on 2 busy cores)
+    .venv/bin/python benchmarks/bench_training.py                 # all parts, CPU (~30 min on 2 busy cores)
     .venv/bin/python benchmarks/bench_training.py --parts C --repeat 5
+    .venv/bin/python benchmarks/bench_training.py --parts CD --baseline /tmp/old   # + arms on an older checkout
+
+--baseline DIR (a copy of the repository, e.g. `git archive <commit> | tar -x -C DIR`)
+adds paired arms that run DIR's finellama_rl (first on PYTHONPATH) with this script:
+C's `ours` and D's PPO arms, for before/after figures of the same run.
 
 Timing: every timed arm runs in its own subprocess with one thread (spin-waiting
 OpenMP threads make timings swing 10x on a shared machine), arms interleaved in a
@@ -179,12 +188,17 @@ def worker_rollout(overrides: list, generation_batch: int, repeats: int) -> dict
     return {"s_per_rollout": statistics.median(times[1:])}
 
 
-def run_worker(kind: str, payload: dict) -> dict:
+def run_worker(kind: str, payload: dict, code: str | None = None) -> dict:
+    """One worker subprocess; `code`: a repository copy whose finellama_rl it imports."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([code, *filter(None, [os.environ.get("PYTHONPATH")])])
     cmd = [sys.executable, __file__, "--worker", kind, "--payload", json.dumps(payload)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if code and f"FINELLAMA_FROM {Path(code).resolve()}" not in proc.stdout:
+        raise RuntimeError(f"worker {kind} did not import finellama_rl from {code}:\n{proc.stdout[-2000:]}")
     if proc.returncode or not lines:
         raise RuntimeError(f"worker {kind} {payload} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT_TAG):])
@@ -228,15 +242,16 @@ def part_b(args):
 
 def _paired(arms, overrides_of, shapes, repeats):
     """({shape: {arm: [wall s/step per repeat]}}, the same in CPU seconds of the training
-    process), arms interleaved in a rotating order."""
+    process), arms interleaved in a rotating order. overrides_of(arm, shape) -> (worker
+    arm, overrides[, code folder])."""
     out = {s: {a: [] for a in arms} for s in shapes}
     cpu = {s: {a: [] for a in arms} for s in shapes}
     for rep in range(repeats):
         for shape in shapes:
             order = arms[rep % len(arms):] + arms[:rep % len(arms)]
             for arm in order:
-                worker_arm, overrides = overrides_of(arm, shape)
-                r = run_worker("step_time", {"arm": worker_arm, "overrides": overrides})
+                worker_arm, overrides, *code = overrides_of(arm, shape)
+                r = run_worker("step_time", {"arm": worker_arm, "overrides": overrides}, *code)
                 out[shape][arm].append(r["s_per_step"])
                 cpu[shape][arm].append(r["cpu_s_per_step"])
                 print(f"   [{shape} {arm} rep {rep}] {r['s_per_step']:.3f} s/step, {r['cpu_s_per_step']:.3f} CPU s/step",
@@ -247,14 +262,24 @@ def _paired(arms, overrides_of, shapes, repeats):
 def part_c(args):
     grpo = ["trainer=grpo", "trainer.prompts_per_step=4", "trainer.num_generations=4", "trainer.micro_batch=8",
             "trainer.max_completion_tokens=24", f"trainer.max_steps={args.steps}"]
-    arms = ["ours", "plain_fp32", "plain"]
-    res, cpu = _paired(arms, lambda arm, shape: (arm, [*grpo, *SHAPES[shape]]), list(SHAPES), args.repeat)
+    arms = ["ours", "plain_fp32", "plain"] + (["ours_baseline"] if args.baseline else [])
+
+    def overrides(arm, shape):
+        if arm == "ours_baseline":
+            return "ours", [*grpo, *SHAPES[shape]], args.baseline
+        return arm, [*grpo, *SHAPES[shape]]
+
+    res, cpu = _paired(arms, overrides, list(SHAPES), args.repeat)
     print(f"\nC. GRPO s/step, ours vs a plain TRL GRPOTrainer script, identical settings "
           f"(4 prompts x 4, micro 8, <=24 new tokens, {args.steps} steps, 1 thread)")
     for shape, r in cpu.items():  # CPU seconds of the training process: robust to other processes' load
         over = [o / p for o, p in zip(r["ours"], r["plain_fp32"])]
         print(f"   {shape} CPU s/step: ours {_spread(r['ours'])}; plain fp32 {_spread(r['plain_fp32'])}; "
               f"ours / plain fp32 = {_spread(over)}x (target <= 1.02)")
+        if args.baseline:
+            base = [o / p for o, p in zip(r["ours_baseline"], r["plain_fp32"])]
+            print(f"   {shape} CPU s/step: baseline {_spread(r['ours_baseline'])}; baseline / plain fp32 = {_spread(base)}x; "
+                  f"ours / baseline = {_spread([o / b for o, b in zip(r['ours'], r['ours_baseline'])])}x")
     for shape, r in res.items():
         print(f"   {shape}: ours {_spread(r['ours'])}; plain fp32 {_spread(r['plain_fp32'])}; plain bf16 {_spread(r['plain'])}")
         over = [o / p for o, p in zip(r["ours"], r["plain_fp32"])]
@@ -267,15 +292,18 @@ def part_c(args):
 def part_d(args):
     g, prompts = 4, 4
     common = ["trainer.micro_batch=8", "trainer.max_completion_tokens=24", f"trainer.max_steps={args.steps}"]
-    arms = ["grpo", "ppo_e1", "ppo_e2"]
+    ppo_arms = {"ppo_e1": ["trainer.ppo.epochs=1"], "ppo_e2": ["trainer.ppo.epochs=2"],
+                "ppo_e1_nokl": ["trainer.ppo.epochs=1", "trainer.ppo.kl_coef=0"]}
+    grpo_arms = {"grpo": [], "grpo_kl": ["trainer.beta=0.05"]}  # PPO's default kl_coef
+    arms = [*grpo_arms, *ppo_arms] + [f"{a}_baseline" for a in ppo_arms if args.baseline]
 
     def overrides(arm, shape):
-        if arm == "grpo":
+        if arm in grpo_arms:
             return "ours", ["trainer=grpo", f"trainer.prompts_per_step={prompts}", f"trainer.num_generations={g}",
-                            *common, *SHAPES[shape]]
-        epochs = arm[-1]
-        return "ours", ["trainer=ppo", f"trainer.prompts_per_step={prompts * g}", f"trainer.ppo.epochs={epochs}",
-                        *common, *SHAPES[shape]]
+                            *grpo_arms[arm], *common, *SHAPES[shape]]
+        name = arm.removesuffix("_baseline")
+        return ("ours", ["trainer=ppo", f"trainer.prompts_per_step={prompts * g}", *ppo_arms[name], *common,
+                         *SHAPES[shape]], *([args.baseline] if arm.endswith("_baseline") else []))
 
     res, cpu = _paired(arms, overrides, list(SHAPES), args.repeat)
     print(f"\nD. PPO vs GRPO at equal tokens per step ({prompts * g} completions of <= 24 tokens, micro 8, 1 thread)")
@@ -283,9 +311,16 @@ def part_d(args):
         for arm in ("ppo_e1", "ppo_e2"):
             ratio = [p / q for p, q in zip(r[arm], r["grpo"])]
             print(f"   {shape}: {arm} {_spread(r[arm])} s/step vs grpo {_spread(r['grpo'])}: {_spread(ratio)}x (target <= 1.3)")
+    pairs = [("ppo_e1", "grpo", "defaults, 1 epoch"), ("ppo_e2", "grpo", "defaults"),
+             ("ppo_e1_nokl", "grpo", "no KL in either"), ("ppo_e1", "grpo_kl", "KL in both")]
+    pairs += [(f"{a}_baseline", b, f"{what}, baseline code") for a, b, what in pairs[:3] if args.baseline]
     for shape, r in cpu.items():
-        for arm in ("ppo_e1", "ppo_e2"):
-            print(f"   {shape} CPU s/step: {arm} / grpo = {_spread([p / q for p, q in zip(r[arm], r['grpo'])])}x")
+        for arm in arms:
+            print(f"   {shape} CPU s/step {arm}: {_spread(r[arm])}")
+        for a, b, what in pairs:
+            print(f"   {shape} CPU s/step: {a} / {b} ({what}) = {_spread([p / q for p, q in zip(r[a], r[b])])}x (target <= 1.3)")
+        for a in ppo_arms if args.baseline else ():
+            print(f"   {shape} CPU s/step: {a} / {a}_baseline = {_spread([p / q for p, q in zip(r[a], r[a + '_baseline'])])}x")
     return {"wall": res, "cpu": cpu}
 
 
@@ -296,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--fp32-steps", type=int, default=30)
     p.add_argument("--json", default=None, help="also write the raw numbers here")
+    p.add_argument("--baseline", default=None, help="a repository copy to time as extra arms (before/after)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -304,6 +340,9 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(1)
         kw = json.loads(args.payload)
+        import finellama_rl
+
+        print("FINELLAMA_FROM", Path(finellama_rl.__file__).resolve().parent.parent, flush=True)
         fn = {"step_time": lambda: worker_step_time(kw["arm"], kw["overrides"]),
               "fp32": lambda: worker_fp32(kw["overrides"]),
               "rollout": lambda: worker_rollout(kw["overrides"], kw["generation_batch"], kw["repeats"])}[args.worker]

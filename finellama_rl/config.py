@@ -186,7 +186,8 @@ class PPOConfig:
     kl_coef: float = 0.05
     """KL penalty as per-token reward shaping (RLHF style): r_t -= kl_coef x (log pi -
     log pi_ref), the k1 estimator, against the base with the adapter disabled. PPO's only
-    KL knob (trainer.beta is GRPO's KL-in-loss coefficient and must stay 0 for PPO)."""
+    KL knob (trainer.beta is GRPO's KL-in-loss coefficient and must stay 0 for PPO).
+    0 = no reference forward pass at all, and no train/kl* metrics."""
     gamma: float = 1.0
     lam: float = 0.95
     vf_coef: float = 0.5

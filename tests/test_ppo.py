@@ -348,3 +348,36 @@ def test_kl_metrics_are_k3_and_k1_per_token(make_config):
     k1 = ((roll["old_logprobs"] - roll["ref_logprobs"]) * mask).sum() / mask.sum()
     assert m["train/kl"] == pytest.approx(k3.item(), rel=1e-6) and m["train/kl"] > 0
     assert m["train/kl_k1"] == pytest.approx(k1.item(), rel=1e-6)
+
+
+def test_kl_coef_zero_skips_the_reference_pass_and_keeps_the_update(make_config, monkeypatch):
+    """With ppo.kl_coef = 0 the KL term of the rewards is 0 whatever the reference says, so
+    the reference forward is skipped: the same advantages and returns as with it, no
+    disable_adapter, and no KL metrics (nothing was measured)."""
+    from finellama_rl.trainers import ppo_rollout
+
+    cfg = make_config(*PPO, "trainer.ppo.kl_coef=0")
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    t = cfg.trainer
+    state = ppo.build_state(ctx.policy, t)
+    with torch.no_grad():
+        for n, p in state.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)  # the policy differs from the reference: KL > 0
+    roll = generate_rollout(state.policy, ctx.tokenizer, ctx.train_rows[:8], ctx.reward_funcs, t)
+    with_ref = copy.deepcopy(roll)
+    monkeypatch.setattr(ppo_rollout, "has_reference", lambda *a: True)  # what ran before: a reference pass
+    score_rollout(state.policy, state.critic, state.reference, with_ref, t)
+    compute_advantages(with_ref, t)
+    assert with_ref["kl"].abs().max() > 0
+    monkeypatch.undo()
+    entered = []
+    original = type(state.policy).disable_adapter
+    monkeypatch.setattr(type(state.policy), "disable_adapter", lambda self: entered.append(1) or original(self))
+    score_rollout(state.policy, state.critic, state.reference, roll, t)
+    compute_advantages(roll, t)
+    assert not entered and not roll.has_reference
+    for key in ("old_logprobs", "values", "advantages", "returns"):
+        assert torch.equal(roll[key], with_ref[key]), key
+    m = ppo.step_metrics(roll, ppo.ppo_update(state, roll, t), t)
+    assert not {"train/kl", "train/kl_k1", "train/kl_seq"} & m.keys() and math.isfinite(m["train/loss"])

@@ -41,7 +41,7 @@ from finellama_rl.config import Config, Device
 from finellama_rl.ladder import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
-from finellama_rl.trainers.snapshot import adapter_state, rng_state, to_host
+from finellama_rl.trainers.snapshot import adapter_state, host_copy, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +168,21 @@ def _trainer_class():
 # ------------------------------------------------------------------ snapshots
 
 
-def capture(model, optimizer, scheduler, state) -> Dict[str, Any]:
-    """A resumable copy of the trainer after a step, in host memory."""
+def capture(model, optimizer, scheduler, state, reuse: dict[str, Any] | None = None) -> Dict[str, Any]:
+    """A resumable copy of the trainer after a step, in host memory. `reuse`: a payload
+    nobody reads any more (SnapshotHolder.spare) whose tensors are overwritten (host_copy)."""
     from finellama_rl.trainers.value_head import is_peft
 
+    reuse = reuse or {}
     if is_peft(model):
-        weights, config = adapter_state(model), copy.deepcopy(model.peft_config["default"])
+        weights = adapter_state(model, reuse=reuse.get("weights"))
+        config = copy.deepcopy(model.peft_config["default"])
     else:
-        weights, config = to_host(model.state_dict()), None
+        weights, config = host_copy(model.state_dict(), reuse.get("weights")), None
     trainer_state = copy.copy(state)  # serialised only if written; its log history is append-only
     trainer_state.log_history = list(state.log_history)
-    return {"weights": weights, "adapter_config": config, "optimizer": to_host(optimizer.state_dict()),
-            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": to_host(rng_state()),
+    return {"weights": weights, "adapter_config": config, "optimizer": host_copy(optimizer.state_dict(), reuse.get("optimizer")),
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": rng_state(),  # rng_state() is a fresh host copy
             "trainer_state": trainer_state,
             "rng_file": "rng_state.pth" if dist.world() <= 1 else f"rng_state_{dist.rank()}.pth"}
 
@@ -236,7 +239,7 @@ def _callback(ctx: TrainContext, staging: Path):
             if decision.stop:
                 self.outcome_reason = decision.reason
                 control.should_training_stop = True
-            payload = capture(kw["model"], kw["optimizer"], kw["lr_scheduler"], state)
+            payload = capture(kw["model"], kw["optimizer"], kw["lr_scheduler"], state, ctx.snapshots.spare)
             ctx.snapshots.take(state.global_step, payload, write_payload, eval_pending=decision.evaluate,
                                data_position=state.global_step * ctx.cfg.trainer.prompts_per_step)
             return control

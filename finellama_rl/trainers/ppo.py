@@ -24,7 +24,9 @@ rounding (tests/test_ppo.py).
 Memory: the policy (LoRA "default"), the critic (a head on the same hidden
 states, or a LoRA "value") and the reference (the same base under
 `disable_adapter()`) share one base; nothing is copied unless LoRA is off and
-ppo.kl_coef > 0 (then a frozen copy is the reference). Trainable weights and AdamW
+ppo.kl_coef > 0 (then a frozen copy is the reference). With ppo.kl_coef = 0 the
+reference pass is skipped (the KL reward term would be 0 x KL) and train/kl* are not
+logged, as TRL's GRPO logs no KL with beta = 0. Trainable weights and AdamW
 state are fp32; forwards run under bf16 autocast on GPUs with bf16. Sampling passes
 every decoding setting explicitly (trainers/decoding.py) and log-probs use logits /
 temperature, so the old log-probs describe the sampler (top_p must be 1). LoRA
@@ -65,8 +67,8 @@ from finellama_rl.trainers.ppo_core import entropy_from_logits, explained_varian
 from finellama_rl.trainers.ppo_core import policy_loss_terms, value_loss_terms
 from finellama_rl.trainers.ppo_rollout import Rollout, RolloutEnv, collect_rollout, rows_for_step, shard
 from finellama_rl.trainers.snapshot import (
-    RNG_FILE, SCHEDULER_FILE, adapter_state, load_optimizer, load_rng, load_scheduler, rng_state, save_rng, save_scheduler,
-    set_rng_state, to_host,
+    RNG_FILE, SCHEDULER_FILE, adapter_state, host_copy, load_optimizer, load_rng, load_scheduler, rng_state, save_rng,
+    save_scheduler, set_rng_state,
 )
 from finellama_rl.trainers.value_head import POLICY_ADAPTER, Critic, disable_dropout, forward_completion, is_peft, model_device
 
@@ -193,8 +195,10 @@ def _global_token_means(roll: Rollout) -> Dict[str, float]:
                          (roll["kl_k3"] * mask).sum(), (roll["kl"] * mask).sum(), mask.sum()]).double()
     s, s2, n, k3, k1, tokens = dist.all_reduce_sum(local.to(mask.device)).tolist()
     var = max(0.0, (s2 - s * s / n) / (n - 1)) if n > 1 else 0.0
-    return {"train/reward_mean": s / n, "train/reward_std": var ** 0.5, "train/kl": k3 / max(tokens, 1.0),
-            "train/kl_k1": k1 / max(tokens, 1.0), "train/kl_seq": k1 / n, "train/completion_len": tokens / n}
+    out = {"train/reward_mean": s / n, "train/reward_std": var ** 0.5, "train/completion_len": tokens / n}
+    if roll.has_reference:  # none with ppo.kl_coef == 0 (ppo_rollout.has_reference): no KL to report
+        out.update({"train/kl": k3 / max(tokens, 1.0), "train/kl_k1": k1 / max(tokens, 1.0), "train/kl_seq": k1 / n})
+    return out
 
 
 def step_metrics(roll: Rollout, stats: Dict[str, float], t: TrainerConfig) -> Dict[str, float]:
@@ -221,17 +225,21 @@ def run_step(ctx: TrainContext, state: PPOState, step: int) -> Tuple[Dict[str, f
 # ------------------------------------------------------------------ checkpoints
 
 
-def capture(state: PPOState, step: int) -> Dict[str, Any]:
-    """Everything a checkpoint holds, copied to host memory (no model references)."""
-    policy = state.policy
+def capture(state: PPOState, step: int, reuse: dict[str, Any] | None = None) -> Dict[str, Any]:
+    """Everything a checkpoint holds, copied to host memory (no model references). `reuse`:
+    a payload nobody reads any more (SnapshotHolder.spare), whose tensors are overwritten."""
+    policy, reuse = state.policy, reuse or {}
+    old = reuse.get("adapters") or {}
     if is_peft(policy):
-        adapters = {name: adapter_state(policy, name) for name in policy.peft_config}
+        adapters = {name: adapter_state(policy, name, reuse=old.get(name)) for name in policy.peft_config}
         configs = {name: copy.deepcopy(cfg) for name, cfg in policy.peft_config.items()}
     else:
-        adapters, configs = {"": to_host(policy.state_dict())}, {}
-    return {"adapters": adapters, "adapter_configs": configs, "value_head": to_host(state.critic.head.state_dict()),
-            "optimizer": to_host(state.optimizer.state_dict()), "scheduler": copy.deepcopy(state.scheduler.state_dict()),
-            "rng": to_host(rng_state()), "step": step}
+        adapters, configs = {"": host_copy(policy.state_dict(), old.get(""))}, {}
+    return {"adapters": adapters, "adapter_configs": configs,
+            "value_head": host_copy(state.critic.head.state_dict(), reuse.get("value_head")),
+            "optimizer": host_copy(state.optimizer.state_dict(), reuse.get("optimizer")),
+            "scheduler": copy.deepcopy(state.scheduler.state_dict()),
+            "rng": rng_state(), "step": step}  # rng_state() is already a fresh host copy
 
 
 def write_payload(folder: Path, payload: Dict[str, Any]) -> None:
@@ -334,7 +342,7 @@ def train(ctx: TrainContext) -> TrainOutcome:
         if step % t.log_every == 0 or step == t.max_steps or decision.stop:
             ctx.monitor.log(step, _mean_metrics(pending), tokens=tokens)  # averaged since the last log
             pending, tokens = [], 0.0
-        payload = capture(state, step)
+        payload = capture(state, step, ctx.snapshots.spare)
         ctx.snapshots.take(step, payload, write_payload, data_position=step * t.prompts_per_step,
                            pending_metrics=list(pending), pending_tokens=tokens, eval_pending=decision.evaluate)
         if decision.save:

@@ -96,10 +96,15 @@ def sampling_seed(seed: int, step: int, prompts: Sequence[str]) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device):
-    """Sample under `seed` without touching the global RNG streams."""
+    """Sample under `seed` without touching the global RNG streams: the CPU generator and
+    `device`'s are seeded (what torch.manual_seed does to them) and restored afterwards.
+    Seeding the two generators directly costs ~2 us; torch.manual_seed visits every
+    backend (CUDA, MPS, XPU, ...) and cost ~90 us per call on CPU."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
         yield
 
 
@@ -142,6 +147,7 @@ class Rollout:
     texts: List[str]
     prompt_tokens: int
     extra: Dict[str, Tensor] = field(default_factory=dict)  # the other TOKEN_KEYS, (B, T)
+    has_reference: bool = True  # False: scored without a reference (ppo.kl_coef == 0), no KL to report
 
     def __getitem__(self, key: str) -> Tensor:
         return getattr(self, key) if key in ("completion", "mask") else self.extra[key]
@@ -197,40 +203,64 @@ def generate_rollout(policy, tokenizer, rows: List[dict], reward_funcs, t: Train
 
 def reference_logprobs(policy, reference, batch: Dict[str, Tensor], temperature: float) -> Tensor:
     """log pi_ref of the completion (B, T): the base with adapters disabled, or a frozen copy."""
-    if reference is not None:
-        logits, _ = forward_completion(reference, batch, temperature)
-    else:
-        with policy.disable_adapter():
-            logits, _ = forward_completion(policy, batch, temperature)
+    with _reference_model(policy, reference) as model:
+        logits, _ = forward_completion(model, batch, temperature)
     return logprobs_from_logits(logits, batch["completion"])
+
+
+def has_reference(policy, reference, t: TrainerConfig) -> bool:
+    """Whether the rollout is scored under a reference. With ppo.kl_coef == 0 the KL term
+    of the rewards is 0 x KL whatever the reference says, so its forward pass (a third of
+    a step's forwards) is skipped and the KL metrics are not logged (as TRL's GRPO logs no
+    KL with beta = 0): the update is the same."""
+    return t.ppo.kl_coef != 0 and (reference is not None or is_peft(policy))
 
 
 @torch.no_grad()
 def score_rollout(policy, critic: Critic, reference, roll: Rollout, t: TrainerConfig,
                   env: Optional[RolloutEnv] = None) -> None:
-    """Fill old_logprobs, values and ref_logprobs (micro batch at a time, eval mode)."""
+    """Fill old_logprobs, values and ref_logprobs (micro batch at a time, eval mode).
+    Without a reference (has_reference) ref_logprobs = old_logprobs (KL 0) and
+    roll.has_reference is False. The reference pass runs after the policy pass, with the
+    adapter disabled once for all micro batches (PEFT's disable_adapter walks the model)."""
     env = env or RolloutEnv()
     B, T = roll.completion.shape
-    for key in ("old_logprobs", "values", "ref_logprobs"):
+    for key in ("old_logprobs", "values"):
         roll.extra[key] = torch.zeros(B, T, dtype=torch.float32, device=roll.completion.device)
-    has_ref = reference is not None or is_peft(policy)
+    roll.has_reference = has_reference(policy, reference, t)
+    batches = [(rows, roll.batch(rows)) for rows in torch.arange(B, device=roll.completion.device).split(t.micro_batch)]
     was_training = policy.training
     policy.eval()
     try:
-        for rows in torch.arange(B, device=roll.completion.device).split(t.micro_batch):
-            batch = roll.batch(rows)                                          # trimmed: (b, L'), (b, T')
+        for rows, batch in batches:                                           # trimmed: (b, L'), (b, T')
             T_b = batch["completion"].shape[1]
             with env.phase(Phase.scoring), env.autocast():
                 logits, hidden = forward_completion(policy, batch, t.temperature)  # (b, T', V), (b, T', H)
                 old = logprobs_from_logits(logits, batch["completion"])
                 del logits
-                ref = reference_logprobs(policy, reference, batch, t.temperature) if has_ref else old
                 values = critic.values(policy, batch, hidden)
             roll.extra["old_logprobs"][rows, :T_b] = old
             roll.extra["values"][rows, :T_b] = values
-            roll.extra["ref_logprobs"][rows, :T_b] = ref
+        roll.extra["ref_logprobs"] = roll.extra["old_logprobs"]
+        if roll.has_reference:
+            roll.extra["ref_logprobs"] = torch.zeros(B, T, dtype=torch.float32, device=roll.completion.device)
+            with _reference_model(policy, reference) as model:
+                for rows, batch in batches:
+                    with env.phase(Phase.scoring), env.autocast():
+                        ref = logprobs_from_logits(forward_completion(model, batch, t.temperature)[0], batch["completion"])
+                    roll.extra["ref_logprobs"][rows, :batch["completion"].shape[1]] = ref
     finally:
         policy.train(was_training)
+
+
+@contextlib.contextmanager
+def _reference_model(policy, reference):
+    """The reference model: a frozen copy, or the policy with its trainable adapter disabled."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
 
 
 def global_whiten(x: Tensor, mask: Tensor) -> Tensor:
@@ -254,7 +284,7 @@ def compute_advantages(roll: Rollout, t: TrainerConfig) -> None:
     if t.ppo.whiten_advantages:
         advantages = global_whiten(advantages, mask)
     k3 = kl_k3(roll["old_logprobs"], roll["ref_logprobs"]) * mask
-    roll.extra.update(kl=kl, kl_k3=k3, advantages=advantages, returns=returns)
+    roll.extra.update(kl=kl, kl_k3=k3, advantages=advantages, returns=returns)  # kl, k3 = 0 without a reference
 
 
 def collect_rollout(policy, tokenizer, critic: Critic, reference, rows: List[dict], reward_funcs, t: TrainerConfig,

@@ -10,17 +10,26 @@ attempt resumes from it: the failing step is retried at the next rung, nothing e
 is repeated. A snapshot holds no reference to the model, so the model can be freed
 before the next rung loads.
 
+Cost: a snapshot is taken after every step, so it reuses the host tensors of the
+snapshot before the latest one (`SnapshotHolder.spare`, no longer needed once a newer
+snapshot exists) and fills them with one foreach copy (`host_copy`); two snapshots are
+held, as before at the moment a new one was taken. The latest snapshot is never
+written into, so an OOM (or any exception) while a snapshot is being taken leaves the
+previous one intact.
+
 Safe loading: nothing read from a run folder is unpickled with weights_only=False.
 RNG state goes to `rng_state.safetensors` (tensors plus JSON metadata), the LR
 scheduler to `scheduler.json`; optimizer.pt is read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -41,26 +50,72 @@ def to_host(obj: Any) -> Any:
     return obj
 
 
-def adapter_state(model, name: str = "default") -> Dict[str, Any]:
+def _tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in a nest of dicts, lists and tuples, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, out)
+    return out
+
+
+def _replace(obj: Any, new: Iterator[torch.Tensor]) -> Any:
+    """`obj` with its tensors replaced, in `_tensors` order, by the next items of `new`."""
+    if isinstance(obj, torch.Tensor):
+        return next(new)
+    if isinstance(obj, dict):
+        return {k: _replace(v, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+        return type(obj)(_replace(v, new) for v in obj)
+    return copy.copy(obj) if isinstance(obj, list) else obj  # plain data (e.g. a param group's index list)
+
+
+def host_copy(obj: Any, reuse: Any = None) -> Any:
+    """`to_host(obj)`, writing into the tensors of `reuse` (an earlier host_copy that
+    nobody reads any more) when it has the same tensor shapes and dtypes: no allocation,
+    one foreach copy on the CPU (pinned buffers and a synchronised copy from a GPU)."""
+    src = [t.detach() for t in _tensors(obj, [])]
+    dst = _tensors(reuse, []) if reuse is not None else []
+    if len(dst) != len(src) or any(d.shape != s.shape or d.dtype != s.dtype or d.is_cuda for d, s in zip(dst, src)):
+        dst = [torch.empty(s.shape, dtype=s.dtype, device="cpu", pin_memory=s.is_cuda) for s in src]
+    on_cpu = [(d, s) for d, s in zip(dst, src) if not s.is_cuda]
+    if on_cpu:
+        torch._foreach_copy_([d for d, _ in on_cpu], [s for _, s in on_cpu])
+    devices = set()
+    for d, s in zip(dst, src):
+        if s.is_cuda:
+            d.copy_(s, non_blocking=True)  # into pinned memory: asynchronous until the synchronize below
+            devices.add(s.device)
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return _replace(obj, iter(dst))
+
+
+def adapter_state(model, name: str = "default", reuse: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Host copy of one LoRA adapter's weights, keyed as PEFT saves them
     (get_peft_model_state_dict), read straight from named_parameters: PEFT's own
     function builds the whole model's state_dict (packing every 4-bit weight) and cost
-    ~2% of a GRPO step when called after every step."""
+    ~2% of a GRPO step when called after every step. `reuse`: see host_copy."""
     tag = f".{name}."
-    out = {k.replace(f".{name}", "", 1): v.detach().to("cpu", copy=True)
-           for k, v in model.named_parameters() if tag in k and "lora_" in k}
-    if not out:  # not a plain LoRA adapter (e.g. another PEFT method): PEFT's own, slower path
+    live = {k.replace(f".{name}", "", 1): v for k, v in model.named_parameters() if tag in k and "lora_" in k}
+    if not live:  # not a plain LoRA adapter (e.g. another PEFT method): PEFT's own, slower path
         from peft import get_peft_model_state_dict
 
-        out = to_host(get_peft_model_state_dict(model, adapter_name=name))
-    return out
+        live = get_peft_model_state_dict(model, adapter_name=name)
+    return host_copy(live, reuse)
 
 
 # ------------------------------------------------------------------------ RNG
 
 
 def rng_state() -> Dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states."""
+    """Python, NumPy, torch CPU and CUDA generator states: new host objects on every call
+    (getstate/get_state/get_rng_state return copies, CUDA states as CPU tensors), so a
+    snapshot keeps them as they are, without another copy."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.random.get_rng_state_all()
@@ -137,11 +192,20 @@ class SnapshotHolder:
 
     def __init__(self) -> None:
         self.latest: Optional[Snapshot] = None
+        # The payload the latest snapshot replaced: nobody reads it any more, so the next
+        # capture may write its tensors into it (host_copy's `reuse`). Never the latest's.
+        self.spare: dict[str, Any] | None = None
 
     def take(self, step: int, payload: Dict[str, Any], write: Callable[[Path, Dict[str, Any]], None],
              **info: Any) -> Snapshot:
+        previous = self.latest
         self.latest = Snapshot(step, payload, write, dict(info))
+        self.spare = previous.payload if previous is not None and previous.payload is not payload else None
         return self.latest
+
+    def reusable(self, key: str) -> Any:
+        """The part `key` of the spare payload (host_copy's `reuse`), or None."""
+        return self.spare.get(key) if self.spare is not None else None
 
     def mark(self, **info: Any) -> None:
         """Update the latest snapshot's info (e.g. its evaluation has now run)."""

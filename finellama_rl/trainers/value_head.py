@@ -63,7 +63,8 @@ def forward_completion(model, batch: Dict[str, Tensor], temperature: float, logi
     hidden = out.last_hidden_state[:, -T - 1:-1]                        # (B, T, H)
     if not logits:
         return None, hidden
-    return base.get_output_embeddings()(hidden).float() / temperature, hidden  # (B, T, V) fp32
+    logits = base.get_output_embeddings()(hidden).float()                  # (B, T, V) fp32
+    return (logits if temperature == 1.0 else logits / temperature), hidden  # x / 1.0 == x: skip a (B, T, V) pass
 
 
 class LinearValueHead(nn.Module):
