@@ -8,7 +8,8 @@
 3. GRPO with that reward model as the ONLY reward (trainer.rewards=[reward_model]); the
    policy's accuracy on the test split is measured by the scorer (greedy), before and after.
 
-    python scripts/rm_learning_demo.py --out /tmp/rm-demo --seeds 0 1 2      (several minutes)
+    python scripts/rm_learning_demo.py --out /tmp/rm-demo --seeds 0 1 2      (8 minutes on 2 shared
+    cores: SFT, 3 reward models of 2-3 minutes each with sampling, GRPO)
 
 Prints one JSON line per stage; docs/LOG.md quotes these figures. tests/test_rm_trainer.py
 runs a smaller version.
@@ -30,6 +31,11 @@ sys.path.insert(0, str(REPO))
 TASK = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "data.num_train=1000",
         "data.num_test=100", "data.max_operand=5", "data.ops=[add]"]
 RM_FULL = ["trainer.lora.enabled=false", "trainer.quantization.enabled=false"]  # see LOG: LoRA on the tiny base
+# The reward model's training (docs/LOG.md, issue 13: held-out accuracy 93.5 / 88.0 / 87.8% for seeds
+# 0/1/2; lr 1e-3 gave 98.3 / 90.6 / 77.6%, lr 3e-4 84.8 / 84.9 / 93.6%, 600 steps at 3e-4 under 80%)
+RM_RECIPE = ["trainer.rm.num_problems=800", "trainer.rm.samples_per_problem=4", "trainer.rm.balance=false",
+             "trainer.max_steps=1200", "trainer.learning_rate=5e-4", "trainer.lr_schedule=linear",
+             "trainer.prompts_per_step=32", "trainer.micro_batch=32", "trainer.eval_every=200"]
 
 
 def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16, seed: int = 0) -> Dict[str, float]:
@@ -100,10 +106,7 @@ def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), bas
     run_dir = root / f"rm-seed{seed}"
     cfg = load_config([*TASK, f"model.path={policy}", "trainer=rm", "model@reward_model.model=tiny",
                        f"reward_model.model.path={base or policy}", f"trainer.seed={seed}", "trainer.max_completion_tokens=24",
-                       "trainer.rm.num_problems=800", "trainer.rm.samples_per_problem=4", "trainer.max_steps=600",
-                       "trainer.rm.balance=false", "trainer.prompts_per_step=32", "trainer.micro_batch=32",
-                       "trainer.eval_every=100",
-                       "trainer.learning_rate=1e-3", "trainer.lora.r=16", "trainer.lora.alpha=32",
+                       *RM_RECIPE, "trainer.lora.r=16", "trainer.lora.alpha=32",
                        "reward_model.batch_size=64", *extra,
                        f"run.results_dir={root}", f"run.dir={run_dir}"])
     t0 = time.time()
