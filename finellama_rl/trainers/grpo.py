@@ -25,23 +25,18 @@ optimizer.pt, scheduler.pt and rng_state.pth with torch.load(weights_only=True)
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
-
 from finellama_rl import distributed as dist
 from finellama_rl.adapters import after_trl_init
-from finellama_rl.checkpoint import checkpoint_dir, clear_staging, commit_checkpoint, staging_root
+from finellama_rl.checkpoint import checkpoint_dir, clear_staging, staging_root
 from finellama_rl.config import Config, Device
 from finellama_rl.ladder import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
-from finellama_rl.trainers.snapshot import adapter_state, host_copy, rng_state
+from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
 
 log = logging.getLogger(__name__)
 
@@ -118,25 +113,6 @@ class _NoTokenizer:
     pad_token_id = eos_token_id = None
 
 
-def keep_trainable_fp32(model) -> int:
-    """Undo TRL's bf16 cast of trainable parameters; returns how many were cast back.
-
-    TRL 1.16, trl/trainer/grpo_trainer.py: it detects a quantized model
-    (`_is_quantized_model = getattr(model, "is_loaded_in_4bit", ...)`, ~line 362) and
-    then casts every trainable parameter to bf16 (`param.data = param.data.to(
-    torch.bfloat16)`, ~line 538), also for a PeftModel passed in and also on CPU.
-    AdamW on bf16 LoRA weights leaves most lora_A entries unchanged at lr 1e-5 and caps
-    lora_B near 2^-8 (docs/LOG.md, benchmarks/bench_training.py). The optimizer is
-    created later, in train(), so casting back here gives fp32 weights and fp32 state.
-    """
-    n = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-            n += 1
-    return n
-
-
 def _trainer_class():
     from trl import GRPOTrainer
 
@@ -165,113 +141,18 @@ def _trainer_class():
     return Trainer
 
 
-# ------------------------------------------------------------------ snapshots
-
-
-def capture(model, optimizer, scheduler, state, reuse: dict[str, Any] | None = None) -> Dict[str, Any]:
-    """A resumable copy of the trainer after a step, in host memory. `reuse`: a payload
-    nobody reads any more (SnapshotHolder.spare) whose tensors are overwritten (host_copy)."""
-    from finellama_rl.trainers.value_head import is_peft
-
-    reuse = reuse or {}
-    if is_peft(model):
-        weights = adapter_state(model, reuse=reuse.get("weights"))
-        config = copy.deepcopy(model.peft_config["default"])
-    else:
-        weights, config = host_copy(model.state_dict(), reuse.get("weights")), None
-    trainer_state = copy.copy(state)  # serialised only if written; its log history is append-only
-    trainer_state.log_history = list(state.log_history)
-    return {"weights": weights, "adapter_config": config, "optimizer": host_copy(optimizer.state_dict(), reuse.get("optimizer")),
-            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": rng_state(),  # rng_state() is a fresh host copy
-            "trainer_state": trainer_state,
-            "rng_file": "rng_state.pth" if dist.world() <= 1 else f"rng_state_{dist.rank()}.pth"}
-
-
-def write_payload(folder: Path, payload: Dict[str, Any]) -> None:
-    """The HF Trainer's checkpoint layout, so TRL resumes from it like from a checkpoint."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    weights = {k: v.contiguous() for k, v in payload["weights"].items()}
-    if payload["adapter_config"] is not None:
-        save_file(weights, str(folder / "adapter_model.safetensors"))
-        payload["adapter_config"].save_pretrained(str(folder))
-    else:
-        save_file(weights, str(folder / "model.safetensors"))
-    torch.save(payload["optimizer"], folder / "optimizer.pt")
-    torch.save(payload["scheduler"], folder / "scheduler.pt")
-    torch.save(payload["rng"], folder / payload["rng_file"])  # read back with weights_only=True
-    (folder / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(payload["trainer_state"]), sort_keys=True))
-
-
 # ------------------------------------------------------------------- callback
 
 
+def _reward_sources(logs: Dict[str, Any]) -> Dict[str, float]:
+    """TRL's rewards/<name>/mean -> train/reward/<name> (one per reward source)."""
+    return {f"train/reward/{key.split('/')[1]}": value for key, value in logs.items()
+            if key.startswith("rewards/") and key.endswith("/mean")}
+
+
 def _callback(ctx: TrainContext, staging: Path):
-    from transformers import TrainerCallback
-
-    class FinellamaCallback(TrainerCallback):
-        """Bridges the HF Trainer loop to our monitor, snapshots and checkpoint layout."""
-
-        def __init__(self):
-            self.outcome_reason = ""
-            self.last_tokens = 0.0
-            self.eval_step = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.last_tokens = float(state.num_input_tokens_seen or 0)
-
-        def on_step_begin(self, args, state, control, **kw):
-            ctx.tracker.step = state.global_step + 1
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            ctx.tracker.current = Phase.optimizer
-
-        def on_optimizer_step(self, args, state, control, **kw):
-            ctx.tracker.current = Phase.other
-
-        def on_step_end(self, args, state, control, **kw):
-            decision = ctx.monitor.decide(state.global_step)
-            control.should_save = decision.save
-            if decision.evaluate:  # after the step's metrics are logged (on_log), so a failed eval loses none
-                self.eval_step = state.global_step
-                control.should_log = True
-            if decision.stop:
-                self.outcome_reason = decision.reason
-                control.should_training_stop = True
-            payload = capture(kw["model"], kw["optimizer"], kw["lr_scheduler"], state, ctx.snapshots.spare)
-            ctx.snapshots.take(state.global_step, payload, write_payload, eval_pending=decision.evaluate,
-                               data_position=state.global_step * ctx.cfg.trainer.prompts_per_step)
-            return control
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" not in logs and "reward" not in logs:
-                return  # the end-of-training summary; ours is training_stats.json
-            metrics = {ours: logs[theirs] for theirs, ours in METRIC_NAMES.items() if theirs in logs}
-            for key, value in logs.items():
-                if key.startswith("rewards/") and key.endswith("/mean"):
-                    metrics[f"train/reward/{key.split('/')[1]}"] = value
-            tokens = float(logs.get("num_tokens", self.last_tokens))
-            ctx.monitor.log(state.global_step, metrics, tokens=tokens - self.last_tokens)  # writes on rank 0
-            self.last_tokens = tokens
-            if self.eval_step == state.global_step:
-                self.eval_step = None
-                ctx.evaluate(ctx.policy, state.global_step)  # rank 0 evaluates, the others wait
-                ctx.snapshots.mark(eval_pending=False)
-
-        def on_save(self, args, state, control, **kw):
-            digests = dist.rank_digests([p for p in ctx.policy.parameters() if p.requires_grad])
-            dist.barrier()  # every rank has written its part (rng_state_<rank>.pth)
-            if dist.is_main():
-                staged = staging / f"checkpoint-{state.global_step}"
-                info = {"data_position": state.global_step * ctx.cfg.trainer.prompts_per_step,
-                        "rank_weight_digests": digests, **ctx.extra_state}
-                final = commit_checkpoint(ctx.paths.checkpoints, staged, state.global_step, info, ctx.cfg.trainer.keep_last)
-                log.info("checkpoint %s", final)
-            dist.barrier()
-
-    return FinellamaCallback()
+    return bridge_callback(ctx, staging, METRIC_NAMES, gate=("loss", "reward"), extra_metrics=_reward_sources,
+                           evaluate=lambda step, control: ctx.evaluate(ctx.policy, step))
 
 
 def build_trainer(ctx: TrainContext):

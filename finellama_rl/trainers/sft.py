@@ -32,7 +32,7 @@ best_checkpoint.json and restored at the end (the final evaluation is of it).
 Correctness trap: SFTTrainer casts every trainable parameter of a quantized model
 to bf16 (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights
 are converted to bf16", about line 902), also on CPU; bf16 Adam then loses small
-updates. We cast back to fp32 right after building the trainer (grpo.keep_trainable_fp32;
+updates. We cast back to fp32 right after building the trainer (hf_bridge.keep_trainable_fp32;
 the optimizer is created later, in train()).
 """
 from __future__ import annotations
@@ -43,12 +43,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from finellama_rl import distributed as dist
 from finellama_rl.adapters import BEST_FILE
-from finellama_rl.checkpoint import checkpoint_dir, clear_staging, commit_checkpoint, staging_root
+from finellama_rl.checkpoint import (
+    checkpoint_dir,
+    clear_staging,
+    staging_root,
+)
 from finellama_rl.config import BestMetric, Config, Device
 from finellama_rl.ladder import Phase
 from finellama_rl.results import atomic_write_json, read_json
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
-from finellama_rl.trainers.grpo import capture, keep_trainable_fp32, write_payload
+from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
 
 log = logging.getLogger(__name__)
 
@@ -188,80 +192,26 @@ def _trainer_class():
     return Trainer
 
 
-def _callback(ctx: TrainContext, staging: Path, best: Optional[BestTracker]):
-    from transformers import TrainerCallback
+def _callback(ctx: TrainContext, staging: Path, best: Optional[BestTracker], trainer_ref: Dict[str, Any]):
+    """The shared HF bridge; evaluations measure (loss, and accuracy with best_metric=accuracy)
+    and, with keep_best, offer the value to the tracker: a new best is saved right after the
+    log and never pruned. trainer_ref["trainer"] is set once the trainer exists (measure needs it)."""
 
-    t = ctx.cfg.trainer
+    def evaluate(step: int, control) -> None:
+        value, scalars = measure(trainer_ref["trainer"], ctx, ctx.policy, step)
+        ctx.monitor.track(step, scalars)
+        if best is not None and best.offer(step, value):
+            control.should_save = True  # the best is always restorable (saved right after this log)
+            log.info("step %d: best %s so far (%.4f)", step, best.metric.value, value)
 
-    class SFTCallback(TrainerCallback):
-        """Bridges the HF Trainer loop to our monitor, evaluations, snapshots and checkpoints."""
+    def after_commit() -> None:
+        if best is not None:
+            best.write(ctx.paths.checkpoints)
 
-        def __init__(self):
-            self.trainer = None  # set after the trainer is built (measure() needs it)
-            self.outcome_reason = ""
-            self.last_tokens = 0.0
-            self.eval_step = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.last_tokens = float(state.num_input_tokens_seen or 0)
-
-        def on_step_begin(self, args, state, control, **kw):
-            ctx.tracker.step = state.global_step + 1
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            ctx.tracker.current = Phase.optimizer
-
-        def on_optimizer_step(self, args, state, control, **kw):
-            ctx.tracker.current = Phase.other
-
-        def on_step_end(self, args, state, control, **kw):
-            step = state.global_step
-            decision = ctx.monitor.decide(step)
-            control.should_save = decision.save
-            last = step >= t.max_steps and not decision.stop  # keep_best also weighs the final weights
-            if decision.evaluate or (best is not None and last):  # after this step's metrics are logged
-                self.eval_step = step
-                control.should_log = True
-            if decision.stop:
-                self.outcome_reason = decision.reason
-                control.should_training_stop = True
-            payload = capture(kw["model"], kw["optimizer"], kw["lr_scheduler"], state)
-            ctx.snapshots.take(step, payload, write_payload, eval_pending=self.eval_step == step,
-                               data_position=step * t.prompts_per_step)
-            return control
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" not in logs:
-                return  # eval_* logs and the end-of-training summary (ours: evals/, training_stats.json)
-            metrics = {ours: logs[theirs] for theirs, ours in METRIC_NAMES.items() if theirs in logs}
-            tokens = float(logs.get("num_tokens", self.last_tokens))
-            ctx.monitor.log(state.global_step, metrics, tokens=tokens - self.last_tokens)  # writes on rank 0
-            self.last_tokens = tokens
-            if self.eval_step == state.global_step:
-                self.eval_step = None
-                value, scalars = measure(self.trainer, ctx, ctx.policy, state.global_step)
-                ctx.monitor.track(state.global_step, scalars)
-                ctx.snapshots.mark(eval_pending=False)
-                if best is not None and best.offer(state.global_step, value):
-                    control.should_save = True  # the best is always restorable (saved right after this log)
-                    log.info("step %d: best %s so far (%.4f)", state.global_step, best.metric.value, value)
-
-        def on_save(self, args, state, control, **kw):
-            step = state.global_step
-            digests = dist.rank_digests([p for p in ctx.policy.parameters() if p.requires_grad])
-            dist.barrier()  # every rank has written its part
-            if dist.is_main():
-                staged = staging / f"checkpoint-{step}"
-                info = {"data_position": step * t.prompts_per_step, "rank_weight_digests": digests, **ctx.extra_state}
-                keep = [best.step] if best is not None and best.step is not None else []
-                final = commit_checkpoint(ctx.paths.checkpoints, staged, step, info, t.keep_last, keep)
-                if best is not None:
-                    best.write(ctx.paths.checkpoints)
-                log.info("checkpoint %s", final)
-            dist.barrier()
-
-    return SFTCallback()
+    return bridge_callback(ctx, staging, METRIC_NAMES, evaluate=evaluate,
+                           evaluate_at_end=best is not None,  # keep_best also weighs the final weights
+                           keep=lambda: [best.step] if best is not None and best.step is not None else [],
+                           after_commit=after_commit)
 
 
 def restore_best(policy, best: BestTracker, checkpoints: Path) -> Optional[int]:
@@ -285,7 +235,8 @@ def build_trainer(ctx: TrainContext, best: Optional[BestTracker]):
 
     disable_progress_bars()  # datasets' map bars for a few hundred rows are noise in job logs
     cfg = ctx.cfg
-    callback = _callback(ctx, staging_root(ctx.paths.checkpoints), best)
+    trainer_ref: Dict[str, Any] = {}
+    callback = _callback(ctx, staging_root(ctx.paths.checkpoints), best, trainer_ref)
     Trainer = _trainer_class()
     Trainer.tracker = ctx.tracker
     trainer = Trainer(
@@ -296,7 +247,7 @@ def build_trainer(ctx: TrainContext, best: Optional[BestTracker]):
         processing_class=ctx.tokenizer,
         callbacks=[callback],
     )
-    callback.trainer = trainer
+    trainer_ref["trainer"] = trainer
     trainer.remove_callback(PrinterCallback)
     n = keep_trainable_fp32(trainer.model)
     log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", n)
