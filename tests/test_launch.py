@@ -139,7 +139,7 @@ def test_run_lock_holders(tmp_path, sleeper):
         assert not problem and holder.pid == os.getpid() and holder.host == socket.gethostname()
         assert holder_alive(holder)[0]
         probe = subprocess.run([sys.executable, "-c", "from finellama_rl.runlock import RunLock; import sys; "
-                                f"RunLock(sys.argv[1]).acquire()", str(run_dir)], capture_output=True, text=True)
+                                "RunLock(sys.argv[1]).acquire()", str(run_dir)], capture_output=True, text=True)
         assert probe.returncode == 1 and "is in use: locked by pid" in probe.stderr
     assert not (run_dir / LOCK_NAME).exists() and lock.content is None
     # a job's lock: the scheduler decides; an earlier run of this very job is stale

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from finellama_rl.eval.classification import auroc, binary_metrics
-from finellama_rl.trainers.rm_data import Example, balance, build_candidates, corrupt, label_examples, split_problems
+from finellama_rl.trainers.rm_data import balance, build_candidates, corrupt, label_examples, split_problems
 
 
 def test_auroc_and_binary_metrics_known_values():

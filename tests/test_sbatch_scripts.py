@@ -64,7 +64,7 @@ def test_preview_is_the_submitted_text(tmp_path, no_slurm_path):
     text = sbatch_preview(cfg)
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
-    assert f"#SBATCH --job-name=fl-s1-r1" in lines
+    assert "#SBATCH --job-name=fl-s1-r1" in lines
     assert f"#SBATCH --output={tmp_path}/s1/r1/logs/submitit/%j_%t_log.out".replace("%t", "0") in lines
     assert not any(line.startswith("#SBATCH --error") for line in lines)  # one log: stderr goes to .out
     assert "#SBATCH --mem=6G" in lines and "#SBATCH --signal=USR2@30" in lines
