@@ -55,22 +55,9 @@ def alternating_reward(completions, **kw):
 
 
 def build_ctx(cfg):
-    import transformers
+    from finellama_rl.trainers.base import bare_context
 
-    from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
-    from finellama_rl.monitor import TrainingMonitor
-    from finellama_rl.results import RunPaths
-    from finellama_rl.trainers.base import TrainContext
-
-    ensure_tiny_model(cfg.model)
-    transformers.set_seed(cfg.trainer.seed)
-    tok = load_tokenizer(cfg.model)
-    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
-    rows, _ = with_prompts(load_problems(cfg.data, "train"), tok, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
-    paths = RunPaths(Path(cfg.run.dir)).make()
-    monitor = TrainingMonitor(cfg.trainer, paths, 0, "bench", print_fn=lambda s: None)
-    return TrainContext(cfg, paths, policy, tok, rows, [alternating_reward], monitor, lambda m, s: {})
+    return bare_context(cfg, [alternating_reward], label="bench")
 
 
 def _config(overrides, tmp):

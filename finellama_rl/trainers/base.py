@@ -40,6 +40,30 @@ class TrainContext:
     snapshots: Any = field(default_factory=lambda: _new_holder())
 
 
+def bare_context(cfg: Config, reward_funcs: Optional[List[Callable]] = None, resume_from: Optional[Path] = None,
+                 start_step: int = 0, label: str = "bare") -> TrainContext:
+    """A TrainContext like train.py's, without evaluation, the OOM ladder or tracking: for
+    tests and benchmarks that call a trainer directly. Prompts come from data.system_prompt
+    and the rule rewards of trainer.rewards (unless `reward_funcs` is given); metrics lines
+    are written but not printed. The tiny model is built before seeding (building consumes RNG)."""
+    import transformers
+
+    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
+    from finellama_rl.rewards.rules import build_reward_funcs
+
+    if cfg.model.tiny:
+        ensure_tiny_model(cfg.model)
+    transformers.set_seed(cfg.trainer.seed)
+    tok = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
+    rows, _ = with_prompts(load_problems(cfg.data, "train"), tok, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
+    paths = RunPaths(Path(cfg.run.dir)).make()
+    monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, print_fn=lambda s: None)
+    funcs = reward_funcs or build_reward_funcs(cfg.trainer.rewards)
+    return TrainContext(cfg, paths, policy, tok, rows, funcs, monitor, lambda m, s: {}, resume_from, start_step)
+
+
 def _new_tracker():
     from finellama_rl.attempts import PhaseTracker
 
