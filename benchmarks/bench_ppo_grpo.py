@@ -50,22 +50,9 @@ def _rss_kb() -> int:
 
 
 def _build_ctx(cfg):
-    import transformers
+    from finellama_rl.trainers.base import bare_context
 
-    from finellama_rl.trainers.base import TrainContext
-    from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.model import load_policy, load_tokenizer
-    from finellama_rl.monitor import TrainingMonitor
-    from finellama_rl.results import RunPaths
-    from finellama_rl.rewards.rules import build_reward_funcs
-
-    transformers.set_seed(cfg.trainer.seed)
-    tok = load_tokenizer(cfg.model)
-    policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
-    rows, _ = with_prompts(load_problems(cfg.data, "train"), tok, cfg.data.system_prompt, cfg.trainer.max_prompt_tokens)
-    paths = RunPaths(Path(cfg.run.dir)).make()
-    monitor = TrainingMonitor(cfg.trainer, paths, 0, "bench", print_fn=lambda s: None)
-    return TrainContext(cfg, paths, policy, tok, rows, build_reward_funcs(cfg.trainer.rewards), monitor, lambda m, s: {})
+    return bare_context(cfg, label="bench")
 
 
 def run_worker(overrides: list[str], threads: int) -> dict:
@@ -134,7 +121,8 @@ def model_overrides(shape: str, args) -> list[str]:
 def run_one(shape: str, algo: str, args, exact_memory: bool) -> dict:
     hardware = ["hardware=cpu"] if args.device == "cpu" else [f"hardware={args.hardware}"]
     with tempfile.TemporaryDirectory(prefix="bench-ppo-grpo-") as tmp:
-        overrides = [*model_overrides(shape, args), *hardware, *algo_overrides(algo, args), f"run.dir={tmp}/run"]
+        overrides = [*model_overrides(shape, args), *hardware, *algo_overrides(algo, args),
+                     f"run.results_dir={tmp}", f"run.dir={tmp}/run"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env["OMP_NUM_THREADS"] = str(args.threads)
         if exact_memory:
