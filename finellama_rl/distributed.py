@@ -75,6 +75,17 @@ def init(cuda: bool) -> None:
     log.info("rank %d of %d joined the process group (%s)", rank(), world(), dist.get_backend())
 
 
+def leave() -> None:
+    """Leave the process group (every rank, at the end of its run). A rank that exits with
+    the group still up can abort at interpreter exit ("terminate called without an active
+    exception", SIGABRT: gloo's threads outlive it) while rank 0 is still evaluating, and
+    torchrun then stops rank 0 too. Local: no collective, so rank 0 may still be working."""
+    if initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if initialized():
         import torch.distributed as dist

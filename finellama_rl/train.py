@@ -180,8 +180,11 @@ def run_ladder(cfg: Config) -> int:
         record_unclosed_attempt(paths, ladder, last_logged_step(paths))  # an earlier process that was hard-killed
     dist.barrier()
     outcomes = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}
-    return run_attempts(cfg, paths, ladder, AttemptHooks(train_attempt, last_logged_step, attempt_fields,
-                                                         free_memory, outcomes))
+    try:
+        return run_attempts(cfg, paths, ladder, AttemptHooks(train_attempt, last_logged_step, attempt_fields,
+                                                             free_memory, outcomes))
+    finally:
+        dist.leave()
 
 
 def last_logged_step(paths: RunPaths) -> int:
