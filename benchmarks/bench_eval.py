@@ -34,9 +34,9 @@ def setup(problems: int, max_new_tokens: int):
     os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="bench-eval-hf-"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from finellama_rl.compose import load_config
-    from finellama_rl.data import load_problems
+    from finellama_rl.task.data import load_problems
     from finellama_rl.eval.core import prepare_eval
-    from finellama_rl.model import load_base, load_tokenizer
+    from finellama_rl.job.model import load_base, load_tokenizer
 
     results = tempfile.mkdtemp(prefix="bench-eval-results-")
     cfg = load_config(["experiment=smoke", f"run.results_dir={results}", f"eval.num_examples={problems}",

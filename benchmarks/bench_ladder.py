@@ -28,8 +28,8 @@ from typing import Callable, Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from finellama_rl.ladder import Setting, build_ladder  # noqa: E402
-from finellama_rl.memory import (  # noqa: E402
+from finellama_rl.ladder.rungs import Setting, build_ladder  # noqa: E402
+from finellama_rl.login.memory import (  # noqa: E402
     GIB, LORA_TARGETS, QWEN2_5_SHAPES, MemoryInputs, estimate_memory, plan_rung,
 )
 

@@ -56,7 +56,7 @@ def cancel(sweep: Path) -> float:
 def in_process(results: Path) -> Dict[str, float]:
     from finellama_rl import launch
     from finellama_rl.compose import _COMPOSED
-    from finellama_rl.submission import Submission
+    from finellama_rl.login.submission import Submission
 
     _COMPOSED.clear()  # a fresh process composes each group selection once
     times = {}

@@ -34,14 +34,14 @@ def _sync() -> None:
 
 
 def load(cfg):
-    from finellama_rl.model import load_policy, load_tokenizer
+    from finellama_rl.job.model import load_policy, load_tokenizer
 
     return load_policy(cfg.model, cfg.trainer, cfg.hardware), load_tokenizer(cfg.model)
 
 
 def train_rows(cfg, tokenizer) -> List[Dict[str, str]]:
-    from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.eval.protocols import prompt_format
+    from finellama_rl.task.data import load_problems, with_prompts
+    from finellama_rl.task.protocols import prompt_format
 
     rows, _ = with_prompts(load_problems(cfg.data, "train"), tokenizer,
                            prompt_format(cfg.eval.protocol, cfg.data.system_prompt), cfg.trainer.max_prompt_tokens)
@@ -53,7 +53,7 @@ def train_with(cfg, policy, tokenizer, tracker) -> Dict[str, Any]:
     trainer and the context train_attempt builds (no evaluation)."""
     import transformers
 
-    from finellama_rl.monitor import TrainingMonitor
+    from finellama_rl.job.monitor import TrainingMonitor
     from finellama_rl.results import RunPaths, read_jsonl
     from finellama_rl.rewards.sources import build_reward_sources
     from finellama_rl.train import algorithm
@@ -123,9 +123,9 @@ class Pieces:
 
 
 def _prediction(cfg) -> Dict[str, Any]:
-    from finellama_rl import memory
+    from finellama_rl.login import memory
     from finellama_rl.plan import memory_inputs
-    from finellama_rl.rungs import setting_of
+    from finellama_rl.ladder.run_ladder import setting_of
 
     est = memory.estimate_memory(memory_inputs(cfg, setting_of(cfg)))
     static = sum(est.components.get(k, 0) for k in getattr(memory, "STATIC", ()))
@@ -227,11 +227,11 @@ def summarize_attempts(attempts: List[Dict[str, Any]], steps: List[int], max_ste
 def ladder_case(ws: Workspace, cap, planner: bool) -> Dict[str, Any]:
     import torch
 
-    from finellama_rl.attempts import read_attempts
-    from finellama_rl.memory import estimate_memory
+    from finellama_rl.ladder.attempts import read_attempts
+    from finellama_rl.login.memory import estimate_memory
     from finellama_rl.plan import choose_start_rung, memory_inputs
     from finellama_rl.results import RunPaths, read_jsonl
-    from finellama_rl.rungs import ladder_for
+    from finellama_rl.ladder.run_ladder import ladder_for
     from finellama_rl.train import run_training
 
     p = ws.profile
@@ -292,7 +292,7 @@ def _project_run(cfg) -> Dict[str, Any]:
 def _plain_run(cfg) -> Dict[str, Any]:
     from gpu_check_trl import plain_trl_grpo
 
-    from finellama_rl.model import load_tokenizer
+    from finellama_rl.job.model import load_tokenizer
     from finellama_rl.rewards.sources import build_reward_sources
 
     rows = train_rows(cfg, load_tokenizer(cfg.model))

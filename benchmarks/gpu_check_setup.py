@@ -247,8 +247,8 @@ def write_problems(tokenizer, cfg, folder: Path, prompt_tokens: int, n: int, see
     """train.jsonl / test.jsonl whose prompts, under cfg's protocol, are exactly `prompt_tokens`
     tokens: a question of random digits (one token each), so every batch is unpadded and every
     sequence has the planned length."""
-    from finellama_rl.data import build_prompt
-    from finellama_rl.eval.protocols import prompt_format
+    from finellama_rl.task.data import build_prompt
+    from finellama_rl.task.protocols import prompt_format
 
     fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)
 
@@ -288,7 +288,7 @@ class Workspace:
         if (folder / "config.json").exists():
             return folder
         if self._tokenizer is None:  # trained once (seconds): the BPE stops at a few hundred tokens
-            from finellama_rl.model import build_tiny_tokenizer
+            from finellama_rl.job.model import build_tiny_tokenizer
 
             self._tokenizer = build_tiny_tokenizer(4096)
         cfg = compose(self.profile, model, [], resolve_paths=False)
@@ -306,7 +306,7 @@ class Workspace:
                 f"data.system_prompt={SYSTEM_PROMPT}", f"trainer.max_prompt_tokens={prompt}",
                 f"trainer.max_completion_tokens={completion}"]
         if not (data / "train.jsonl").exists():
-            from finellama_rl.model import load_tokenizer
+            from finellama_rl.job.model import load_tokenizer
 
             probe = compose(self.profile, model, base, hardware, resolve_paths=False)
             write_problems(load_tokenizer(probe.model), probe, data, prompt, rows)
@@ -323,7 +323,7 @@ class Workspace:
 
 
 def _phase_tracker_class():
-    from finellama_rl.attempts import PhaseTracker
+    from finellama_rl.ladder.attempts import PhaseTracker
 
     class PeakTracker(PhaseTracker):
         """The project's PhaseTracker that also records the peak CUDA memory (allocated,

@@ -81,8 +81,8 @@ def plain_trl_grpo(cfg, rows: List[Dict[str, str]], reward_funcs, output_dir: Pa
     trainer = GRPOTrainer(model=str(cfg.model.path), reward_funcs=list(reward_funcs), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, quantization_config=quant,
                           peft_config=lora, callbacks=[timer])
-    if not on_gpu:  # the bitsandbytes CPU repack trap (FACTS.md): same switch as finellama_rl.model
-        from finellama_rl.model import disable_cpu_repack
+    if not on_gpu:  # the bitsandbytes CPU repack trap (FACTS.md): same switch as finellama_rl.job.model
+        from finellama_rl.job.model import disable_cpu_repack
 
         disable_cpu_repack(trainer.model)
     trainer.train()

@@ -13,10 +13,10 @@ manifest and falls back to the previous checkpoint when the newest is damaged
 
 Files use the Hugging Face Trainer's names (adapter_model.safetensors, optimizer.pt,
 scheduler.pt, rng_state.pth, trainer_state.json) so TRL's GRPOTrainer can resume
-from them; PPO writes its own safe formats (finellama_rl/trainers/snapshot.py).
+from them; PPO writes its own safe formats (finellama_rl/job/snapshot.py).
 
 `checkpoints/.snapshot/step_N` holds the host-memory snapshot a run wrote after an
-in-process out-of-memory (finellama_rl/trainers/snapshot.py); it is resumed like a
+in-process out-of-memory (finellama_rl/job/snapshot.py); it is resumed like a
 checkpoint when it is newer, and dropped once a committed checkpoint reaches its step.
 
     commit_checkpoint(paths.checkpoints, staging_dir, step, state); latest_checkpoint(...)

@@ -43,7 +43,7 @@ CACHE_VERSION = 1  # bump when the demo's SFT changes in a way the hashed source
 SHARED_PREFIXES = ("model.", "data.", "eval.protocol")  # overrides that also shape the SFT
 # PPO samples one completion per prompt: more prompts per step than GRPO's 8 x 8.
 PER_TRAINER = {"ppo": ["trainer.prompts_per_step=32"]}
-SHAPING_MODULES = ("data.py", "model.py", "adapters.py", "trainers/sft.py", "eval/protocols.py")
+SHAPING_MODULES = ("task/data.py", "job/model.py", "job/adapters.py", "trainers/sft.py", "task/protocols.py")
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
@@ -60,7 +60,7 @@ def split_overrides(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
 
 def sft_config(shared: Sequence[str]) -> Config:
     """The demo's SFT run config, its run folder in the cache under its key."""
-    from finellama_rl.model import cache_root
+    from finellama_rl.job.model import cache_root
 
     base = load_config([f"experiment={SFT_PRESET}", *shared], resolve_paths=False)
     folder = cache_root() / "sft" / f"demo-{cache_key(base)}"

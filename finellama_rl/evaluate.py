@@ -167,7 +167,7 @@ class ModelSlots:
         self.current: Optional[str] = None
 
     def model_for(self, target: Target):
-        from finellama_rl.model import load_base, load_policy
+        from finellama_rl.job.model import load_base, load_policy
 
         c = self.cfg
         if c.model.adapter and target.adapter_dir is not None:  # stacked adapters: whole load per checkpoint
@@ -238,10 +238,10 @@ def cli_document(cfg: Config, target: Target, result: Dict[str, Any]) -> Dict[st
 def main(argv: Sequence[str]) -> int:
     """Every check (arguments, config, checkpoints, data) runs before a model loads."""
     from finellama_rl.console import setup_logging
-    from finellama_rl.data import load_problems
+    from finellama_rl.task.data import load_problems
     from finellama_rl.eval.passk import format_pass_at_k
     from finellama_rl.index import add_eval_file, results_root
-    from finellama_rl.model import load_tokenizer
+    from finellama_rl.job.model import load_tokenizer
     from finellama_rl.results import atomic_write_json
 
     run_dir, choice, overrides = parse_cli(argv)

@@ -135,7 +135,7 @@ def gpu_present() -> Tuple[bool, str]:
 
 
 def use_slurm(runs: List[PlannedRun]) -> bool:
-    from finellama_rl.preflight import slurm_usable
+    from finellama_rl.login.preflight import slurm_usable
 
     launcher = runs[0].cfg.launcher
     if any(r.cfg.launcher != launcher for r in runs):
@@ -171,7 +171,7 @@ def check_local_gpu(runs: List[PlannedRun]) -> None:
 
 def preflight(runs: List[PlannedRun], slurm: bool) -> None:
     """Every check for every run before anything is submitted or run."""
-    from finellama_rl.preflight import check_run, slurm_partitions
+    from finellama_rl.login.preflight import check_run, slurm_partitions
 
     if not slurm:
         check_local_gpu(runs)
@@ -242,7 +242,7 @@ def test_with_sbatch(runs: List[PlannedRun]) -> None:
     partition, time, account, QOS), in parallel; nothing is queued."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from finellama_rl import slurm
+    from finellama_rl.login import slurm
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         errors = list(pool.map(lambda r: slurm.test_submission(r.cfg), runs))
@@ -253,7 +253,7 @@ def test_with_sbatch(runs: List[PlannedRun]) -> None:
 
 
 def submit_slurm(runs: List[PlannedRun], created: Sequence[Path] = ()) -> int:
-    from finellama_rl.submission import Submission
+    from finellama_rl.login.submission import Submission
 
     with Submission(runs, ledger_path, created) as sub:
         rows = [sub.submit(r) for r in runs]
@@ -263,7 +263,7 @@ def submit_slurm(runs: List[PlannedRun], created: Sequence[Path] = ()) -> int:
 
 
 def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
-    from finellama_rl.preflight import slurm_usable
+    from finellama_rl.login.preflight import slurm_usable
 
     for r in runs:
         c = r.cfg
@@ -272,7 +272,7 @@ def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
               f"config: model={c.model.name} ({model}) trainer={c.trainer.algo.value} data={c.data.source.value} "
               f"hardware={c.hardware.name} max_steps={c.trainer.max_steps}")
         if slurm_mode:
-            from finellama_rl import slurm
+            from finellama_rl.login import slurm
 
             print(slurm.sbatch_preview(r.cfg))
             print(f"# job: {shlex.join(['python', '-m', 'finellama_rl.train', *r.train_argv()])}\n")

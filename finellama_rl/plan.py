@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import List, Tuple
 
 from finellama_rl.fitmem import describe as describe_fit_memory, remembered
-from finellama_rl.rungs import ladder_for
+from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.compose import CONF_DIR, load_config, split_argv
 from finellama_rl.config import Algo, Config, ConfigError, Device, world_size
-from finellama_rl.ladder import Rung, Setting
-from finellama_rl.memory import GIB, MemoryEstimate, MemoryInputs, ModelShape, estimate_memory, format_estimate, plan_rung
-from finellama_rl.plan_scoring import batch_table, format_parts, parse_batches, scoring_parts, shared_bytes
+from finellama_rl.ladder.rungs import Rung, Setting
+from finellama_rl.login.memory import GIB, MemoryEstimate, MemoryInputs, ModelShape, estimate_memory, format_estimate, plan_rung
+from finellama_rl.login.plan_scoring import batch_table, format_parts, parse_batches, scoring_parts, shared_bytes
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -59,7 +59,7 @@ def plan(cfg: Config) -> Tuple[List[Rung], int, MemoryEstimate]:
 
 def rung0_peak_bytes(cfg: Config) -> int:
     """The policy's predicted peak at rung 0 (the seed-style batch table's policy part)."""
-    from finellama_rl.rungs import setting_of
+    from finellama_rl.ladder.run_ladder import setting_of
 
     return estimate_memory(memory_inputs(cfg, setting_of(cfg))).peak_bytes
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.eval.compare import EvalView, paired, why_not_paired
 from finellama_rl.eval.statistics import format_interval, format_p
-from finellama_rl.monitor import format_duration
+from finellama_rl.job.monitor import format_duration
 from finellama_rl.results import (RunConfigUnreadable, RunPaths, atomic_output, iter_run_dirs,
                                   number_or_none, read_json_object, read_jsonl, read_run_config_data, warn)
 from finellama_rl.stats import dedupe_steps
@@ -351,7 +351,7 @@ def markdown_report(title: str, subtitle: str, table: str, pairs: str, images: D
 
 def write_report(sweep_dir: Path, out: Optional[Path] = None) -> Report:
     """Table, plots, report.md and report.html for every run folder in `sweep_dir`."""
-    from finellama_rl.report_html import build_html
+    from finellama_rl.eval.report_html import build_html
     from finellama_rl.results import atomic_write_text
 
     sweep_dir = Path(sweep_dir)

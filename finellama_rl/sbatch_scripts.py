@@ -20,7 +20,7 @@ from typing import List
 from finellama_rl.compose import CONF_DIR, load_config
 from finellama_rl.config import Config
 from finellama_rl.results import atomic_write_text
-from finellama_rl.slurm import EXIT_STOPPED, sbatch_options
+from finellama_rl.login.slurm import EXIT_STOPPED, sbatch_options
 
 SLURM_DIR = CONF_DIR.parent / "slurm"
 

@@ -10,7 +10,7 @@ cancels every pending or running job of the sweep, watchdogs and resubmissions
 included) plus any run folder with a config.yaml (local runs have no ledger).
 Malformed files (not UTF-8, missing keys, wrong types) are skipped with one warning;
 an accuracy outside [0, 1] is refused, not shown. The scheduler state comes from sacct
-through `finellama_rl.slurm.job_states` when sacct is on PATH; without it the
+through `finellama_rl.login.slurm.job_states` when sacct is on PATH; without it the
 state comes from the files: `done` when eval_results.json exists, else `unknown`.
 Requeues are the larger of sacct's count and the 'requeue' events in
 logs/job_events.jsonl. No torch import: this answers in a second on a login node.
@@ -141,7 +141,7 @@ def sacct_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
     """Scheduler states when SLURM accounting is here, else {} (states from files)."""
     if not job_ids or shutil.which("sacct") is None:
         return {}
-    from finellama_rl import slurm  # lazy: submitit is only needed where SLURM is
+    from finellama_rl.login import slurm  # lazy: submitit is only needed where SLURM is
 
     return slurm.job_states(job_ids)
 
@@ -200,7 +200,7 @@ def cancel_active(runs: List[RunStatus], cancel_fn: Optional[Callable[[List[str]
     ids = [j for r in active for j in (r.active_jobs or [r.job_id])]
     if ids:
         if cancel_fn is None:
-            from finellama_rl import slurm
+            from finellama_rl.login import slurm
 
             cancel_fn = slurm.cancel
         cancel_fn(ids)

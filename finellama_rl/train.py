@@ -157,17 +157,17 @@ def take_lock(lock) -> None:
 
 
 def run_ladder(cfg: Config) -> int:
-    """The whole run under the OOM ladder (finellama_rl/oom_loop.py: the phase of an
+    """The whole run under the OOM ladder (finellama_rl/job/oom_loop.py: the phase of an
     out-of-memory picks the knob to step down, and the failing step is retried from the
     host snapshot of the step before); returns the process exit code. Rank 0 prepares
     the run folder, the other ranks wait."""
-    from finellama_rl import distributed as dist
-    from finellama_rl.attempts import record_unclosed_attempt
+    from finellama_rl.job import distributed as dist
+    from finellama_rl.ladder.attempts import record_unclosed_attempt
     from finellama_rl.checkpoint import clear_staging
     from finellama_rl.config import Device
-    from finellama_rl.ladder import Rung
-    from finellama_rl.oom_loop import AttemptHooks, run_attempts
-    from finellama_rl.rungs import ladder_for, setting_of
+    from finellama_rl.ladder.rungs import Rung
+    from finellama_rl.job.oom_loop import AttemptHooks, run_attempts
+    from finellama_rl.ladder.run_ladder import ladder_for, setting_of
 
     dist.init(cuda=cfg.hardware.device == Device.cuda)
     if dist.is_main():
@@ -227,26 +227,26 @@ def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
     snapshot), load, train, evaluate. With several ranks, rank 0 alone writes files."""
     import transformers
 
-    from finellama_rl import distributed as dist
-    from finellama_rl.ladder import Phase
+    from finellama_rl.job import distributed as dist
+    from finellama_rl.ladder.rungs import Phase
 
     from finellama_rl.trainers.base import TrainContext
-    from finellama_rl.attempts import install_fault_injection
+    from finellama_rl.ladder.attempts import install_fault_injection
     from finellama_rl.checkpoint import latest_resume_point, read_state
-    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.task.data import load_problems, with_prompts
     from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_eval, summary
-    from finellama_rl.eval.protocols import prompt_format
+    from finellama_rl.task.protocols import prompt_format
     from finellama_rl.index import add_eval_file, results_root
-    from finellama_rl.model import count_parameters, load_policy, load_tokenizer
-    from finellama_rl.monitor import TrainingMonitor
+    from finellama_rl.job.model import count_parameters, load_policy, load_tokenizer
+    from finellama_rl.job.monitor import TrainingMonitor
     from finellama_rl.rewards.sources import build_reward_sources, check_sources_available, metric_sources
     from finellama_rl.stats import write_training_stats
-    from finellama_rl.tracking import eval_scalars, open_tracker
+    from finellama_rl.job.tracking import eval_scalars, open_tracker
     from finellama_rl.eval.passk import add_sampled_pass_at_k, format_pass_at_k
 
     t0 = time.time()
     if run is None:
-        from finellama_rl.oom_loop import AttemptRun
+        from finellama_rl.job.oom_loop import AttemptRun
 
         run = AttemptRun()
     main = dist.is_main()
@@ -370,11 +370,11 @@ def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
 
 def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     """A multi-device run (hardware.gpus_per_node or hardware.processes > 1) started as
-    one process becomes the supervisor of its torchrun ranks (finellama_rl.distributed);
+    one process becomes the supervisor of its torchrun ranks (finellama_rl.job.distributed);
     returns their exit code. None: this process trains itself (one device, or a rank)."""
-    from finellama_rl import distributed as dist
+    from finellama_rl.job import distributed as dist
     from finellama_rl.config import world_size
-    from finellama_rl.rungs import ladder_for
+    from finellama_rl.ladder.run_ladder import ladder_for
 
     if dist.is_worker():
         if not dist.is_main():

@@ -259,7 +259,7 @@ def validate(cfg: Config) -> None:
     _positive("eval.samples", cfg.eval.samples, "1 = greedy only, k > 1 adds pass@k")
     _positive("eval.sample_temperature", cfg.eval.sample_temperature, "e.g. eval.sample_temperature=0.7")
     if cfg.data.source == DataSource.arithmetic:
-        from finellama_rl.data import OPS
+        from finellama_rl.task.data import OPS
 
         unknown = [op for op in cfg.data.ops if op not in OPS]
         if unknown or not cfg.data.ops:

@@ -299,8 +299,8 @@ def pin() -> None:
     """Write our protocols' verdicts; refuse when a disagreement with the label has no note."""
     sys.path.insert(0, str(OUT.parent.parent.parent))
     from finellama_rl.config import EvalProtocol
-    from finellama_rl.eval.protocols import protocol_spec
-    from finellama_rl.rewards.scoring import Scorer, cut_at_stop, judge
+    from finellama_rl.task.protocols import protocol_spec
+    from finellama_rl.task.scoring import Scorer, cut_at_stop, judge
 
     verdicts, unexplained = {}, []
     for case in CASES:

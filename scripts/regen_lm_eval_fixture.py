@@ -2,7 +2,7 @@
 OWN code: its gsm8k task (tasks/gsm8k/gsm8k.yaml), its few-shot sampler, its
 stop-sequence post-processing, its filters (strict-match, flexible-extract) and its
 exact_match metric, run on every completion of tests/fixtures/gsm8k_completions.jsonl.
-finellama_rl's reimplementation (finellama_rl/rewards/lm_eval.py, the lm_eval_gsm8k
+finellama_rl's reimplementation (finellama_rl/task/lm_eval.py, the lm_eval_gsm8k
 protocol's prompts) must reproduce this file exactly (tests/test_scoring.py).
 
 Not run in CI, and lm-eval is NOT a project dependency (it pulls many packages). Run

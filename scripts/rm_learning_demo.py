@@ -46,9 +46,9 @@ def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16,
     from transformers import AutoModelForCausalLM
 
     from finellama_rl.compose import load_config
-    from finellama_rl.data import build_prompt, load_problems
-    from finellama_rl.eval.protocols import prompt_format, target_text
-    from finellama_rl.model import load_tokenizer, model_source
+    from finellama_rl.task.data import build_prompt, load_problems
+    from finellama_rl.task.protocols import prompt_format, target_text
+    from finellama_rl.job.model import load_tokenizer, model_source
 
     cfg = load_config(TASK, resolve_paths=False)
     tok = load_tokenizer(cfg.model)
@@ -82,8 +82,8 @@ def accuracy(model_path: Path, adapter: str | None = None) -> float:
     """Greedy test accuracy (the protocol's scorer) of the SFT'd policy, optionally with an RL adapter."""
     from finellama_rl.compose import load_config
     from finellama_rl.eval.core import evaluate_model, prepare_eval
-    from finellama_rl.data import load_problems
-    from finellama_rl.model import load_tokenizer
+    from finellama_rl.task.data import load_problems
+    from finellama_rl.job.model import load_tokenizer
     import torch
     from transformers import AutoModelForCausalLM
 

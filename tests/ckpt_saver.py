@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from finellama_rl.checkpoint import (clear_staging, commit_checkpoint, fault_point, latest_checkpoint, staging_root,
                                      step_of)
-from finellama_rl.trainers.snapshot import rng_state, save_rng, save_scheduler
+from finellama_rl.job.snapshot import rng_state, save_rng, save_scheduler
 
 
 def payload(step: int) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finellama_rl.adapters import FROZEN, resolve_adapter
+from finellama_rl.job.adapters import FROZEN, resolve_adapter
 from finellama_rl.config import ConfigError
 from finellama_rl.results import read_jsonl
 from finellama_rl.train import run_training
@@ -80,7 +80,7 @@ def test_reference_is_the_frozen_adapter_policy(sft_run, make_config):
     and both differ from the bare base: the reference is not the base."""
     import torch
 
-    from finellama_rl.model import load_policy, load_tokenizer
+    from finellama_rl.job.model import load_policy, load_tokenizer
 
     cfg = make_config(*RL, *RL_ARGS["grpo"], f"model.adapter={sft_run}")
     tok = load_tokenizer(cfg.model)

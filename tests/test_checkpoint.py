@@ -92,7 +92,7 @@ def _assert_complete_and_loadable(root, at_least):
     import torch
     from safetensors.torch import load_file
 
-    from finellama_rl.trainers.snapshot import load_optimizer, load_rng, load_scheduler
+    from finellama_rl.job.snapshot import load_optimizer, load_rng, load_scheduler
 
     ckpt = latest_checkpoint(root)
     assert ckpt is not None and step_of(ckpt) >= at_least

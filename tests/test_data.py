@@ -8,8 +8,8 @@ import pytest
 from finellama_rl.compose import load_config
 from finellama_rl.config import ConfigError
 from finellama_rl.config import EvalProtocol
-from finellama_rl.data import arithmetic_splits, generate_arithmetic, load_problems
-from finellama_rl.eval.protocols import build_messages, prompt_format
+from finellama_rl.task.data import arithmetic_splits, generate_arithmetic, load_problems
+from finellama_rl.task.protocols import build_messages, prompt_format
 from finellama_rl.rewards.rules import reference_answer
 
 

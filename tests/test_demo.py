@@ -49,7 +49,7 @@ def test_synthetic_task_difficulty_knobs(make_config):
     import re
 
     from finellama_rl.config import ConfigError
-    from finellama_rl.data import generate_arithmetic
+    from finellama_rl.task.data import generate_arithmetic
 
     adds = generate_arithmetic(200, seed=3, max_operand=9, ops=["add"])
     for p in adds:

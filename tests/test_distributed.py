@@ -1,6 +1,6 @@
 """Data parallel on CPU: two torchrun ranks (gloo), started the way a multi-GPU job
 starts them (`python -m finellama_rl.train ... hardware.processes=2`: the training
-process supervises torchrun, finellama_rl/distributed.py), for both algorithms.
+process supervises torchrun, finellama_rl/job/distributed.py), for both algorithms.
 
 Checked against a one-process run with the same global batch: the ranks hold identical
 adapters (every checkpoint records each rank's weight digest), the run folder has one

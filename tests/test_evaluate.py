@@ -90,7 +90,7 @@ def make_run_folder(root: Path, steps=(2, 4), *overrides: str) -> Path:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any attempt to load weights fails the test."""
-    import finellama_rl.model as model
+    import finellama_rl.job.model as model
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
@@ -233,7 +233,7 @@ def test_checkpoint_all_loads_the_base_once_and_matches_one_at_a_time(tiny_run, 
     logits and completions as evaluating each checkpoint in a load of its own."""
     import torch
 
-    import finellama_rl.model as model
+    import finellama_rl.job.model as model
 
     root, run = tiny_run
     loads, logits = [], {}

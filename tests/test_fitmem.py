@@ -13,9 +13,9 @@ from conftest import REPO
 
 from finellama_rl import fitmem
 from finellama_rl.compose import load_config
-from finellama_rl.ladder import Rung
+from finellama_rl.ladder.rungs import Rung
 from finellama_rl.plan import choose_start_rung
-from finellama_rl.rungs import ladder_for
+from finellama_rl.ladder.run_ladder import ladder_for
 
 GPU = ["model=qwen2.5-3b", "trainer=grpo", "hardware=a100_80"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finellama_rl.compose import load_config
-from finellama_rl.data import load_problems
+from finellama_rl.task.data import load_problems
 from finellama_rl.eval.core import evaluate_model, prepare_eval
 from finellama_rl.eval.generation import Decoding, finish_text, generate_completions, model_generation_overrides
 
@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     repeats its last token whatever the penalty: too insensitive to show the trap.)"""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from finellama_rl.model import load_tokenizer
+    from finellama_rl.job.model import load_tokenizer
 
     root = tmp_path_factory.mktemp("results")
     cfg = load_config(["experiment=smoke", "eval.protocol=finellama", f"run.results_dir={root}", "eval.num_examples=12",

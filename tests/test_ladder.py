@@ -1,4 +1,4 @@
-"""Tests for finellama_rl.ladder: invariants over seeded random starts, a
+"""Tests for finellama_rl.ladder.rungs: invariants over seeded random starts, a
 hand-checked ladder, OOM classification and resume-by-setting."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finellama_rl.ladder import (
+from finellama_rl.ladder.rungs import (
     Rung, Setting, build_ladder, format_ladder, is_oom_error, next_rung, rung_for_setting,
 )
 
@@ -212,7 +212,7 @@ def test_rungs_are_frozen():
 
 
 def test_modules_do_not_import_torch():
-    code = ("import sys; import finellama_rl.ladder, finellama_rl.memory; "
+    code = ("import sys; import finellama_rl.ladder.rungs, finellama_rl.login.memory; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     repo_root = Path(__file__).resolve().parents[1]  # `-c` puts the cwd on sys.path
     assert subprocess.run([sys.executable, "-c", code], cwd=repo_root).returncode == 0
@@ -233,7 +233,7 @@ def _grpo(m=4, accum=8, g=8, gen=0):
 
 
 def test_generation_batches_ppo_and_grpo():
-    from finellama_rl.ladder import generation_batches
+    from finellama_rl.ladder.rungs import generation_batches
 
     assert generation_batches(_ppo(m=2, accum=2, minibatches=2)) == [1, 2, 3, 4, 5, 6, 7, 8]
     # GRPO: multiples of lcm(micro 4, group 8) = 8 that divide the step's 32 sequences
@@ -242,7 +242,7 @@ def test_generation_batches_ppo_and_grpo():
 
 
 def test_generation_oom_cuts_the_generation_batch_first_and_keeps_micro_batch():
-    from finellama_rl.ladder import Phase, step_down
+    from finellama_rl.ladder.rungs import Phase, step_down
 
     ladder = build_ladder(_ppo(m=4, accum=2, minibatches=2), 64, 64)  # rollout 16
     rung, gens = ladder[0], []
@@ -258,7 +258,7 @@ def test_generation_oom_cuts_the_generation_batch_first_and_keeps_micro_batch():
 
 
 def test_training_oom_cuts_the_micro_batch_and_keeps_the_generation_batch():
-    from finellama_rl.ladder import Phase, step_down
+    from finellama_rl.ladder.rungs import Phase, step_down
 
     ladder = build_ladder(_ppo(m=4, accum=2, minibatches=2), 64, 64)
     r1 = step_down(ladder, ladder[0], Phase.training)
@@ -271,7 +271,7 @@ def test_training_oom_cuts_the_micro_batch_and_keeps_the_generation_batch():
 
 
 def test_grpo_generation_batch_keeps_whole_micro_batches_and_groups():
-    from finellama_rl.ladder import Phase, step_down
+    from finellama_rl.ladder.rungs import Phase, step_down
 
     ladder = build_ladder(_grpo(m=4, accum=8, g=8), 64, 64)
     r = step_down(ladder, ladder[0], Phase.generation)
@@ -286,7 +286,7 @@ def test_step_down_exhaustive_invariants():
     """Random starts and random phase sequences: every step shrinks the knob of the phase
     that ran out (or the next rung's), keeps the effective batch and the groups, never grows
     the generation batch, and ends (None) after finitely many steps."""
-    from finellama_rl.ladder import Phase, generation_batches, step_down
+    from finellama_rl.ladder.rungs import Phase, generation_batches, step_down
 
     rng = random.Random(7)
     for _ in range(300):
@@ -319,11 +319,11 @@ def test_step_down_exhaustive_invariants():
 
 
 def test_start_point_after_an_oom_steps_by_phase(tmp_path):
-    from finellama_rl.attempts import record_attempt, start_point
+    from finellama_rl.ladder.attempts import record_attempt, start_point
     from finellama_rl.compose import load_config
-    from finellama_rl.ladder import Phase
+    from finellama_rl.ladder.rungs import Phase
     from finellama_rl.results import RunPaths
-    from finellama_rl.rungs import ladder_for
+    from finellama_rl.ladder.run_ladder import ladder_for
 
     cfg = load_config(["experiment=smoke", "trainer=ppo", "trainer.prompts_per_step=8", "trainer.micro_batch=4",
                        f"run.dir={tmp_path}/results/r", f"run.results_dir={tmp_path}/results"])

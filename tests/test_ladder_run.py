@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from finellama_rl.fitmem import fit_key, remembered_rung
-from finellama_rl.rungs import ladder_for
+from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.plan import choose_start_rung
 from finellama_rl.results import read_jsonl
 from finellama_rl.train import EXIT_LADDER_EXHAUSTED, run_training
@@ -97,7 +97,7 @@ MID_ALGO = {"ppo": ["trainer=ppo", "trainer.prompts_per_step=4"],
 
 def _recording_run(cfg, monkeypatch):
     """run_training that records, per attempt and global step, the questions its rewards saw."""
-    import finellama_rl.attempts as attempts
+    import finellama_rl.ladder.attempts as attempts
     from finellama_rl.rewards import sources
 
     trackers, seen = [], []

@@ -1,4 +1,4 @@
-"""Tests for finellama_rl.memory: peak derivation, monotonicity, Qwen2.5 sanity
+"""Tests for finellama_rl.login.memory: peak derivation, monotonicity, Qwen2.5 sanity
 cases with real numbers, and rung planning on 40 GB vs 80 GB cards."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from finellama_rl.ladder import Setting, build_ladder
-from finellama_rl.memory import (
+from finellama_rl.ladder.rungs import Setting, build_ladder
+from finellama_rl.login.memory import (
     GIB, LORA_TARGETS, QWEN2_5_SHAPES, MemoryInputs, estimate_memory, format_estimate, plan_rung,
 )
-from finellama_rl.memory import (  # internals: shape cross-check, per-layer formula
+from finellama_rl.login.memory import (  # internals: shape cross-check, per-layer formula
     _backbone_activation_bytes, _embedding_params, _layer_bytes_per_token, _linear_params,
 )
 
@@ -268,7 +268,7 @@ def test_layer_formula_matches_autograd_saved_tensors(adapter_fp32):
 
 def test_grpo_fused_logprobs_replace_full_vocab_logits():
     """TRL 1.16 GRPO: one tile + completion hidden states, not micro x seq x vocab logits."""
-    from finellama_rl.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
+    from finellama_rl.login.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
 
     s = Setting(128, 1, 8, 256, 256, False)
     full = estimate_memory(_inputs(s, "0.5B", "grpo")).components["logits"]
@@ -294,7 +294,7 @@ def test_trl_grpo_fused_lm_head_keeps_no_vocab_sized_tensor():
     from trl.trainer import grpo_trainer
     from trl.trainer import utils as trl_utils
 
-    from finellama_rl.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
+    from finellama_rl.login.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
 
     assert (chunked_logprob.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE) == (FUSED_TILE_TOKENS, FUSED_TILE_VOCAB)
     assert "fused_lm_head=True" in inspect.getsource(grpo_trainer.GRPOTrainer._get_per_token_logps_and_entropies)

@@ -6,7 +6,7 @@ import torch
 
 from finellama_rl.compose import load_config
 from finellama_rl.config import AttnImpl
-from finellama_rl.model import (build_tiny_tokenizer, choose_attention, compute_dtype, ensure_tiny_model,
+from finellama_rl.job.model import (build_tiny_tokenizer, choose_attention, compute_dtype, ensure_tiny_model,
                                 load_policy, load_tokenizer)
 
 

@@ -22,7 +22,7 @@ def test_nanochat_preset_composes_with_nanochats_values(make_config):
 
 @pytest.mark.slow
 def test_training_evaluations_compute_pass_at_k(make_config, tmp_path):
-    from finellama_rl.tracking import TB_DIR
+    from finellama_rl.job.tracking import TB_DIR
 
     cfg = make_config("model=tiny", "data=arithmetic", "hardware=cpu", "trainer=grpo", "eval.protocol=finellama",
                       "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=1", "trainer.num_generations=4",

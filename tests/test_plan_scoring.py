@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from finellama_rl.memory import GIB, QWEN2_5_SHAPES
+from finellama_rl.login.memory import GIB, QWEN2_5_SHAPES
 
 PRESETS = ["fast", "2gpu", "full", "judge_7b_14b", "dev_0p5b"]
 
@@ -17,7 +17,7 @@ def load(*overrides):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_validates_and_plans(preset, capsys):
     from finellama_rl.plan import main, plan
-    from finellama_rl.plan_scoring import scoring_parts
+    from finellama_rl.login.plan_scoring import scoring_parts
 
     cfg = load(f"experiment={preset}")
     assert cfg.trainer.rewards in (["reward_model"], ["judge"])
@@ -51,7 +51,7 @@ def test_preset_settings_the_seeds_describe():
 
 def test_judge_weights_match_the_seeds_figures():
     """The seed: a 14B judge takes about 28 GB in bf16 and about 14 GB in 8-bit."""
-    from finellama_rl.memory_scoring import ScoringInputs, scoring_weight_bytes
+    from finellama_rl.login.memory_scoring import ScoringInputs, scoring_weight_bytes
 
     shape = QWEN2_5_SHAPES["14B"]
     bf16 = scoring_weight_bytes(ScoringInputs(shape, "judge", "bf16", 2, 8, 1024, 8)) / 1e9
@@ -62,7 +62,7 @@ def test_judge_weights_match_the_seeds_figures():
 
 def test_scoring_model_is_additive_and_shrinks_the_policy_budget():
     from finellama_rl.plan import policy_budget_bytes
-    from finellama_rl.plan_scoring import per_gpu_bytes, scoring_parts, shared_bytes
+    from finellama_rl.login.plan_scoring import per_gpu_bytes, scoring_parts, shared_bytes
 
     with_judge = load("experiment=judge_7b_14b")
     parts = scoring_parts(with_judge)
@@ -99,7 +99,7 @@ def test_judge_on_h200_fits_and_not_on_an_a100_80_at_batch_8():
     the planner's 10% margin (`tight`; it read `NO` at 88.9 GiB while GRPO's logits were
     counted at full vocabulary, which TRL 1.16 never materialises)."""
     from finellama_rl.plan import rung0_peak_bytes
-    from finellama_rl.plan_scoring import batch_table
+    from finellama_rl.login.plan_scoring import batch_table
 
     table = batch_table(["experiment=judge_7b_14b"], [8], rung0_peak_bytes, profiles=["a100_80", "h200"])
     row = table.splitlines()[1].split()
@@ -112,10 +112,10 @@ def test_dev_0p5b_trains_its_128_sequences_in_micro_batches_of_16():
     activations without checkpointing (94.2 GiB in all), which no such figure allows."""
     from dataclasses import replace
 
-    from finellama_rl.memory import estimate_memory
+    from finellama_rl.login.memory import estimate_memory
     from finellama_rl.plan import memory_inputs, rung0_peak_bytes
-    from finellama_rl.plan_scoring import scoring_parts, shared_bytes
-    from finellama_rl.rungs import setting_of
+    from finellama_rl.login.plan_scoring import scoring_parts, shared_bytes
+    from finellama_rl.ladder.run_ladder import setting_of
 
     cfg = load("experiment=dev_0p5b")
     s = setting_of(cfg)
@@ -132,7 +132,7 @@ def test_dev_0p5b_trains_its_128_sequences_in_micro_batches_of_16():
 
 def test_parse_batches():
     from finellama_rl.config import ConfigError
-    from finellama_rl.plan_scoring import parse_batches
+    from finellama_rl.login.plan_scoring import parse_batches
 
     assert parse_batches(["a=1", "--batches", "8,16", "b=2"]) == (["a=1", "b=2"], [8, 16])
     assert parse_batches(["--batches=4"]) == ([], [4])

@@ -157,7 +157,7 @@ def test_two_steps_4bit_lora_log_every_metric_and_checkpoint_restores(make_confi
 def test_crash_and_resume_continue_exactly(make_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from finellama_rl.model import ensure_tiny_model
+    from finellama_rl.job.model import ensure_tiny_model
     from finellama_rl.train import EXIT_CRASH_TEST, run_training
 
     args = [*PPO, "trainer.max_steps=4", "trainer.save_every=2", "trainer.rewards=[digits]",

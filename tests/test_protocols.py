@@ -1,4 +1,4 @@
-"""finellama_rl.eval.protocols: prompts of each protocol (qwen_boxed is Qwen's own
+"""finellama_rl.task.protocols: prompts of each protocol (qwen_boxed is Qwen's own
 "qwen-boxed" template, byte for byte), SFT/few-shot targets that the protocol's own
 scorer credits, defaults, stop strings, and training prompts built the same way."""
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from finellama_rl.config import EvalConfig, EvalProtocol
-from finellama_rl.data import generate_arithmetic, with_prompts
-from finellama_rl.eval.protocols import (
+from finellama_rl.task.data import generate_arithmetic, with_prompts
+from finellama_rl.task.protocols import (
     QWEN_INSTRUCTION, eval_max_new_tokens, eval_shots, prompt_format, protocol_spec, render_prompt, select_shots,
     solution_steps, stop_strings, target_text,
 )
 from finellama_rl.rewards.rules import build_reward_funcs
-from finellama_rl.rewards.scoring import judge
+from finellama_rl.task.scoring import judge
 
 GSM8K_REFS = [
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
@@ -26,7 +26,7 @@ GSM8K_REFS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     from finellama_rl.compose import load_config
-    from finellama_rl.model import load_tokenizer
+    from finellama_rl.job.model import load_tokenizer
 
     return load_tokenizer(load_config(["experiment=smoke"]).model)
 

@@ -104,7 +104,7 @@ def test_parse_verdict():
 
 @pytest.fixture(scope="module")
 def tiny_folder():
-    from finellama_rl.model import ensure_tiny_model
+    from finellama_rl.job.model import ensure_tiny_model
 
     return ensure_tiny_model(compose().model)
 

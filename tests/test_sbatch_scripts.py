@@ -15,7 +15,7 @@ import pytest
 
 from finellama_rl.compose import load_config
 from finellama_rl.sbatch_scripts import SLURM_DIR, profiles, render_sbatch
-from finellama_rl.slurm import executor_params, sbatch_preview
+from finellama_rl.login.slurm import executor_params, sbatch_preview
 
 RESOURCE_KEYS = ("cpus-per-task", "mem", "time", "gpus-per-node", "partition", "constraint", "nodes", "ntasks-per-node")
 

@@ -1,4 +1,4 @@
-"""finellama_rl.rewards.scoring on 176 hand-labelled GSM8K completions in 30 styles
+"""finellama_rl.task.scoring on 176 hand-labelled GSM8K completions in 30 styles
 (tests/fixtures/gsm8k_completions.jsonl): every protocol's verdict on every completion.
 
 - lm_eval_gsm8k: the expected verdicts (and the text the harness keeps after its stop
@@ -17,10 +17,10 @@ import pytest
 
 from finellama_rl.config import EvalProtocol
 from finellama_rl.eval.core import score
-from finellama_rl.eval.protocols import prompt_format, protocol_spec, render_prompt, select_shots
-from finellama_rl.rewards import lm_eval
+from finellama_rl.task.protocols import prompt_format, protocol_spec, render_prompt, select_shots
+from finellama_rl.task import lm_eval
 from finellama_rl.rewards.rules import build_reward_funcs
-from finellama_rl.rewards.scoring import Scorer, cut_at_stop, judge
+from finellama_rl.task.scoring import Scorer, cut_at_stop, judge
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CASES = [json.loads(line) for line in (FIXTURES / "gsm8k_completions.jsonl").read_text().splitlines() if line.strip()]

@@ -87,7 +87,7 @@ def submit(env: Dict[str, str], results: Path, *overrides: str) -> Submitted:
 
 
 def states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
-    from finellama_rl.slurm import job_states
+    from finellama_rl.login.slurm import job_states
 
     return job_states(job_ids)
 

@@ -1,4 +1,4 @@
-"""Host-memory snapshots (finellama_rl/trainers/snapshot.py): a snapshot taken after a
+"""Host-memory snapshots (finellama_rl/job/snapshot.py): a snapshot taken after a
 step reuses the buffers of the one before the latest, never the latest's, and holds
 values, not references to live tensors."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from finellama_rl.trainers.snapshot import SnapshotHolder, host_copy, rng_state
+from finellama_rl.job.snapshot import SnapshotHolder, host_copy, rng_state
 
 
 def _live():

@@ -30,7 +30,7 @@ def read_scalars(folder):
 
 
 def test_tracking_none_opens_nothing(make_config, tmp_path):
-    from finellama_rl.tracking import open_tracker
+    from finellama_rl.job.tracking import open_tracker
 
     cfg = make_config(*TINY, *TRAINERS["grpo"])
     assert cfg.tracking.value == "none"  # the default

@@ -1,6 +1,6 @@
-"""Accuracy of a model on test problems under a named protocol (eval/protocols.py):
+"""Accuracy of a model on test problems under a named protocol (task/protocols.py):
 prompts, generation with explicit decoding and stop strings (eval/generation.py),
-scoring under every scorer (rewards/scoring.py) with the protocol's as primary,
+scoring under every scorer (task/scoring.py) with the protocol's as primary,
 Wilson 95% intervals, per-example records, and the eval document written as
 eval_results.json / eval_baseline.json / evals/*.json (schema 2, README.md).
 
@@ -18,14 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from finellama_rl.config import Config, eval_num_examples
 from finellama_rl.eval.generation import Completion, Decoding, Generated, eos_token_ids, model_generation_overrides
-from finellama_rl.eval.protocols import (
+from finellama_rl.task.protocols import (
     PromptFormat, eval_max_new_tokens, eval_shots, prompt_format, prompt_template_text, render_prompt,
     select_shots, stop_strings,
 )
 from finellama_rl.eval.schema import EVAL_SCHEMA_VERSION, headline
 from finellama_rl.eval.statistics import wilson_interval
-from finellama_rl.rewards.extraction import reference_answer
-from finellama_rl.rewards.scoring import ALL_SCORERS, SCORER_DESCRIPTIONS, Scorer, cut_at_stop, judge_all, scorer_versions
+from finellama_rl.task.extraction import reference_answer
+from finellama_rl.task.scoring import ALL_SCORERS, SCORER_DESCRIPTIONS, Scorer, cut_at_stop, judge_all, scorer_versions
 
 Problem = Dict[str, str]
 DEFAULT_BATCH_SIZE = 64  # eval.batch_size 0 (older configs) means this

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from finellama_rl.rewards.scoring import cut_at_stop
+from finellama_rl.task.scoring import cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], decoding: Dec
     import torch
     from tqdm import tqdm
 
-    from finellama_rl.ladder import is_oom_error
+    from finellama_rl.ladder.rungs import is_oom_error
 
     n = decoding.num_return_sequences
     stop_ids = eos_token_ids(model, tokenizer)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from finellama_rl.rewards.scoring import ALL_SCORERS, Scorer, cut_at_stop, judge_all
+from finellama_rl.task.scoring import ALL_SCORERS, Scorer, cut_at_stop, judge_all
 
 Problem = Dict[str, str]
 

@@ -56,7 +56,7 @@ def parse_verdict(text: str) -> Optional[bool]:
 
 def judge_source(j: JudgeConfig) -> str:
     """The folder or hub id the judge loads (its conf/model option's path, tiny build or hub id)."""
-    from finellama_rl.model import model_source
+    from finellama_rl.job.model import model_source
 
     if j.model is None:
         raise ConfigError("judge.model", "no judge model configured; choose one with model@judge.model=qwen2.5-14b")

@@ -89,7 +89,7 @@ class RewardModelSource:
     base_model: Optional[ModelConfig] = None  # the base the run trained (run; model.py builds a tiny one)
 
     def base_source(self) -> str:
-        from finellama_rl.model import model_source
+        from finellama_rl.job.model import model_source
 
         return model_source(self.base_model) if self.kind == "run" else self.weights
 

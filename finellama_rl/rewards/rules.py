@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Sequence
 
 from finellama_rl.config import EvalProtocol
-from finellama_rl.rewards.extraction import (  # noqa: F401 - re-exported
+from finellama_rl.task.extraction import (  # noqa: F401 - re-exported
     Extraction, extract_answer, extract_lenient, extract_strict, is_correct, normalize_number, reference_answer,
 )
 
@@ -61,7 +61,7 @@ def boxed_content(text: str) -> str | None:
 
 def has_answer_form(protocol: EvalProtocol, text: str) -> bool:
     """Whether `text` states a final answer the way `protocol` asks for it."""
-    from finellama_rl.rewards import lm_eval
+    from finellama_rl.task import lm_eval
 
     protocol = EvalProtocol(protocol)
     if protocol == EvalProtocol.qwen_boxed:
@@ -76,8 +76,8 @@ def has_answer_form(protocol: EvalProtocol, text: str) -> bool:
 
 def make_correctness_reward(protocol: EvalProtocol = LEGACY_PROTOCOL) -> RewardFunc:
     """The correctness reward of `protocol`: its primary scorer on the completion cut at its stops."""
-    from finellama_rl.eval.protocols import protocol_spec
-    from finellama_rl.rewards.scoring import cut_at_stop, judge
+    from finellama_rl.task.protocols import protocol_spec
+    from finellama_rl.task.scoring import cut_at_stop, judge
 
     spec = protocol_spec(protocol)
 
@@ -93,8 +93,8 @@ def make_correctness_reward(protocol: EvalProtocol = LEGACY_PROTOCOL) -> RewardF
 
 def make_format_reward(protocol: EvalProtocol = LEGACY_PROTOCOL) -> RewardFunc:
     """1.0 where the completion (cut at the protocol's stops) has the protocol's answer form."""
-    from finellama_rl.eval.protocols import protocol_spec
-    from finellama_rl.rewards.scoring import cut_at_stop
+    from finellama_rl.task.protocols import protocol_spec
+    from finellama_rl.task.scoring import cut_at_stop
 
     spec = protocol_spec(protocol)
 

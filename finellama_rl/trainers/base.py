@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from finellama_rl.config import Config
-from finellama_rl.monitor import TrainingMonitor
+from finellama_rl.job.monitor import TrainingMonitor
 from finellama_rl.results import RunPaths
 
 
@@ -33,10 +33,10 @@ class TrainContext:
     start_step: int = 0
     extra_state: Dict[str, Any] = field(default_factory=dict)  # written into finellama_state.json
     # OOM attribution: trainers wrap generation/scoring/training/optimizer phases in
-    # tracker.phase(...) and set tracker.step (finellama_rl/attempts.py).
+    # tracker.phase(...) and set tracker.step (finellama_rl/ladder/attempts.py).
     tracker: Any = field(default_factory=lambda: _new_tracker())
     # Host-memory snapshot after every global step, kept across ladder attempts
-    # (finellama_rl/trainers/snapshot.py): an OOM retries the failing step from it.
+    # (finellama_rl/job/snapshot.py): an OOM retries the failing step from it.
     snapshots: Any = field(default_factory=lambda: _new_holder())
 
 
@@ -48,8 +48,8 @@ def bare_context(cfg: Config, reward_funcs: Optional[List[Callable]] = None, res
     are written but not printed. The tiny model is built before seeding (building consumes RNG)."""
     import transformers
 
-    from finellama_rl.data import load_problems, with_prompts
-    from finellama_rl.model import ensure_tiny_model, load_policy, load_tokenizer
+    from finellama_rl.task.data import load_problems, with_prompts
+    from finellama_rl.job.model import ensure_tiny_model, load_policy, load_tokenizer
     from finellama_rl.rewards.rules import build_reward_funcs
 
     if cfg.model.tiny:
@@ -65,13 +65,13 @@ def bare_context(cfg: Config, reward_funcs: Optional[List[Callable]] = None, res
 
 
 def _new_tracker():
-    from finellama_rl.attempts import PhaseTracker
+    from finellama_rl.ladder.attempts import PhaseTracker
 
     return PhaseTracker()
 
 
 def _new_holder():
-    from finellama_rl.trainers.snapshot import SnapshotHolder
+    from finellama_rl.job.snapshot import SnapshotHolder
 
     return SnapshotHolder()
 

@@ -29,11 +29,11 @@ import logging
 from pathlib import Path
 from typing import Any, Dict
 
-from finellama_rl import distributed as dist
-from finellama_rl.adapters import after_trl_init
+from finellama_rl.job import distributed as dist
+from finellama_rl.job.adapters import after_trl_init
 from finellama_rl.checkpoint import checkpoint_dir, clear_staging, staging_root
 from finellama_rl.config import Config, Device
-from finellama_rl.ladder import Phase
+from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
 from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
@@ -171,7 +171,7 @@ def build_trainer(ctx: TrainContext):
         processing_class=ctx.tokenizer,
         callbacks=[callback],
     )
-    after_trl_init(trainer)  # a frozen model.adapter under ours stays active (finellama_rl/adapters.py)
+    after_trl_init(trainer)  # a frozen model.adapter under ours stays active (finellama_rl/job/adapters.py)
     trainer.cast_back_to_fp32 = keep_trainable_fp32(trainer.model)
     log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", trainer.cast_back_to_fp32)
     trainer.remove_callback(_printer_callback_type())

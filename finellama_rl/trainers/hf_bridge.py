@@ -20,11 +20,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from finellama_rl import distributed as dist
+from finellama_rl.job import distributed as dist
 from finellama_rl.checkpoint import commit_checkpoint
-from finellama_rl.ladder import Phase
+from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext
-from finellama_rl.trainers.snapshot import adapter_state, host_copy, rng_state
+from finellama_rl.job.snapshot import adapter_state, host_copy, rng_state
 
 log = logging.getLogger(__name__)
 

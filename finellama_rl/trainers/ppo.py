@@ -58,15 +58,15 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from finellama_rl import distributed as dist
+from finellama_rl.job import distributed as dist
 from finellama_rl.checkpoint import commit_checkpoint, read_state, staging_root
 from finellama_rl.config import Device, HardwareConfig, TrainerConfig
-from finellama_rl.ladder import Phase
+from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.ppo_core import entropy_from_logits, explained_variance, logprobs_from_logits
 from finellama_rl.trainers.ppo_core import policy_loss_terms, value_loss_terms
 from finellama_rl.trainers.ppo_rollout import Rollout, RolloutEnv, collect_rollout, rows_for_step, shard
-from finellama_rl.trainers.snapshot import (
+from finellama_rl.job.snapshot import (
     RNG_FILE, SCHEDULER_FILE, adapter_state, host_copy, load_optimizer, load_rng, load_scheduler, rng_state, save_rng,
     save_scheduler, set_rng_state,
 )

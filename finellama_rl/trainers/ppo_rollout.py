@@ -29,10 +29,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from finellama_rl import distributed as dist
+from finellama_rl.job import distributed as dist
 from finellama_rl.config import TrainerConfig
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
-from finellama_rl.ladder import Phase
+from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.ppo_core import (
     build_token_rewards, compute_gae, kl_k3, kl_per_token, logprobs_from_logits,
 )
@@ -47,7 +47,7 @@ class RolloutEnv:
     attribution, fault injection) and whether forwards run under bf16 autocast."""
 
     step: int = 0
-    tracker: Any = None  # finellama_rl.attempts.PhaseTracker
+    tracker: Any = None  # finellama_rl.ladder.attempts.PhaseTracker
     amp: bool = False
 
     def phase(self, name: str):

@@ -55,11 +55,11 @@ def _data_key(cfg: Config) -> Dict[str, Any]:
 def _load_policy_for_sampling(cfg: Config):
     from peft import PeftModel
 
-    from finellama_rl.model import load_base
+    from finellama_rl.job.model import load_base
 
     policy = load_base(cfg.model, cfg.trainer, cfg.hardware)
     if cfg.model.adapter:
-        from finellama_rl.adapters import resolve_adapter
+        from finellama_rl.job.adapters import resolve_adapter
 
         policy = PeftModel.from_pretrained(policy, str(resolve_adapter(cfg.model.adapter)), is_trainable=False)
     return policy.eval()
@@ -67,8 +67,8 @@ def _load_policy_for_sampling(cfg: Config):
 
 def labelled_data(cfg: Config, paths: RunPaths) -> Tuple[List[Example], List[Example]]:
     """(training, held-out) examples, from the cache when it was made with the same settings."""
-    from finellama_rl.data import load_problems
-    from finellama_rl.model import load_tokenizer
+    from finellama_rl.task.data import load_problems
+    from finellama_rl.job.model import load_tokenizer
 
     cache, key = paths.root / DATA_FILE, _data_key(cfg)
     if cache.is_file():
@@ -112,7 +112,7 @@ def build_reward_model(cfg: Config):
     """(model, tokenizer): reward_model.model as a 1-logit sequence classifier; 4-bit + LoRA + head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finellama_rl.model import compute_dtype, disable_cpu_repack, _quantization_config, model_source
+    from finellama_rl.job.model import compute_dtype, disable_cpu_repack, _quantization_config, model_source
 
     m, t = rm_base(cfg), cfg.trainer
     source, dtype = model_source(m), compute_dtype(cfg.hardware)

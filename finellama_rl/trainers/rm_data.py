@@ -70,7 +70,7 @@ def label_examples(protocol: EvalProtocol, candidates: Sequence[Tuple[str, str, 
 def build_candidates(problems: Sequence[Dict[str, str]], samples: Sequence[Sequence[str]], protocol: EvalProtocol,
                      corrupted_per_problem: int, include_reference: bool, seed: int) -> List[Tuple[str, str, str, str, int]]:
     """Samples, corrupted copies (of random samples, or of the reference) and references, per problem."""
-    from finellama_rl.eval.protocols import target_text
+    from finellama_rl.task.protocols import target_text
 
     rng = random.Random(seed)
     out = []
@@ -102,9 +102,9 @@ def balance(examples: List[Example], seed: int) -> List[Example]:
 
 def sample_completions(cfg: Config, policy, tokenizer, problems: Sequence[Dict[str, str]]) -> List[List[str]]:
     """trainer.rm.samples_per_problem completions per problem, sampled under the run's protocol prompt."""
-    from finellama_rl.data import build_prompt
+    from finellama_rl.task.data import build_prompt
     from finellama_rl.eval.generation import Decoding, generate_completions
-    from finellama_rl.eval.protocols import prompt_format, stop_strings
+    from finellama_rl.task.protocols import prompt_format, stop_strings
 
     t, r = cfg.trainer, cfg.trainer.rm
     fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)

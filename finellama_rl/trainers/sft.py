@@ -41,15 +41,15 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from finellama_rl import distributed as dist
-from finellama_rl.adapters import BEST_FILE
+from finellama_rl.job import distributed as dist
+from finellama_rl.job.adapters import BEST_FILE
 from finellama_rl.checkpoint import (
     checkpoint_dir,
     clear_staging,
     staging_root,
 )
 from finellama_rl.config import BestMetric, Config, Device
-from finellama_rl.ladder import Phase
+from finellama_rl.ladder.rungs import Phase
 from finellama_rl.results import atomic_write_json, read_json
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
@@ -70,8 +70,8 @@ METRIC_NAMES = {
 
 def sft_rows(train_rows: List[Dict[str, str]], protocol) -> List[Dict[str, str]]:
     """Prompt-completion rows: the run's prompt, and as target what a perfect model
-    writes under the evaluation protocol (eval/protocols.py target_text)."""
-    from finellama_rl.eval.protocols import target_text
+    writes under the evaluation protocol (task/protocols.py target_text)."""
+    from finellama_rl.task.protocols import target_text
 
     return [{"prompt": r["prompt"], "completion": target_text(protocol, r["answer"])} for r in train_rows]
 
@@ -150,9 +150,9 @@ class BestTracker:
 
 def eval_loss_rows(cfg: Config, tokenizer) -> List[Dict[str, str]]:
     """The test problems evaluation uses, as prompt-completion rows (for eval/loss)."""
-    from finellama_rl.data import load_problems, with_prompts
+    from finellama_rl.task.data import load_problems, with_prompts
     from finellama_rl.eval.core import select_problems
-    from finellama_rl.eval.protocols import prompt_format
+    from finellama_rl.task.protocols import prompt_format
 
     problems = select_problems(load_problems(cfg.data, "test"), cfg.eval.num_examples)
     fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)  # zero-shot, like the training prompts
@@ -216,7 +216,7 @@ def _callback(ctx: TrainContext, staging: Path, best: Optional[BestTracker], tra
 
 def restore_best(policy, best: BestTracker, checkpoints: Path) -> Optional[int]:
     """Load the best checkpoint's adapter into the live policy; returns its step."""
-    from finellama_rl.adapters import load_adapter_weights
+    from finellama_rl.job.adapters import load_adapter_weights
 
     if best.step is None or not checkpoint_dir(checkpoints, best.step).exists():
         log.warning("trainer.sft.keep_best: no evaluated checkpoint to restore; keeping the last weights")

@@ -91,7 +91,7 @@ class Critic:
         if self.mode == ValueHead.adapter:
             if not is_peft(policy):
                 raise ConfigError("trainer.ppo.value_head", "adapter needs trainer.lora.enabled=true; use shared for full fine-tuning")
-            from finellama_rl.model import lora_config
+            from finellama_rl.job.model import lora_config
 
             policy.add_adapter(VALUE_ADAPTER, lora_config(trainer))
             policy.base_model.set_adapter(POLICY_ADAPTER)

@@ -110,7 +110,7 @@ class ExperimentTracker:
 
 def open_tracker(cfg: Config, root: Path, start_step: int) -> Optional[ExperimentTracker]:
     """The run's tracker, or None for tracking=none (nothing imported, nothing written)."""
-    from finellama_rl import distributed
+    from finellama_rl.job import distributed
 
     if cfg.tracking == Tracking.none or not distributed.is_main():
         return None

@@ -3,7 +3,7 @@
 Why: an out-of-memory crash on a SLURM GPU node costs a day of queue time per
 resubmission. Instead of guessing a smaller batch by hand, the trainer walks a
 ladder of settings in-process (catch OOM -> free memory -> next rung), and the
-memory planner (``finellama_rl.memory.plan_rung``) picks the starting rung so
+memory planner (``finellama_rl.login.memory.plan_rung``) picks the starting rung so
 that the first attempt usually fits already.
 
 The ladder keeps the experiment's meaning for as long as possible:

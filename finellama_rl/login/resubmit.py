@@ -3,10 +3,10 @@ a training job ends (`--dependency=afterany:<job>`). If the job was killed for
 memory (state OUT_OF_MEMORY on the job or a step, or FAILED with an out-of-memory
 message it could not catch), the watchdog records the attempt in attempts.jsonl
 and resubmits training (plus a new watchdog); the new job starts at the next rung
-(finellama_rl.attempts.start_rung). Nothing keeps running on the login node.
+(finellama_rl.ladder.attempts.start_rung). Nothing keeps running on the login node.
 Resubmissions are bounded by ladder.max_resubmits.
 
-Submitted by finellama_rl.slurm.submit_watchdog; `finellama_rl.slurm.watch` runs on a compute
+Submitted by finellama_rl.login.slurm.submit_watchdog; `finellama_rl.login.slurm.watch` runs on a compute
 node and calls `decide_resubmit` here (this module never imports submitit).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from finellama_rl.attempts import close_attempt, current_attempt_path, record_attempt, start_rung
-from finellama_rl.rungs import ladder_for
+from finellama_rl.ladder.attempts import close_attempt, current_attempt_path, record_attempt, start_rung
+from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.results import RunPaths, append_jsonl, read_json_object, read_jsonl
 
 FINAL_WAIT_S = 120
@@ -84,7 +84,7 @@ def note(paths: RunPaths, event: str, **fields) -> None:
 def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> Tuple[Optional[object], str]:
     """After `job_id` ended: (config to resubmit, message) if it died for memory and
     a rung and a resubmission are left, else (None, why not). Records the attempt.
-    The submission itself is finellama_rl.slurm.watch's job (this module never submits)."""
+    The submission itself is finellama_rl.login.slurm.watch's job (this module never submits)."""
     from finellama_rl.compose import load_config
 
     cfg = load_config(argv)

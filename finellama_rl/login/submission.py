@@ -45,7 +45,7 @@ class Submission:
 
     def submit(self, r) -> List[str]:
         """Submit one run (and its watchdog), record both in the ledger; a table row."""
-        from finellama_rl import slurm
+        from finellama_rl.login import slurm
 
         cfg, argv = r.cfg, r.train_argv()
         self._make_dirs(Path(cfg.run.dir))
@@ -74,7 +74,7 @@ class Submission:
         return False
 
     def rollback(self) -> None:
-        from finellama_rl import slurm
+        from finellama_rl.login import slurm
 
         slurm.cancel(self.job_ids)
         for path, before in self.ledgers.items():

@@ -15,7 +15,7 @@ Completions are cut at the protocol's stop strings before any scorer sees them
 (`cut_at_stop`): a completion that runs on into an invented next question is
 scored on what it answered, not on the invented one.
 
-    from finellama_rl.rewards.scoring import Scorer, judge
+    from finellama_rl.task.scoring import Scorer, judge
     judge(Scorer.math_verify, "... \\\\boxed{72}", "... #### 72").correct   # True
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, Optional, Sequence, Tuple
 
-from finellama_rl.rewards import lm_eval
-from finellama_rl.rewards.extraction import extract_lenient, extract_strict, is_correct, reference_answer
+from finellama_rl.task import lm_eval
+from finellama_rl.task.extraction import extract_lenient, extract_strict, is_correct, reference_answer
 
 
 class Scorer(str, Enum):
@@ -77,7 +77,7 @@ def judge(scorer: Scorer, completion: str, solution: str) -> Verdict:
                        lm_eval.extracted_answer(completion, flexible))
     reference = reference_answer(solution)
     if scorer == Scorer.math_verify:
-        from finellama_rl.rewards.math_verify_scorer import verify_answer
+        from finellama_rl.task.math_verify_scorer import verify_answer
 
         ok, extracted = verify_answer(completion, reference)
         return Verdict(ok, extracted)
@@ -96,6 +96,6 @@ def judge_all(completion: str, solution: str, scorers: Sequence[Scorer] = ALL_SC
 
 def scorer_versions() -> Dict[str, Optional[str]]:
     """Versions of what scores: math-verify and its stack, and the lm-eval release reproduced."""
-    from finellama_rl.rewards.math_verify_scorer import versions
+    from finellama_rl.task.math_verify_scorer import versions
 
     return {**versions(), "lm-eval (reproduced, not imported)": lm_eval.LM_EVAL_VERSION}

@@ -4,7 +4,7 @@ Why: each OOM on a SLURM node costs a resubmission and a day of queue time. From
 config values only (model shape, batch/length setting, LoRA, quantization) this
 module predicts the peak bytes of one PPO or GRPO step with a 4-bit (NF4, double
 quant) or 16-bit base plus LoRA, broken down by component, and ``plan_rung``
-picks the first rung of the OOM ladder (``finellama_rl.ladder``) predicted to fit.
+picks the first rung of the OOM ladder (``finellama_rl.ladder.rungs``) predicted to fit.
 
 Phase model (the key assumption): a step has a generation phase (sampling with a
 KV cache, no grad) and a training phase (forward + backward of one micro batch).
@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from finellama_rl.ladder import Rung, Setting
+from finellama_rl.ladder.rungs import Rung, Setting
 
 __all__ = [
     "ModelShape", "MemoryInputs", "MemoryEstimate", "QWEN2_5_SHAPES", "LORA_TARGETS",

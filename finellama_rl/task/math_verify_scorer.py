@@ -4,7 +4,7 @@ maintained library, not more regexes): the final answer is extracted from
 phrases or, failing those, the last number, and compared with the reference
 by value (0.75 = 3/4 = 75%, 18.00 = 18).
 
-    from finellama_rl.rewards.math_verify_scorer import verify_answer
+    from finellama_rl.task.math_verify_scorer import verify_answer
     verify_answer("... so the total is \\boxed{72}.", "72")   # (True, "72")
 
 Traps handled here:

@@ -50,7 +50,7 @@ def _tiny_key(m: ModelConfig) -> str:
 
 def _tiny_corpus() -> Iterable[str]:
     from finellama_rl.config import DataConfig
-    from finellama_rl.data import generate_arithmetic
+    from finellama_rl.task.data import generate_arithmetic
 
     system = DataConfig.system_prompt
     for p in generate_arithmetic(3000, seed=7, max_operand=99):
@@ -205,7 +205,7 @@ def lora_config(t: TrainerConfig):
 
 def load_policy(m: ModelConfig, t: TrainerConfig, hardware: HardwareConfig, adapter_dir: Optional[str] = None):
     """Base + LoRA (a fresh adapter, or the one saved in `adapter_dir`); with
-    model.adapter, that adapter frozen underneath (finellama_rl/adapters.py)."""
+    model.adapter, that adapter frozen underneath (finellama_rl/job/adapters.py)."""
     model = load_base(m, t, hardware)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -220,8 +220,8 @@ def load_policy(m: ModelConfig, t: TrainerConfig, hardware: HardwareConfig, adap
         # its gradients anyway and the embedding-output grads cost 4-9% of backward time
         # (tests/test_model.py checks the gradients are identical).
         model.enable_input_require_grads()
-    if m.adapter:  # a frozen trained adapter (e.g. SFT) under the trainable one: finellama_rl/adapters.py
-        from finellama_rl.adapters import FROZEN, resolve_adapter, stack_adapters
+    if m.adapter:  # a frozen trained adapter (e.g. SFT) under the trainable one: finellama_rl/job/adapters.py
+        from finellama_rl.job.adapters import FROZEN, resolve_adapter, stack_adapters
 
         inside = Path(adapter_dir) / FROZEN if adapter_dir else None  # a checkpoint of such a run holds both
         frozen = inside if inside is not None and inside.is_dir() else resolve_adapter(m.adapter)

@@ -103,7 +103,7 @@ def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) 
         raise ConfigError("run.results_dir", f"{exc}; set run.results_dir=<a writable folder>") from None
     check_model(cfg)
     if cfg.model.adapter:  # RL from a trained adapter: the run folder or checkpoint must hold one
-        from finellama_rl.adapters import resolve_adapter
+        from finellama_rl.job.adapters import resolve_adapter
 
         resolve_adapter(cfg.model.adapter)
     check_data(cfg)

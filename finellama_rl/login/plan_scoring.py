@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Config, ConfigError, Device, ModelConfig, scoring_sources, world_size
-from finellama_rl.memory import GIB, ModelShape
-from finellama_rl.memory_scoring import ScoringInputs, scoring_bytes
+from finellama_rl.login.memory import GIB, ModelShape
+from finellama_rl.login.memory_scoring import ScoringInputs, scoring_bytes
 
 
 @dataclass(frozen=True)

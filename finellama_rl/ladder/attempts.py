@@ -1,9 +1,9 @@
 """The job side of the OOM ladder: attempts.jsonl (one line per attempt, with the
 phase an out-of-memory happened in), the rung an attempt starts at, the phase
 tracker the trainers report to, and deterministic fault injection so the ladder is
-exercised on CPU. The ladder of a config is in rungs.py, the fit memory in fitmem.py.
+exercised on CPU. The ladder of a config is in ladder/run_ladder.py, the fit memory in fitmem.py.
 
-Used by finellama_rl.train (in-process ladder) and finellama_rl.resubmit
+Used by finellama_rl.train (in-process ladder) and finellama_rl.login.resubmit
 (scheduler-level ladder). No torch at import.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 from typing import Any, Dict, Iterator, List, Optional
 
 from finellama_rl.config import Config
-from finellama_rl.ladder import Phase, Rung, fit_generation_batch, step_down
+from finellama_rl.ladder.rungs import Phase, Rung, fit_generation_batch, step_down
 from finellama_rl.results import RunPaths, append_jsonl, read_jsonl
 
 OOM_OUTCOMES = ("oom", "oom_killed")

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import List
 
 from finellama_rl.config import Algo, Config, world_size
-from finellama_rl.ladder import Rung, Setting, build_ladder
+from finellama_rl.ladder.rungs import Rung, Setting, build_ladder
 
 
 def setting_of(cfg: Config) -> Setting:

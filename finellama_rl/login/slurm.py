@@ -103,7 +103,7 @@ def executor_params(cfg: Config) -> Dict[str, Any]:
 
 def train_command(argv: List[str], gpus: int) -> List[str]:
     """The training process. With several GPUs it supervises one torchrun rank per GPU
-    itself (finellama_rl.distributed: it restarts the ranks at the next OOM rung and
+    itself (finellama_rl.job.distributed: it restarts the ranks at the next OOM rung and
     passes USR2/TERM on as a stop request), so signals reach it, not torchrun."""
     return [sys.executable, "-m", "finellama_rl.train", *argv]
 
@@ -353,7 +353,7 @@ def cancel(job_ids: List[str]) -> None:
 
 def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_done: int) -> submitit.Job:
     """A 1-CPU job that runs after `train_job_id` ends and resubmits it at the next
-    ladder rung if it was killed for memory (finellama_rl.slurm.watch)."""
+    ladder rung if it was killed for memory (finellama_rl.login.slurm.watch)."""
     s = cfg.hardware.slurm
     executor = Executor(folder=str(Path(cfg.run.dir) / "logs" / "watch"), max_num_timeout=0)
     params: Dict[str, Any] = {"job_name": job_name(cfg, "flw"), "nodes": 1, "ntasks_per_node": 1,
@@ -372,8 +372,8 @@ def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_d
 
 def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> str:
     """The watchdog job: runs after `job_id` ended; resubmits training (and a new
-    watchdog) at the next rung if it died for memory (finellama_rl.resubmit)."""
-    from finellama_rl.resubmit import decide_resubmit, note
+    watchdog) at the next rung if it died for memory (finellama_rl.login.resubmit)."""
+    from finellama_rl.login.resubmit import decide_resubmit, note
     from finellama_rl.results import RunPaths
 
     cfg, message = decide_resubmit(argv, run_dir, job_id, resubmits_done)

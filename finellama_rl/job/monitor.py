@@ -57,7 +57,7 @@ class TrainingMonitor:
         # Callables (steps since the last line) -> extra metrics for each line, e.g. the
         # scoring time and memory of model-backed reward sources (rewards/sources.py).
         self.metric_sources: list[Callable[[int], Dict[str, float]]] = []
-        # TensorBoard / W&B (finellama_rl/tracking.py); None with tracking=none.
+        # TensorBoard / W&B (finellama_rl/job/tracking.py); None with tracking=none.
         self.experiment_tracker = None
 
     def request_stop(self, reason: str) -> None:
@@ -69,7 +69,7 @@ class TrainingMonitor:
         return (self._last_log_time - self._t0) / done if done > 0 else float("nan")
 
     def log(self, step: int, metrics: Dict[str, float], tokens: Optional[float] = None) -> Dict[str, float]:
-        from finellama_rl import distributed
+        from finellama_rl.job import distributed
 
         now = time.monotonic()
         steps = max(1, step - self._last_log_step)
@@ -118,14 +118,14 @@ class TrainingMonitor:
         return Decision(save=scheduled, evaluate=evaluate, stop=False)
 
     def _stop_file(self) -> bool:
-        from finellama_rl import distributed
+        from finellama_rl.job import distributed
 
         return distributed.world() > 1 and distributed.stop_requested(self.paths.logs)
 
     @staticmethod
     def _agreed(*flags: bool) -> tuple:
         """Each flag true if it is true on any rank (one all-reduce; local in one process)."""
-        from finellama_rl import distributed
+        from finellama_rl.job import distributed
 
         if not distributed.initialized():
             return flags

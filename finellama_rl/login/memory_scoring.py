@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict
 
-from finellama_rl.memory import NF4_BYTES_DOUBLE_QUANT, ModelShape, _embedding_params, _linear_dims, _linear_params
+from finellama_rl.login.memory import NF4_BYTES_DOUBLE_QUANT, ModelShape, _embedding_params, _linear_dims, _linear_params
 
 PRECISION_BYTES = {"bf16": 2, "fp32": 4}
 CONTEXT_BYTES = 768 * 1024 ** 2  # CUDA context of a GPU the scorer has to itself (as memory.py)

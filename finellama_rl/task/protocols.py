@@ -12,12 +12,12 @@ evaluation credits, and a number can be put next to the source it names.
   5 shots "Question: <q>\\nAnswer: <solution>" separated by blank lines, shots drawn
   like the harness (random.Random(1234), five per test problem in order), stops at
   "Question:", "</s>", "<|im_end|>" and eos; primary score strict-match, with
-  flexible-extract recorded (rewards/lm_eval.py).
+  flexible-extract recorded (task/lm_eval.py).
 - finellama: this project's first protocol (schema-1 eval files): data.system_prompt
   asking for "#### <number>", chat template, zero-shot; primary score strict; now
   also stops at "\nQuestion:" (schema 1 had no stop strings).
 
-Every scorer (rewards/scoring.py) is computed on every evaluation, so variants stay
+Every scorer (task/scoring.py) is computed on every evaluation, so variants stay
 comparable; `primary` names the headline one.
 
 For SFT and few-shot prompts, `target_text(protocol, solution)` is the text a perfect
@@ -35,9 +35,9 @@ from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import EvalConfig, EvalProtocol
-from finellama_rl.rewards import lm_eval
-from finellama_rl.rewards.extraction import reference_answer
-from finellama_rl.rewards.scoring import Scorer
+from finellama_rl.task import lm_eval
+from finellama_rl.task.extraction import reference_answer
+from finellama_rl.task.scoring import Scorer
 
 Problem = Dict[str, str]
 

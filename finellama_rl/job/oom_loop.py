@@ -5,9 +5,9 @@ optimizer, evaluation) is recorded in attempts.jsonl with its phase; the model i
 freed, the ladder steps down the knob of that phase (ladder.step_down: the
 generation batch after a generation OOM, the micro batch otherwise) and training
 continues in this same process from the host-memory snapshot of the last finished
-step (trainers/snapshot.py): no requeue, no queue time lost, no step redone. With
+step (job/snapshot.py): no requeue, no queue time lost, no step redone. With
 several ranks the rank that ran out records the attempt, writes the snapshot and
-exits EXIT_OOM_RETRY; the supervisor (finellama_rl.distributed) starts every rank
+exits EXIT_OOM_RETRY; the supervisor (finellama_rl.job.distributed) starts every rank
 again, and they all read the same attempts.jsonl and step down together.
 
 Used by finellama_rl.train.run_ladder, which prepares the run folder and passes the
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from finellama_rl.config import Config
-from finellama_rl.ladder import Rung
+from finellama_rl.ladder.rungs import Rung
 from finellama_rl.results import RunPaths
 
 log = logging.getLogger("finellama_rl")
@@ -36,7 +36,7 @@ class AttemptRun:
     attempts) and the attempt's phase tracker (set once the model is loaded)."""
 
     def __init__(self, snapshots=None):
-        from finellama_rl.trainers.snapshot import SnapshotHolder
+        from finellama_rl.job.snapshot import SnapshotHolder
 
         self.snapshots = snapshots if snapshots is not None else SnapshotHolder()
         self.tracker = None
@@ -46,10 +46,10 @@ def _after_oom(paths: RunPaths, ladder: List[Rung], rung: Rung, run: AttemptRun,
                fields: Dict[str, Any], attempt_no: int) -> Optional[Rung]:
     """Record an out-of-memory (with its phase) and write the snapshot; returns the rung to
     retry at. With several ranks this process exits instead (the supervisor restarts all)."""
-    from finellama_rl import distributed as dist
-    from finellama_rl.attempts import close_attempt, phase_of, record_attempt
+    from finellama_rl.job import distributed as dist
+    from finellama_rl.ladder.attempts import close_attempt, phase_of, record_attempt
     from finellama_rl.checkpoint import latest_checkpoint, step_of
-    from finellama_rl.ladder import step_down
+    from finellama_rl.ladder.rungs import step_down
 
     phase = phase_of(exc, run.tracker)
     traceback.clear_frames(exc.__traceback__)  # drop the frames that hold the model
@@ -80,13 +80,13 @@ class AttemptHooks:
 
 def run_attempts(cfg: Config, paths: RunPaths, ladder: List[Rung], hooks: AttemptHooks) -> int:
     """Attempts from start_point down the ladder; returns the exit code of the one that ended."""
-    from finellama_rl import distributed as dist
-    from finellama_rl.attempts import (close_attempt, format_attempts, open_attempt, read_attempts, record_attempt,
+    from finellama_rl.job import distributed as dist
+    from finellama_rl.ladder.attempts import (close_attempt, format_attempts, open_attempt, read_attempts, record_attempt,
                                        start_point)
     from finellama_rl.fitmem import remember_fit
-    from finellama_rl.ladder import format_ladder, is_oom_error
-    from finellama_rl.rungs import config_at
-    from finellama_rl.trainers.snapshot import SnapshotHolder
+    from finellama_rl.ladder.rungs import format_ladder, is_oom_error
+    from finellama_rl.ladder.run_ladder import config_at
+    from finellama_rl.job.snapshot import SnapshotHolder
 
     main = dist.is_main()
     rung = first = start_point(cfg, paths, ladder)

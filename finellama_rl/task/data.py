@@ -3,10 +3,10 @@ synthetic task of GSM8K-format word problems that needs no download.
 
 Every problem is a dict {question, answer} where answer is a GSM8K-style solution
 ending in `#### <number>`. Prompts are built under the run's evaluation protocol
-(eval.protocol; templates in eval/protocols.py), so training and evaluation see
+(eval.protocol; templates in task/protocols.py), so training and evaluation see
 exactly the same text.
 
-    from finellama_rl.data import load_problems
+    from finellama_rl.task.data import load_problems
     train = load_problems(cfg.data, "train")
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 from finellama_rl.config import ConfigError, DataConfig, DataSource
 
 if TYPE_CHECKING:
-    from finellama_rl.eval.protocols import PromptFormat
+    from finellama_rl.task.protocols import PromptFormat
 
 Problem = Dict[str, str]
 
@@ -123,15 +123,15 @@ def load_problems(cfg: DataConfig, split: str) -> List[Problem]:
 def as_prompt_format(fmt: Union["PromptFormat", str]) -> "PromptFormat":
     """A PromptFormat; a plain string is taken as the finellama protocol's system prompt (older callers)."""
     from finellama_rl.config import EvalProtocol
-    from finellama_rl.eval.protocols import prompt_format
+    from finellama_rl.task.protocols import prompt_format
 
     return prompt_format(EvalProtocol.finellama, fmt) if isinstance(fmt, str) else fmt
 
 
 def build_prompt(tokenizer, fmt: Union["PromptFormat", str], question: str, shots: Sequence[Problem] = ()) -> str:
-    """The exact prompt text of a question under a protocol (eval/protocols.py render_prompt):
+    """The exact prompt text of a question under a protocol (task/protocols.py render_prompt):
     chat template with the generation prompt for qwen_boxed/finellama, plain text for lm_eval_gsm8k."""
-    from finellama_rl.eval.protocols import render_prompt
+    from finellama_rl.task.protocols import render_prompt
 
     return render_prompt(tokenizer, as_prompt_format(fmt), question, shots)
 

@@ -1,0 +1,1 @@
+"""The job side: the machinery a training job runs on a compute node; see docs/ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""The OOM ladder's shared pieces; see docs/ARCHITECTURE.md."""
