@@ -6,11 +6,16 @@ naming the key and the valid choices, with exit code 2, before any model is load
 or job submitted. Sweeps (`-m trainer=ppo,grpo`) are expanded here with Hydra's own
 override grammar, one override list per run.
 
+Composition also owns what is derived from the composed values: the GPU split between
+training processes and scoring models (`derive_processes`), the run's name, sweep and
+folder (`resolve`, `default_run_name`), and the YAML a run folder keeps (`config_yaml`).
+
 Entry points call `load_config(overrides)` and wrap `main()` in `cli_main`.
 """
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import difflib
 import itertools
 import os
@@ -21,15 +26,12 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, ConfigError, derive_grad_accum, derive_processes, register_configs, resolve
+from finellama_rl.config import Algo, Config, Device, derive_grad_accum, register_configs, scoring_gpus
+from finellama_rl.errors import ConfigError, FinellamaError, UsageError, exit_code
 from finellama_rl.validation import validate, validate_run_paths
 
 CONF_DIR = Path(os.environ.get("FINELLAMA_CONF", Path(__file__).resolve().parent.parent / "conf"))
 GROUPS = ("model", "trainer", "hardware", "data", "experiment")
-
-
-class UsageError(ValueError):
-    """Bad command-line usage (exit 2)."""
 
 
 def _schema_at(path: Sequence[str]):
@@ -219,6 +221,56 @@ def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolv
         validate_run_paths(cfg.run)
     return cfg
 
+# ---------------------------------------------------------------- derived values and naming (composition owns them)
+
+
+def derive_processes(cfg: "Config") -> "Config":
+    """How a node's GPUs are split: training processes use GPUs 0..P-1 (torchrun ranks), scoring
+    models that name a GPU (reward_model.gpu, judge.gpu) take the GPUs they name. When
+    hardware.processes is unset on cuda, P = gpus_per_node minus the distinct GPUs named by
+    scoring models (at least 1), e.g. 2 GPUs with reward_model.gpu=1: one training process on
+    GPU 0, the reward model on GPU 1; trainer=rm runs one process. validation checks that no named GPU is a training rank's
+    (unless P is 1 and it names GPU 0, the same GPU). Pure: returns a copy."""
+    hw = cfg.hardware
+    named = set(scoring_gpus(cfg).values())
+    if hw.processes is not None or hw.device != Device.cuda:
+        return cfg
+    if cfg.trainer.algo == Algo.rm:  # trains one reward model in one process
+        return replace(cfg, hardware=replace(hw, processes=1))
+    if not named:
+        return cfg
+    processes = max(1, hw.gpus_per_node - len(named))
+    return replace(cfg, hardware=replace(hw, processes=processes))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
+
+
+def default_run_name(cfg: Config, extra: List[str] = ()) -> str:
+    parts = [cfg.trainer.algo.value, cfg.model.name, cfg.hardware.name, *extra]
+    return slug("-".join(parts))
+
+
+def resolve(cfg: Config, extra_name_parts: List[str] = (), now: Optional[_dt.datetime] = None) -> Config:
+    """Fill the derived fields (grad_accum, run name/sweep/dir). Pure: returns a copy."""
+    cfg = derive_processes(cfg)  # before grad_accum: it divides by the training processes
+    # A user-typed grad_accum is kept so validate() can reject it when it disagrees.
+    grad_accum = cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)
+    trainer = replace(cfg.trainer, grad_accum=grad_accum)
+    sweep = cfg.run.sweep or (now or _dt.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
+    name = cfg.run.name or default_run_name(cfg, list(extra_name_parts))
+    run_dir = os.path.abspath(cfg.run.dir or f"{cfg.run.results_dir}/{sweep}/{name}")
+    return replace(cfg, trainer=trainer, run=replace(cfg.run, sweep=sweep, name=name, dir=run_dir))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as the YAML a run folder keeps (config.yaml)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 
 def expand_sweep(overrides: Sequence[str]) -> List[Tuple[List[str], List[str]]]:
     """Cartesian product of sweep overrides (`a=1,2 b=x,y`).
@@ -272,11 +324,12 @@ def split_argv(argv: Sequence[str]) -> Tuple[bool, List[str]]:
 
 
 def cli_main(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
-    """Run an entry point; user errors print one line and exit 2."""
+    """Run an entry point; the project's errors (finellama_rl.errors) print one line and
+    exit with their code (2 for bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = main(args)
-    except (ConfigError, UsageError) as exc:
+    except FinellamaError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_code(exc))
     sys.exit(code or 0)

@@ -1,35 +1,27 @@
-"""The whole run schema: typed dataclasses, their Hydra registration, derived values
-and validation.
+"""The whole run schema: typed dataclasses (every field documented under it), the
+closed choices as `str` Enums, their Hydra registration, and small pure queries on the
+schema (`world_size`, `sequences_per_step`, `derive_grad_accum`, `sft_max_steps`, ...).
 
 Hydra composes `conf/` on top of the `schema` node registered here, so a misspelled
 key or a wrong type fails at composition. The result becomes a `Config` dataclass
-exactly once, in `load_config()`; below that no code sees a DictConfig. Cross-field
-rules live in `validate()` (not `__post_init__`, which OmegaConf runs on the schema's
-`???` defaults), and every failure is a `ConfigError` naming the key and the fix,
+exactly once, in `compose.load_config()`; below that no code sees a DictConfig.
+Composition (compose.py) fills the derived fields and names the run; cross-field rules
+live in validation.py (not `__post_init__`, which OmegaConf runs on the schema's `???`
+defaults), and every failure is a `ConfigError` (errors.py) naming the key and the fix,
 which the entry points turn into a short message and exit code 2.
 
 Used by every entry point, e.g. `python -m finellama_rl.launch experiment=smoke`.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import os
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A bad user setting: `key` names it, the message says what to set instead."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
+from finellama_rl.errors import ConfigError
 
 
 class Algo(str, Enum):
@@ -559,7 +551,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-# ---------------------------------------------------------------- derived values
+# ---------------------------------------------------------------- queries on the schema (pure)
 
 
 def world_size(hardware: HardwareConfig) -> int:
@@ -585,23 +577,6 @@ def scoring_gpus(cfg: "Config") -> Dict[str, int]:
     return {name: gpu for name, gpu in named.items() if gpu is not None}
 
 
-def derive_processes(cfg: "Config") -> "Config":
-    """How a node's GPUs are split: training processes use GPUs 0..P-1 (torchrun ranks), scoring
-    models that name a GPU (reward_model.gpu, judge.gpu) take the GPUs they name. When
-    hardware.processes is unset on cuda, P = gpus_per_node minus the distinct GPUs named by
-    scoring models (at least 1), e.g. 2 GPUs with reward_model.gpu=1: one training process on
-    GPU 0, the reward model on GPU 1; trainer=rm runs one process. validation checks that no named GPU is a training rank's
-    (unless P is 1 and it names GPU 0, the same GPU). Pure: returns a copy."""
-    hw = cfg.hardware
-    named = set(scoring_gpus(cfg).values())
-    if hw.processes is not None or hw.device != Device.cuda:
-        return cfg
-    if cfg.trainer.algo == Algo.rm:  # trains one reward model in one process
-        return replace(cfg, hardware=replace(hw, processes=1))
-    if not named:
-        return cfg
-    processes = max(1, hw.gpus_per_node - len(named))
-    return replace(cfg, hardware=replace(hw, processes=processes))
 
 
 def sequences_per_step(trainer: TrainerConfig) -> int:
@@ -623,25 +598,10 @@ def sft_max_steps(trainer: TrainerConfig, num_examples: int) -> int:
     return max(1, math.ceil(trainer.sft.epochs * num_examples / trainer.prompts_per_step))
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
 
 
-def default_run_name(cfg: Config, extra: List[str] = ()) -> str:
-    parts = [cfg.trainer.algo.value, cfg.model.name, cfg.hardware.name, *extra]
-    return slug("-".join(parts))
 
 
-def resolve(cfg: Config, extra_name_parts: List[str] = (), now: Optional[_dt.datetime] = None) -> Config:
-    """Fill the derived fields (grad_accum, run name/sweep/dir). Pure: returns a copy."""
-    cfg = derive_processes(cfg)  # before grad_accum: it divides by the training processes
-    # A user-typed grad_accum is kept so validate() can reject it when it disagrees.
-    grad_accum = cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)
-    trainer = replace(cfg.trainer, grad_accum=grad_accum)
-    sweep = cfg.run.sweep or (now or _dt.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
-    name = cfg.run.name or default_run_name(cfg, list(extra_name_parts))
-    run_dir = os.path.abspath(cfg.run.dir or f"{cfg.run.results_dir}/{sweep}/{name}")
-    return replace(cfg, trainer=trainer, run=replace(cfg.run, sweep=sweep, name=name, dir=run_dir))
 
 
 def eval_num_examples(value: str) -> Optional[int]:

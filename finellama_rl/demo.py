@@ -32,7 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from finellama_rl.compose import UsageError, expand_sweep, load_config, split_argv
+from finellama_rl.compose import expand_sweep, load_config, split_argv
+from finellama_rl.errors import UsageError
 from finellama_rl.config import Config, RunConfig
 
 log = logging.getLogger("finellama_rl")
@@ -71,7 +72,7 @@ def sft_config(shared: Sequence[str]) -> Config:
 def cache_key(cfg: Config) -> str:
     """Everything that changes the SFT adapter: config (without run folders), library
     versions, and the source of the modules that build the data, model and SFT."""
-    from finellama_rl.train import config_yaml
+    from finellama_rl.compose import config_yaml
 
     here = Path(__file__).resolve().parent
     parts: Dict[str, Any] = {

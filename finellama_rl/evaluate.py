@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, ConfigError, EvalConfig, EvalProtocol, eval_num_examples
+from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examples
+from finellama_rl.errors import ConfigError
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
 from finellama_rl.validation import validate
 
@@ -52,7 +53,7 @@ class Target:
 
 def parse_cli(argv: Sequence[str]) -> Tuple[Path, str, List[str]]:
     """(run folder, checkpoint choice, config overrides) from key=value arguments."""
-    from finellama_rl.compose import UsageError
+    from finellama_rl.errors import UsageError
 
     values: Dict[str, str] = {}
     overrides: List[str] = []

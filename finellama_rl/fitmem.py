@@ -176,7 +176,8 @@ def describe(cfg: Config, ladder: List[Rung], path: Optional[Path] = None) -> st
 
 
 def main(argv: List[str]) -> int:
-    from finellama_rl.compose import UsageError, load_config
+    from finellama_rl.compose import load_config
+    from finellama_rl.errors import UsageError
 
     clear = "--clear" in argv
     rest = [a for a in argv if a != "--clear"]

@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from finellama_rl.eval import schema as eval_schema
 from finellama_rl.results import atomic_write_json, read_json
+from finellama_rl.errors import IndexDamaged, IndexOutdated
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ INDEX_SCHEMA_VERSION = 2  # 1: before eval protocols (strict/lenient only)
 INDEX_KIND = "finellama_rl/eval_index"
 LOCK_TIMEOUT_S = 300.0
 REQUIRED_KEYS = ("run", "step", "accuracy", "n", "path")
-
-
-class IndexDamaged(ValueError):
-    """The index file exists but is not a valid index (bad JSON or wrong schema)."""
-
-
-class IndexOutdated(IndexDamaged):
-    """A valid index of an older schema: rebuilt from the run folders, not an error."""
 
 
 def index_path(root: Path) -> Path:

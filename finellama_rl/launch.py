@@ -26,8 +26,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.compose import UsageError, expand_sweep, hydra_quote, load_config, split_argv
-from finellama_rl.config import Config, ConfigError, Device, Launcher
+from finellama_rl.compose import expand_sweep, hydra_quote, load_config, split_argv
+from finellama_rl.errors import UsageError
+from finellama_rl.config import Config, Device, Launcher
+from finellama_rl.errors import ConfigError
 
 LAUNCH_ONLY_KEYS = ("dry_run", "launcher")
 

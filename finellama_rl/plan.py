@@ -15,7 +15,8 @@ from typing import List, Tuple
 from finellama_rl.fitmem import describe as describe_fit_memory, remembered
 from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.compose import CONF_DIR, load_config, split_argv
-from finellama_rl.config import Algo, Config, ConfigError, Device, world_size
+from finellama_rl.config import Algo, Config, Device, world_size
+from finellama_rl.errors import ConfigError
 from finellama_rl.ladder.rungs import Rung, Setting
 from finellama_rl.login.memory import GIB, MemoryEstimate, MemoryInputs, ModelShape, estimate_memory, format_estimate, plan_rung
 from finellama_rl.login.plan_scoring import batch_table, format_parts, parse_batches, scoring_parts, shared_bytes

@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from finellama_rl.eval.compare import EvalView, paired, why_not_paired
 from finellama_rl.eval.statistics import format_interval, format_p
 from finellama_rl.job.monitor import format_duration
-from finellama_rl.results import (RunConfigUnreadable, RunPaths, atomic_output, iter_run_dirs,
-                                  number_or_none, read_json_object, read_jsonl, read_run_config_data, warn)
+from finellama_rl.results import RunPaths, atomic_output, iter_run_dirs, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
+from finellama_rl.errors import RunConfigUnreadable
 from finellama_rl.stats import dedupe_steps
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> Report:
 
 
 def main(argv: List[str]) -> int:
-    from finellama_rl.compose import UsageError
+    from finellama_rl.errors import UsageError
 
     parser = argparse.ArgumentParser(prog="python -m finellama_rl.report", description="Compare the runs of a sweep.")
     parser.add_argument("sweep", help="the sweep folder, e.g. results/<sweep>")

@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from finellama_rl.errors import DiskFullError, RunConfigUnreadable
 
 SCHEMA_VERSION = 1
 
@@ -73,19 +74,6 @@ class RunPaths:
         for d in (self.root, self.checkpoints, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         return self
-
-
-class DiskFullError(OSError):
-    """A write failed because the disk (or the quota) is full; the previous file is intact."""
-
-    def __init__(self, path: Path, cause: Optional[BaseException] = None):
-        reason = f" ({cause})" if cause else ""
-        super().__init__(errno.ENOSPC, f"disk full (or quota exceeded) while writing {path}{reason}; "
-                                       "the previous version of the file is intact; free space and run again")
-        self.path = Path(path)
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -315,10 +303,6 @@ def number_or_none(value: Any, where: str = "") -> Optional[float]:
             warn(f"{where}: {value!r} is not a number; not shown")
         return None
     return float(value)
-
-
-class RunConfigUnreadable(ValueError):
-    """A run folder's config.yaml cannot be read as a YAML mapping."""
 
 
 def _escape_interpolations(node: Any) -> Any:

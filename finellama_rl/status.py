@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from finellama_rl.compose import UsageError
-from finellama_rl.results import (RunConfigUnreadable, RunPaths, config_value, fraction_or_none, number_or_none,
-                                  read_json_object, read_jsonl, read_run_config_data, warn)
+from finellama_rl.errors import UsageError
+from finellama_rl.results import RunPaths, config_value, fraction_or_none, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
+from finellama_rl.errors import RunConfigUnreadable
 
 StatesFn = Callable[[List[str]], Dict[str, Dict[str, str]]]
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",

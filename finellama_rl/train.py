@@ -27,19 +27,11 @@ from typing import Any, Dict, List, Optional
 from finellama_rl.config import Algo, Config, sft_max_steps
 from finellama_rl.console import setup_logging
 from finellama_rl.results import RunPaths, atomic_write_json, atomic_write_text
+from finellama_rl.errors import EXIT_CRASH_TEST, EXIT_DISK_FULL, EXIT_STOPPED
+from finellama_rl.compose import config_yaml
 
 log = logging.getLogger("finellama_rl")
 
-EXIT_CRASH_TEST = 3
-EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped on request; run again to continue
-EXIT_LADDER_EXHAUSTED = 4  # out of memory on every rung
-EXIT_DISK_FULL = 74  # EX_IOERR: a write failed for lack of space; run again after freeing some
-
-
-def config_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def prepare_run_dir(cfg: Config) -> RunPaths:
@@ -284,7 +276,7 @@ def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
     if dropped:
         log.warning("dropped %d training prompts longer than trainer.max_prompt_tokens=%d", dropped, cfg.trainer.max_prompt_tokens)
     if not train_rows:
-        from finellama_rl.config import ConfigError
+        from finellama_rl.errors import ConfigError
 
         raise ConfigError("trainer.max_prompt_tokens", f"all {dropped} training prompts are longer than "
                           f"{cfg.trainer.max_prompt_tokens} tokens under eval.protocol={cfg.eval.protocol.value}; raise it")
@@ -404,7 +396,7 @@ def main(argv: List[str]) -> int:
 
     multirun, overrides = split_argv(argv)
     if multirun:
-        from finellama_rl.compose import UsageError
+        from finellama_rl.errors import UsageError
 
         raise UsageError("finellama_rl.train runs one run; use finellama_rl.launch -m for sweeps")
     cfg = load_config(overrides)

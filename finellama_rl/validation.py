@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from finellama_rl.validation_scoring import validate_scoring
-from finellama_rl.config import (Algo, Config, ConfigError, DataSource, Device, HardwareConfig, RunConfig, SlurmConfig, TrainerConfig,
-                                 derive_grad_accum, eval_num_examples, sequences_per_step, world_size)
+from finellama_rl.config import Algo, Config, DataSource, Device, HardwareConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
+from finellama_rl.errors import ConfigError
 
 
 def _positive(key: str, value: float, hint: str = "") -> None:

@@ -6,8 +6,8 @@ Called by validation.validate(); the GPU split itself is config.derive_processes
 """
 from __future__ import annotations
 
-from finellama_rl.config import (Algo, Config, ConfigError, Device, JudgeConfig, RewardModelConfig, RewardModelKind,
-                                 scoring_gpus, scoring_sources, world_size)
+from finellama_rl.config import Algo, Config, Device, JudgeConfig, RewardModelConfig, RewardModelKind, scoring_gpus, scoring_sources, world_size
+from finellama_rl.errors import ConfigError
 
 
 def _positive(key: str, value) -> None:

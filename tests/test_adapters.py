@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finellama_rl.job.adapters import FROZEN, resolve_adapter
-from finellama_rl.config import ConfigError
+from finellama_rl.errors import ConfigError
 from finellama_rl.results import read_jsonl
 from finellama_rl.train import run_training
 
@@ -135,7 +135,7 @@ def test_rl_checkpoint_resumes_and_evaluates_with_both_adapters(sft_run, make_co
     """A stacked run crashed after step 1 resumes at step 2; the evaluate command loads a
     checkpoint of it (both adapters) and reproduces the run's own final accuracy."""
     from finellama_rl.evaluate import main as evaluate_main
-    from finellama_rl.train import EXIT_CRASH_TEST
+    from finellama_rl.errors import EXIT_CRASH_TEST
 
     args = [*RL, *RL_ARGS["grpo"], f"model.adapter={sft_run}"]
     assert run_training(make_config(*args, "debug.crash_after_step=1")) == EXIT_CRASH_TEST

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from finellama_rl.compose import CONF_DIR, UsageError, expand_sweep, load_config, split_argv
-from finellama_rl.config import Algo, Config, ConfigError, Device, eval_num_examples
+from finellama_rl.compose import CONF_DIR, expand_sweep, load_config, split_argv
+from finellama_rl.errors import UsageError
+from finellama_rl.config import Algo, Config, Device, eval_num_examples
+from finellama_rl.errors import ConfigError
 
 GROUP_OPTIONS = [
     (group, p.stem) for group in ("model", "trainer", "hardware", "data", "experiment")

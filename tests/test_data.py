@@ -6,7 +6,7 @@ import json
 import pytest
 
 from finellama_rl.compose import load_config
-from finellama_rl.config import ConfigError
+from finellama_rl.errors import ConfigError
 from finellama_rl.config import EvalProtocol
 from finellama_rl.task.data import arithmetic_splits, generate_arithmetic, load_problems
 from finellama_rl.task.protocols import build_messages, prompt_format

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finellama_rl.compose import UsageError
+from finellama_rl.errors import UsageError
 from finellama_rl.demo import plan_rl, sft_config, split_overrides
 
 
@@ -48,7 +48,7 @@ def test_synthetic_task_difficulty_knobs(make_config):
     refused at composition (exit 2), not at data loading."""
     import re
 
-    from finellama_rl.config import ConfigError
+    from finellama_rl.errors import ConfigError
     from finellama_rl.task.data import generate_arithmetic
 
     adds = generate_arithmetic(200, seed=3, max_operand=9, ops=["add"])

@@ -74,7 +74,7 @@ def test_score_samples_strict_and_lenient():
 
 def make_run_folder(root: Path, steps=(2, 4), *overrides: str) -> Path:
     """config.yaml from the real conf/ plus committed (empty) checkpoint folders."""
-    from finellama_rl.train import config_yaml
+    from finellama_rl.compose import config_yaml
 
     run = root / "sweep" / "grpo-tiny-cpu"
     cfg = load_config(["experiment=smoke", f"run.dir={run}", f"run.results_dir={root}", "run.sweep=sweep", *overrides])

@@ -9,7 +9,8 @@ import pytest
 
 from finellama_rl.checkpoint import list_checkpoints
 from finellama_rl.results import read_jsonl
-from finellama_rl.train import EXIT_CRASH_TEST, run_training
+from finellama_rl.train import run_training
+from finellama_rl.errors import EXIT_CRASH_TEST
 
 SMALL = ["experiment=smoke", "eval.num_examples=4", "eval.max_new_tokens=8", "trainer.max_completion_tokens=8"]
 CKPT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from finellama_rl.compose import load_config
-from finellama_rl.config import ConfigError, TrainerConfig
+from finellama_rl.config import TrainerConfig
+from finellama_rl.errors import ConfigError
 
 SMOKE = ["experiment=smoke"]
 

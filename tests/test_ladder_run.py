@@ -17,7 +17,8 @@ from finellama_rl.fitmem import fit_key, remembered_rung
 from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.plan import choose_start_rung
 from finellama_rl.results import read_jsonl
-from finellama_rl.train import EXIT_LADDER_EXHAUSTED, run_training
+from finellama_rl.train import run_training
+from finellama_rl.errors import EXIT_LADDER_EXHAUSTED
 
 SMALL = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=4", "eval.max_new_tokens=8",
          "trainer.max_prompt_tokens=96", "trainer.max_completion_tokens=8"]

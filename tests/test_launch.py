@@ -18,7 +18,7 @@ from conftest import REPO, fake_binaries, path_without_slurm
 
 from finellama_rl import launch
 from finellama_rl.compose import _COMPOSED, compose_raw, hydra_quote, load_config
-from finellama_rl.config import ConfigError
+from finellama_rl.errors import ConfigError
 from finellama_rl.runlock import LOCK_NAME, RunFolderBusy, RunLock, busy_reason, holder_alive, proc_start_time, read_holder
 
 

@@ -13,7 +13,7 @@ from conftest import REPO
 
 from finellama_rl import launch
 from finellama_rl.compose import load_config
-from finellama_rl.config import ConfigError
+from finellama_rl.errors import ConfigError
 from finellama_rl.login.slurm import sbatch_preview
 
 PWNED = Path("/tmp/finellama-pwned")

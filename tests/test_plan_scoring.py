@@ -131,7 +131,7 @@ def test_dev_0p5b_trains_its_128_sequences_in_micro_batches_of_16():
 
 
 def test_parse_batches():
-    from finellama_rl.config import ConfigError
+    from finellama_rl.errors import ConfigError
     from finellama_rl.login.plan_scoring import parse_batches
 
     assert parse_batches(["a=1", "--batches", "8,16", "b=2"]) == (["a=1", "b=2"], [8, 16])

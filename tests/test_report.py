@@ -60,7 +60,7 @@ PPO_FINAL = vector((True, 17), (False, 3), (True, 6), (False, 34))    # 23/60: f
 
 def make_run(sweep: Path, name: str, overrides, rewards, losses, elapsed_s) -> Path:
     """config.yaml composed from the real conf/, and metrics.jsonl."""
-    from finellama_rl.train import config_yaml
+    from finellama_rl.compose import config_yaml
 
     run = sweep / name
     cfg = load_config([*overrides, f"run.dir={run}", f"run.results_dir={sweep.parent}", "run.sweep=sw", f"run.name={name}"])

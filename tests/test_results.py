@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from finellama_rl import results
-from finellama_rl.results import (DiskFullError, RunConfigUnreadable, append_jsonl, atomic_output, atomic_write_json,
-                                  atomic_write_text, fraction_or_none, is_disk_full, read_json_object, read_jsonl,
-                                  read_run_config_data)
+from finellama_rl.results import append_jsonl, atomic_output, atomic_write_json, atomic_write_text, fraction_or_none, is_disk_full, read_json_object, read_jsonl, read_run_config_data
+from finellama_rl.errors import DiskFullError, RunConfigUnreadable
 
 
 @pytest.fixture
@@ -166,7 +165,7 @@ def test_run_config_interpolations_are_never_resolved(tmp_path, monkeypatch):
 def test_evaluate_reads_a_run_config_without_resolving_it(tmp_path, make_config, monkeypatch):
     """`${oc.env:...}` planted in a run's config.yaml reaches no output: evaluate's config keeps the text."""
     from finellama_rl.evaluate import load_run_config
-    from finellama_rl.train import config_yaml
+    from finellama_rl.compose import config_yaml
 
     monkeypatch.setenv("FINELLAMA_TEST_SECRET", "hf_secret_value")
     import yaml

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finellama_rl.config import ConfigError
+from finellama_rl.errors import ConfigError
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu"]
 

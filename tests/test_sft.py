@@ -10,7 +10,8 @@ import pytest
 
 from finellama_rl.checkpoint import list_checkpoints
 from finellama_rl.results import read_jsonl
-from finellama_rl.train import EXIT_CRASH_TEST, run_training
+from finellama_rl.train import run_training
+from finellama_rl.errors import EXIT_CRASH_TEST
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "eval.num_examples=4",
         "eval.max_new_tokens=8", "data.num_train=64", "data.num_test=8"]
@@ -46,7 +47,7 @@ def test_sft_smoketest_preset_is_one_epoch_of_a_tiny_slice(make_config):
 
 
 def test_sft_settings_are_validated(make_config):
-    from finellama_rl.config import ConfigError
+    from finellama_rl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.sft.keep_best"):
         make_config(*SFT, "trainer.sft.keep_best=true", "trainer.eval_every=0")

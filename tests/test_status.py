@@ -13,7 +13,7 @@ from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_t
 
 
 def make_run(make_config, sweep, name, steps, rewards, accuracy=None, attempts=0, requeues=0, max_steps=8):
-    from finellama_rl.train import config_yaml
+    from finellama_rl.compose import config_yaml
 
     run = sweep / name
     cfg = make_config("experiment=smoke", f"trainer.max_steps={max_steps}", f"run.name={name}", run_dir=str(run))

@@ -39,7 +39,7 @@ def test_tracking_none_opens_nothing(make_config, tmp_path):
 
 
 def test_tracking_names_the_missing_package(make_config, monkeypatch):
-    from finellama_rl.config import ConfigError
+    from finellama_rl.errors import ConfigError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from finellama_rl.checkpoint import latest_checkpoint
-from finellama_rl.config import ConfigError
+from finellama_rl.errors import ConfigError
 
 FROZEN = "sft"  # the adapter we start from (frozen)
 TRAINABLE = "default"  # PEFT's name for the adapter get_peft_model creates

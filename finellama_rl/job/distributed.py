@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 from typing import List, Optional
+from finellama_rl.errors import EXIT_OOM_RETRY, EXIT_STOPPED
 
 log = logging.getLogger(__name__)
 
-EXIT_OOM_RETRY = 76  # a rank ran out of memory and recorded it: start the ranks again at the next rung
 STOP_FILE = "stop_request"  # in <run>/logs: the supervisor asks the ranks to save and stop
 EXIT_FILE = "rank_exit.json"  # in <run>/logs: the exit code the ranks meant (torchrun reports only 1)
 
@@ -216,6 +216,6 @@ def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) ->
         if code != EXIT_OOM_RETRY:
             return code
         if (logs / STOP_FILE).exists():
-            return 75  # train.EXIT_STOPPED: asked to stop; the requeued job resumes from the snapshot
+            return EXIT_STOPPED  # asked to stop; the requeued job resumes from the snapshot
         log.warning("a rank ran out of memory: starting the %d ranks again at the next rung (%d)", nprocs, restart + 1)
     return code

@@ -25,10 +25,10 @@ from typing import Any, Callable, Dict, List, Optional
 from finellama_rl.config import Config
 from finellama_rl.ladder.rungs import Rung
 from finellama_rl.results import RunPaths
+from finellama_rl.errors import EXIT_LADDER_EXHAUSTED, EXIT_OOM_RETRY
 
 log = logging.getLogger("finellama_rl")
 
-EXIT_LADDER_EXHAUSTED = 4  # out of memory on every rung (train.EXIT_LADDER_EXHAUSTED)
 
 
 class AttemptRun:
@@ -54,7 +54,7 @@ def _after_oom(paths: RunPaths, ladder: List[Rung], rung: Rung, run: AttemptRun,
     phase = phase_of(exc, run.tracker)
     traceback.clear_frames(exc.__traceback__)  # drop the frames that hold the model
     if dist.world() > 1 and not dist.claim(paths.logs, f"oom_claim-{attempt_no}"):
-        os._exit(dist.EXIT_OOM_RETRY)  # another rank records this OOM
+        os._exit(EXIT_OOM_RETRY)  # another rank records this OOM
     record_attempt(paths, rung, "oom", phase=phase, rank=dist.rank(), **fields)
     close_attempt(paths)
     latest = latest_checkpoint(paths.checkpoints)
@@ -62,8 +62,8 @@ def _after_oom(paths: RunPaths, ladder: List[Rung], rung: Rung, run: AttemptRun,
     log.warning("out of memory at rung %d in %s: %s%s", rung.index, phase, fields["error"],
                 f"; continuing from the snapshot of step {step_of(snap)}" if snap else "")
     if dist.world() > 1:  # the other ranks are stuck in a collective: the supervisor restarts all of them
-        dist.write_exit_code(paths.logs, dist.EXIT_OOM_RETRY)
-        os._exit(dist.EXIT_OOM_RETRY)
+        dist.write_exit_code(paths.logs, EXIT_OOM_RETRY)
+        os._exit(EXIT_OOM_RETRY)
     return step_down(ladder, rung, phase)
 
 
@@ -104,7 +104,7 @@ def run_attempts(cfg: Config, paths: RunPaths, ladder: List[Rung], hooks: Attemp
         except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
             fields = hooks.fields(paths, step0, started, exc)
             if dist.world() > 1 and (paths.logs / f"oom_claim-{attempt_no}").exists():
-                os._exit(dist.EXIT_OOM_RETRY)  # a peer ran out of memory (this error is the broken collective)
+                os._exit(EXIT_OOM_RETRY)  # a peer ran out of memory (this error is the broken collective)
             if not (cfg.ladder.enabled and is_oom_error(exc)):
                 if main:
                     record_attempt(paths, rung, "error", **fields)

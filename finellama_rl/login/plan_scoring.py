@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, ConfigError, Device, ModelConfig, scoring_sources, world_size
+from finellama_rl.config import Config, Device, ModelConfig, scoring_sources, world_size
+from finellama_rl.errors import ConfigError
 from finellama_rl.login.memory import GIB, ModelShape
 from finellama_rl.login.memory_scoring import ScoringInputs, scoring_bytes
 

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-from finellama_rl.config import Config, ConfigError, DataSource
+from finellama_rl.config import Config, DataSource
+from finellama_rl.errors import ConfigError
 from finellama_rl.results import check_writable
 
 PREFETCH_HINT = "python -m finellama_rl.prefetch model={model} data={data} (on a node with internet)"

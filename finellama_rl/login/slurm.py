@@ -41,8 +41,8 @@ from submitit.core.core import PicklingExecutor
 
 from finellama_rl.config import Config, Device
 from finellama_rl.results import append_jsonl
+from finellama_rl.errors import EXIT_STOPPED, SubmissionFailed
 
-EXIT_STOPPED = 75  # finellama_rl.train: saved and stopped on a signal
 
 
 def slurm_available() -> bool:
@@ -230,10 +230,6 @@ def make_job(cfg: Config, argv: List[str]) -> TrainJob:
     s = cfg.hardware.slurm
     gpus = cfg.hardware.gpus_per_node if cfg.hardware.device == Device.cuda else 0
     return TrainJob(argv, cfg.run.dir, gpus, s.timeout_min, s.signal_delay_s, s.max_requeues)
-
-
-class SubmissionFailed(RuntimeError):
-    """sbatch refused a job: `message` is its error line."""
 
 
 @contextlib.contextmanager

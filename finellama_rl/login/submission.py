@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
-from finellama_rl.config import Config, ConfigError
+from finellama_rl.config import Config
+from finellama_rl.errors import ConfigError
 from finellama_rl.results import atomic_write_bytes
+from finellama_rl.errors import SubmissionFailed
 
 
 class Submission:
@@ -57,7 +59,7 @@ class Submission:
                 dog = slurm.submit_watchdog(cfg, job.job_id, argv, 0)
                 self.job_ids.append(str(dog.job_id))
                 slurm.record_submission(self.ledger_path(cfg), cfg, dog.job_id, argv, kind="watchdog", watches=job.job_id)
-        except slurm.SubmissionFailed as exc:
+        except SubmissionFailed as exc:
             raise ConfigError(slurm.sbatch_error_key(str(exc)), f"sbatch refused {r.label}: {exc}") from None
         log = Path(cfg.run.dir) / "logs" / "submitit" / f"{job.job_id}_0_log.out"
         return [cfg.run.name, str(job.job_id), cfg.hardware.name, cfg.hardware.slurm.partition or "(default)",

@@ -23,7 +23,8 @@ import logging
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-from finellama_rl.config import ConfigError, HardwareConfig, JudgeConfig
+from finellama_rl.config import HardwareConfig, JudgeConfig
+from finellama_rl.errors import ConfigError
 from finellama_rl.rewards.frozen import FrozenScorer, batches, freeze, load_kwargs
 
 log = logging.getLogger(__name__)

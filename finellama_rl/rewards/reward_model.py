@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from finellama_rl.config import (ConfigError, HardwareConfig, ModelConfig, RewardModelConfig, RewardModelKind,
-                                 StepAggregation)
+from finellama_rl.config import HardwareConfig, ModelConfig, RewardModelConfig, RewardModelKind, StepAggregation
+from finellama_rl.errors import ConfigError
 from finellama_rl.rewards.frozen import FrozenScorer, batches, encode, freeze, load_kwargs
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from finellama_rl.config import SCORING_SOURCES, Config, ConfigError, Device, EvalProtocol, HardwareConfig
+from finellama_rl.config import SCORING_SOURCES, Config, Device, EvalProtocol, HardwareConfig
+from finellama_rl.errors import ConfigError
 from finellama_rl.rewards.rules import REWARD_FUNCS, RewardFunc, _completion_text
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from finellama_rl.config import ConfigError, DataConfig, DataSource
+from finellama_rl.config import DataConfig, DataSource
+from finellama_rl.errors import ConfigError
 
 if TYPE_CHECKING:
     from finellama_rl.task.protocols import PromptFormat

@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from finellama_rl.config import ConfigError, TrainerConfig, ValueHead
+from finellama_rl.config import TrainerConfig, ValueHead
+from finellama_rl.errors import ConfigError
 
 POLICY_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
 VALUE_ADAPTER = "value"
