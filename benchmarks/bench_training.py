@@ -72,7 +72,7 @@ def _config(overrides, tmp):
 def worker_step_time(arm: str, overrides: list) -> dict:
     """s/step of one arm: ours (grpo/ppo through our trainers), plain (TRL as shipped),
     plain_fp32 (TRL with the same fp32 cast)."""
-    from finellama_rl.results import read_jsonl
+    from finellama_rl.fileio import read_jsonl
 
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         cfg = _config(overrides, tmp)

@@ -54,7 +54,8 @@ def train_with(cfg, policy, tokenizer, tracker) -> Dict[str, Any]:
     import transformers
 
     from finellama_rl.job.monitor import TrainingMonitor
-    from finellama_rl.results import RunPaths, read_jsonl
+    from finellama_rl.results import RunPaths
+    from finellama_rl.fileio import read_jsonl
     from finellama_rl.rewards.sources import build_reward_sources
     from finellama_rl.train import algorithm
     from finellama_rl.trainers.base import TrainContext
@@ -230,7 +231,8 @@ def ladder_case(ws: Workspace, cap, planner: bool) -> Dict[str, Any]:
     from finellama_rl.ladder.attempts import read_attempts
     from finellama_rl.login.memory import estimate_memory
     from finellama_rl.plan import choose_start_rung, memory_inputs
-    from finellama_rl.results import RunPaths, read_jsonl
+    from finellama_rl.results import RunPaths
+    from finellama_rl.fileio import read_jsonl
     from finellama_rl.ladder.run_ladder import ladder_for
     from finellama_rl.train import run_training
 

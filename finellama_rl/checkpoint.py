@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from finellama_rl.results import atomic_write_json
+from finellama_rl.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from finellama_rl.compose import expand_sweep, load_config, split_argv
 from finellama_rl.errors import UsageError
 from finellama_rl.config import Config, RunConfig
+from finellama_rl.results import RunPaths
 
 log = logging.getLogger("finellama_rl")
 
@@ -91,7 +92,7 @@ def ensure_sft(cfg: Config) -> Path:
     from finellama_rl.train import run_training
 
     folder = Path(cfg.run.dir)
-    done = folder / "eval_results.json"
+    done = RunPaths(folder).eval_results
     if done.exists():
         print(f"SFT adapter (cached): {folder}", flush=True)
         return folder
@@ -138,7 +139,7 @@ def run_rl(runs) -> List[Tuple[Any, int]]:
 
 def accuracy_line(run_dir: Path) -> str:
     """'<run>: baseline 31.2% [20.5, 43.2] -> final 56.2% [44.1, 67.6] (+25.0 points, n=64, protocol/scorer)'."""
-    path = run_dir / "eval_results.json"
+    path = RunPaths(run_dir).eval_results
     if not path.exists():
         return f"{run_dir.name}: no final evaluation (see its log)"
     doc = json.loads(path.read_text())

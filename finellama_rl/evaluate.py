@@ -28,6 +28,7 @@ from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examp
 from finellama_rl.errors import ConfigError
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
 from finellama_rl.validation import validate
+from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     from omegaconf import OmegaConf
 
     from finellama_rl.compose import explain_hydra_error
-    from finellama_rl.results import read_run_config_data
+    from finellama_rl.fileio import read_run_config_data
 
-    path = Path(run_dir) / "config.yaml"
+    path = RunPaths(Path(run_dir)).config
     if not Path(run_dir).is_dir():
         raise ConfigError("run", f"{run_dir} is not a folder; pass run=<results/<sweep>/<run>>")
     if not path.is_file():
@@ -243,7 +244,7 @@ def main(argv: Sequence[str]) -> int:
     from finellama_rl.eval.passk import format_pass_at_k
     from finellama_rl.index import add_eval_file, results_root
     from finellama_rl.job.model import load_tokenizer
-    from finellama_rl.results import atomic_write_json
+    from finellama_rl.fileio import atomic_write_json
 
     run_dir, choice, overrides = parse_cli(argv)
     cfg = load_run_config(run_dir, overrides)
@@ -257,7 +258,7 @@ def main(argv: Sequence[str]) -> int:
     slots = ModelSlots(cfg)
     for target in sorted(targets, key=lambda t: t.adapter_dir is not None):  # the base first: adapters wrap it
         result = run_target(cfg, target, slots.model_for(target), tokenizer, setup)
-        path = reserve_path(Path(cfg.run.dir) / "evals", eval_file_name(target.label, cfg.eval))
+        path = reserve_path(RunPaths(Path(cfg.run.dir)).evals, eval_file_name(target.label, cfg.eval))
         atomic_write_json(path, cli_document(cfg, target, result))
         add_eval_file(results_root(cfg.run), path)
         extra = f"; {format_pass_at_k(result['pass_at_k'])}" if result.get("pass_at_k") else ""

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from finellama_rl.config import Config, DebugConfig
 from finellama_rl.ladder.rungs import Rung, Setting
-from finellama_rl.results import atomic_write_json, read_json, warn
+from finellama_rl.fileio import atomic_write_json, read_json, warn
 
 STEP_UP_AFTER = 2  # clean runs at a rung before the next launch tries the rung above
 

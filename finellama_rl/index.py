@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from finellama_rl.eval import schema as eval_schema
-from finellama_rl.results import atomic_write_json, read_json
+from finellama_rl.fileio import atomic_write_json, read_json
 from finellama_rl.errors import IndexDamaged, IndexOutdated
+from finellama_rl.results import RunPaths, iter_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _relative(path: Path, root: Path) -> str:
 def checkpoint_label(doc: Dict[str, Any], path: Path) -> str:
     if doc.get("checkpoint"):
         return str(doc["checkpoint"])
-    return "base" if Path(path).name == "eval_baseline.json" else f"step_{int(doc['step']):06d}"
+    return "base" if Path(path).name == RunPaths(Path(path).parent).baseline.name else f"step_{int(doc['step']):06d}"
 
 
 def protocol_summary(doc: Dict[str, Any]) -> Dict[str, Any]:
@@ -138,11 +139,12 @@ def read_index(path: Path) -> List[Dict[str, Any]]:
 
 def scan_eval_files(root: Path) -> Iterator[Path]:
     """Every eval file in the results tree, run by run."""
-    for run_dir in sorted(p.parent for p in Path(root).glob("*/*/config.yaml")):
-        for name in ("eval_baseline.json", "eval_results.json"):
-            if (run_dir / name).is_file():
-                yield run_dir / name
-        yield from sorted((run_dir / "evals").glob("*.json"))
+    for run_dir in [run for sweep in sorted(Path(root).iterdir()) if not sweep.name.startswith(".") for run in iter_run_dirs(sweep)]:
+        paths = RunPaths(run_dir)
+        for path in (paths.baseline, paths.eval_results):
+            if path.is_file():
+                yield path
+        yield from sorted(paths.evals.glob("*.json"))
 
 
 def collect_entries(root: Path) -> List[Dict[str, Any]]:

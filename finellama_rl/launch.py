@@ -30,6 +30,7 @@ from finellama_rl.compose import expand_sweep, hydra_quote, load_config, split_a
 from finellama_rl.errors import UsageError
 from finellama_rl.config import Config, Device, Launcher
 from finellama_rl.errors import ConfigError
+from finellama_rl.results import SweepPaths
 
 LAUNCH_ONLY_KEYS = ("dry_run", "launcher")
 
@@ -191,7 +192,7 @@ def preflight(runs: List[PlannedRun], slurm: bool) -> None:
 def check_folders_free(runs: List[PlannedRun]) -> None:
     """One writer per run folder: refuse a folder whose lock is live or whose job (in
     the sweep's ledger: training, watchdog, resubmission) is pending or running."""
-    from finellama_rl.results import read_jsonl
+    from finellama_rl.fileio import read_jsonl
     from finellama_rl.runlock import RunFolderBusy, active_jobs, busy_hint, busy_reason
 
     by_dir = {str(Path(r.cfg.run.dir).resolve()): r for r in runs}
@@ -236,7 +237,7 @@ def print_table(header: List[str], rows: List[List[str]]) -> None:
 
 
 def ledger_path(cfg: Config) -> Path:
-    return Path(cfg.run.dir).parent / "ledger.jsonl"
+    return SweepPaths.of_run(Path(cfg.run.dir)).ledger
 
 
 def test_with_sbatch(runs: List[PlannedRun]) -> None:

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from finellama_rl.eval.compare import EvalView, paired, why_not_paired
 from finellama_rl.eval.statistics import format_interval, format_p
 from finellama_rl.job.monitor import format_duration
-from finellama_rl.results import RunPaths, atomic_output, iter_run_dirs, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
+from finellama_rl.results import RunPaths, iter_run_dirs
+from finellama_rl.fileio import atomic_output, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
 from finellama_rl.errors import RunConfigUnreadable
 from finellama_rl.stats import dedupe_steps
 
@@ -89,7 +90,7 @@ def read_run_config(run_dir: Path) -> Dict[str, Any]:
     """config.yaml as plain data, never resolving `${...}` (tolerant of older schemas:
     the report only reads names)."""
     try:
-        return read_run_config_data(Path(run_dir) / "config.yaml", escape=False)
+        return read_run_config_data(RunPaths(Path(run_dir)).config, escape=False)
     except RunConfigUnreadable as exc:  # a broken config must not hide the other runs
         warn(f"report: {exc}; its names are not shown")
         return {}
@@ -118,7 +119,7 @@ def accuracy_points(paths: RunPaths) -> List[EvalView]:
     """The evaluations of a run, one per (protocol, scorer, step): the one with most problems
     (then the latest) wins; sorted by protocol then step."""
     best: Dict[Tuple[str, str, int], Tuple[int, str, EvalView]] = {}
-    files = [paths.baseline, *sorted((paths.root / "evals").glob("*.json")), paths.eval_results]
+    files = [paths.baseline, *sorted(paths.evals.glob("*.json")), paths.eval_results]
     docs = [d for d in map(_read_doc, files) if d is not None and d.get("step") is not None]
     final = _read_doc(paths.eval_results)
     if final and isinstance(final.get("baseline"), dict):  # the baseline summary embedded in the final eval is step 0
@@ -352,7 +353,7 @@ def markdown_report(title: str, subtitle: str, table: str, pairs: str, images: D
 def write_report(sweep_dir: Path, out: Optional[Path] = None) -> Report:
     """Table, plots, report.md and report.html for every run folder in `sweep_dir`."""
     from finellama_rl.eval.report_html import build_html
-    from finellama_rl.results import atomic_write_text
+    from finellama_rl.fileio import atomic_write_text
 
     sweep_dir = Path(sweep_dir)
     out = Path(out or sweep_dir)

@@ -1,65 +1,66 @@
-"""Run-folder layout, safe file writes and tolerant readers.
-
-Every file a run writes lives under its run folder (see ARCHITECTURE.md). Files are
-written to a temporary file in the same folder, fsynced, then renamed over the
-target, so a crash or a full disk never leaves a half-written file that looks
-complete (the previous version stays intact). Written files honour the umask like
-files made by `open()` (a shared results folder with umask 002 stays group-readable;
-mkstemp alone would make them 0600). A full disk or quota says so in one line
-(`DiskFullError`).
-
-Readers of run-folder files (jsonl records, JSON documents, config.yaml) never crash
-on what a crash, a full disk or a hand edit leaves behind: lines that are not UTF-8,
-not JSON, not an object, or lack a required key of the right type are skipped with
-one warning per file. `read_run_config_data` reads a run's config.yaml as plain data
-without resolving `${...}` interpolations (a planted `${oc.env:HF_TOKEN}` stays text).
+"""The run folder, the sweep folder and the results folder: every path they hold is
+named here and nowhere else (a test greps the package for the names), and what makes
+a folder a run folder. Writing and reading those files safely is fileio.py's part.
 
     paths = RunPaths(Path(cfg.run.dir)); atomic_write_json(paths.eval_results, data)
-    read_jsonl(paths.metrics, require={"step": int})
+
+Layout (docs/ARCHITECTURE.md draws it): see RunPaths, SweepPaths and ResultsPaths.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import os
-import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
-from finellama_rl.errors import DiskFullError, RunConfigUnreadable
-
-SCHEMA_VERSION = 1
-
+from typing import Iterator, Optional
 
 @dataclass(frozen=True)
 class RunPaths:
+    """Every file and folder of one run folder (results/<sweep>/<run>/).
+
+    Inside a checkpoint folder (checkpoints/step_000200/) the layout is checkpoint.py's
+    (manifest, adapter, optimizer, RNG) and the trainers' (the HF Trainer's files)."""
+
     root: Path
 
+    # --- what training writes
     @property
-    def config(self) -> Path:
+    def config(self) -> Path:  # the resolved config the run uses (the truth on resume)
         return self.root / "config.yaml"
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Path:  # one line per logged step
         return self.root / "metrics.jsonl"
+
+    @property
+    def metrics_discarded(self) -> Path:  # lines of steps lost since the checkpoint a run resumed from
+        return self.root / "metrics_discarded.jsonl"
 
     @property
     def training_stats(self) -> Path:
         return self.root / "training_stats.json"
 
     @property
-    def eval_results(self) -> Path:
+    def eval_results(self) -> Path:  # the final evaluation
         return self.root / "eval_results.json"
 
     @property
-    def baseline(self) -> Path:
+    def baseline(self) -> Path:  # the evaluation before training (step 0)
         return self.root / "eval_baseline.json"
 
     @property
-    def attempts(self) -> Path:
+    def evals(self) -> Path:  # evaluations during training (step_N.json) and by the evaluate command
+        return self.root / "evals"
+
+    def eval_at_step(self, step: int) -> Path:
+        return self.evals / f"step_{step:06d}.json"
+
+    @property
+    def best_checkpoint(self) -> Path:  # SFT keep_best: the best checkpoint and every evaluation
+        return self.root / "best_checkpoint.json"
+
+    @property
+    def attempts(self) -> Path:  # one line per attempt of the OOM ladder
         return self.root / "attempts.jsonl"
 
     @property
@@ -67,8 +68,67 @@ class RunPaths:
         return self.root / "checkpoints"
 
     @property
+    def lock(self) -> Path:  # held while a process trains the folder (runlock.py)
+        return self.root / "run.lock"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
+
+    # --- trainer=rm
+    @property
+    def rm_data(self) -> Path:  # the labelled data, reused by a restarted run
+        return self.root / "rm_data.jsonl"
+
+    @property
+    def rm_eval(self) -> Path:
+        return self.root / "rm_eval.json"
+
+    @property
+    def reward_model(self) -> Path:  # the trained reward model (reward_model.path=<run folder> loads it)
+        return self.root / "reward_model"
+
+    # --- logs/: what the job and its watchdog write
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def submitit_logs(self) -> Path:  # the training job's submitit folder: <job>_0_log.out, pickles
+        return self.logs / "submitit"
+
+    @property
+    def watch_logs(self) -> Path:  # the watchdog jobs' submitit folder
+        return self.logs / "watch"
+
+    def job_log(self, job_id: str, watchdog: bool = False) -> Path:
+        return (self.watch_logs if watchdog else self.submitit_logs) / f"{job_id}_0_log.out"
+
+    @property
+    def job_events(self) -> Path:  # start, signal, requeue, resubmission
+        return self.logs / "job_events.jsonl"
+
+    @property
+    def current_attempt(self) -> Path:  # the attempt in progress (a hard kill leaves it behind)
+        return self.logs / "current_attempt.json"
+
+    @property
+    def rank_exit(self) -> Path:  # data parallel: the exit code the ranks meant (torchrun reports only 1)
+        return self.logs / "rank_exit.json"
+
+    @property
+    def stop_request(self) -> Path:  # data parallel: the supervisor asks the ranks to save and stop
+        return self.logs / "stop_request"
+
+    def oom_claim(self, attempt: int) -> Path:  # data parallel: the one rank that records an attempt's OOM
+        return self.logs / f"oom_claim-{attempt}"
+
+    # folders that belong to the run itself (never taken for runs nested in it)
+    OWN_FOLDERS = ("checkpoints", "logs", "evals", "tensorboard", "wandb", "reward_model")
 
     def make(self) -> "RunPaths":
         for d in (self.root, self.checkpoints, self.logs):
@@ -76,285 +136,44 @@ class RunPaths:
         return self
 
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
-# torch.save on a full disk raises RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos ...")
-# or "... PytorchStreamWriter failed writing file ...": no errno; the free space of the folder decides.
-TORCH_WRITE_TEXTS = ("inline_container.cc", "pytorchstreamwriter", "file write failed")
-LOW_SPACE_BYTES = 64 * 2**20
+@dataclass(frozen=True)
+class SweepPaths:
+    """A sweep folder (results/<sweep>/): its runs, and the ledger of every job launch submitted."""
+
+    root: Path
+
+    @property
+    def ledger(self) -> Path:  # one line per job: training, watchdog, resubmission
+        return self.root / "ledger.jsonl"
+
+    @classmethod
+    def of_run(cls, run_dir: Path) -> "SweepPaths":
+        return cls(Path(run_dir).parent)
 
 
-def is_disk_full(exc: BaseException, folder: Optional[Path] = None) -> bool:
-    """True for an out-of-space error, also when a library wrapped it: torch's writer
-    errors count when `folder`'s file system has (almost) no space left."""
-    for e in (exc, exc.__cause__, exc.__context__):
-        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS):
-            return True
-        text = str(e).lower() if e is not None else ""
-        if any(t in text for t in DISK_FULL_TEXTS):
-            return True
-        if folder is not None and any(t in text for t in TORCH_WRITE_TEXTS):
-            probe = Path(folder)
-            while not probe.exists() and probe != probe.parent:
-                probe = probe.parent
-            try:
-                import shutil
+@dataclass(frozen=True)
+class ResultsPaths:
+    """The results folder (run.results_dir): the index of every evaluation in it."""
 
-                usage = shutil.disk_usage(probe)
-                return usage.free < min(LOW_SPACE_BYTES, usage.total * 0.02)
-            except OSError:
-                return False
-    return False
+    root: Path
+
+    @property
+    def index(self) -> Path:
+        return self.root / "eval_results.json"
+
+    @property
+    def index_lock(self) -> Path:
+        return self.root / "eval_results.json.lock"
 
 
-_UMASK_LOCK = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, mode: int = 0o666) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` (fsynced,
-    permissions `mode` minus the umask). On any error the temporary file is removed and
-    `path` keeps its previous content; a full disk raises DiskFullError.
-
-        with atomic_output(png) as tmp: fig.savefig(tmp, format="png")
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode & ~current_umask())
-        os.close(fd)
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(exc):
-            raise DiskFullError(path, exc) from exc
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
-    """One whole line per call (a single write), flushed to disk."""
-    line = json.dumps(record, default=str) + "\n"
-    try:
-        with open(path, "a+b") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell():
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a torn line from a crash: start on a fresh line
-                    line = "\n" + line
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(Path(path), exc) from exc
-        raise
-
-
-# ------------------------------------------------------------------ readers
-
-Types = Union[Type, Tuple[Type, ...]]
-
-
-def warn(message: str) -> None:
-    """One line on stderr (console.warn's format; results stays free of other imports)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _type_ok(value: Any, types: Types) -> bool:
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        return False  # JSON true is not a step number
-    return isinstance(value, types)
-
-
-def _type_name(types: Types) -> str:
-    return "|".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-
-
-def check_record(record: Any, require: Optional[Dict[str, Types]] = None) -> Optional[str]:
-    """None if `record` is an object with every required key of the right type, else why not."""
-    if not isinstance(record, dict):
-        return f"not a JSON object ({type(record).__name__})"
-    for key, types in (require or {}).items():
-        if key not in record:
-            return f"missing key {key!r}"
-        if not _type_ok(record[key], types):
-            return f"{key!r} is {type(record[key]).__name__}, expected {_type_name(types)}"
-    return None
-
-
-def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bool = False) -> List[Dict[str, Any]]:
-    """Every valid record of a jsonl file ([] when it is missing or unreadable).
-
-    A torn last line (a crash mid-write) is skipped silently; any other bad line (not
-    UTF-8, not JSON, not an object, a required key missing or of the wrong type) is
-    skipped with one warning per file.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        if not quiet:
-            warn(f"cannot read {path} ({exc.strerror or exc}); ignoring it")
-        return []
-    lines = data.split(b"\n")
-    torn_last = bool(lines) and lines[-1] != b""
-    out, bad, first = [], 0, ""
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            problem = check_record(record, require)
-        except UnicodeDecodeError:
-            problem = "not UTF-8"
-        except ValueError:
-            problem = "not JSON"
-        if problem is None:
-            out.append(record)
-        elif not (torn_last and i == len(lines) - 1 and problem == "not JSON"):
-            bad += 1
-            first = first or f"line {i + 1}: {problem}"
-    if bad and not quiet:
-        warn(f"{path}: skipped {bad} malformed line(s) (first: {first})")
-    return out
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; ValueError (not a UnicodeDecodeError traceback) when it is not UTF-8 JSON."""
-    data = Path(path).read_bytes()
-    try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-
-
-def read_json_object(path: Path, what: str = "", require: Optional[Dict[str, Types]] = None,
-                     quiet: bool = False) -> Optional[Dict[str, Any]]:
-    """A JSON object from a run-folder file, or None (with a one-line warning) when it is
-    missing, unreadable, not an object, or lacks a required key of the right type."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        doc = read_json(path)
-        problem = check_record(doc, require)
-    except (OSError, ValueError) as exc:
-        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if problem is None:
-        return doc
-    if not quiet:
-        warn(f"{path}: {problem}; ignoring {what or 'it'}")
-    return None
-
-
-def fraction_or_none(value: Any, where: str) -> Optional[float]:
-    """A value that must lie in [0, 1] (an accuracy): the float, or None with a warning
-    when it is missing, not a number or out of range (7.5 is refused, never shown as 750%)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        warn(f"{where}: {value!r} is not a number; not shown")
-        return None
-    if not 0.0 <= float(value) <= 1.0:
-        warn(f"{where}: {value!r} is outside [0, 1]; not shown")
-        return None
-    return float(value)
-
-
-def number_or_none(value: Any, where: str = "") -> Optional[float]:
-    """A finite float, or None (with a warning when `where` is given) for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        if value is not None and where:
-            warn(f"{where}: {value!r} is not a number; not shown")
-        return None
-    return float(value)
-
-
-def _escape_interpolations(node: Any) -> Any:
-    """Plain YAML data with every `${` escaped, so OmegaConf never resolves it."""
-    if isinstance(node, dict):
-        return {k: _escape_interpolations(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_escape_interpolations(v) for v in node]
-    if isinstance(node, str) and "${" in node:
-        return node.replace("${", "\\${")
-    return node
-
-
-def read_run_config_data(path: Path, escape: bool = True) -> Dict[str, Any]:
-    """A run folder's config.yaml as plain data, never resolving `${...}` (no
-    `oc.env`, no custom resolvers) and never constructing Python objects (YAML safe
-    loader). With `escape`, `${` in strings is escaped so that the data can be merged
-    into an OmegaConf config and stays literal text. RunConfigUnreadable otherwise."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise RunConfigUnreadable(f"{path} not found") from None
-    except UnicodeDecodeError as exc:
-        raise RunConfigUnreadable(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise RunConfigUnreadable(f"{path} is not readable YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RunConfigUnreadable(f"{path} is not a YAML mapping ({type(data).__name__})")
-    return _escape_interpolations(data) if escape else data
-
-
-def config_value(data: Dict[str, Any], dotted: str) -> Any:
-    """data['a']['b'] for 'a.b', or None when any part is missing or not a mapping."""
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-RUN_MARKERS = ("config.yaml", "run.lock", "checkpoints", "metrics.jsonl")  # what makes a folder a run folder
+def run_markers(folder: Path):
+    """The files whose presence makes a folder a run folder."""
+    paths = RunPaths(Path(folder))
+    return (paths.config, paths.lock, paths.checkpoints, paths.metrics)
 
 
 def is_run_folder(folder: Path) -> bool:
-    return any((Path(folder) / m).exists() for m in RUN_MARKERS)
+    return any(m.exists() for m in run_markers(folder))
 
 
 def run_dir_problem(run_dir: Path, results_root: Path) -> Optional[str]:
@@ -370,15 +189,17 @@ def run_dir_problem(run_dir: Path, results_root: Path) -> Optional[str]:
         if is_run_folder(parent):
             return f"{run_dir} lies inside the run folder {parent}; choose a folder outside it"
     if run_dir.is_dir():
-        if (run_dir / "ledger.jsonl").exists() or any(is_run_folder(p) for p in run_dir.iterdir() if p.is_dir()
-                                                       and p.name not in ("checkpoints", "logs", "evals")):
+        if SweepPaths(run_dir).ledger.exists() or any(is_run_folder(p) for p in run_dir.iterdir() if p.is_dir()
+                                                      and p.name not in ("checkpoints", "logs", "evals")):
             return f"{run_dir} holds other runs (a sweep or results folder); choose a folder of its own"
     return None
 
 
 def iter_run_dirs(sweep_dir: Path) -> Iterator[Path]:
-    for cfg in sorted(Path(sweep_dir).glob("*/config.yaml")):
-        yield cfg.parent
+    """The run folders of a sweep folder (those with a config.yaml), by name; hidden folders are skipped."""
+    for child in sorted(Path(sweep_dir).iterdir()) if Path(sweep_dir).is_dir() else ():
+        if not child.name.startswith(".") and RunPaths(child).config.exists():
+            yield child
 
 
 def check_writable(folder: Path) -> None:

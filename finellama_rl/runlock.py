@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from finellama_rl.errors import ConfigError
+from finellama_rl.results import RunPaths
 
-LOCK_NAME = "run.lock"
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                  "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
 SchedulerFn = Callable[[str], Optional[str]]  # job id -> its state, "" when unknown to SLURM, None when SLURM cannot say
@@ -142,7 +142,7 @@ def holder_alive(h: Holder, scheduler: SchedulerFn = squeue_state) -> Tuple[bool
 
 def busy_reason(run_dir: Path, scheduler: SchedulerFn = squeue_state) -> Optional[str]:
     """Why the run folder is in use (its lock is live), or None."""
-    path = Path(run_dir) / LOCK_NAME
+    path = RunPaths(Path(run_dir)).lock
     holder, problem = read_holder(path)
     if problem:
         return f"{problem}: {path}; remove it if no job trains this folder"
@@ -156,7 +156,7 @@ class RunLock:
     """Exclusive lock on a run folder for one process (`with RunLock(dir):`)."""
 
     def __init__(self, run_dir: Path, scheduler: SchedulerFn = squeue_state):
-        self.run_dir, self.path, self.scheduler = Path(run_dir), Path(run_dir) / LOCK_NAME, scheduler
+        self.run_dir, self.path, self.scheduler = Path(run_dir), RunPaths(Path(run_dir)).lock, scheduler
         self.content: Optional[bytes] = None
 
     def acquire(self) -> "RunLock":
@@ -179,7 +179,7 @@ class RunLock:
         raise RunFolderBusy(self.run_dir, "the lock changed hands repeatedly", "Another process is starting here; try again.")
 
     def _create(self, content: bytes) -> bool:
-        tmp = self.run_dir / f".{LOCK_NAME}.{uuid.uuid4().hex}"
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
         tmp.write_bytes(content)
         try:
             os.link(tmp, self.path)
@@ -191,7 +191,7 @@ class RunLock:
 
     def _break_stale(self, stale: Holder) -> None:
         """Move the stale lock aside; if someone replaced it meanwhile, put theirs back."""
-        aside = self.run_dir / f".{LOCK_NAME}.stale-{uuid.uuid4().hex}"
+        aside = self.path.with_name(f".{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

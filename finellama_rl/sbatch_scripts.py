@@ -19,7 +19,7 @@ from typing import List
 
 from finellama_rl.compose import CONF_DIR, load_config
 from finellama_rl.config import Config
-from finellama_rl.results import atomic_write_text
+from finellama_rl.fileio import atomic_write_text
 from finellama_rl.login.slurm import sbatch_options
 from finellama_rl.errors import EXIT_STOPPED
 

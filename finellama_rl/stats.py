@@ -7,7 +7,8 @@ import statistics
 from typing import Any, Dict, List
 
 from finellama_rl.config import Config
-from finellama_rl.results import RunPaths, atomic_write_json, number_or_none, read_jsonl
+from finellama_rl.results import RunPaths
+from finellama_rl.fileio import atomic_write_json, number_or_none, read_jsonl
 
 STEP_KEYS = {
     "reward_mean": "train/reward_mean",

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from finellama_rl.errors import UsageError
-from finellama_rl.results import RunPaths, config_value, fraction_or_none, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
+from finellama_rl.results import RunPaths, SweepPaths, iter_run_dirs
+from finellama_rl.fileio import config_value, fraction_or_none, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
 from finellama_rl.errors import RunConfigUnreadable
 
 StatesFn = Callable[[List[str]], Dict[str, Dict[str, str]]]
@@ -67,7 +68,7 @@ def find_runs(sweep: Path) -> Dict[str, RunStatus]:
     """{run name: RunStatus with run_dir, latest training job and every job id}: ledger
     entries, then run folders that the ledger does not name (local runs)."""
     runs: Dict[str, RunStatus] = {}
-    for entry in read_jsonl(sweep / "ledger.jsonl", require=LEDGER_ENTRY):
+    for entry in read_jsonl(SweepPaths(sweep).ledger, require=LEDGER_ENTRY):
         name, job = entry["run"], str(entry["job_id"])
         run_dir = entry.get("run_dir") if isinstance(entry.get("run_dir"), str) else str(sweep / name)
         status = runs.setdefault(name, RunStatus(name, run_dir))
@@ -75,9 +76,9 @@ def find_runs(sweep: Path) -> Dict[str, RunStatus]:
         if entry.get("kind", "train") == "train":  # the row shows the latest training job
             status.job_id, status.run_dir = job, run_dir
     known = {Path(r.run_dir).resolve() for r in runs.values()}
-    for cfg in sorted(sweep.glob("*/config.yaml")):
-        if cfg.parent.resolve() not in known:
-            runs.setdefault(cfg.parent.name, RunStatus(cfg.parent.name, str(cfg.parent)))
+    for run_dir in iter_run_dirs(sweep):
+        if run_dir.resolve() not in known:
+            runs.setdefault(run_dir.name, RunStatus(run_dir.name, str(run_dir)))
     return runs
 
 
@@ -130,7 +131,7 @@ def fill_from_files(status: RunStatus) -> RunStatus:
         status.accuracy, status.scorer = read_primary_accuracy(paths.eval_results, {"strict": status.strict, "lenient": status.lenient})
     if paths.attempts.exists():
         status.attempts = len(read_jsonl(paths.attempts))
-    events = read_jsonl(paths.logs / "job_events.jsonl", require={"event": str})
+    events = read_jsonl(paths.job_events, require={"event": str})
     status.requeues = sum(1 for e in events if e["event"] == "requeue")
     if paths.eval_results.exists():
         status.state = "done"

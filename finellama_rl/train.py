@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from finellama_rl.config import Algo, Config, sft_max_steps
 from finellama_rl.console import setup_logging
-from finellama_rl.results import RunPaths, atomic_write_json, atomic_write_text
+from finellama_rl.results import RunPaths
+from finellama_rl.fileio import atomic_write_json, atomic_write_text
 from finellama_rl.errors import EXIT_CRASH_TEST, EXIT_DISK_FULL, EXIT_STOPPED
 from finellama_rl.compose import config_yaml
 
@@ -37,10 +38,8 @@ log = logging.getLogger("finellama_rl")
 def prepare_run_dir(cfg: Config) -> RunPaths:
     """Make the folder (the caller holds its run.lock); with run.resume=false, move
     earlier outputs aside into a sibling folder (never delete; the lock stays)."""
-    from finellama_rl.runlock import LOCK_NAME
-
     paths = RunPaths(Path(cfg.run.dir))
-    earlier = [p for p in paths.root.iterdir() if p.name != LOCK_NAME] if paths.root.is_dir() else []
+    earlier = [p for p in paths.root.iterdir() if p != paths.lock] if paths.root.is_dir() else []
     if not cfg.run.resume and earlier:
         aside = paths.root.with_name(paths.root.name + "-previous-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
         aside.mkdir()
@@ -61,14 +60,14 @@ def job_deadline() -> Optional[float]:
 def rewind_metrics(paths: RunPaths, step: int) -> int:
     """Keep metrics.jsonl consistent with the checkpoint we resume from: records of
     later steps (trained, then lost in a crash) move to metrics_discarded.jsonl."""
-    from finellama_rl.results import append_jsonl, read_jsonl
+    from finellama_rl.fileio import append_jsonl, read_jsonl
 
     records = read_jsonl(paths.metrics, require={"step": int})  # malformed lines: warned, then dropped here
     later = [r for r in records if r["step"] > step]
     if not later:
         return 0
     for r in later:
-        append_jsonl(paths.metrics.with_name("metrics_discarded.jsonl"), r)
+        append_jsonl(paths.metrics_discarded, r)
     kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step)
     atomic_write_text(paths.metrics, kept)
     return len(later)
@@ -101,7 +100,7 @@ def algorithm(cfg: Config):
 
 def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional[Dict[str, Any]]:
     from finellama_rl.eval.core import eval_document, format_accuracy
-    from finellama_rl.results import read_json
+    from finellama_rl.fileio import read_json
 
     if paths.baseline.exists():
         return read_json(paths.baseline)
@@ -136,7 +135,7 @@ def take_lock(lock) -> None:
     written, a stale `checkpoints/.staging` (a save the full disk cut short) is cleared
     first when no live process holds the folder, so the restart is not blocked by it."""
     from finellama_rl.checkpoint import clear_staging
-    from finellama_rl.results import is_disk_full
+    from finellama_rl.fileio import is_disk_full
     from finellama_rl.runlock import busy_reason
 
     try:
@@ -180,7 +179,7 @@ def run_ladder(cfg: Config) -> int:
 
 
 def last_logged_step(paths: RunPaths) -> int:
-    from finellama_rl.results import read_jsonl
+    from finellama_rl.fileio import read_jsonl
 
     records = read_jsonl(paths.metrics, require={"step": int}, quiet=True)  # rewind_metrics warns about bad lines
     return records[-1]["step"] if records else 0
@@ -253,7 +252,7 @@ def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
     dist.barrier()
     if discarded:
         log.warning("%d metric records after step %d came from work lost since that checkpoint; moved to %s",
-                    discarded, start_step, paths.metrics.with_name("metrics_discarded.jsonl").name)
+                    discarded, start_step, paths.metrics_discarded.name)
     if start_step >= cfg.trainer.max_steps and paths.eval_results.exists():
         print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
         return 0
@@ -305,7 +304,7 @@ def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
         out = None
         if main:
             result = evaluate_fn(model, step)
-            path = paths.root / "evals" / f"step_{step:06d}.json"
+            path = paths.eval_at_step(step)
             atomic_write_json(path, eval_document(cfg, step, result, None))
             add_eval_file(results_root(cfg.run), path)
             log.info("step %d accuracy: %s", step, format_accuracy(result))
@@ -407,7 +406,7 @@ def main(argv: List[str]) -> int:
     try:
         return run_training(cfg)
     except Exception as exc:  # a full disk: one line that says so, not a torch traceback
-        from finellama_rl.results import is_disk_full
+        from finellama_rl.fileio import is_disk_full
 
         if not is_disk_full(exc, Path(cfg.run.dir)):
             raise

@@ -11,7 +11,7 @@ import pytest
 
 from finellama_rl.job.adapters import FROZEN, resolve_adapter
 from finellama_rl.errors import ConfigError
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "eval.num_examples=4",

@@ -5,7 +5,7 @@ import json
 
 from finellama_rl.checkpoint import (clear_staging, commit_checkpoint, latest_checkpoint, list_checkpoints,
                                      read_state, staging_root)
-from finellama_rl.results import append_jsonl, atomic_write_json, read_jsonl
+from finellama_rl.fileio import append_jsonl, atomic_write_json, read_jsonl
 
 
 def _stage(root, step):

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from finellama_rl.checkpoint import list_checkpoints, read_state
 from finellama_rl.compose import load_config
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training
 
 COMMON = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=2", "eval.max_new_tokens=4",

@@ -17,7 +17,7 @@ from finellama_rl import evaluate
 from finellama_rl.compose import cli_main, load_config
 from finellama_rl.config import EvalProtocol
 from finellama_rl.eval.passk import k_values, pass_at_k, score_samples
-from finellama_rl.results import atomic_write_json, atomic_write_text, read_json
+from finellama_rl.fileio import atomic_write_json, atomic_write_text, read_json
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finellama_rl import index
-from finellama_rl.results import atomic_write_json, atomic_write_text
+from finellama_rl.fileio import atomic_write_json, atomic_write_text
 
 WRITERS, ENTRIES_PER_WRITER = 8, 5
 

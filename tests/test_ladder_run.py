@@ -16,7 +16,7 @@ import pytest
 from finellama_rl.fitmem import fit_key, remembered_rung
 from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.plan import choose_start_rung
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training
 from finellama_rl.errors import EXIT_LADDER_EXHAUSTED
 

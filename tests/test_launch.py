@@ -19,7 +19,8 @@ from conftest import REPO, fake_binaries, path_without_slurm
 from finellama_rl import launch
 from finellama_rl.compose import _COMPOSED, compose_raw, hydra_quote, load_config
 from finellama_rl.errors import ConfigError
-from finellama_rl.runlock import LOCK_NAME, RunFolderBusy, RunLock, busy_reason, holder_alive, proc_start_time, read_holder
+from finellama_rl.runlock import RunFolderBusy, RunLock, busy_reason, holder_alive, proc_start_time, read_holder
+from finellama_rl.results import RunPaths
 
 
 def launch_cli(args, env=None, timeout=180):
@@ -95,7 +96,7 @@ def sleeper():
 
 def plant_lock(run_dir: Path, pid: int, job_id=None, host=None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK_NAME
+    lock = RunPaths(run_dir).lock
     lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "pid_start": proc_start_time(pid),
                                 "job_id": job_id, "started": "2026-11-30T10:00:00", "command": "test"}))
     return lock
@@ -135,16 +136,16 @@ def test_relaunch_while_the_ledger_shows_a_running_job_is_refused(tmp_path, no_s
 def test_run_lock_holders(tmp_path, sleeper):
     run_dir = tmp_path / "run"
     with RunLock(run_dir) as lock:
-        holder, problem = read_holder(run_dir / LOCK_NAME)
+        holder, problem = read_holder(RunPaths(run_dir).lock)
         assert not problem and holder.pid == os.getpid() and holder.host == socket.gethostname()
         assert holder_alive(holder)[0]
         probe = subprocess.run([sys.executable, "-c", "from finellama_rl.runlock import RunLock; import sys; "
                                 "RunLock(sys.argv[1]).acquire()", str(run_dir)], capture_output=True, text=True)
         assert probe.returncode == 1 and "is in use: locked by pid" in probe.stderr
-    assert not (run_dir / LOCK_NAME).exists() and lock.content is None
+    assert not (RunPaths(run_dir).lock).exists() and lock.content is None
     # a job's lock: the scheduler decides; an earlier run of this very job is stale
     plant_lock(run_dir, sleeper.pid, job_id="500", host="node-elsewhere")
-    holder, _ = read_holder(run_dir / LOCK_NAME)
+    holder, _ = read_holder(RunPaths(run_dir).lock)
     assert holder_alive(holder, scheduler=lambda j: "RUNNING")[0]
     assert not holder_alive(holder, scheduler=lambda j: "COMPLETED")[0]
     assert not holder_alive(holder, scheduler=lambda j: "")[0]  # unknown to SLURM: long gone
@@ -155,7 +156,7 @@ def test_run_lock_holders(tmp_path, sleeper):
         RunLock(run_dir, scheduler=lambda j: "RUNNING").acquire().release()
     finally:
         del os.environ["SLURM_JOB_ID"]
-    (run_dir / LOCK_NAME).write_bytes(b"\xff garbage")
+    (RunPaths(run_dir).lock).write_bytes(b"\xff garbage")
     with pytest.raises(RunFolderBusy, match="unreadable lock file"):
         RunLock(run_dir).acquire()
 

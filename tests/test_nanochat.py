@@ -22,7 +22,7 @@ def test_nanochat_preset_composes_with_nanochats_values(make_config):
 
 @pytest.mark.slow
 def test_training_evaluations_compute_pass_at_k(make_config, tmp_path):
-    from finellama_rl.job.tracking import TB_DIR
+    from finellama_rl.results import RunPaths
 
     cfg = make_config("model=tiny", "data=arithmetic", "hardware=cpu", "trainer=grpo", "eval.protocol=finellama",
                       "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=1", "trainer.num_generations=4",
@@ -39,6 +39,6 @@ def test_training_evaluations_compute_pass_at_k(make_config, tmp_path):
     assert len(final["records"][0]["samples"]) == 4  # the samples are kept per problem
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / TB_DIR), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(RunPaths(run).tensorboard), size_guidance={"scalars": 0})
     acc.Reload()
     assert sorted(e.step for e in acc.Scalars("eval/pass@4")) == [0, 1, 2]

@@ -24,7 +24,7 @@ from finellama_rl.trainers.ppo_rollout import (
 )
 from finellama_rl.trainers.value_head import Critic, forward_completion
 from finellama_rl.checkpoint import list_checkpoints
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 
 PPO = ["experiment=smoke", "trainer=ppo", "trainer.num_generations=1", "trainer.prompts_per_step=8",
        "trainer.micro_batch=4", "trainer.max_completion_tokens=8", "trainer.warmup_steps=0"]

@@ -18,7 +18,7 @@ import pytest
 from finellama_rl import report
 from finellama_rl.compose import load_config
 from finellama_rl.eval.statistics import mcnemar_exact, wilson_interval
-from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_text
+from finellama_rl.fileio import append_jsonl, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SHAPE = (450, 800)  # report.FIG_SIZE_IN * report.FIG_DPI

@@ -16,8 +16,9 @@ import pytest
 from conftest import REPO
 
 from finellama_rl import train
-from finellama_rl.results import read_jsonl
-from finellama_rl.runlock import LOCK_NAME, RunFolderBusy, proc_start_time
+from finellama_rl.fileio import read_jsonl
+from finellama_rl.runlock import RunFolderBusy, proc_start_time
+from finellama_rl.results import RunPaths
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def attempts_stubbed(monkeypatch):
     script = []
 
     def fake_attempt(cfg, paths, *rest):
-        assert (paths.root / LOCK_NAME).exists(), "training runs while holding the run folder's lock"
+        assert paths.lock.exists(), "training runs while holding the run folder's lock"
         outcome = script.pop(0)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -54,11 +55,11 @@ def test_lock_is_held_during_the_run_and_released_after(make_config, attempts_st
     cfg = make_config("experiment=smoke")
     attempts_stubbed.append(0)
     assert train.run_training(cfg) == 0
-    assert not (Path(cfg.run.dir) / LOCK_NAME).exists()
+    assert not RunPaths(Path(cfg.run.dir)).lock.exists()
     attempts_stubbed.append(RuntimeError("boom"))
     with pytest.raises(RuntimeError):
         train.run_training(cfg)
-    assert not (Path(cfg.run.dir) / LOCK_NAME).exists()  # released on errors too
+    assert not RunPaths(Path(cfg.run.dir)).lock.exists()  # released on errors too
 
 
 def test_fit_memory_from_a_real_oom_step_down_but_not_from_fault_injection(make_config, attempts_stubbed, fit_memory):
@@ -135,7 +136,7 @@ def test_train_refuses_a_folder_another_process_trains(make_config, tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     try:
         Path(cfg.run.dir).mkdir(parents=True)
-        (Path(cfg.run.dir) / LOCK_NAME).write_text(json.dumps({
+        RunPaths(Path(cfg.run.dir)).lock.write_text(json.dumps({
             "host": socket.gethostname(), "pid": holder.pid, "pid_start": proc_start_time(holder.pid),
             "job_id": None, "started": "now", "command": "sleep"}))
         proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", "experiment=smoke", f"run.results_dir={tmp_path}",

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from finellama_rl.checkpoint import list_checkpoints
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training
 from finellama_rl.errors import EXIT_CRASH_TEST
 

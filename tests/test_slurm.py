@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from finellama_rl.checkpoint import latest_checkpoint
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 
 pytestmark = pytest.mark.slurm
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 
 pytestmark = pytest.mark.slurm
 

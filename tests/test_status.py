@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from finellama_rl import status
-from finellama_rl.results import append_jsonl, atomic_write_json, atomic_write_text
+from finellama_rl.fileio import append_jsonl, atomic_write_json, atomic_write_text
 
 
 def make_run(make_config, sweep, name, steps, rewards, accuracy=None, attempts=0, requeues=0, max_steps=8):

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from finellama_rl.results import read_jsonl
+from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "eval.num_examples=4",

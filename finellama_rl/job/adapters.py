@@ -31,11 +31,11 @@ from typing import Optional
 
 from finellama_rl.checkpoint import latest_checkpoint
 from finellama_rl.errors import ConfigError
+from finellama_rl.results import RunPaths
 
 FROZEN = "sft"  # the adapter we start from (frozen)
 TRAINABLE = "default"  # PEFT's name for the adapter get_peft_model creates
 ADAPTER_FILE = "adapter_model.safetensors"
-BEST_FILE = "best_checkpoint.json"
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -48,7 +48,7 @@ def resolve_adapter(value: str) -> Path:
     path = Path(value).expanduser().resolve()
     if is_adapter_folder(path):
         found = path
-    elif (path / "checkpoints").is_dir():
+    elif RunPaths(path).checkpoints.is_dir():
         found = _run_final_adapter(path)
     elif path.exists():
         raise ConfigError("model.adapter", f"{value} is neither a run folder (no checkpoints/) nor an adapter folder "
@@ -62,12 +62,12 @@ def resolve_adapter(value: str) -> Path:
 
 
 def _run_final_adapter(run: Path) -> Path:
-    best_file = run / BEST_FILE
+    best_file = RunPaths(run).best_checkpoint
     if best_file.is_file():
         best = json.loads(best_file.read_text())
         if best.get("restored") and best.get("checkpoint") and is_adapter_folder(Path(best["checkpoint"])):
             return Path(best["checkpoint"])
-    ckpt = latest_checkpoint(run / "checkpoints")
+    ckpt = latest_checkpoint(RunPaths(run).checkpoints)
     if ckpt is None or not is_adapter_folder(ckpt):
         raise ConfigError("model.adapter", f"run folder {run} has no committed LoRA checkpoint yet")
     return ckpt

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 from finellama_rl.errors import EXIT_OOM_RETRY, EXIT_STOPPED
+from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
 
-STOP_FILE = "stop_request"  # in <run>/logs: the supervisor asks the ranks to save and stop
-EXIT_FILE = "rank_exit.json"  # in <run>/logs: the exit code the ranks meant (torchrun reports only 1)
 
 
 def world() -> int:
@@ -161,22 +160,22 @@ def rank_digests(params) -> List[str]:
     return [str(d) for d in out]
 
 
-def write_exit_code(logs: Path, code: int) -> None:
-    (Path(logs) / EXIT_FILE).write_text(json.dumps({"code": code, "rank": rank()}))
+def write_exit_code(paths: RunPaths, code: int) -> None:
+    paths.rank_exit.write_text(json.dumps({"code": code, "rank": rank()}))
 
 
-def claim(logs: Path, name: str) -> bool:
-    """True for exactly one rank (the first to create `logs/name`)."""
+def claim(path: Path) -> bool:
+    """True for exactly one rank (the first to create `path`)."""
     try:
-        fd = os.open(str(Path(logs) / name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(str(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
     os.close(fd)
     return True
 
 
-def stop_requested(logs: Path) -> bool:
-    return (Path(logs) / STOP_FILE).exists()
+def stop_requested(paths: RunPaths) -> bool:
+    return paths.stop_request.exists()
 
 
 # ----------------------------------------------------------------- supervisor
@@ -190,32 +189,32 @@ def torchrun_command(argv: List[str], nprocs: int) -> List[str]:
 def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) -> int:
     """Run the ranks under torchrun until they finish; start them again after an OOM
     (EXIT_OOM_RETRY), at most `max_restarts` times. Returns the ranks' exit code."""
-    logs = Path(run_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (logs / STOP_FILE).unlink(missing_ok=True)
+    paths = RunPaths(Path(run_dir))
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.stop_request.unlink(missing_ok=True)
     proc: Optional[subprocess.Popen] = None
 
     def request_stop(signum, _frame):
         log.warning("received %s: asking the ranks to save and stop", signal.Signals(signum).name)
-        (logs / STOP_FILE).write_text(signal.Signals(signum).name)
+        paths.stop_request.write_text(signal.Signals(signum).name)
 
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, request_stop)
     env = os.environ.copy()  # the job's CPUs shared by the ranks (torchrun would leave the job's count to each)
     env["OMP_NUM_THREADS"] = str(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // nprocs))
     for restart in range(max_restarts + 1):
-        (logs / EXIT_FILE).unlink(missing_ok=True)
+        paths.rank_exit.unlink(missing_ok=True)
         proc = subprocess.Popen(torchrun_command(argv, nprocs), env=env)
         while proc.poll() is None:  # poll, not wait: the signal handler must be able to run
             time.sleep(0.5)
         code = proc.returncode
         try:
-            code = int(json.loads((logs / EXIT_FILE).read_text())["code"]) if code else 0
+            code = int(json.loads(paths.rank_exit.read_text())["code"]) if code else 0
         except (OSError, ValueError, KeyError):
             pass
         if code != EXIT_OOM_RETRY:
             return code
-        if (logs / STOP_FILE).exists():
+        if paths.stop_request.exists():
             return EXIT_STOPPED  # asked to stop; the requeued job resumes from the snapshot
         log.warning("a rank ran out of memory: starting the %d ranks again at the next rung (%d)", nprocs, restart + 1)
     return code

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from finellama_rl.config import TrainerConfig
-from finellama_rl.results import RunPaths, append_jsonl
+from finellama_rl.results import RunPaths
+from finellama_rl.fileio import append_jsonl
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class TrainingMonitor:
     def _stop_file(self) -> bool:
         from finellama_rl.job import distributed
 
-        return distributed.world() > 1 and distributed.stop_requested(self.paths.logs)
+        return distributed.world() > 1 and distributed.stop_requested(self.paths)
 
     @staticmethod
     def _agreed(*flags: bool) -> tuple:

@@ -53,7 +53,7 @@ def _after_oom(paths: RunPaths, ladder: List[Rung], rung: Rung, run: AttemptRun,
 
     phase = phase_of(exc, run.tracker)
     traceback.clear_frames(exc.__traceback__)  # drop the frames that hold the model
-    if dist.world() > 1 and not dist.claim(paths.logs, f"oom_claim-{attempt_no}"):
+    if dist.world() > 1 and not dist.claim(paths.oom_claim(attempt_no)):
         os._exit(EXIT_OOM_RETRY)  # another rank records this OOM
     record_attempt(paths, rung, "oom", phase=phase, rank=dist.rank(), **fields)
     close_attempt(paths)
@@ -62,7 +62,7 @@ def _after_oom(paths: RunPaths, ladder: List[Rung], rung: Rung, run: AttemptRun,
     log.warning("out of memory at rung %d in %s: %s%s", rung.index, phase, fields["error"],
                 f"; continuing from the snapshot of step {step_of(snap)}" if snap else "")
     if dist.world() > 1:  # the other ranks are stuck in a collective: the supervisor restarts all of them
-        dist.write_exit_code(paths.logs, EXIT_OOM_RETRY)
+        dist.write_exit_code(paths, EXIT_OOM_RETRY)
         os._exit(EXIT_OOM_RETRY)
     return step_down(ladder, rung, phase)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finellama_rl.config import Config, Tracking
+from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
 
-TB_DIR = "tensorboard"
 
 
 class TensorBoardSink:
@@ -116,7 +116,7 @@ def open_tracker(cfg: Config, root: Path, start_step: int) -> Optional[Experimen
         return None
     sinks: List[Any] = []
     if cfg.tracking in (Tracking.tensorboard, Tracking.all):
-        sinks.append(TensorBoardSink(root / TB_DIR, start_step))
+        sinks.append(TensorBoardSink(RunPaths(root).tensorboard, start_step))
     if cfg.tracking in (Tracking.wandb, Tracking.all):
         sinks.append(WandbSink(cfg, root))
     if cfg.tracking not in (Tracking.tensorboard, Tracking.wandb, Tracking.all):

@@ -13,7 +13,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from finellama_rl.config import Config
 from finellama_rl.ladder.rungs import Phase, Rung, fit_generation_batch, step_down
-from finellama_rl.results import RunPaths, append_jsonl, read_jsonl
+from finellama_rl.results import RunPaths
+from finellama_rl.fileio import append_jsonl, read_jsonl
 
 OOM_OUTCOMES = ("oom", "oom_killed")
 PHASE_ATTR = "finellama_phase"  # set on an exception by the innermost phase it passed through
@@ -208,35 +209,31 @@ def install_fault_injection(policy, cfg: Config, paths: RunPaths) -> PhaseTracke
 # ------------------------------------------------- attempts that never recorded their end
 
 
-def current_attempt_path(paths: RunPaths):
-    return paths.logs / "current_attempt.json"
-
-
 def open_attempt(paths: RunPaths, rung: int, step0: int, started: float) -> None:
     """Mark an attempt as running: if the process is killed before it records its end
     (SIGKILL, node failure, the scheduler's OOM kill), the watchdog or the next start
     records it from this marker."""
     import os
 
-    from finellama_rl.results import atomic_write_json
+    from finellama_rl.fileio import atomic_write_json
 
-    atomic_write_json(current_attempt_path(paths), {"rung": rung, "step0": step0, "started": started,
+    atomic_write_json(paths.current_attempt, {"rung": rung, "step0": step0, "started": started,
                                                     "job_id": os.environ.get("SLURM_JOB_ID"), "closed": False})
 
 
 def close_attempt(paths: RunPaths) -> None:
-    from finellama_rl.results import atomic_write_json, read_json_object
+    from finellama_rl.fileio import atomic_write_json, read_json_object
 
-    marker = read_json_object(current_attempt_path(paths), quiet=True)
+    marker = read_json_object(paths.current_attempt, quiet=True)
     if marker is not None and marker.get("closed") is False:
-        atomic_write_json(current_attempt_path(paths), {**marker, "closed": True})
+        atomic_write_json(paths.current_attempt, {**marker, "closed": True})
 
 
 def unclosed_attempt(paths: RunPaths) -> Optional[Dict[str, Any]]:
     """The marker of an attempt that never recorded its end, or None."""
-    from finellama_rl.results import read_json_object
+    from finellama_rl.fileio import read_json_object
 
-    marker = read_json_object(current_attempt_path(paths), "the attempt marker", require={"rung": int, "step0": int})
+    marker = read_json_object(paths.current_attempt, "the attempt marker", require={"rung": int, "step0": int})
     return marker if marker is not None and marker.get("closed") is False else None
 
 

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from finellama_rl.ladder.attempts import close_attempt, current_attempt_path, record_attempt, start_rung
+from finellama_rl.ladder.attempts import close_attempt, record_attempt, start_rung
 from finellama_rl.ladder.run_ladder import ladder_for
-from finellama_rl.results import RunPaths, append_jsonl, read_json_object, read_jsonl
+from finellama_rl.results import RunPaths
+from finellama_rl.fileio import append_jsonl, read_json_object, read_jsonl
 
 FINAL_WAIT_S = 120
 OOM_LOG_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory")
@@ -43,7 +44,7 @@ def final_lines(job_id: str) -> List[Tuple[str, str, str]]:
 
 def log_says_oom(run_dir: str, job_id: str) -> bool:
     """The job's log (stdout and stderr share the .out file; older jobs had a .err) ends with an OOM."""
-    logs = Path(run_dir) / "logs" / "submitit"
+    logs = RunPaths(Path(run_dir)).submitit_logs
     for path in [*logs.glob(f"{job_id}_*_log.out"), *logs.glob(f"{job_id}_*_log.err")]:
         try:
             tail = path.read_bytes()[-20000:].decode("utf-8", errors="replace").lower()
@@ -77,7 +78,7 @@ def elapsed_s(job_id: str) -> float:
 
 
 def note(paths: RunPaths, event: str, **fields) -> None:
-    append_jsonl(paths.logs / "job_events.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, **fields})
+    append_jsonl(paths.job_events, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, **fields})
     print(f"[finellama_rl watchdog] {event} {fields}", flush=True)
 
 
@@ -94,7 +95,7 @@ def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: 
         note(paths, "watchdog_done", job_id=job_id, state=state)
         return None, f"job {job_id} ended {state}: nothing to do"
     ladder = ladder_for(cfg)
-    current = (read_json_object(current_attempt_path(paths), "the attempt marker", require={"rung": int, "step0": int})
+    current = (read_json_object(paths.current_attempt, "the attempt marker", require={"rung": int, "step0": int})
                or {"rung": min(start_rung(cfg, paths, ladder), len(ladder) - 1), "step0": 0})
     steps = [r["step"] for r in read_jsonl(paths.metrics, require={"step": int})]
     record_attempt(paths, ladder[min(max(current["rung"], 0), len(ladder) - 1)], "oom_killed",

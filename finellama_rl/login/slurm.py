@@ -40,8 +40,9 @@ import submitit
 from submitit.core.core import PicklingExecutor
 
 from finellama_rl.config import Config, Device
-from finellama_rl.results import append_jsonl
+from finellama_rl.fileio import append_jsonl
 from finellama_rl.errors import EXIT_STOPPED, SubmissionFailed
+from finellama_rl.results import RunPaths, SweepPaths
 
 
 
@@ -142,7 +143,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             sys.exit(128 - code)
         if code != 0:
             raise RuntimeError(f"training exited with code {code}; see the log above and {self.run_dir}")
-        results = Path(self.run_dir) / "eval_results.json"
+        results = RunPaths(Path(self.run_dir)).eval_results
         try:
             return json.loads(results.read_text())["accuracy"] if results.exists() else {}
         except (OSError, ValueError, KeyError, TypeError):
@@ -183,7 +184,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event,
                   "job_id": os.environ.get("SLURM_JOB_ID"), **fields}
         try:
-            append_jsonl(Path(self.run_dir) / "logs" / "job_events.jsonl", record)
+            append_jsonl(RunPaths(Path(self.run_dir)).job_events, record)
         except OSError:
             pass
         print(f"[finellama_rl job] {event} {fields}", flush=True)
@@ -220,7 +221,7 @@ class Executor(submitit.SlurmExecutor):
 
 
 def make_executor(cfg: Config) -> Executor:
-    folder = Path(cfg.run.dir) / "logs" / "submitit"
+    folder = RunPaths(Path(cfg.run.dir)).submitit_logs
     executor = Executor(folder=str(folder), max_num_timeout=cfg.hardware.slurm.max_requeues)
     executor.update_parameters(**executor_params(cfg))
     return executor
@@ -295,11 +296,10 @@ def record_submission(ledger: Path, cfg: Config, job_id: str, argv: List[str], k
                       **extra: Any) -> None:
     """One ledger line per job: kind train (a training job, also a watchdog's
     resubmission) or watchdog (with the job it watches)."""
-    folder = "submitit" if kind == "train" else "watch"
     append_jsonl(ledger, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "kind": kind, "run": cfg.run.name, "run_dir": cfg.run.dir,
         "job_id": str(job_id), "hardware": cfg.hardware.name, "partition": cfg.hardware.slurm.partition,
-        "log": str(Path(cfg.run.dir) / "logs" / folder / f"{job_id}_0_log.out"), "argv": argv, **extra,
+        "log": str(RunPaths(Path(cfg.run.dir)).job_log(job_id, watchdog=kind != "train")), "argv": argv, **extra,
     })
 
 
@@ -351,7 +351,7 @@ def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_d
     """A 1-CPU job that runs after `train_job_id` ends and resubmits it at the next
     ladder rung if it was killed for memory (finellama_rl.login.slurm.watch)."""
     s = cfg.hardware.slurm
-    executor = Executor(folder=str(Path(cfg.run.dir) / "logs" / "watch"), max_num_timeout=0)
+    executor = Executor(folder=str(RunPaths(Path(cfg.run.dir)).watch_logs), max_num_timeout=0)
     params: Dict[str, Any] = {"job_name": job_name(cfg, "flw"), "nodes": 1, "ntasks_per_node": 1,
                               "cpus_per_task": 1, "mem": "1G", "time": 15, "stderr_to_stdout": True,
                               "additional_parameters": {"dependency": f"afterany:{train_job_id}"}}
@@ -375,7 +375,7 @@ def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> st
     cfg, message = decide_resubmit(argv, run_dir, job_id, resubmits_done)
     if cfg is None:
         return message
-    ledger = Path(run_dir).parent / "ledger.jsonl"
+    ledger = SweepPaths.of_run(Path(run_dir)).ledger
     job = submit(cfg, argv)
     record_submission(ledger, cfg, job.job_id, argv, resubmission_of=job_id)
     dog = submit_watchdog(cfg, job.job_id, argv, resubmits_done + 1)

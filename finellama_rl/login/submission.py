@@ -17,8 +17,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from finellama_rl.config import Config
 from finellama_rl.errors import ConfigError
-from finellama_rl.results import atomic_write_bytes
+from finellama_rl.fileio import atomic_write_bytes
 from finellama_rl.errors import SubmissionFailed
+from finellama_rl.results import RunPaths
 
 
 class Submission:
@@ -38,7 +39,7 @@ class Submission:
         return self
 
     def _make_dirs(self, run_dir: Path) -> None:
-        for folder in (run_dir / "logs" / "submitit", run_dir / "logs" / "watch"):
+        for folder in (RunPaths(run_dir).submitit_logs, RunPaths(run_dir).watch_logs):
             missing = [p for p in [folder, *folder.parents] if not p.exists()]
             if missing:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ class Submission:
                 slurm.record_submission(self.ledger_path(cfg), cfg, dog.job_id, argv, kind="watchdog", watches=job.job_id)
         except SubmissionFailed as exc:
             raise ConfigError(slurm.sbatch_error_key(str(exc)), f"sbatch refused {r.label}: {exc}") from None
-        log = Path(cfg.run.dir) / "logs" / "submitit" / f"{job.job_id}_0_log.out"
+        log = RunPaths(Path(cfg.run.dir)).job_log(job.job_id)
         return [cfg.run.name, str(job.job_id), cfg.hardware.name, cfg.hardware.slurm.partition or "(default)",
                 f"{r.start_rung} ({r.rung_reason})", str(log)]
 

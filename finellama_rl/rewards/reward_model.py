@@ -30,11 +30,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from finellama_rl.config import HardwareConfig, ModelConfig, RewardModelConfig, RewardModelKind, StepAggregation
 from finellama_rl.errors import ConfigError
 from finellama_rl.rewards.frozen import FrozenScorer, batches, encode, freeze, load_kwargs
+from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "finellama_reward_model.json"  # written by trainers/rm.py next to the adapter
-RUN_SUBDIR = "reward_model"  # <trainer=rm run folder>/reward_model/
 ORM_FORMAT = 1  # version of orm_text; a manifest with another version is refused
 PRM_STEP_TOKEN = "<extra_0>"
 PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -100,7 +100,7 @@ def describe_source(rm: RewardModelConfig) -> RewardModelSource:
     if not rm.path:
         raise ConfigError("reward_model.path", "is not set: name a trainer=rm run folder or a reward model folder")
     path = Path(rm.path)
-    run = path / RUN_SUBDIR if (path / RUN_SUBDIR / MANIFEST).is_file() else path
+    run = RunPaths(path).reward_model if (RunPaths(path).reward_model / MANIFEST).is_file() else path
     if (run / MANIFEST).is_file():
         manifest = json.loads((run / MANIFEST).read_text())
         if manifest.get("orm_format") != ORM_FORMAT:
@@ -111,7 +111,7 @@ def describe_source(rm: RewardModelConfig) -> RewardModelSource:
         return RewardModelSource("run", None, str(run), ModelConfig(**manifest["base_model"]))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError("reward_model.path", f"{path} is neither a trainer=rm run folder (no {RUN_SUBDIR}/{MANIFEST}) "
+            raise ConfigError("reward_model.path", f"{path} is neither a trainer=rm run folder (no {RunPaths(path).reward_model.name}/{MANIFEST}) "
                                                    "nor a model folder (no config.json)")
         return RewardModelSource("folder", str(path))
     if rm.path.count("/") == 1 and not rm.path.startswith((".", "/", "~")):

@@ -32,14 +32,13 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from finellama_rl.config import Config, Device
-from finellama_rl.results import RunPaths, atomic_write_json
+from finellama_rl.results import RunPaths
+from finellama_rl.fileio import atomic_write_json
 from finellama_rl.trainers.rm_data import (Example, balance, build_candidates, describe, label_examples,
                                            sample_completions, split_problems)
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "rm_data.jsonl"
-EVAL_FILE = "rm_eval.json"
 
 
 # ------------------------------------------------------------------------------ data
@@ -70,7 +69,7 @@ def labelled_data(cfg: Config, paths: RunPaths) -> Tuple[List[Example], List[Exa
     from finellama_rl.task.data import load_problems
     from finellama_rl.job.model import load_tokenizer
 
-    cache, key = paths.root / DATA_FILE, _data_key(cfg)
+    cache, key = paths.rm_data, _data_key(cfg)
     if cache.is_file():
         lines = cache.read_text().splitlines()
         if lines and json.loads(lines[0]) == {"key": key}:
@@ -96,7 +95,7 @@ def labelled_data(cfg: Config, paths: RunPaths) -> Tuple[List[Example], List[Exa
     # cache: held-out problems stored with negative ids so one file holds both parts
     body = [json.dumps({"key": key})] + [json.dumps(e.to_json()) for e in train]
     body += [json.dumps({**e.to_json(), "problem": -1 - e.problem}) for e in held]
-    (paths.root / DATA_FILE).write_text("\n".join(body) + "\n")
+    paths.rm_data.write_text("\n".join(body) + "\n")
     return train, held
 
 
@@ -227,10 +226,10 @@ def train_steps(cfg: Config, model, tokenizer, train: List[Example], held: List[
 
 
 def save_reward_model(cfg: Config, paths: RunPaths, model, tokenizer, metrics: Dict[str, Any]) -> Path:
-    from finellama_rl.rewards.reward_model import RUN_SUBDIR, write_manifest
+    from finellama_rl.rewards.reward_model import write_manifest
 
-    folder = paths.root / RUN_SUBDIR
-    tmp = paths.root / (RUN_SUBDIR + ".staging")
+    folder = paths.reward_model
+    tmp = folder.with_name(folder.name + ".staging")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, rm_base(cfg), metrics)  # last: its presence marks a complete folder
@@ -251,9 +250,9 @@ def _free_memory() -> None:
 
 
 def is_done(paths: RunPaths) -> bool:
-    from finellama_rl.rewards.reward_model import MANIFEST, RUN_SUBDIR
+    from finellama_rl.rewards.reward_model import MANIFEST
 
-    return (paths.root / RUN_SUBDIR / MANIFEST).is_file()
+    return (paths.reward_model / MANIFEST).is_file()
 
 
 def run(cfg: Config, paths: RunPaths, monitor) -> bool:
@@ -283,7 +282,7 @@ def run(cfg: Config, paths: RunPaths, monitor) -> bool:
     after, scores = heldout_metrics(model, tokenizer, held, cfg)
     folder = save_reward_model(cfg, paths, model, tokenizer, after)
     records = [{**e.to_json(), "score": s} for e, s in zip(held, scores)]
-    atomic_write_json(paths.root / EVAL_FILE, {
+    atomic_write_json(paths.rm_eval, {
         "schema_version": 1, "kind": "finellama_rl/reward_model_eval", "run": cfg.run.name, "step": step,
         "reward_model": rm_base(cfg).name, "policy": cfg.model.name, "protocol": cfg.eval.protocol.value,
         "heldout": after, "before_training": before, "train_data": describe(train), "heldout_data": describe(held),

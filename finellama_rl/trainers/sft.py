@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from finellama_rl.job import distributed as dist
-from finellama_rl.job.adapters import BEST_FILE
 from finellama_rl.checkpoint import (
     checkpoint_dir,
     clear_staging,
@@ -50,9 +49,10 @@ from finellama_rl.checkpoint import (
 )
 from finellama_rl.config import BestMetric, Config, Device
 from finellama_rl.ladder.rungs import Phase
-from finellama_rl.results import atomic_write_json, read_json
+from finellama_rl.fileio import atomic_write_json, read_json
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
+from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class BestTracker:
 
     def __init__(self, cfg: Config, run_root: Path, start_step: int):
         self.metric = cfg.trainer.sft.best_metric
-        self.path = run_root / BEST_FILE
+        self.path = RunPaths(run_root).best_checkpoint
         self.history: List[Dict[str, Any]] = []
         self.step: Optional[int] = None
         self.value: Optional[float] = None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from finellama_rl import results
-from finellama_rl.results import append_jsonl, atomic_output, atomic_write_json, atomic_write_text, fraction_or_none, is_disk_full, read_json_object, read_jsonl, read_run_config_data
+from finellama_rl import fileio
+from finellama_rl.fileio import append_jsonl, atomic_output, atomic_write_json, atomic_write_text, fraction_or_none, is_disk_full, read_json_object, read_jsonl, read_run_config_data
 from finellama_rl.errors import DiskFullError, RunConfigUnreadable
 
 
@@ -31,7 +31,7 @@ def test_written_files_honour_the_umask(tmp_path, umask002):
     for name in ("eval_results.json", "report.md", "metrics.jsonl"):
         mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
         assert mode == 0o664, f"{name}: {oct(mode)} (group-readable and -writable under umask 002)"
-    assert results.current_umask() == 0o002
+    assert fileio.current_umask() == 0o002
 
 
 def test_default_umask_gives_0644(tmp_path):
