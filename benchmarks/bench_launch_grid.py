@@ -55,25 +55,26 @@ def cancel(sweep: Path) -> float:
 
 def in_process(results: Path) -> Dict[str, float]:
     from finellama_rl import launch
+    from finellama_rl.login import sweep
     from finellama_rl.compose import _COMPOSED
     from finellama_rl.login.submission import Submission
 
     _COMPOSED.clear()  # a fresh process composes each group selection once
     times = {}
     t0 = time.perf_counter()
-    runs = launch.plan_runs([*GRID, f"run.results_dir={results}"])
+    runs = sweep.plan_runs([*GRID, f"run.results_dir={results}"])
     times["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     slurm_mode = launch.use_slurm(runs)
-    launch.reserve_sweep(runs, create=False)
+    sweep.reserve_sweep(runs, create=False)
     launch.preflight(runs, slurm_mode)
     times["checks"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     launch.test_with_sbatch(runs)
     times["test_only"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    created = launch.reserve_sweep(runs, create=True)
-    with Submission(runs, launch.ledger_path, created) as sub:
+    created = sweep.reserve_sweep(runs, create=True)
+    with Submission(runs, sweep.ledger_path, created) as sub:
         rows = [sub.submit(r) for r in runs]
     times["submit"] = time.perf_counter() - t0
     assert len(runs) == len(rows) == 100

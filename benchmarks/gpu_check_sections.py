@@ -125,7 +125,7 @@ class Pieces:
 
 def _prediction(cfg) -> Dict[str, Any]:
     from finellama_rl.login import memory
-    from finellama_rl.plan import memory_inputs
+    from finellama_rl.login.planner import memory_inputs
     from finellama_rl.ladder.run_ladder import setting_of
 
     est = memory.estimate_memory(memory_inputs(cfg, setting_of(cfg)))
@@ -230,7 +230,7 @@ def ladder_case(ws: Workspace, cap, planner: bool) -> Dict[str, Any]:
 
     from finellama_rl.ladder.attempts import read_attempts
     from finellama_rl.login.memory import estimate_memory
-    from finellama_rl.plan import choose_start_rung, memory_inputs
+    from finellama_rl.login.planner import choose_start_rung, memory_inputs
     from finellama_rl.results import RunPaths
     from finellama_rl.fileio import read_jsonl
     from finellama_rl.ladder.run_ladder import ladder_for

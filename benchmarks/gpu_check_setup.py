@@ -323,7 +323,7 @@ class Workspace:
 
 
 def _phase_tracker_class():
-    from finellama_rl.ladder.attempts import PhaseTracker
+    from finellama_rl.job.faults import PhaseTracker
 
     class PeakTracker(PhaseTracker):
         """The project's PhaseTracker that also records the peak CUDA memory (allocated,

@@ -561,7 +561,9 @@ def world_size(hardware: HardwareConfig) -> int:
     return max(1, hardware.gpus_per_node) if hardware.device == Device.cuda else 1
 
 
+RULE_REWARDS = ("correctness", "format", "digits")  # rule reward functions of the evaluation protocol (rewards/rules.py)
 SCORING_SOURCES = ("reward_model", "judge")  # reward sources backed by a frozen model (rewards/sources.py)
+SOURCE_NAMES = (*RULE_REWARDS, *SCORING_SOURCES)  # every name trainer.rewards accepts
 
 
 def scoring_sources(trainer: TrainerConfig) -> List[str]:

@@ -1,9 +1,11 @@
-"""What a process prints: log format and levels for job-side entry points, and
-one-line warnings for the command-line tools. No torch or transformers at import.
+"""What a process prints: log format and levels for job-side entry points, one-line
+warnings for the command-line tools, and durations as they appear in progress lines
+and reports. No torch or transformers at import.
 """
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 
@@ -19,3 +21,11 @@ def setup_logging() -> None:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """'1:02:03' (hours:minutes:seconds), '?' for an unknown duration."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -110,8 +110,8 @@ def plan_rl(overrides: Sequence[str], adapter: Path, sweep: str):
     """Every RL run of the command line, composed and validated before anything trains (a
     typo fails before the SFT, not after). Each run gets its trainer's demo batch
     (PER_TRAINER) unless the command line sets it; run names follow launch's rules."""
-    from finellama_rl.launch import PlannedRun, _check_distinct
-    from finellama_rl.plan import choose_start_rung
+    from finellama_rl.login.sweep import PlannedRun, check_distinct
+    from finellama_rl.login.planner import choose_start_rung
 
     runs = []
     for i, (combo, name_parts) in enumerate(expand_sweep(overrides)):
@@ -122,7 +122,7 @@ def plan_rl(overrides: Sequence[str], adapter: Path, sweep: str):
         cfg = load_config(ovs, name_parts)
         rung, why = choose_start_rung(cfg)
         runs.append(PlannedRun(i, ovs, cfg, rung, why))
-    _check_distinct(runs)
+    check_distinct(runs)
     return runs
 
 

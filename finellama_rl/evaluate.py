@@ -242,7 +242,7 @@ def main(argv: Sequence[str]) -> int:
     from finellama_rl.console import setup_logging
     from finellama_rl.task.data import load_problems
     from finellama_rl.eval.passk import format_pass_at_k
-    from finellama_rl.index import add_eval_file, results_root
+    from finellama_rl.eval.results_index import add_eval_file, results_root
     from finellama_rl.job.model import load_tokenizer
     from finellama_rl.fileio import atomic_write_json
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.eval.compare import EvalView, paired, why_not_paired
 from finellama_rl.eval.statistics import format_interval, format_p
-from finellama_rl.job.monitor import format_duration
+from finellama_rl.console import format_duration
 from finellama_rl.results import RunPaths, iter_run_dirs
 from finellama_rl.fileio import atomic_output, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
 from finellama_rl.errors import RunConfigUnreadable

@@ -106,7 +106,7 @@ def baseline_eval(cfg: Config, paths: RunPaths, evaluate_fn, policy) -> Optional
         return read_json(paths.baseline)
     if not cfg.eval.before_training:
         return None
-    from finellama_rl.index import add_eval_file, results_root
+    from finellama_rl.eval.results_index import add_eval_file, results_root
 
     result = evaluate_fn(policy, 0, "baseline")
     atomic_write_json(paths.baseline, eval_document(cfg, 0, result, None))
@@ -222,12 +222,12 @@ def train_attempt(cfg: Config, paths: RunPaths, run=None) -> int:
     from finellama_rl.ladder.rungs import Phase
 
     from finellama_rl.trainers.base import TrainContext
-    from finellama_rl.ladder.attempts import install_fault_injection
+    from finellama_rl.job.faults import install_fault_injection
     from finellama_rl.checkpoint import latest_resume_point, read_state
     from finellama_rl.task.data import load_problems, with_prompts
     from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_eval, summary
     from finellama_rl.task.protocols import prompt_format
-    from finellama_rl.index import add_eval_file, results_root
+    from finellama_rl.eval.results_index import add_eval_file, results_root
     from finellama_rl.job.model import count_parameters, load_policy, load_tokenizer
     from finellama_rl.job.monitor import TrainingMonitor
     from finellama_rl.rewards.sources import build_reward_sources, check_sources_available, metric_sources

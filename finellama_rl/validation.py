@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from finellama_rl.validation_scoring import validate_scoring
-from finellama_rl.config import Algo, Config, DataSource, Device, HardwareConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
+from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
 from finellama_rl.errors import ConfigError
 
 
@@ -99,8 +99,6 @@ def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
         raise ConfigError("trainer.top_p", f"must be in (0, 1], got {t.top_p}")
     if not 0 < t.clip_epsilon < 1:
         raise ConfigError("trainer.clip_epsilon", f"must be in (0, 1), got {t.clip_epsilon}")
-    from finellama_rl.rewards.sources import SOURCE_NAMES  # rule rewards and model-backed sources
-
     if not t.rewards:
         raise ConfigError("trainer.rewards", f"needs at least one of {'|'.join(SOURCE_NAMES)}")
     for name in t.rewards:

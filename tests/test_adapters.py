@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finellama_rl.job.adapters import FROZEN, resolve_adapter
+from finellama_rl.job.adapters import FROZEN
+from finellama_rl.artifacts import resolve_adapter
 from finellama_rl.errors import ConfigError
 from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training

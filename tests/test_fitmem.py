@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from finellama_rl import fitmem
+from finellama_rl.ladder import fitmem
 from finellama_rl.compose import load_config
 from finellama_rl.ladder.rungs import Rung
-from finellama_rl.plan import choose_start_rung
+from finellama_rl.login.planner import choose_start_rung
 from finellama_rl.ladder.run_ladder import ladder_for
 
 GPU = ["model=qwen2.5-3b", "trainer=grpo", "hardware=a100_80"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from finellama_rl import index
+from finellama_rl.eval import results_index
 from finellama_rl.fileio import atomic_write_json, atomic_write_text
 
 WRITERS, ENTRIES_PER_WRITER = 8, 5
@@ -42,7 +43,7 @@ def _writer(root: str, worker: int, barrier) -> None:
         path = Path(root) / "sw" / run / "evals" / f"step_{j + 1:06d}-n20-greedy.json"
         atomic_write_text(path.parent.parent / "config.yaml", "# test fixture\n")
         atomic_write_json(path, doc)
-        index.add_entry(Path(root), doc, path)
+        results_index.add_entry(Path(root), doc, path)
 
 
 def test_concurrent_writers_lose_no_entry(tmp_path):
@@ -54,7 +55,7 @@ def test_concurrent_writers_lose_no_entry(tmp_path):
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * WRITERS
-    entries = index.read_index(tmp_path / "eval_results.json")
+    entries = results_index.read_index(tmp_path / "eval_results.json")
     assert len(entries) == WRITERS * ENTRIES_PER_WRITER
     got = {(e["run"], e["step"]): e for e in entries}
     for w in range(WRITERS):
@@ -86,7 +87,7 @@ def as_set(entries):
 @pytest.mark.parametrize("damage", ["truncated", "wrong_schema", "not_a_list", "entry_missing_keys"])
 def test_damaged_index_is_detected_and_rebuilt(tmp_path, caplog, damage):
     fixture_tree(tmp_path)
-    entries = index.rebuild(tmp_path)
+    entries = results_index.rebuild(tmp_path)
     assert as_set(entries) == EXPECTED
     path = tmp_path / "eval_results.json"
     good = path.read_text()
@@ -97,16 +98,16 @@ def test_damaged_index_is_detected_and_rebuilt(tmp_path, caplog, damage):
         "entry_missing_keys": json.dumps({**json.loads(good), "entries": [{"run": "x"}]}),
     }[damage]
     path.write_text(damaged)
-    with pytest.raises(index.IndexDamaged):
-        index.read_index(path)
+    with pytest.raises(results_index.IndexDamaged):
+        results_index.read_index(path)
 
     new_doc = eval_doc("ppo-b", 6, 0.9, 0.95)
     new_path = tmp_path / "sw" / "ppo-b" / "evals" / "step_000006-n20-greedy.json"
     atomic_write_json(new_path, new_doc)
-    with caplog.at_level(logging.WARNING, logger="finellama_rl.index"):
-        index.add_entry(tmp_path, new_doc, new_path)
+    with caplog.at_level(logging.WARNING, logger="finellama_rl.eval.results_index"):
+        results_index.add_entry(tmp_path, new_doc, new_path)
     assert any("is damaged" in r.getMessage() and "rebuilt 6 entries" in r.getMessage() for r in caplog.records)
-    assert as_set(index.read_index(path)) == EXPECTED | {("ppo-b", "step_000006", 0.9, 0.95, 20)}
+    assert as_set(results_index.read_index(path)) == EXPECTED | {("ppo-b", "step_000006", 0.9, 0.95, 20)}
     aside = list(tmp_path.glob("eval_results.json.damaged-*"))
     assert len(aside) == 1 and aside[0].read_text() == damaged  # kept as evidence, never deleted
 
@@ -116,34 +117,34 @@ def test_missing_index_is_built_from_the_run_folders_and_adds_replace(tmp_path):
     doc = eval_doc("grpo-a", 4, 0.55, 0.65)
     path = tmp_path / "sw" / "grpo-a" / "eval_results.json"
     atomic_write_json(path, doc)
-    index.add_entry(tmp_path, doc, path)
-    index.add_entry(tmp_path, doc, path)  # the same file twice: one entry
-    got = as_set(index.read_index(tmp_path / "eval_results.json"))
+    results_index.add_entry(tmp_path, doc, path)
+    results_index.add_entry(tmp_path, doc, path)  # the same file twice: one entry
+    got = as_set(results_index.read_index(tmp_path / "eval_results.json"))
     assert got == (EXPECTED - {("grpo-a", "step_000004", 0.5, 0.6, 20)}) | {("grpo-a", "step_000004", 0.55, 0.65, 20)}
 
 
 def test_add_eval_file_never_raises(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="finellama_rl.index"):
-        assert index.add_eval_file(tmp_path, tmp_path / "missing.json") is None
+    with caplog.at_level(logging.WARNING, logger="finellama_rl.eval.results_index"):
+        assert results_index.add_eval_file(tmp_path, tmp_path / "missing.json") is None
     assert "could not add" in caplog.text
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"run": "r"}))
     with pytest.raises(ValueError, match="not an eval document"):
-        index.add_entry(tmp_path, {"run": "r"}, bad)
+        results_index.add_entry(tmp_path, {"run": "r"}, bad)
 
 
 def test_results_root_follows_the_run_folder(tmp_path):
     from finellama_rl.config import RunConfig
 
     moved = tmp_path / "elsewhere" / "sw" / "grpo-a"
-    assert index.results_root(RunConfig(results_dir="results", sweep="sw", name="grpo-a", dir=str(moved))) == tmp_path / "elsewhere"
-    assert index.results_root(RunConfig(results_dir=str(tmp_path / "r"), sweep="sw", name="x", dir="/tmp/x")) == tmp_path / "r"
+    assert results_index.results_root(RunConfig(results_dir="results", sweep="sw", name="grpo-a", dir=str(moved))) == tmp_path / "elsewhere"
+    assert results_index.results_root(RunConfig(results_dir=str(tmp_path / "r"), sweep="sw", name="x", dir="/tmp/x")) == tmp_path / "r"
 
 
 def test_entry_paths_outside_the_root_are_absolute(tmp_path):
     doc = eval_doc("r", 1, 0.5, 0.5)
     outside = tmp_path / "other" / "e.json"
-    entry = index.entry_from_document(doc, outside, tmp_path / "root")
+    entry = results_index.entry_from_document(doc, outside, tmp_path / "root")
     assert entry["path"] == str(outside.resolve())
     assert entry["protocol"]["decoding"] == "greedy" and entry["pass_at_k"] is None
 
@@ -168,7 +169,7 @@ def eval_doc_v2(run: str, step: int, correct: dict, n: int, protocol: str = "qwe
 
 def test_entries_of_schema_2_documents_carry_protocol_and_intervals(tmp_path):
     doc = eval_doc_v2("r", 3, {"math_verify": 40, "strict": 10, "lenient": 30}, 50)
-    e = index.entry_from_document(doc, tmp_path / "sw" / "r" / "eval_results.json", tmp_path)
+    e = results_index.entry_from_document(doc, tmp_path / "sw" / "r" / "eval_results.json", tmp_path)
     assert (e["primary"], e["schema_version"], e["n"], e["checkpoint"]) == ("math_verify", 2, 50, "step_000003")
     assert e["accuracy"] == {"math_verify": 0.8, "strict": 0.2, "lenient": 0.6}
     assert e["ci95"]["math_verify"] == pytest.approx([0.6696, 0.8876], abs=1e-4)  # Wilson 40/50
@@ -177,12 +178,12 @@ def test_entries_of_schema_2_documents_carry_protocol_and_intervals(tmp_path):
         "qwen_boxed", "math_verify", "You are a helpful assistant.", 1024, "greedy")
     bad = {**doc, "primary": "lm_eval_strict"}
     with pytest.raises(ValueError, match="accuracy.lm_eval_strict"):
-        index.entry_from_document(bad, tmp_path / "x.json", tmp_path)
+        results_index.entry_from_document(bad, tmp_path / "x.json", tmp_path)
 
 
 def test_schema_1_eval_file_is_read_as_finellama_strict(tmp_path):
     doc = json.loads(V1_FIXTURE.read_text())
-    e = index.entry_from_document(doc, tmp_path / "seed" / "run" / "eval_results.json", tmp_path)
+    e = results_index.entry_from_document(doc, tmp_path / "seed" / "run" / "eval_results.json", tmp_path)
     assert (e["schema_version"], e["primary"], e["protocol"]["name"], e["n"]) == (1, "strict", "finellama", 6)
     assert e["accuracy"] == {"strict": pytest.approx(2 / 6), "lenient": pytest.approx(4 / 6)}
     assert e["correct"] == {"strict": 2, "lenient": 4}
@@ -193,20 +194,20 @@ def test_schema_1_eval_file_is_read_as_finellama_strict(tmp_path):
 def test_schema_1_index_is_rebuilt_quietly(tmp_path, caplog):
     fixture_tree(tmp_path)
     write_run(tmp_path, "sw", "qwen", {"eval_results.json": eval_doc_v2("qwen", 5, {"math_verify": 7, "strict": 1}, 10)})
-    old = {"schema_version": 1, "kind": index.INDEX_KIND, "updated": "2026-11-20T00:00:00",
+    old = {"schema_version": 1, "kind": results_index.INDEX_KIND, "updated": "2026-11-20T00:00:00",
            "entries": [{"run": "grpo-a", "step": 4, "accuracy": {"strict": 0.5, "lenient": 0.6}, "n": 20, "path": "x"}]}
     (tmp_path / "eval_results.json").write_text(json.dumps(old))
-    with pytest.raises(index.IndexOutdated):
-        index.read_index(tmp_path / "eval_results.json")
+    with pytest.raises(results_index.IndexOutdated):
+        results_index.read_index(tmp_path / "eval_results.json")
     new_doc = eval_doc_v2("qwen", 6, {"math_verify": 8, "strict": 2}, 10)
     new_path = tmp_path / "sw" / "qwen" / "evals" / "step_000006-qwen_boxed-n10-greedy.json"
     atomic_write_json(new_path, new_doc)
-    with caplog.at_level(logging.INFO, logger="finellama_rl.index"):
-        index.add_entry(tmp_path, new_doc, new_path)
+    with caplog.at_level(logging.INFO, logger="finellama_rl.eval.results_index"):
+        results_index.add_entry(tmp_path, new_doc, new_path)
     assert not any("damaged" in r.getMessage() for r in caplog.records)
     assert any("older schema_version 1" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
     assert len(list(tmp_path.glob("eval_results.json.outdated-*"))) == 1
-    entries = index.read_index(tmp_path / "eval_results.json")
+    entries = results_index.read_index(tmp_path / "eval_results.json")
     assert len(entries) == len(EXPECTED) + 2 and {e["schema_version"] for e in entries} == {1, 2}
     qwen = sorted((e["step"], e["primary"], e["accuracy"]["math_verify"]) for e in entries if e["run"] == "qwen")
     assert qwen == [(5, "math_verify", 0.7), (6, "math_verify", 0.8)]

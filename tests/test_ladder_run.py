@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from finellama_rl.fitmem import fit_key, remembered_rung
+from finellama_rl.ladder.fitmem import fit_key, remembered_rung
 from finellama_rl.ladder.run_ladder import ladder_for
-from finellama_rl.plan import choose_start_rung
+from finellama_rl.login.planner import choose_start_rung
 from finellama_rl.fileio import read_jsonl
 from finellama_rl.train import run_training
 from finellama_rl.errors import EXIT_LADDER_EXHAUSTED
@@ -98,11 +98,11 @@ MID_ALGO = {"ppo": ["trainer=ppo", "trainer.prompts_per_step=4"],
 
 def _recording_run(cfg, monkeypatch):
     """run_training that records, per attempt and global step, the questions its rewards saw."""
-    import finellama_rl.ladder.attempts as attempts
+    import finellama_rl.job.faults as faults
     from finellama_rl.rewards import sources
 
     trackers, seen = [], []
-    install, build = attempts.install_fault_injection, sources.build_reward_sources
+    install, build = faults.install_fault_injection, sources.build_reward_sources
 
     def tracked(*a, **kw):
         trackers.append(install(*a, **kw))
@@ -117,7 +117,7 @@ def _recording_run(cfg, monkeypatch):
             return g
         return [wrap(f) for f in build(*a, **kw)]
 
-    monkeypatch.setattr(attempts, "install_fault_injection", tracked)
+    monkeypatch.setattr(faults, "install_fault_injection", tracked)
     monkeypatch.setattr(sources, "build_reward_sources", recording)
     assert run_training(cfg) == 0
     by_step = {}

@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, fake_binaries, path_without_slurm
 
 from finellama_rl import launch
+from finellama_rl.login import sweep
 from finellama_rl.compose import _COMPOSED, compose_raw, hydra_quote, load_config
 from finellama_rl.errors import ConfigError
 from finellama_rl.runlock import RunFolderBusy, RunLock, busy_reason, holder_alive, proc_start_time, read_holder
@@ -77,10 +78,10 @@ def test_auto_with_sbatch_that_does_not_answer_refuses_a_gpu_profile(tmp_path, n
 
 def test_sweep_folders_are_unique_for_launches_in_the_same_second(tmp_path):
     args = ["-m", "trainer=ppo,grpo", "experiment=smoke", f"run.results_dir={tmp_path}"]
-    first, second = launch.plan_runs(args), launch.plan_runs(args)
+    first, second = sweep.plan_runs(args), sweep.plan_runs(args)
     for r in second:  # as if both started in the same second
         r.auto_sweep = first[0].auto_sweep
-    made = launch.reserve_sweep(first, create=True) + launch.reserve_sweep(second, create=True)
+    made = sweep.reserve_sweep(first, create=True) + sweep.reserve_sweep(second, create=True)
     assert [p.name for p in made] == [first[0].auto_sweep, f"{first[0].auto_sweep}-2"]
     assert {Path(r.cfg.run.dir).parent for r in first}.isdisjoint({Path(r.cfg.run.dir).parent for r in second})
     assert second[0].cfg.run.sweep == f"{first[0].auto_sweep}-2"
@@ -166,7 +167,7 @@ def test_job_arguments_survive_hydra(tmp_path):
     a comma, reach the job exactly (quoted for Hydra) and are never run by a shell."""
     root = tmp_path / "a b,c=d $(touch x) `id` it's \"q\""
     prompt = "Be brief, please: x=1 $(id)"
-    runs = launch.plan_runs(["-m", "experiment=smoke", f"run.results_dir={hydra_quote(str(root))}",
+    runs = sweep.plan_runs(["-m", "experiment=smoke", f"run.results_dir={hydra_quote(str(root))}",
                              f"data.system_prompt='{prompt}',plain", "run.sweep=s"])
     assert [r.cfg.data.system_prompt for r in runs] == [prompt, "plain"]
     for r in runs:
@@ -214,7 +215,7 @@ def test_hundred_run_grid_plans_fast(tmp_path):
     (benchmarks/bench_launch_grid.py times it with submission on the real cluster)."""
     _COMPOSED.clear()
     t0 = time.perf_counter()
-    runs = launch.plan_runs(["-m", "experiment=smoke", "trainer.learning_rate=1e-4,3e-4,1e-3,3e-3",
+    runs = sweep.plan_runs(["-m", "experiment=smoke", "trainer.learning_rate=1e-4,3e-4,1e-3,3e-3",
                              "trainer.seed=0,1,2,3,4", "trainer.lora.r=2,4,8,16,32", f"run.results_dir={tmp_path}"])
     seconds = time.perf_counter() - t0
     assert len(runs) == 100 and len({r.cfg.run.dir for r in runs}) == 100

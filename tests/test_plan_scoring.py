@@ -16,7 +16,8 @@ def load(*overrides):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_validates_and_plans(preset, capsys):
-    from finellama_rl.plan import main, plan
+    from finellama_rl.plan import main
+    from finellama_rl.login.planner import plan
     from finellama_rl.login.plan_scoring import scoring_parts
 
     cfg = load(f"experiment={preset}")
@@ -61,7 +62,7 @@ def test_judge_weights_match_the_seeds_figures():
 
 
 def test_scoring_model_is_additive_and_shrinks_the_policy_budget():
-    from finellama_rl.plan import policy_budget_bytes
+    from finellama_rl.login.planner import policy_budget_bytes
     from finellama_rl.login.plan_scoring import per_gpu_bytes, scoring_parts, shared_bytes
 
     with_judge = load("experiment=judge_7b_14b")
@@ -98,7 +99,7 @@ def test_judge_on_h200_fits_and_not_on_an_a100_80_at_batch_8():
     """79.7 GiB at batch 8 (seed: 94-103 GB on the H200): within an A100-80's 80 GiB but over
     the planner's 10% margin (`tight`; it read `NO` at 88.9 GiB while GRPO's logits were
     counted at full vocabulary, which TRL 1.16 never materialises)."""
-    from finellama_rl.plan import rung0_peak_bytes
+    from finellama_rl.login.planner import rung0_peak_bytes
     from finellama_rl.login.plan_scoring import batch_table
 
     table = batch_table(["experiment=judge_7b_14b"], [8], rung0_peak_bytes, profiles=["a100_80", "h200"])
@@ -113,7 +114,7 @@ def test_dev_0p5b_trains_its_128_sequences_in_micro_batches_of_16():
     from dataclasses import replace
 
     from finellama_rl.login.memory import estimate_memory
-    from finellama_rl.plan import memory_inputs, rung0_peak_bytes
+    from finellama_rl.login.planner import memory_inputs, rung0_peak_bytes
     from finellama_rl.login.plan_scoring import scoring_parts, shared_bytes
     from finellama_rl.ladder.run_ladder import setting_of
 

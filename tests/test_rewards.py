@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from finellama_rl.config import EvalProtocol
+from finellama_rl.config import RULE_REWARDS, EvalProtocol
 from finellama_rl.rewards.rules import (
     REWARD_FUNCS, Extraction, boxed_content, build_reward_funcs, digit_reward, extract_answer, extract_lenient,
     extract_strict, is_correct, normalize_number, reference_answer,
@@ -183,7 +183,7 @@ def test_build_reward_funcs() -> None:
     assert [f.__name__ for f in funcs] == ["format_reward", "correctness_reward", "digit_reward"]
     assert funcs[2] is digit_reward
     assert build_reward_funcs([]) == []
-    assert set(REWARD_FUNCS) == {"correctness", "format", "digits"}
+    assert set(REWARD_FUNCS) == {"correctness", "format", "digits"} == set(RULE_REWARDS)  # validation knows them by name
     with pytest.raises(ValueError, match=r"unknown reward 'accuracy': expected one of correctness\|format\|digits"):
         build_reward_funcs(["correctness", "accuracy"])
 

@@ -146,7 +146,7 @@ def test_keep_best_restores_the_best_checkpoint(make_config, tmp_path, monkeypat
     run ends with (and evaluates); model.adapter=<run> then resolves to it."""
     from safetensors.torch import load_file
 
-    from finellama_rl.job.adapters import resolve_adapter
+    from finellama_rl.artifacts import resolve_adapter
     from finellama_rl.trainers import sft
 
     scripted = {2: 0.2, 4: 0.6, 6: 0.4}

@@ -19,58 +19,20 @@ top and the frozen one in `sft/`), so resume and the evaluate command need nothi
 else. A run folder resolves to its final adapter: the best checkpoint when the run
 restored one (SFT with trainer.sft.keep_best; best_checkpoint.json), else the latest.
 
-Path resolution is pure (no torch): the login node checks it before submitting.
+Where the adapter is (a run folder or a checkpoint) is artifacts.py's part: the login node
+checks it before submitting.
 """
 from __future__ import annotations
 
-import json
 import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from finellama_rl.checkpoint import latest_checkpoint
-from finellama_rl.errors import ConfigError
-from finellama_rl.results import RunPaths
+from finellama_rl import artifacts
 
-FROZEN = "sft"  # the adapter we start from (frozen)
+FROZEN = artifacts.FROZEN  # the adapter we start from (frozen); its PEFT name and its folder in checkpoints
 TRAINABLE = "default"  # PEFT's name for the adapter get_peft_model creates
-ADAPTER_FILE = "adapter_model.safetensors"
-
-
-def is_adapter_folder(path: Path) -> bool:
-    return (path / ADAPTER_FILE).is_file() and (path / "adapter_config.json").is_file()
-
-
-def resolve_adapter(value: str) -> Path:
-    """The adapter folder named by model.adapter: a checkpoint (or any PEFT adapter
-    folder), or a run folder (its restored best checkpoint, else its latest)."""
-    path = Path(value).expanduser().resolve()
-    if is_adapter_folder(path):
-        found = path
-    elif RunPaths(path).checkpoints.is_dir():
-        found = _run_final_adapter(path)
-    elif path.exists():
-        raise ConfigError("model.adapter", f"{value} is neither a run folder (no checkpoints/) nor an adapter folder "
-                                           f"(no {ADAPTER_FILE} and adapter_config.json)")
-    else:
-        raise ConfigError("model.adapter", f"{value} does not exist; give a run folder (results/<sweep>/<run>) or a checkpoint folder")
-    if (found / FROZEN).is_dir():
-        raise ConfigError("model.adapter", f"{found} comes from a run that itself started from an adapter; "
-                                           "stacking a third adapter is not supported: start from the SFT run instead")
-    return found
-
-
-def _run_final_adapter(run: Path) -> Path:
-    best_file = RunPaths(run).best_checkpoint
-    if best_file.is_file():
-        best = json.loads(best_file.read_text())
-        if best.get("restored") and best.get("checkpoint") and is_adapter_folder(Path(best["checkpoint"])):
-            return Path(best["checkpoint"])
-    ckpt = latest_checkpoint(RunPaths(run).checkpoints)
-    if ckpt is None or not is_adapter_folder(ckpt):
-        raise ConfigError("model.adapter", f"run folder {run} has no committed LoRA checkpoint yet")
-    return ckpt
 
 
 # ----------------------------------------------------------------------- stacking (torch/peft below)
@@ -163,6 +125,6 @@ def load_adapter_weights(policy, folder: Path) -> None:
     from safetensors.torch import load_file
 
     device = str(next(policy.parameters()).device)
-    result = set_peft_model_state_dict(policy, load_file(str(Path(folder) / ADAPTER_FILE), device=device), adapter_name=TRAINABLE)
+    result = set_peft_model_state_dict(policy, load_file(str(Path(folder) / artifacts.ADAPTER_FILE), device=device), adapter_name=TRAINABLE)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{folder}: adapter does not match the policy ({result.unexpected_keys[:3]})")

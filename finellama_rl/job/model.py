@@ -221,7 +221,8 @@ def load_policy(m: ModelConfig, t: TrainerConfig, hardware: HardwareConfig, adap
         # (tests/test_model.py checks the gradients are identical).
         model.enable_input_require_grads()
     if m.adapter:  # a frozen trained adapter (e.g. SFT) under the trainable one: finellama_rl/job/adapters.py
-        from finellama_rl.job.adapters import FROZEN, resolve_adapter, stack_adapters
+        from finellama_rl.job.adapters import FROZEN, stack_adapters
+        from finellama_rl.artifacts import resolve_adapter
 
         inside = Path(adapter_dir) / FROZEN if adapter_dir else None  # a checkpoint of such a run holds both
         frozen = inside if inside is not None and inside.is_dir() else resolve_adapter(m.adapter)

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from finellama_rl.console import format_duration
 from finellama_rl.config import TrainerConfig
 from finellama_rl.results import RunPaths
 from finellama_rl.fileio import append_jsonl
@@ -30,13 +31,6 @@ class Decision:
     evaluate: bool
     stop: bool
     reason: str = ""
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class TrainingMonitor:

@@ -47,7 +47,8 @@ def _after_oom(paths: RunPaths, ladder: List[Rung], rung: Rung, run: AttemptRun,
     """Record an out-of-memory (with its phase) and write the snapshot; returns the rung to
     retry at. With several ranks this process exits instead (the supervisor restarts all)."""
     from finellama_rl.job import distributed as dist
-    from finellama_rl.ladder.attempts import close_attempt, phase_of, record_attempt
+    from finellama_rl.ladder.attempts import close_attempt, record_attempt
+    from finellama_rl.job.faults import phase_of
     from finellama_rl.checkpoint import latest_checkpoint, step_of
     from finellama_rl.ladder.rungs import step_down
 
@@ -83,7 +84,7 @@ def run_attempts(cfg: Config, paths: RunPaths, ladder: List[Rung], hooks: Attemp
     from finellama_rl.job import distributed as dist
     from finellama_rl.ladder.attempts import (close_attempt, format_attempts, open_attempt, read_attempts, record_attempt,
                                        start_point)
-    from finellama_rl.fitmem import remember_fit
+    from finellama_rl.ladder.fitmem import remember_fit
     from finellama_rl.ladder.rungs import format_ladder, is_oom_error
     from finellama_rl.ladder.run_ladder import config_at
     from finellama_rl.job.snapshot import SnapshotHolder

@@ -1,15 +1,15 @@
-"""The job side of the OOM ladder: attempts.jsonl (one line per attempt, with the
-phase an out-of-memory happened in), the rung an attempt starts at, the phase
-tracker the trainers report to, and deterministic fault injection so the ladder is
-exercised on CPU. The ladder of a config is in ladder/run_ladder.py, the fit memory in fitmem.py.
+"""attempts.jsonl: one line per attempt of the OOM ladder (with the phase an
+out-of-memory happened in), the rung an attempt starts at, and the marker of the attempt
+in progress (a hard-killed attempt is recorded when the run starts again).
 
-Used by finellama_rl.train (in-process ladder) and finellama_rl.login.resubmit
-(scheduler-level ladder). No torch at import.
+Written by the job (job/oom_loop.py, the in-process ladder) and by the watchdog
+(login/resubmit.py, the scheduler-level ladder); read by status and report. The ladder of
+a config is in ladder/run_ladder.py, the fit memory in ladder/fitmem.py, the phase tracker
+and fault injection in job/faults.py. No torch at import.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from finellama_rl.config import Config
 from finellama_rl.ladder.rungs import Phase, Rung, fit_generation_batch, step_down
@@ -17,7 +17,6 @@ from finellama_rl.results import RunPaths
 from finellama_rl.fileio import append_jsonl, read_jsonl
 
 OOM_OUTCOMES = ("oom", "oom_killed")
-PHASE_ATTR = "finellama_phase"  # set on an exception by the innermost phase it passed through
 
 
 ATTEMPT_RECORD = {"rung": int, "outcome": str}
@@ -82,128 +81,6 @@ def format_attempts(attempts: List[Dict[str, Any]]) -> str:
                      f"{a['outcome']:<12} {a.get('phase') or '-':<11} {a.get('steps_done', '?'):>5}  "
                      f"{str(a.get('error', ''))[:60]}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------- phases
-
-
-class PhaseTracker:
-    """Which phase of a step the trainer is in, so that an out-of-memory can be
-    attributed (attempts.jsonl `phase`) and the ladder can step down the knob of that
-    phase. Trainers wrap their phases in `with tracker.phase(Phase.generation): ...`
-    and set `tracker.step` at the start of each global step."""
-
-    def __init__(self, fault: Optional["FaultInjector"] = None):
-        self.current = Phase.other
-        self.step = 0
-        self.fault = fault
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        previous, self.current = self.current, name
-        try:
-            if self.fault is not None:
-                self.fault.on_phase(name, self.step)
-            yield
-        except BaseException as exc:
-            if getattr(exc, PHASE_ATTR, None) is None:
-                try:
-                    setattr(exc, PHASE_ATTR, name)  # the innermost phase wins
-                except AttributeError:
-                    pass
-            raise
-        finally:
-            self.current = previous
-
-
-def phase_of(exc: BaseException, tracker: Optional[PhaseTracker] = None) -> str:
-    """The phase an exception happened in (following `raise ... from`)."""
-    current: Optional[BaseException] = exc
-    while current is not None:
-        phase = getattr(current, PHASE_ATTR, None)
-        if phase:
-            return phase
-        current = current.__cause__
-    return tracker.current if tracker is not None else Phase.other
-
-
-# -------------------------------------------------------------- fault injection
-
-
-class FaultInjector:
-    """Deterministic out-of-memory errors (real torch.OutOfMemoryError) for CPU tests:
-
-    - a training forward (grad enabled) of more than `oom_above_tokens` tokens, and a
-      generation forward of more than `generation_above` sequences (a memory budget);
-    - once per run folder, an OOM when phase `oom_phase` starts at global step
-      `oom_at_step` (`armed` is false when attempts.jsonl already has that OOM);
-    - host RAM held per micro-batch sequence (a job over SLURM's --mem).
-    """
-
-    def __init__(self, d, armed: bool = True):
-        self.oom_above_tokens = d.oom_above_tokens
-        self.generation_above = d.oom_generation_above_sequences
-        self.at_step, self.at_phase, self.armed = d.oom_at_step, d.oom_phase.value, armed
-        if d.oom_rank is not None:
-            import os
-
-            self.armed = armed and int(os.environ.get("RANK", "0")) == d.oom_rank
-        self.host_mb = d.host_mem_mb_per_sequence
-        self.tracker: Optional[PhaseTracker] = None
-        self._held: Optional[bytearray] = None
-
-    @staticmethod
-    def _oom(message: str):
-        import torch
-
-        return torch.OutOfMemoryError(f"simulated out of memory: {message}")
-
-    def on_phase(self, name: str, step: int) -> None:
-        if self.armed and self.at_step is not None and name == self.at_phase and step == self.at_step:
-            self.armed = False
-            raise self._oom(f"debug.oom_at_step={step} in phase {name}")
-
-    def __call__(self, module, args, kwargs):
-        import torch
-
-        ids = args[0] if args else kwargs.get("input")  # (B, T) token ids entering the embedding
-        if ids is None:
-            return None
-        in_generation = self.tracker is not None and self.tracker.current == Phase.generation
-        if in_generation and self.generation_above is not None and ids.shape[0] > self.generation_above:
-            raise self._oom(f"a generation batch of {ids.shape[0]} sequences exceeds "
-                            f"debug.oom_generation_above_sequences={self.generation_above}")
-        if not torch.is_grad_enabled():
-            return None
-        if self.host_mb:
-            self._held = None
-            held = bytearray(ids.shape[0] * self.host_mb * 1024 * 1024)
-            held[::4096] = b"\x01" * len(held[::4096])  # touch every page so it is resident
-            self._held = held
-        if self.oom_above_tokens is not None and ids.numel() > self.oom_above_tokens:
-            raise self._oom(f"a forward of {tuple(ids.shape)} = {ids.numel()} tokens "
-                            f"exceeds debug.oom_above_tokens={self.oom_above_tokens}")
-        return None
-
-
-def injected_already(paths: RunPaths, phase: str) -> bool:
-    return any(a["outcome"] == "oom" and a.get("phase") == phase and "debug.oom_at_step" in str(a.get("error", ""))
-               for a in read_attempts(paths))
-
-
-def install_fault_injection(policy, cfg: Config, paths: RunPaths) -> PhaseTracker:
-    """A PhaseTracker for this attempt, with the debug.* faults wired in (if any)."""
-    d = cfg.debug
-    wanted = (d.oom_above_tokens is not None or d.host_mem_mb_per_sequence or d.oom_at_step is not None
-              or d.oom_generation_above_sequences is not None)
-    if not wanted:
-        return PhaseTracker()
-    fault = FaultInjector(d, armed=not injected_already(paths, d.oom_phase.value))
-    tracker = PhaseTracker(fault)
-    fault.tracker = tracker
-    # The input embedding sees every forward, whichever wrapper (PEFT, HF, TRL, our PPO) calls it.
-    policy.get_input_embeddings().register_forward_pre_hook(fault, with_kwargs=True)
-    return tracker
 
 
 # ------------------------------------------------- attempts that never recorded their end

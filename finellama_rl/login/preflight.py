@@ -92,7 +92,7 @@ def check_scoring(cfg: Config) -> None:
     from finellama_rl.config import scoring_sources
 
     if "reward_model" in scoring_sources(cfg.trainer):
-        from finellama_rl.rewards.reward_model import describe_source
+        from finellama_rl.artifacts import describe_source
 
         describe_source(cfg.reward_model)
 
@@ -104,7 +104,7 @@ def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) 
         raise ConfigError("run.results_dir", f"{exc}; set run.results_dir=<a writable folder>") from None
     check_model(cfg)
     if cfg.model.adapter:  # RL from a trained adapter: the run folder or checkpoint must hold one
-        from finellama_rl.job.adapters import resolve_adapter
+        from finellama_rl.artifacts import resolve_adapter
 
         resolve_adapter(cfg.model.adapter)
     check_data(cfg)

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from finellama_rl.config import HardwareConfig, ModelConfig, RewardModelConfig, RewardModelKind, StepAggregation
 from finellama_rl.errors import ConfigError
+from finellama_rl.artifacts import MANIFEST, ORM_FORMAT, RewardModelSource, describe_source
+from finellama_rl.job.model import model_source
 from finellama_rl.rewards.frozen import FrozenScorer, batches, encode, freeze, load_kwargs
-from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "finellama_reward_model.json"  # written by trainers/rm.py next to the adapter
-ORM_FORMAT = 1  # version of orm_text; a manifest with another version is refused
 PRM_STEP_TOKEN = "<extra_0>"
 PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -76,48 +75,9 @@ def aggregate(step_scores: Sequence[float], how: StepAggregation) -> float:
     raise ValueError(f"unknown aggregation {how!r}: expected min|last|mean")
 
 
-# ------------------------------------------------------------------ where it comes from
-
-
-@dataclass
-class RewardModelSource:
-    """Resolved reward_model.path: what to load."""
-
-    kind: str  # "run" (a trainer=rm run: base + adapter) | "folder" | "hub"
-    weights: Optional[str] = None  # the model folder or hub id to load (folder, hub)
-    adapter: Optional[str] = None  # the LoRA adapter with the head (run)
-    base_model: Optional[ModelConfig] = None  # the base the run trained (run; model.py builds a tiny one)
-
-    def base_source(self) -> str:
-        from finellama_rl.job.model import model_source
-
-        return model_source(self.base_model) if self.kind == "run" else self.weights
-
-
-def describe_source(rm: RewardModelConfig) -> RewardModelSource:
-    """Resolve reward_model.path without loading anything (also on the login node: launch's
-    pre-flight); ConfigError when it is not a reward model."""
-    if not rm.path:
-        raise ConfigError("reward_model.path", "is not set: name a trainer=rm run folder or a reward model folder")
-    path = Path(rm.path)
-    run = RunPaths(path).reward_model if (RunPaths(path).reward_model / MANIFEST).is_file() else path
-    if (run / MANIFEST).is_file():
-        manifest = json.loads((run / MANIFEST).read_text())
-        if manifest.get("orm_format") != ORM_FORMAT:
-            raise ConfigError("reward_model.path", f"{run} was trained with input format {manifest.get('orm_format')}, "
-                                                   f"this version reads format {ORM_FORMAT}; retrain with trainer=rm")
-        if rm.kind != RewardModelKind.orm:
-            raise ConfigError("reward_model.kind", f"{rm.path} is an outcome reward model (trainer=rm); set reward_model.kind=orm")
-        return RewardModelSource("run", None, str(run), ModelConfig(**manifest["base_model"]))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError("reward_model.path", f"{path} is neither a trainer=rm run folder (no {RunPaths(path).reward_model.name}/{MANIFEST}) "
-                                                   "nor a model folder (no config.json)")
-        return RewardModelSource("folder", str(path))
-    if rm.path.count("/") == 1 and not rm.path.startswith((".", "/", "~")):
-        return RewardModelSource("hub", rm.path)  # e.g. Qwen/Qwen2.5-Math-PRM-7B (from the HF cache offline)
-    raise ConfigError("reward_model.path", f"{rm.path} not found: train one with trainer=rm (see README "
-                                           "'Reward sources') or point it at a reward model folder")
+def base_source(src: RewardModelSource) -> str:
+    """Where the reward model's base weights come from (a trainer=rm run names its base model)."""
+    return model_source(src.base_model) if src.kind == "run" else src.weights
 
 
 def _load_model(rm: RewardModelConfig, src: RewardModelSource, hardware: HardwareConfig, device: str):
@@ -126,15 +86,15 @@ def _load_model(rm: RewardModelConfig, src: RewardModelSource, hardware: Hardwar
     kwargs = load_kwargs(rm.quantization, hardware, device)
     if rm.kind == RewardModelKind.prm:
         if rm.trust_remote_code:  # Qwen2.5-Math-PRM ships Qwen2ForProcessRewardModel as remote code
-            return AutoModel.from_pretrained(src.base_source(), trust_remote_code=True, **kwargs)
-        return AutoModelForTokenClassification.from_pretrained(src.base_source(), **kwargs)
+            return AutoModel.from_pretrained(base_source(src), trust_remote_code=True, **kwargs)
+        return AutoModelForTokenClassification.from_pretrained(base_source(src), **kwargs)
     if src.kind != "run":
-        return AutoModelForSequenceClassification.from_pretrained(src.base_source(), **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(base_source(src), **kwargs)
     if not (Path(src.adapter) / "adapter_config.json").is_file():  # trained without LoRA: the whole model is there
         return AutoModelForSequenceClassification.from_pretrained(src.adapter, **kwargs)
     from peft import PeftModel
 
-    base = AutoModelForSequenceClassification.from_pretrained(src.base_source(), num_labels=1, **kwargs)
+    base = AutoModelForSequenceClassification.from_pretrained(base_source(src), num_labels=1, **kwargs)
     return PeftModel.from_pretrained(base, src.adapter, is_trainable=False)
 
 
@@ -142,7 +102,7 @@ def load_reward_model(rm: RewardModelConfig, hardware: HardwareConfig, device: s
     from transformers import AutoTokenizer
 
     src = describe_source(rm)
-    tok_source = src.adapter if src.kind == "run" and (Path(src.adapter) / "tokenizer_config.json").is_file() else src.base_source()
+    tok_source = src.adapter if src.kind == "run" and (Path(src.adapter) / "tokenizer_config.json").is_file() else base_source(src)
     tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=rm.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

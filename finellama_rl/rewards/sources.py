@@ -16,7 +16,7 @@ CORRECT nor INCORRECT, scored 0).
     sources = build_reward_sources(cfg)          # in train.py, before training
     monitor.metric_sources += [s.metrics for s in sources if isinstance(s, ScoringSource)]
 
-Pure at import (no torch): validation imports SOURCE_NAMES on the login node.
+Pure at import (no torch). The names trainer.rewards accepts are config.SOURCE_NAMES.
 """
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from finellama_rl.config import SCORING_SOURCES, Config, Device, EvalProtocol, HardwareConfig
+from finellama_rl.config import SCORING_SOURCES, SOURCE_NAMES, Config, Device, EvalProtocol, HardwareConfig
 from finellama_rl.errors import ConfigError
 from finellama_rl.rewards.rules import REWARD_FUNCS, RewardFunc, _completion_text
 
 log = logging.getLogger(__name__)
-
-SOURCE_NAMES = (*REWARD_FUNCS, *SCORING_SOURCES)
 
 
 class NamedReward:
@@ -100,7 +98,7 @@ def check_sources_available(cfg: Config) -> None:
     from finellama_rl.config import scoring_sources
 
     if "reward_model" in scoring_sources(cfg.trainer):
-        from finellama_rl.rewards.reward_model import describe_source
+        from finellama_rl.artifacts import describe_source
 
         describe_source(cfg.reward_model)  # ConfigError("reward_model.path", ...) when it is not a reward model
     if "judge" in scoring_sources(cfg.trainer):

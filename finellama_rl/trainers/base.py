@@ -65,7 +65,7 @@ def bare_context(cfg: Config, reward_funcs: Optional[List[Callable]] = None, res
 
 
 def _new_tracker():
-    from finellama_rl.ladder.attempts import PhaseTracker
+    from finellama_rl.job.faults import PhaseTracker
 
     return PhaseTracker()
 

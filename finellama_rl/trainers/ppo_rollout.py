@@ -47,7 +47,7 @@ class RolloutEnv:
     attribution, fault injection) and whether forwards run under bf16 autocast."""
 
     step: int = 0
-    tracker: Any = None  # finellama_rl.ladder.attempts.PhaseTracker
+    tracker: Any = None  # finellama_rl.job.faults.PhaseTracker
     amp: bool = False
 
     def phase(self, name: str):

@@ -58,7 +58,7 @@ def _load_policy_for_sampling(cfg: Config):
 
     policy = load_base(cfg.model, cfg.trainer, cfg.hardware)
     if cfg.model.adapter:
-        from finellama_rl.job.adapters import resolve_adapter
+        from finellama_rl.artifacts import resolve_adapter
 
         policy = PeftModel.from_pretrained(policy, str(resolve_adapter(cfg.model.adapter)), is_trainable=False)
     return policy.eval()
@@ -250,7 +250,7 @@ def _free_memory() -> None:
 
 
 def is_done(paths: RunPaths) -> bool:
-    from finellama_rl.rewards.reward_model import MANIFEST
+    from finellama_rl.artifacts import MANIFEST
 
     return (paths.reward_model / MANIFEST).is_file()
 
