@@ -62,7 +62,7 @@ def run_worker(overrides: list[str], threads: int) -> dict:
     from finellama_rl.compose import load_config
     from finellama_rl.job.model import count_parameters
     from finellama_rl.fileio import read_jsonl
-    from finellama_rl.train import algorithm
+    from finellama_rl.trainers.run import algorithm
 
     torch.set_num_threads(threads)
     cfg = load_config(overrides)

@@ -78,7 +78,7 @@ def worker_step_time(arm: str, overrides: list) -> dict:
         cfg = _config(overrides, tmp)
         ctx = build_ctx(cfg)
         if arm == "ours":
-            from finellama_rl.train import algorithm
+            from finellama_rl.trainers.run import algorithm
 
             cpu, log = [time.process_time()], ctx.monitor.log  # the metrics line closes each step
 

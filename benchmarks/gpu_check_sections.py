@@ -3,7 +3,7 @@
 1. planner: the planner's peak (plan.memory_inputs -> memory.estimate_memory) against the
    peak CUDA memory of 2 real steps (train.algorithm with a TrainContext, as train_attempt
    builds it), per phase, for every model x algorithm x micro batch x length;
-2. ladder: finellama_rl.train.run_training from the seed's too-large start on a capped card
+2. ladder: finellama_rl.trainers.run.run_training from the seed's too-large start on a capped card
    (GPU: set_per_process_memory_fraction; dry: debug.oom_above_tokens), with and without
    the planner's start rung (plan.choose_start_rung, what launch uses);
 3. overhead: GRPO through finellama_rl against plain TRL (gpu_check_trl.py), and PPO
@@ -57,7 +57,7 @@ def train_with(cfg, policy, tokenizer, tracker) -> Dict[str, Any]:
     from finellama_rl.results import RunPaths
     from finellama_rl.fileio import read_jsonl
     from finellama_rl.rewards.sources import build_reward_sources
-    from finellama_rl.train import algorithm
+    from finellama_rl.trainers.run import algorithm
     from finellama_rl.trainers.base import TrainContext
 
     transformers.set_seed(cfg.trainer.seed)
@@ -234,7 +234,7 @@ def ladder_case(ws: Workspace, cap, planner: bool) -> Dict[str, Any]:
     from finellama_rl.results import RunPaths
     from finellama_rl.fileio import read_jsonl
     from finellama_rl.ladder.run_ladder import ladder_for
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     p = ws.profile
     prompts, mb, prompt, completion = p.ladder_start

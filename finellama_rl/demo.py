@@ -89,7 +89,7 @@ def ensure_sft(cfg: Config) -> Path:
     """The cached SFT run folder, trained under a file lock the first time."""
     from filelock import FileLock
 
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     folder = Path(cfg.run.dir)
     done = RunPaths(folder).eval_results

@@ -198,15 +198,11 @@ class ModelSlots:
         return self.peft
 
     def release(self) -> None:
-        import gc
-
-        import torch
+        from finellama_rl.job.devices import free_memory
 
         self.base = self.peft = None
         self.current = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory(reset_peak=False)
 
 
 def run_target(cfg: Config, target: Target, model, tokenizer, setup: EvalSetup) -> Dict[str, Any]:

@@ -101,7 +101,7 @@ def accuracy(model_path: Path, adapter: str | None = None) -> float:
 
 def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), base: Path | None = None) -> Dict[str, object]:
     from finellama_rl.compose import load_config
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     run_dir = root / f"rm-seed{seed}"
     cfg = load_config([*TASK, f"model.path={policy}", "trainer=rm", "model@reward_model.model=tiny",
@@ -120,7 +120,7 @@ def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), bas
 def grpo_with_rm(root: Path, policy: Path, rm_run: str, seed: int, steps: int, extra: Sequence[str] = (),
                  base: Path | None = None) -> Dict[str, object]:
     from finellama_rl.compose import load_config
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     run_dir = root / f"grpo-rm-seed{seed}"
     cfg = load_config([*TASK, f"model.path={policy}", "trainer=grpo", "trainer.rewards=[reward_model]",

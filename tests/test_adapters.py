@@ -13,7 +13,7 @@ from finellama_rl.job.adapters import FROZEN
 from finellama_rl.artifacts import resolve_adapter
 from finellama_rl.errors import ConfigError
 from finellama_rl.fileio import read_jsonl
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "eval.num_examples=4",
         "eval.max_new_tokens=8", "data.num_train=64", "data.num_test=8"]

@@ -50,7 +50,7 @@ def test_atomic_json_and_torn_jsonl(tmp_path):
 
 def test_rewind_metrics_moves_lost_steps_aside(tmp_path):
     from finellama_rl.results import RunPaths
-    from finellama_rl.train import rewind_metrics
+    from finellama_rl.job.run_dir import rewind_metrics
 
     paths = RunPaths(tmp_path).make()
     for step in (1, 2, 3, 4, 5):

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from finellama_rl.checkpoint import list_checkpoints, read_state
 from finellama_rl.compose import load_config
 from finellama_rl.fileio import read_jsonl
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 
 COMMON = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=2", "eval.max_new_tokens=4",
           "eval.before_training=false", "trainer.max_completion_tokens=12", "trainer.max_steps=3",

@@ -167,7 +167,7 @@ def tiny_run(tmp_path_factory):
     """A real two-step GRPO run of the tiny model on the synthetic task, with a checkpoint per step
     (a large learning rate and the digits reward, which varies between samples, so that the
     two adapters differ)."""
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     root = tmp_path_factory.mktemp("results")
     run = root / "sweep" / "grpo-tiny-cpu"

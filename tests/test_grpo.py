@@ -9,7 +9,7 @@ import pytest
 
 from finellama_rl.checkpoint import list_checkpoints
 from finellama_rl.fileio import read_jsonl
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 from finellama_rl.errors import EXIT_CRASH_TEST
 
 SMALL = ["experiment=smoke", "eval.num_examples=4", "eval.max_new_tokens=8", "trainer.max_completion_tokens=8"]

@@ -17,7 +17,7 @@ from finellama_rl.ladder.fitmem import fit_key, remembered_rung
 from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.login.planner import choose_start_rung
 from finellama_rl.fileio import read_jsonl
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 from finellama_rl.errors import EXIT_LADDER_EXHAUSTED
 
 SMALL = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=4", "eval.max_new_tokens=8",

@@ -51,7 +51,7 @@ def test_sft_learns_the_task_partly(sft_run):
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_from_the_sft_adapter_raises_heldout_accuracy(algo, seed, sft_run, tmp_path):
     from finellama_rl.demo import plan_rl
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     (run,) = plan_rl([f"trainer={algo}", f"trainer.seed={seed}", f"trainer.max_steps={RL_STEPS}", "trainer.eval_every=0",
                       "trainer.save_every=1000", f"run.results_dir={tmp_path}"], sft_run, "learning")

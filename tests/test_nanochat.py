@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 
 
 def test_nanochat_preset_composes_with_nanochats_values(make_config):

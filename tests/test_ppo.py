@@ -158,7 +158,7 @@ def test_crash_and_resume_continue_exactly(make_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from finellama_rl.job.model import ensure_tiny_model
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
     from finellama_rl.errors import EXIT_CRASH_TEST
 
     args = [*PPO, "trainer.max_steps=4", "trainer.save_every=2", "trainer.rewards=[digits]",

@@ -275,7 +275,7 @@ def test_real_tiny_judge_model_loads_and_malformed_output_scores_zero(tiny_folde
 def test_judge_runs_end_to_end_in_both_trainers(monkeypatch, tiny_folder, make_config, trainer, batch):
     """GRPO and PPO with the (fake) judge next to a rule reward, weighted: both train and log
     train/reward/<name> per source and the judge's scoring figures on every line."""
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     _fake_judge(monkeypatch, tiny_folder)
     cfg = make_config(*TINY, f"trainer={trainer}", "trainer.rewards=[judge,format]", "trainer.reward_weights=[1.0,0.5]",

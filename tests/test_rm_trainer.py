@@ -52,7 +52,7 @@ def test_trainer_rm_end_to_end_and_scoring_with_its_run_folder(make_config, tmp_
     """trainer=rm on the tiny model: samples, labels, trains, writes rm_eval.json and a reward
     model that reward_model.path=<run> loads and scores with."""
     from finellama_rl.rewards.reward_model import load_reward_model
-    from finellama_rl.train import run_training
+    from finellama_rl.trainers.run import run_training
 
     tiny = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "data.num_train=40",
             "data.num_test=8", "data.max_operand=5", "data.ops=[add]"]

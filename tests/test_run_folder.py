@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO
 
 from finellama_rl import train
+from finellama_rl.trainers import run as training_run
 from finellama_rl.fileio import read_jsonl
 from finellama_rl.runlock import RunFolderBusy, proc_start_time
 from finellama_rl.results import RunPaths
@@ -33,8 +34,8 @@ def attempts_stubbed(monkeypatch):
             raise outcome
         return outcome
 
-    monkeypatch.setattr(train, "train_attempt", fake_attempt)
-    monkeypatch.setattr(train, "free_memory", lambda: None)
+    monkeypatch.setattr(training_run, "train_attempt", fake_attempt)
+    monkeypatch.setattr(training_run, "free_memory", lambda: None)
     return script
 
 
@@ -54,24 +55,24 @@ def oom():
 def test_lock_is_held_during_the_run_and_released_after(make_config, attempts_stubbed, fit_memory):
     cfg = make_config("experiment=smoke")
     attempts_stubbed.append(0)
-    assert train.run_training(cfg) == 0
+    assert training_run.run_training(cfg) == 0
     assert not RunPaths(Path(cfg.run.dir)).lock.exists()
     attempts_stubbed.append(RuntimeError("boom"))
     with pytest.raises(RuntimeError):
-        train.run_training(cfg)
+        training_run.run_training(cfg)
     assert not RunPaths(Path(cfg.run.dir)).lock.exists()  # released on errors too
 
 
 def test_fit_memory_from_a_real_oom_step_down_but_not_from_fault_injection(make_config, attempts_stubbed, fit_memory):
     attempts_stubbed.extend([oom(), 0])
     injected = make_config("experiment=smoke", "debug.oom_above_tokens=100")
-    assert train.run_training(injected) == 0
+    assert training_run.run_training(injected) == 0
     outcomes = [(a["rung"], a["outcome"]) for a in read_jsonl(Path(injected.run.dir) / "attempts.jsonl")]
     assert outcomes == [(0, "oom"), (1, "completed")]
     assert not fit_memory.exists(), "a fault-injected run wrote the fit memory"
     attempts_stubbed.extend([oom(), 0])
     real = make_config("experiment=smoke", run_dir=str(Path(injected.run.dir).parent / "real"))
-    assert train.run_training(real) == 0
+    assert training_run.run_training(real) == 0
     (entry,) = json.loads(fit_memory.read_text()).values()
     assert entry["rung"] == 1 and entry["clean_runs"] == 0  # stepped down on the way: not a clean run
 
@@ -94,7 +95,7 @@ def test_stale_staging_is_cleared_before_anything_is_written(tmp_path, make_conf
         finally:
             os.close(fd)
         attempts_stubbed.append(0)
-        assert train.run_training(cfg) == 0  # config.yaml, attempts.jsonl... fit once .staging is gone
+        assert training_run.run_training(cfg) == 0  # config.yaml, attempts.jsonl... fit once .staging is gone
         assert not staging.parent.exists() and (disk / "run" / "config.yaml").exists()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
@@ -109,13 +110,13 @@ def test_a_hard_killed_attempt_is_recorded_at_the_next_start(make_config, attemp
     (run / "logs" / "current_attempt.json").write_text(json.dumps({"rung": 0, "step0": 2, "started": 1.0, "closed": False,
                                                                    "job_id": "4242"}))
     attempts_stubbed.append(0)
-    assert train.run_training(cfg) == 0
+    assert training_run.run_training(cfg) == 0
     attempts = read_jsonl(run / "attempts.jsonl")
     assert [a["outcome"] for a in attempts] == ["killed", "completed"]
     assert attempts[0]["steps_done"] == 3 and attempts[0]["job_id"] == "4242" and "SIGKILL" in attempts[0]["error"]
     assert json.loads((run / "logs" / "current_attempt.json").read_text())["closed"] is True
     attempts_stubbed.append(0)
-    train.run_training(cfg)  # recorded once, not again
+    training_run.run_training(cfg)  # recorded once, not again
     assert [a["outcome"] for a in read_jsonl(run / "attempts.jsonl")] == ["killed", "completed", "completed"]
 
 
@@ -125,7 +126,7 @@ def test_resume_false_moves_only_the_runs_files_aside(make_config, attempts_stub
     (run / "checkpoints" / "step_000004").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     attempts_stubbed.append(0)
-    assert train.run_training(cfg) == 0
+    assert training_run.run_training(cfg) == 0
     (aside,) = [p for p in run.parent.iterdir() if p.name.startswith(run.name + "-previous-")]
     assert (aside / "metrics.jsonl").exists() and (aside / "checkpoints" / "step_000004").is_dir()
     assert not (run / "metrics.jsonl").exists() and (run / "config.yaml").exists()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from finellama_rl.checkpoint import STATE_FILE, latest_checkpoint, manifest, verify_checkpoint
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 from finellama_rl.errors import EXIT_CRASH_TEST
 
 RUN = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=2", "eval.max_new_tokens=4",

@@ -10,7 +10,7 @@ import pytest
 
 from finellama_rl.checkpoint import list_checkpoints
 from finellama_rl.fileio import read_jsonl
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 from finellama_rl.errors import EXIT_CRASH_TEST
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "eval.num_examples=4",

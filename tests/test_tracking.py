@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 from finellama_rl.fileio import read_jsonl
-from finellama_rl.train import run_training
+from finellama_rl.trainers.run import run_training
 
 TINY = ["model=tiny", "data=arithmetic", "hardware=cpu", "eval.protocol=finellama", "eval.num_examples=4",
         "eval.max_new_tokens=8", "data.num_train=64", "data.num_test=8", "trainer.max_steps=3", "trainer.warmup_steps=0", "trainer.save_every=3",

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from finellama_rl.task.scoring import cut_at_stop
+from finellama_rl.job.devices import free_memory
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], decoding: Dec
                 oom_steps.append(per_call * n)
                 per_call = max(1, per_call // 2)
                 log.warning("%s: out of memory at %d sequences per call; retrying at %d", desc, oom_steps[-1], per_call * n)
-                _free_cuda()
+                free_memory(reset_peak=False)
                 continue
             for k, j in enumerate(chunk):
                 results[j] = texts[k * n : (k + 1) * n]
@@ -213,13 +214,3 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], decoding: Dec
     log.info("%s: %d problems in %.1f s (%.2f problems/s, %d generate calls of up to %d sequences)",
              desc, len(prompts), seconds, len(prompts) / seconds if seconds else 0.0, calls, per_call * n)
     return Generated(flat, len(prompts), per_call * n, seconds, calls, oom_steps)
-
-
-def _free_cuda() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ several ranks the rank that ran out records the attempt, writes the snapshot and
 exits EXIT_OOM_RETRY; the supervisor (finellama_rl.job.distributed) starts every rank
 again, and they all read the same attempts.jsonl and step down together.
 
-Used by finellama_rl.train.run_ladder, which prepares the run folder and passes the
+Used by finellama_rl.trainers.run.run_ladder, which prepares the run folder and passes the
 function that runs one attempt.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ memory of the device it runs on; CUDA only), `perf/reward/<name>_weights_gb` (it
 weights), and for the judge `train/judge_malformed_frac` (verdicts that were neither
 CORRECT nor INCORRECT, scored 0).
 
-    sources = build_reward_sources(cfg)          # in train.py, before training
+    sources = build_reward_sources(cfg)          # in trainers/run.py, before training
     monitor.metric_sources += [s.metrics for s in sources if isinstance(s, ScoringSource)]
 
 Pure at import (no torch). The names trainer.rewards accepts are config.SOURCE_NAMES.

@@ -36,6 +36,7 @@ from finellama_rl.results import RunPaths
 from finellama_rl.fileio import atomic_write_json
 from finellama_rl.trainers.rm_data import (Example, balance, build_candidates, describe, label_examples,
                                            sample_completions, split_problems)
+from finellama_rl.job.devices import free_memory
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def labelled_data(cfg: Config, paths: RunPaths) -> Tuple[List[Example], List[Exa
     t0 = time.time()
     samples = sample_completions(cfg, policy, tokenizer, problems)
     del policy
-    _free_memory()
+    free_memory(reset_peak=False)
     log.info("sampled %d completions of %d problems in %.0f s", sum(map(len, samples)), len(problems), time.time() - t0)
     examples = label_examples(cfg.eval.protocol, build_candidates(problems, samples, cfg.eval.protocol,
                                                                   r.corrupted_per_problem, r.include_reference, seed))
@@ -239,14 +240,6 @@ def save_reward_model(cfg: Config, paths: RunPaths, model, tokenizer, metrics: D
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def is_done(paths: RunPaths) -> bool:
