@@ -67,7 +67,7 @@ def run_worker(overrides: list[str], threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = load_config(overrides)
     ctx = _build_ctx(cfg)
-    train = algorithm(cfg)
+    train = algorithm(cfg.trainer.algo)
     if cfg.trainer.algo.value == "grpo":  # imports are not step memory: load them before the mark
         import datasets  # noqa: F401
         from trl import GRPOTrainer  # noqa: F401

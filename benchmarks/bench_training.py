@@ -87,7 +87,7 @@ def worker_step_time(arm: str, overrides: list) -> dict:
                 return log(*a, **kw)
 
             ctx.monitor.log = timed_log
-            algorithm(cfg)(ctx)
+            algorithm(cfg.trainer.algo)(ctx)
             sps = [r["perf/sec_per_step"] for r in read_jsonl(ctx.paths.metrics)][1:]
             cps = [b - a for a, b in zip(cpu, cpu[1:])][1:]
         else:

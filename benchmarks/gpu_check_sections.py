@@ -66,7 +66,7 @@ def train_with(cfg, policy, tokenizer, tracker) -> Dict[str, Any]:
     ctx = TrainContext(cfg=cfg, paths=paths, policy=policy, tokenizer=tokenizer, train_rows=train_rows(cfg, tokenizer),
                        reward_funcs=build_reward_sources(cfg), monitor=monitor, evaluate=lambda m, s: None, tracker=tracker)
     t0 = time.perf_counter()
-    algorithm(cfg)(ctx)
+    algorithm(cfg.trainer.algo)(ctx)
     _sync()
     records = read_jsonl(paths.metrics)
     return {"wall_s": round(time.perf_counter() - t0, 2), "steps": [r["step"] for r in records],
@@ -128,7 +128,7 @@ def _prediction(cfg) -> Dict[str, Any]:
     from finellama_rl.login.planner import memory_inputs
     from finellama_rl.ladder.run_ladder import setting_of
 
-    est = memory.estimate_memory(memory_inputs(cfg, setting_of(cfg)))
+    est = memory.estimate_memory(memory_inputs(cfg, setting_of(cfg.trainer, cfg.hardware)))
     static = sum(est.components.get(k, 0) for k in getattr(memory, "STATIC", ()))
     phases = {p: gib(static + sum(est.components.get(k, 0) for k in keys))
               for p, keys in getattr(memory, "PHASES", {}).items()}

@@ -112,10 +112,10 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
 
     if choice == "base":
         return [Target("base", 0, None)]
-    ckpts = list_checkpoints(Path(run_dir) / "checkpoints")
+    ckpts = list_checkpoints(RunPaths(Path(run_dir)).checkpoints)
     steps = {int(c.name[len("step_"):]): c for c in ckpts}
     if not ckpts:
-        raise ConfigError("checkpoint", f"no saved checkpoints in {Path(run_dir) / 'checkpoints'}; use checkpoint=base")
+        raise ConfigError("checkpoint", f"no saved checkpoints in {RunPaths(Path(run_dir)).checkpoints}; use checkpoint=base")
     if choice == "latest":
         chosen = ckpts[-1:]
     elif choice == "all":

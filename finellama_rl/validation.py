@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from finellama_rl.validation_scoring import validate_scoring
-from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
+from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
 from finellama_rl.errors import ConfigError
 
 
@@ -265,13 +265,12 @@ def validate(cfg: Config) -> None:
         _positive("data.max_operand", cfg.data.max_operand)
         _positive("data.num_train", cfg.data.num_train)
         _positive("data.num_test", cfg.data.num_test)
-    _validate_ladder(cfg)
+    _validate_ladder(cfg.ladder)
     if cfg.debug.crash_after_step is not None and cfg.debug.crash_after_step % cfg.trainer.save_every:
         raise ConfigError("debug.crash_after_step", f"must be a multiple of trainer.save_every={cfg.trainer.save_every}")
 
 
-def _validate_ladder(cfg: Config) -> None:
-    lad = cfg.ladder
+def _validate_ladder(lad: LadderConfig) -> None:
     _non_negative("ladder.start_rung", lad.start_rung)
     _non_negative("ladder.max_resubmits", lad.max_resubmits)
     _positive("ladder.min_completion_tokens", lad.min_completion_tokens)

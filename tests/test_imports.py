@@ -101,3 +101,118 @@ def test_only_slurm_imports_submitit():
 def test_only_trainers_import_trl():
     users = sorted(m for m, p in all_modules().items() if any(i.split(".")[0] == "trl" for i in imported(p)))
     assert users and all(m.startswith("finellama_rl.trainers.") for m in users), users
+
+
+# ------------------------------------------------------------------ rooms and import rules
+# docs/ARCHITECTURE.md states these rules; this test is their enforcement.
+ENTRY_POINTS = {"launch", "train", "evaluate", "status", "report", "plan", "prefetch", "fitmem", "index", "demo",
+                "sbatch_scripts"}
+FOLDERS = ("task", "login", "job", "trainers", "rewards", "eval")
+BASE = {"config", "errors"}  # the floor: the schema and the error family
+
+# room -> rooms it may import (its own included)
+MAY_IMPORT = {
+    "base": {"base"},
+    "task": {"base", "task"},
+    "shared": {"base", "task", "shared"},
+    "login": {"base", "task", "shared", "login"},
+    "job": {"base", "task", "shared", "job"},
+    "rewards": {"base", "task", "shared", "job", "rewards"},
+    "eval": {"base", "task", "shared", "job", "eval"},
+    "trainers": {"base", "task", "shared", "job", "rewards", "eval", "trainers"},
+    "entry": {"base", "task", "shared", "job", "login", "rewards", "eval", "trainers"},
+}
+LAYER = {"base": 0, "task": 1, "shared": 2, "login": 3, "job": 3, "rewards": 4, "eval": 4, "trainers": 5, "entry": 6}
+
+# (importer, imported) pairs the rules would refuse, each with why it is right.
+ALLOWED = {
+    ("finellama_rl.demo", "finellama_rl.train"):
+        "the demo runs each RL run through train's own main(), exactly as `python -m finellama_rl.train` would",
+}
+
+# rooms where no heavy library may be imported at module level: the login side plans a
+# 100-run sweep in seconds, and everything it stands on must stay light
+LIGHT_ROOMS = {"base", "task", "shared", "login"}
+HEAVY = {"torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate"}
+
+
+def room(module: str) -> str:
+    parts = module.split(".")[1:]
+    if not parts:
+        return "package"
+    if len(parts) == 1 and parts[0] in ENTRY_POINTS:
+        return "entry"
+    if len(parts) == 1 and parts[0] in BASE:
+        return "base"
+    if parts[0] in FOLDERS:
+        return parts[0]
+    return "shared"  # other top-level modules and ladder/
+
+
+def rule_breaks(g: Dict[str, Set[str]]) -> List[str]:
+    out = []
+    for m in sorted(g):
+        for i in sorted(g[m]):
+            if i == "finellama_rl" or (m, i) in ALLOWED:
+                continue
+            if room(i) not in MAY_IMPORT[room(m)] or (room(m) == room(i) == "entry"):
+                out.append(f"{m} ({room(m)}) -> {i} ({room(i)})")
+    return out
+
+
+def module_level_imports(path: Path) -> Set[str]:
+    out: Set[str] = set()
+    for node in ast.parse(path.read_text()).body:  # top level only (a lazy import inside a function is fine)
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_every_module_has_a_room():
+    rooms = {m: room(m) for m in all_modules()}
+    assert set(rooms.values()) - {"package"} <= set(MAY_IMPORT), rooms
+    assert {m for m, r in rooms.items() if r == "entry"} == {f"finellama_rl.{e}" for e in ENTRY_POINTS}
+
+
+def test_rule_checker_finds_planted_breaks():
+    planted = {"finellama_rl.task.data": {"finellama_rl.job.model"},            # task reaches up
+               "finellama_rl.job.oom_loop": {"finellama_rl.login.slurm"},        # job -> login
+               "finellama_rl.login.preflight": {"finellama_rl.rewards.judge"},   # login -> rewards
+               "finellama_rl.launch": {"finellama_rl.plan"},                     # entry -> entry
+               "finellama_rl.trainers.grpo": {"finellama_rl.job.model", "finellama_rl.results"}}  # fine
+    assert len(rule_breaks(planted)) == 4
+
+
+def test_imports_follow_the_rooms_rules():
+    assert rule_breaks(graph()) == []
+
+
+def test_no_import_goes_up_a_layer():
+    g = graph()
+    up = [f"{m} -> {i}" for m in g for i in g[m] if i != "finellama_rl" and (m, i) not in ALLOWED
+          and LAYER[room(i)] > LAYER[room(m)]]
+    assert up == []
+
+
+def test_allow_list_entries_are_still_needed():
+    g = graph()
+    assert all(i in g[m] for m, i in ALLOWED), "an allow-list entry no longer happens: remove it"
+
+
+def test_light_rooms_import_no_heavy_library_at_module_level():
+    heavy = {m: sorted(module_level_imports(p) & HEAVY) for m, p in all_modules().items() if room(m) in LIGHT_ROOMS}
+    assert {m: h for m, h in heavy.items() if h} == {}
+
+
+def test_commands_of_the_login_side_load_no_heavy_library():
+    """What a login node runs imports neither torch nor TRL, also transitively (measured in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport finellama_rl.launch, finellama_rl.plan, finellama_rl.status, finellama_rl.report, "
+            "finellama_rl.index, finellama_rl.fitmem, finellama_rl.prefetch\n"
+            f"print(sorted(h for h in {sorted(HEAVY)!r} if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -329,12 +329,12 @@ def test_start_point_after_an_oom_steps_by_phase(tmp_path):
                        f"run.dir={tmp_path}/results/r", f"run.results_dir={tmp_path}/results"])
     paths = RunPaths(tmp_path / "results" / "r").make()
     ladder = ladder_for(cfg)
-    assert start_point(cfg, paths, ladder) == ladder[0] and ladder[0].setting.generation_batch == 8
+    assert start_point(cfg.ladder, paths, ladder) == ladder[0] and ladder[0].setting.generation_batch == 8
     record_attempt(paths, ladder[0], "oom", phase=Phase.generation)
-    after_gen = start_point(cfg, paths, ladder)
+    after_gen = start_point(cfg.ladder, paths, ladder)
     assert (after_gen.index, after_gen.setting.generation_batch, after_gen.setting.micro_batch) == (0, 4, 4)
     record_attempt(paths, after_gen, "oom", phase=Phase.training)
-    after_train = start_point(cfg, paths, ladder)
+    after_train = start_point(cfg.ladder, paths, ladder)
     assert (after_train.index, after_train.setting.generation_batch, after_train.setting.micro_batch) == (1, 4, 2)
     record_attempt(paths, after_train, "oom_killed")  # killed by the scheduler: phase unknown -> the list's next rung
-    assert start_point(cfg, paths, ladder).index == 2
+    assert start_point(cfg.ladder, paths, ladder).index == 2

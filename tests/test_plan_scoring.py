@@ -119,7 +119,7 @@ def test_dev_0p5b_trains_its_128_sequences_in_micro_batches_of_16():
     from finellama_rl.ladder.run_ladder import setting_of
 
     cfg = load("experiment=dev_0p5b")
-    s = setting_of(cfg)
+    s = setting_of(cfg.trainer, cfg.hardware)
     assert (s.micro_batch, s.grad_accum, s.generation, s.activation_checkpointing) == (16, 8, 128, False)
     est = estimate_memory(memory_inputs(cfg, s))
     judge = shared_bytes(scoring_parts(cfg))

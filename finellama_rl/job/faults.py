@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from finellama_rl.config import Config
+from finellama_rl.config import DebugConfig
 from finellama_rl.ladder.attempts import read_attempts
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.results import RunPaths
@@ -129,9 +129,8 @@ def injected_already(paths: RunPaths, phase: str) -> bool:
                for a in read_attempts(paths))
 
 
-def install_fault_injection(policy, cfg: Config, paths: RunPaths) -> PhaseTracker:
+def install_fault_injection(policy, d: DebugConfig, paths: RunPaths) -> PhaseTracker:
     """A PhaseTracker for this attempt, with the debug.* faults wired in (if any)."""
-    d = cfg.debug
     wanted = (d.oom_above_tokens is not None or d.host_mem_mb_per_sequence or d.oom_at_step is not None
               or d.oom_generation_above_sequences is not None)
     if not wanted:

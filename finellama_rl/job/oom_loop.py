@@ -90,7 +90,7 @@ def run_attempts(cfg: Config, paths: RunPaths, ladder: List[Rung], hooks: Attemp
     from finellama_rl.job.snapshot import SnapshotHolder
 
     main = dist.is_main()
-    rung = first = start_point(cfg, paths, ladder)
+    rung = first = start_point(cfg.ladder, paths, ladder)
     holder = SnapshotHolder()  # survives attempts: the last finished step, in host memory
     while rung is not None:
         if rung != ladder[0]:
@@ -104,7 +104,7 @@ def run_attempts(cfg: Config, paths: RunPaths, ladder: List[Rung], hooks: Attemp
             code = hooks.attempt(config_at(cfg, rung), paths, run)
         except Exception as exc:  # noqa: BLE001 - only OOMs are handled; everything else is re-raised
             fields = hooks.fields(paths, step0, started, exc)
-            if dist.world() > 1 and (paths.logs / f"oom_claim-{attempt_no}").exists():
+            if dist.world() > 1 and paths.oom_claim(attempt_no).exists():
                 os._exit(EXIT_OOM_RETRY)  # a peer ran out of memory (this error is the broken collective)
             if not (cfg.ladder.enabled and is_oom_error(exc)):
                 if main:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from finellama_rl.config import Config
+from finellama_rl.config import LadderConfig
 from finellama_rl.ladder.rungs import Phase, Rung, fit_generation_batch, step_down
 from finellama_rl.results import RunPaths
 from finellama_rl.fileio import append_jsonl, read_jsonl
@@ -48,12 +48,12 @@ def _rung_of_record(ladder: List[Rung], record: Dict[str, Any]) -> Rung:
     return Rung(rung.index, setting, rung.changes_experiment, f"generation_batch {setting.generation_batch}")
 
 
-def start_point(cfg: Config, paths: RunPaths, ladder: List[Rung]) -> Optional[Rung]:
+def start_point(lad: LadderConfig, paths: RunPaths, ladder: List[Rung]) -> Optional[Rung]:
     """The rung this attempt starts at: the configured (planned) one, or after an
     out-of-memory the one step_down chooses for the phase that ran out (the whole
     list's next rung when the phase is unknown, e.g. killed by the scheduler), or the
     last attempt's rung. None: every rung has run out of memory."""
-    configured = ladder[min(cfg.ladder.start_rung, len(ladder) - 1)]
+    configured = ladder[min(lad.start_rung, len(ladder) - 1)]
     attempts = read_attempts(paths)
     if not attempts:
         return configured
@@ -66,9 +66,9 @@ def start_point(cfg: Config, paths: RunPaths, ladder: List[Rung]) -> Optional[Ru
     return configured if configured.index > rung.index else rung
 
 
-def start_rung(cfg: Config, paths: RunPaths, ladder: List[Rung]) -> int:
+def start_rung(lad: LadderConfig, paths: RunPaths, ladder: List[Rung]) -> int:
     """The list index of start_point (len(ladder) when the ladder is exhausted)."""
-    rung = start_point(cfg, paths, ladder)
+    rung = start_point(lad, paths, ladder)
     return len(ladder) if rung is None else rung.index
 
 

@@ -67,9 +67,9 @@ def fit_key(cfg: Config) -> str:
     return f"{cfg.model.name}|{cfg.trainer.algo.value}|{cfg.hardware.name}|{digest}"
 
 
-def fault_injected(cfg: Config) -> bool:
+def fault_injected(d: DebugConfig) -> bool:
     """True when any debug.* setting differs from its default (fault injection, test hooks)."""
-    return asdict(cfg.debug) != asdict(DebugConfig())
+    return asdict(d) != asdict(DebugConfig())
 
 
 def read_memory(path: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
@@ -128,7 +128,7 @@ def remember_fit(cfg: Config, rung: Rung, clean: bool = True, path: Optional[Pat
     nothing was written (fault-injected runs)."""
     from filelock import FileLock
 
-    if fault_injected(cfg):
+    if fault_injected(cfg.debug):
         return False
     path = path or fit_memory_path()
     path.parent.mkdir(parents=True, exist_ok=True)

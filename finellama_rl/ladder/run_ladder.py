@@ -7,18 +7,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List
 
-from finellama_rl.config import Algo, Config, world_size
+from finellama_rl.config import Algo, Config, HardwareConfig, TrainerConfig, world_size
 from finellama_rl.ladder.rungs import Rung, Setting, build_ladder
 
 
-def setting_of(cfg: Config) -> Setting:
+def setting_of(t: TrainerConfig, hardware: HardwareConfig) -> Setting:
     """Rung 0, per device. The generation batch is concrete: PPO samples the rollout
     (prompts_per_step / devices sequences) in chunks of it; GRPO's is TRL's generation
     batch, whole micro batches of whole groups (grouped_generation)."""
-    t = cfg.trainer
     rollout, grouped = 0, False
     if t.algo == Algo.ppo:
-        rollout = t.prompts_per_step // world_size(cfg.hardware)
+        rollout = t.prompts_per_step // world_size(hardware)
     elif t.algo == Algo.grpo:
         rollout, grouped = t.micro_batch * t.grad_accum, True
     generation = (t.generation_batch or rollout) if rollout else 0
@@ -31,7 +30,7 @@ def setting_of(cfg: Config) -> Setting:
 def ladder_for(cfg: Config) -> List[Rung]:
     """The ladder from the configured (rung 0) setting."""
     t, lad = cfg.trainer, cfg.ladder
-    start = setting_of(cfg)  # per device: grad_accum is already derived per device
+    start = setting_of(t, cfg.hardware)  # per device: grad_accum is already derived per device
     return build_ladder(start, min(lad.min_completion_tokens, t.max_completion_tokens),
                         min(lad.min_prompt_tokens, t.max_prompt_tokens), lad.length_step)
 

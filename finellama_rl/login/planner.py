@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from finellama_rl.config import Algo, Config, Device
+from finellama_rl.config import Algo, Config, Device, ModelConfig
 from finellama_rl.ladder.fitmem import remembered
 from finellama_rl.ladder.run_ladder import ladder_for
 from finellama_rl.ladder.rungs import Rung, Setting
@@ -16,8 +16,7 @@ from finellama_rl.login.memory import GIB, MemoryEstimate, MemoryInputs, ModelSh
 from finellama_rl.login.plan_scoring import scoring_parts, shared_bytes
 
 
-def model_shape(cfg: Config) -> ModelShape:
-    m = cfg.model
+def model_shape(m: ModelConfig) -> ModelShape:
     return ModelShape(params=int(m.params_b * 1e9), hidden_size=m.hidden_size, num_layers=m.num_layers,
                       num_attention_heads=m.num_attention_heads, num_kv_heads=m.num_kv_heads,
                       intermediate_size=m.intermediate_size, vocab_size=m.vocab_size, tie_embeddings=m.tie_embeddings)
@@ -33,7 +32,7 @@ def memory_inputs(cfg: Config, setting: Setting) -> MemoryInputs:
     t = cfg.trainer
     ppo = t.algo == Algo.ppo
     return MemoryInputs(
-        shape=model_shape(cfg), algo=t.algo.value, setting=setting, lora_r=t.lora.r if t.lora.enabled else 0,
+        shape=model_shape(cfg.model), algo=t.algo.value, setting=setting, lora_r=t.lora.r if t.lora.enabled else 0,
         lora_target_modules=tuple(t.lora.target_modules), quantized=t.quantization.enabled,
         compute_bytes=2 if cfg.hardware.bf16 else 4, beta=t.ppo.kl_coef if ppo else t.beta,
         generation_batch=setting.generation,
@@ -56,7 +55,7 @@ def rung0_peak_bytes(cfg: Config) -> int:
     """The policy's predicted peak at rung 0 (the seed-style batch table's policy part)."""
     from finellama_rl.ladder.run_ladder import setting_of
 
-    return estimate_memory(memory_inputs(cfg, setting_of(cfg))).peak_bytes
+    return estimate_memory(memory_inputs(cfg, setting_of(cfg.trainer, cfg.hardware))).peak_bytes
 
 
 def choose_start_rung(cfg: Config) -> Tuple[int, str]:

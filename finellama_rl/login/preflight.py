@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-from finellama_rl.config import Config, DataSource
+from finellama_rl.config import Config, DataSource, SlurmConfig
 from finellama_rl.errors import ConfigError
 from finellama_rl.results import check_writable
 
@@ -80,8 +80,8 @@ def slurm_partitions() -> List[str]:
     return [p.strip().rstrip("*") for p in out.stdout.split() if p.strip()]
 
 
-def check_partition(cfg: Config, partitions: List[str]) -> None:
-    part = cfg.hardware.slurm.partition
+def check_partition(s: SlurmConfig, partitions: List[str]) -> None:
+    part = s.partition
     if part and partitions and part not in partitions:
         raise ConfigError("hardware.slurm.partition", f"partition {part!r} does not exist here; choose one of {'|'.join(partitions)} "
                           "(set it on the command line or in your site file)")
@@ -110,7 +110,7 @@ def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) 
     check_data(cfg)
     check_scoring(cfg)
     if slurm:
-        check_partition(cfg, partitions or [])
+        check_partition(cfg.hardware.slurm, partitions or [])
 
 
 def slurm_usable() -> tuple:

@@ -96,7 +96,7 @@ def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: 
         return None, f"job {job_id} ended {state}: nothing to do"
     ladder = ladder_for(cfg)
     current = (read_json_object(paths.current_attempt, "the attempt marker", require={"rung": int, "step0": int})
-               or {"rung": min(start_rung(cfg, paths, ladder), len(ladder) - 1), "step0": 0})
+               or {"rung": min(start_rung(cfg.ladder, paths, ladder), len(ladder) - 1), "step0": 0})
     steps = [r["step"] for r in read_jsonl(paths.metrics, require={"step": int})]
     record_attempt(paths, ladder[min(max(current["rung"], 0), len(ladder) - 1)], "oom_killed",
                    error=f"SLURM: {state} (job {job_id})",
@@ -106,7 +106,7 @@ def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: 
     if resubmits_done >= cfg.ladder.max_resubmits:
         note(paths, "resubmit_refused", job_id=job_id, reason=f"ladder.max_resubmits={cfg.ladder.max_resubmits} used")
         return None, "killed for memory; no resubmissions left"
-    nxt = start_rung(cfg, paths, ladder)
+    nxt = start_rung(cfg.ladder, paths, ladder)
     if nxt >= len(ladder):
         note(paths, "resubmit_refused", job_id=job_id, reason="ladder exhausted")
         return None, "killed for memory on the last rung"

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import submitit
 from submitit.core.core import PicklingExecutor
 
-from finellama_rl.config import Config, Device
+from finellama_rl.config import Config, Device, RunConfig, SlurmConfig
 from finellama_rl.fileio import append_jsonl
 from finellama_rl.errors import EXIT_STOPPED, SubmissionFailed
 from finellama_rl.results import RunPaths, SweepPaths
@@ -50,9 +50,9 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
-def _additional(cfg: Config) -> Dict[str, Any]:
+def _additional(s: SlurmConfig) -> Dict[str, Any]:
     """`additional` options; an empty value is a flag (`exclusive: ""` -> `--exclusive`)."""
-    return {k: (True if v == "" else v) for k, v in cfg.hardware.slurm.additional.items()}
+    return {k: (True if v == "" else v) for k, v in s.additional.items()}
 
 
 def sbatch_options(cfg: Config) -> Dict[str, Any]:
@@ -71,20 +71,20 @@ def sbatch_options(cfg: Config) -> Dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):
             opts[key] = getattr(s, key)
-    opts.update(_additional(cfg))
+    opts.update(_additional(cfg.hardware.slurm))
     return opts
 
 
-def job_name(cfg: Config, prefix: str = "fl") -> str:
+def job_name(run: RunConfig, prefix: str = "fl") -> str:
     """`fl-<sweep>-<run>`: squeue shows which sweep a job belongs to."""
-    return f"{prefix}-{cfg.run.sweep}-{cfg.run.name}"[:200]
+    return f"{prefix}-{run.sweep}-{run.name}"[:200]
 
 
 def executor_params(cfg: Config) -> Dict[str, Any]:
     """The same request in submitit's SlurmExecutor parameter names."""
     hw, s = cfg.hardware, cfg.hardware.slurm
     params: Dict[str, Any] = {
-        "job_name": job_name(cfg),
+        "job_name": job_name(cfg.run),
         "nodes": 1,
         "ntasks_per_node": 1,
         "cpus_per_task": s.cpus_per_task,
@@ -92,7 +92,7 @@ def executor_params(cfg: Config) -> Dict[str, Any]:
         "time": s.timeout_min,
         "signal_delay_s": s.signal_delay_s,
         "stderr_to_stdout": True,  # one log per job: warnings and progress where the table points
-        "additional_parameters": {"requeue": True, **_additional(cfg)},
+        "additional_parameters": {"requeue": True, **_additional(cfg.hardware.slurm)},
     }
     if hw.device == Device.cuda:
         params["gpus_per_node"] = hw.gpus_per_node
@@ -352,7 +352,7 @@ def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_d
     ladder rung if it was killed for memory (finellama_rl.login.slurm.watch)."""
     s = cfg.hardware.slurm
     executor = Executor(folder=str(RunPaths(Path(cfg.run.dir)).watch_logs), max_num_timeout=0)
-    params: Dict[str, Any] = {"job_name": job_name(cfg, "flw"), "nodes": 1, "ntasks_per_node": 1,
+    params: Dict[str, Any] = {"job_name": job_name(cfg.run, "flw"), "nodes": 1, "ntasks_per_node": 1,
                               "cpus_per_task": 1, "mem": "1G", "time": 15, "stderr_to_stdout": True,
                               "additional_parameters": {"dependency": f"afterany:{train_job_id}"}}
     for key in ("partition", "account", "qos"):

@@ -32,7 +32,7 @@ from typing import Any, Dict
 from finellama_rl.job import distributed as dist
 from finellama_rl.job.adapters import after_trl_init
 from finellama_rl.checkpoint import checkpoint_dir, clear_staging, staging_root
-from finellama_rl.config import Config, Device
+from finellama_rl.config import Config, Device, TrainerConfig
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
@@ -55,9 +55,8 @@ METRIC_NAMES = {
 }
 
 
-def steps_per_generation(cfg: Config) -> int:
+def steps_per_generation(t: TrainerConfig) -> int:
     """TRL's steps_per_generation from trainer.generation_batch (0 = the whole step)."""
-    t = cfg.trainer
     return (t.generation_batch or t.micro_batch * t.grad_accum) // t.micro_batch
 
 
@@ -77,7 +76,7 @@ def build_grpo_config(cfg: Config, output_dir: Path):
         max_grad_norm=t.max_grad_norm,
         per_device_train_batch_size=t.micro_batch,
         gradient_accumulation_steps=t.grad_accum,
-        steps_per_generation=steps_per_generation(cfg),
+        steps_per_generation=steps_per_generation(cfg.trainer),
         num_generations=t.num_generations,
         num_iterations=t.num_iterations,
         max_completion_length=t.max_completion_tokens,

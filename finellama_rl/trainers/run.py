@@ -8,7 +8,7 @@ training_stats.json and eval_results.json.
 
 An attempt, step by step (`train_attempt`): `resume_point` -> `load_policy_for` ->
 `training_rows` -> `Evaluations` (baseline, during training, final) -> `build_context`
--> the algorithm (`algorithm(cfg)`) -> `finish`. With several ranks, rank 0 alone writes
+-> the algorithm (`algorithm(trainer.algo)`) -> `finish`. With several ranks, rank 0 alone writes
 files and evaluates.
 
 Exit codes (finellama_rl/errors.py): 0 done, 2 bad input (or the folder is in use),
@@ -56,20 +56,21 @@ log = logging.getLogger("finellama_rl")
 OUTCOMES = {0: "completed", EXIT_STOPPED: "stopped", EXIT_CRASH_TEST: "crashed_on_purpose"}  # attempts.jsonl
 
 
-def algorithm(cfg: Config) -> Callable[[TrainContext], Any]:
-    if cfg.trainer.algo == Algo.grpo:
+def algorithm(algo: Algo) -> Callable[[TrainContext], Any]:
+    """The train(ctx) function of trainer.algo (rm has a flow of its own: train_reward_model)."""
+    if algo == Algo.grpo:
         from finellama_rl.trainers import grpo
 
         return grpo.train
-    if cfg.trainer.algo == Algo.ppo:
+    if algo == Algo.ppo:
         from finellama_rl.trainers import ppo
 
         return ppo.train
-    if cfg.trainer.algo == Algo.sft:
+    if algo == Algo.sft:
         from finellama_rl.trainers import sft
 
         return sft.train
-    raise ValueError(f"unknown trainer.algo {cfg.trainer.algo!r}: expected grpo|ppo|sft")
+    raise ValueError(f"unknown trainer.algo {algo!r}: expected grpo|ppo|sft")
 
 
 # ------------------------------------------------------------------ the whole run
@@ -112,7 +113,7 @@ def run_ladder(cfg: Config) -> int:
         prepare_run_dir(cfg)
     dist.barrier()
     paths = RunPaths(Path(cfg.run.dir))
-    ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of(cfg), False, "as configured")]
+    ladder = ladder_for(cfg) if cfg.ladder.enabled else [Rung(0, setting_of(cfg.trainer, cfg.hardware), False, "as configured")]
     if dist.is_main():
         record_unclosed_attempt(paths, ladder, last_logged_step(paths))  # an earlier process that was hard-killed
     dist.barrier()
@@ -168,7 +169,7 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional[AttemptRun] = None
     if resumed.get("eval_pending"):  # an evaluation that ran out of memory right after this step: redo it
         evals.during(policy, start_step)
     ctx = build_context(cfg, paths, policy, tokenizer, train_rows, evals, resume_from, start_step, run)
-    outcome = algorithm(cfg)(ctx)
+    outcome = algorithm(cfg.trainer.algo)(ctx)
     return finish(cfg, paths, policy, outcome, evals, baseline, t0)
 
 
@@ -206,7 +207,7 @@ def train_reward_model(cfg: Config, paths: RunPaths) -> int:
 def load_policy_for(cfg: Config, paths: RunPaths, run: AttemptRun):
     """The policy (4-bit base + LoRA), with this attempt's phase tracker and faults wired in."""
     policy = load_policy(cfg.model, cfg.trainer, cfg.hardware)
-    run.tracker = faults.install_fault_injection(policy, cfg, paths)
+    run.tracker = faults.install_fault_injection(policy, cfg.debug, paths)
     trainable, total = count_parameters(policy)
     log.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
     return policy
