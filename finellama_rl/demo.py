@@ -165,7 +165,7 @@ def main(argv: Sequence[str]) -> int:
     # against it (measured: 636 s instead of 59 s for the same run; docs/LOG.md).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from finellama_rl.console import setup_logging
-    from finellama_rl.report import write_report
+    from finellama_rl.eval.sweep_report import write_report
 
     multirun, overrides = split_argv(argv)
     shared, rl_overrides = split_overrides(overrides)

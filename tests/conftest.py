@@ -119,3 +119,35 @@ def slurm_cluster():
     from slurm_cluster import ensure_cluster
 
     return ensure_cluster()
+
+
+# --- a full disk ---------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 512 KiB tmpfs (needs root; skipped elsewhere), for a real ENOSPC (fill it with fill_until_full)."""
+    import gc
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mount
+    gc.collect()  # a failed torch.save may still hold its file open
+    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_until_full(path: Path) -> None:
+    """Write zeros into `path` until its file system says ENOSPC (a save a full disk cut short)."""
+    import errno
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 1024)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)

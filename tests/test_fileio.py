@@ -3,14 +3,13 @@ results folders), a full disk says so and leaves the previous file (PNGs too), r
 skip what a crash or a hand edit leaves behind, config.yaml is never interpolated."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import fill_until_full
 
 from finellama_rl import fileio
 from finellama_rl.fileio import append_jsonl, atomic_output, atomic_write_json, atomic_write_text, fraction_or_none, is_disk_full, read_json_object, read_jsonl, read_run_config_data
@@ -43,37 +42,10 @@ def test_default_umask_gives_0644(tmp_path):
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 256 KiB tmpfs (needs root; skipped elsewhere): a real ENOSPC."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    import gc
-
-    gc.collect()  # a failed torch.save may still hold its file open
-    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path) -> None:
-    fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 1024)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-
-
 def test_disk_full_says_so_and_keeps_the_previous_file(tiny_disk):
     target = tiny_disk / "eval_results.json"
     atomic_write_json(target, {"accuracy": 0.5})
-    fill(tiny_disk)
+    fill_until_full(tiny_disk / "filler")
     with pytest.raises(DiskFullError) as err:
         atomic_write_json(target, {"accuracy": 0.75, "records": ["x" * 100] * 5000})
     assert "disk full" in str(err.value) and str(target) in str(err.value)
@@ -84,7 +56,7 @@ def test_disk_full_says_so_and_keeps_the_previous_file(tiny_disk):
 
 
 def test_png_on_a_full_disk_leaves_the_previous_image(tiny_disk):
-    from finellama_rl.report import _figure, _save
+    from finellama_rl.eval.sweep_report import _figure, _save
 
     png = tiny_disk / "reward.png"
     fig, ax = _figure("t", "step", "reward")
@@ -92,7 +64,7 @@ def test_png_on_a_full_disk_leaves_the_previous_image(tiny_disk):
     _save(fig, ax, png, True)
     before = png.read_bytes()
     assert before.startswith(b"\x89PNG")
-    fill(tiny_disk)
+    fill_until_full(tiny_disk / "filler")
     fig, ax = _figure("t", "step", "reward")
     ax.plot(range(500), range(500), label="run")
     with pytest.raises(DiskFullError):
@@ -103,7 +75,7 @@ def test_png_on_a_full_disk_leaves_the_previous_image(tiny_disk):
 def test_torch_disk_full_is_recognised(tiny_disk):
     import torch
 
-    fill(tiny_disk)
+    fill_until_full(tiny_disk / "filler")
     with pytest.raises(Exception) as err:
         torch.save(torch.zeros(100000), tiny_disk / "optimizer.pt")
     assert is_disk_full(err.value, tiny_disk), repr(err.value)

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from finellama_rl import report
+from finellama_rl.eval import sweep_report
 from finellama_rl.compose import load_config
 from finellama_rl.eval.statistics import mcnemar_exact, wilson_interval
 from finellama_rl.fileio import append_jsonl, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
-PNG_SHAPE = (450, 800)  # report.FIG_SIZE_IN * report.FIG_DPI
+PNG_SHAPE = (450, 800)  # sweep_report.FIG_SIZE_IN * sweep_report.FIG_DPI
 V1_FIXTURE = REPO / "tests" / "fixtures" / "eval_results_v1.json"
 N = 60
 
@@ -147,8 +148,8 @@ def test_report_table_has_accuracy_intervals_and_significance(sweep, tmp_path, c
 
 
 def test_accuracy_curves_never_join_protocols(sweep, tmp_path):
-    rep = report.write_report(sweep, tmp_path / "out")
-    series = report.accuracy_series(rep.runs)
+    rep = sweep_report.write_report(sweep, tmp_path / "out")
+    series = sweep_report.accuracy_series(rep.runs)
     assert series["grpo-tiny-cpu (qwen_boxed/math_verify)"] == [
         (0, pytest.approx(100 / 3), pytest.approx(100 * wilson_interval(20, 60)[0]), pytest.approx(100 * wilson_interval(20, 60)[1])),
         (2, pytest.approx(100 * 25 / 60), pytest.approx(100 * wilson_interval(25, 60)[0]), pytest.approx(100 * wilson_interval(25, 60)[1])),
@@ -162,8 +163,8 @@ def test_accuracy_curves_never_join_protocols(sweep, tmp_path):
 def test_report_pngs_decode_at_the_expected_size(sweep, tmp_path):
     import matplotlib.image as mpimg
 
-    rep = report.write_report(sweep, tmp_path / "out")
-    assert sorted(rep.images) == sorted(report.PLOTS)
+    rep = sweep_report.write_report(sweep, tmp_path / "out")
+    assert sorted(rep.images) == sorted(sweep_report.PLOTS)
     for name, path in rep.images.items():
         img = mpimg.imread(path)
         assert img.shape[:2] == PNG_SHAPE, name
@@ -184,7 +185,7 @@ def test_report_defaults_to_the_sweep_folder_and_bad_input_exits_2(sweep, tmp_pa
 
 
 def test_html_is_self_contained(sweep, tmp_path):
-    rep = report.write_report(sweep, tmp_path / "out")
+    rep = sweep_report.write_report(sweep, tmp_path / "out")
     page = rep.html.read_text()
     assert "<table id='runs'>" in page and "<table id='table2'>" in page
     assert page.count("<tr>") == (1 + 4) + (1 + 3)  # runs table, pairs table (3 pairs of finished runs)
@@ -212,7 +213,7 @@ def chromium() -> str:
 def test_html_screenshot_in_headless_chromium_shows_the_table_and_significance(sweep, tmp_path):
     from PIL import Image
 
-    rep = report.write_report(sweep, tmp_path / "out")
+    rep = sweep_report.write_report(sweep, tmp_path / "out")
     shot = tmp_path / "screenshot.png"
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={shot}", "--window-size=1600,900",

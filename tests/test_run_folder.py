@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, fill_until_full
 
 from finellama_rl import train
 from finellama_rl.trainers import run as training_run
@@ -77,28 +76,14 @@ def test_fit_memory_from_a_real_oom_step_down_but_not_from_fault_injection(make_
     assert entry["rung"] == 1 and entry["clean_runs"] == 0  # stepped down on the way: not a clean run
 
 
-def test_stale_staging_is_cleared_before_anything_is_written(tmp_path, make_config, attempts_stubbed, fit_memory):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        cfg = make_config("experiment=smoke", run_dir=str(disk / "run"))
-        staging = disk / "run" / "checkpoints" / ".staging" / "step_000004"
-        staging.mkdir(parents=True)
-        fd = os.open(staging / "optimizer.pt", os.O_WRONLY | os.O_CREAT)  # a save cut short by a full disk
-        try:
-            while True:
-                os.write(fd, b"\0" * 1024)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-        attempts_stubbed.append(0)
-        assert training_run.run_training(cfg) == 0  # config.yaml, attempts.jsonl... fit once .staging is gone
-        assert not staging.parent.exists() and (disk / "run" / "config.yaml").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+def test_stale_staging_is_cleared_before_anything_is_written(tiny_disk, make_config, attempts_stubbed, fit_memory):
+    cfg = make_config("experiment=smoke", run_dir=str(tiny_disk / "run"))
+    staging = tiny_disk / "run" / "checkpoints" / ".staging" / "step_000004"
+    staging.mkdir(parents=True)
+    fill_until_full(staging / "optimizer.pt")  # a save cut short by a full disk
+    attempts_stubbed.append(0)
+    assert training_run.run_training(cfg) == 0  # config.yaml, attempts.jsonl... fit once .staging is gone
+    assert not staging.parent.exists() and (tiny_disk / "run" / "config.yaml").exists()
 
 
 def test_a_hard_killed_attempt_is_recorded_at_the_next_start(make_config, attempts_stubbed, fit_memory):
