@@ -45,7 +45,14 @@ def _schema_at(path: Sequence[str]):
     return node
 
 
+RENAMED = {  # removed keys -> what to set instead (an old command line gets the new spelling)
+    "trainer.ppo.whiten_advantages": "renamed (issue 20): use trainer.advantage_scaling=batch (true) or none (false)",
+}
+
+
 def _suggest_key(full_key: str) -> str:
+    if full_key in RENAMED:
+        return f" It was {RENAMED[full_key]}."
     parts = full_key.split(".")
     parent = _schema_at(parts[:-1])
     if parent is None:

@@ -92,6 +92,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
         loaded = OmegaConf.create(read_run_config_data(path))  # plain data: `${...}` stays text, never resolved
         if OmegaConf.select(loaded, "eval.protocol", default=None) is None:  # trained before protocols: `####`
             OmegaConf.update(loaded, "eval.protocol", EvalProtocol.finellama.value, force_add=True)
+        _advantage_scaling_of_older_runs(loaded)
         merged = OmegaConf.merge(OmegaConf.structured(Config), loaded)
     except Exception as exc:  # yaml or omegaconf errors: the file, not the user's overrides
         raise ConfigError("run", f"{path} does not fit the current schema: {str(exc).splitlines()[0]}") from None
@@ -104,6 +105,18 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     cfg = replace(cfg, run=replace(cfg.run, dir=str(Path(run_dir).resolve())))
     validate(cfg)
     return cfg
+
+
+def _advantage_scaling_of_older_runs(loaded) -> None:
+    """Runs before issue 20 wrote trainer.ppo.whiten_advantages (true: batch, false: none)
+    and no trainer.advantage_scaling: read them as what they trained with."""
+    from omegaconf import OmegaConf
+
+    ppo = OmegaConf.select(loaded, "trainer.ppo", default=None)
+    whiten = ppo.pop("whiten_advantages", None) if ppo is not None else None
+    if OmegaConf.select(loaded, "trainer.advantage_scaling", default=None) is None \
+            and OmegaConf.select(loaded, "trainer.algo", default=None) == "ppo":
+        OmegaConf.update(loaded, "trainer.advantage_scaling", "none" if whiten is False else "batch", force_add=True)
 
 
 def choose_targets(run_dir: Path, choice: str) -> List[Target]:
