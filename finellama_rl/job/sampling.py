@@ -49,7 +49,9 @@ _C = 0x45D9F3B  # Mueller's multiplier (< 2**27: x * _C < 2**59 for x < 2**32)
 _GOLDEN = 0x9E3779B1
 _START = 0x2545F491
 SPAN_ELEMENTS = 1 << 16  # small vocabularies: noise of several positions at once, up to rows x positions x V of this
-CHUNK_ELEMENTS = 1 << 22  # rows are hashed in pieces of at most this many elements (bounded int64 temporaries)
+# rows are hashed in pieces of at most this many elements: bounded int64 temporaries (about 3 x 8 bytes each);
+# small pieces stay in a CPU's cache, large ones spare a GPU kernel launches
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 23}
 NEUTRAL = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}  # warpers we do not implement
 VERSION = "keyed-gumbel-v1"  # recorded in eval files: a change to the hash changes what is sampled
 
@@ -153,7 +155,8 @@ class RowSampler:
             keys, rows = self.keys.to(device), self.keys.shape[0]
             span = max(1, SPAN_ELEMENTS // max(1, rows * vocab))
             positions = torch.arange(position, position + span, dtype=torch.int64, device=device)
-            chunk = max(1, CHUNK_ELEMENTS // (vocab * span))  # rows per piece
+            budget = CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS["cuda"])
+            chunk = max(1, budget // (vocab * span))  # rows per piece
             self._block = torch.cat([gumbel_noise(keys[i:i + chunk], positions, self._vh)
                                      for i in range(0, rows, chunk)])                # (B, span, V)
             self._first = position

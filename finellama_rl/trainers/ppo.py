@@ -29,13 +29,18 @@ reference pass is skipped (the KL reward term would be 0 x KL) and train/kl* are
 logged, as TRL's GRPO logs no KL with beta = 0. Trainable weights and AdamW
 state are fp32; forwards run under bf16 autocast on GPUs with bf16. Sampling passes
 every decoding setting explicitly (trainers/decoding.py) and log-probs use logits /
-temperature, so the old log-probs describe the sampler (top_p must be 1). LoRA
-dropout must be 0 so that the first update's ratio is 1.
+temperature, so the old log-probs describe the sampler (top_p must be 1); it is keyed
+per sequence (job/sampling.py), so a generation-phase OOM step-down or another number of
+ranks samples the same rollout. LoRA dropout must be 0 so that the first update's ratio
+is 1. trainer.advantage_scaling: batch whitens the GAE advantages over the step's loss
+tokens on all ranks, none keeps them raw; trainer.truncation (none | mask | penalty)
+treats completions cut at max_completion_tokens as GRPO does (ppo_rollout.py).
 
 Metrics: train/kl is the per-token mean of the k3 estimator exp(d) - d - 1 (d = log
 pi_ref - log pi) over completion tokens of the rollout, the same estimator TRL's
 GRPO logs; train/kl_k1 the mean of k1 = log pi - log pi_ref (what ppo.kl_coef
-shapes the rewards with), train/kl_seq its per-sequence sum. Loss terms are token
+shapes the rewards with), train/kl_seq its per-sequence sum; train/completion_len the
+mean tokens up to EOS and train/frac_truncated the share cut at the cap. Loss terms are token
 means of each mini-batch, averaged over the step's optimizer steps, so train/loss =
 train/policy_loss + vf_coef * train/value_loss exactly.
 
