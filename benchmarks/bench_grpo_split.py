@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"bench_grpo_split: {time.strftime('%Y-%m-%d %H:%M')}, CPU, load {os.getloadavg()[0]:.1f}, 1 thread per process")
+    one = Arms(Path(tempfile.mkdtemp(prefix="bench-split-")))  # builds the tiny model before the ranks load it
     ranks = {}
     if not args.no_ranks:
         out = Path(tempfile.mkdtemp(prefix="bench-split-")) / "ranks.pt"
@@ -53,7 +54,6 @@ def main(argv=None) -> int:
             print(proc.stderr[-3000:])
             return 1
         ranks = torch.load(out, weights_only=False)
-    one = Arms(Path(tempfile.mkdtemp(prefix="bench-split-")))
     print(f"\n{'loss':<8} {'scaling, truncation':<20} {'ranks':>5} {'micro':>5} {'calls':>5} {'grad rel diff':>14} "
           f"{'same samples':>12} {'grad_norm':>10} {'reward_std':>10} {'entropy':>9}")
     worst = {}

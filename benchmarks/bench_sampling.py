@@ -10,8 +10,10 @@ samples what it should.
   C. Independence: chi-square contingency p-values over 20 seeds (rows i and i+1, positions
      0 and 1, steps s and s+1, seeds s and s+100, the marginal) should look uniform (mean
      about 0.5, about 1 of 20 below 0.05).
+  D. Dispersion of the token counts over 500 seeds against torch.rand's (subtle dependence
+     between the rows of one seed shows here first).
 
-    .venv/bin/python benchmarks/bench_sampling.py              # ~2 min on 2 cores
+    .venv/bin/python benchmarks/bench_sampling.py              # ~4 min on 2 cores
     .venv/bin/python benchmarks/bench_sampling.py --device cuda
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 
 import torch
 
-from finellama_rl.job.sampling import RowSampler, _vocab_hash, generate_keyed, gumbel_noise, row_keys
+from finellama_rl.job.sampling import RowSampler, _vocab_hash, generate_keyed, gumbel_noise, position_keys, row_keys
 
 
 def _sync(device):
@@ -32,10 +34,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _clock(device):
+    """CPU seconds of this (one-thread) process on CPU: steadier than wall time on a shared
+    machine; wall time on a GPU."""
+    return time.perf_counter() if torch.device(device).type == "cuda" else time.process_time()
+
+
 def part_a(device, repeats):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    print("\nA. generate() 16 sequences x 32 new tokens, plain sampling vs keyed (T 0.7), 1 thread")
+    print(f"\nA. generate() 16 sequences x 32 new tokens, plain sampling vs keyed (T 0.7), 1 thread, "
+          f"{'wall' if torch.device(device).type == 'cuda' else 'CPU'} seconds")
     for vocab in (512, 151936):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -47,11 +56,11 @@ def part_a(device, repeats):
 
         def run(keyed):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             with torch.no_grad():
                 generate_keyed(model, row_keys(0, 1, range(16)), **kw) if keyed else model.generate(**kw)
             _sync(device)
-            return time.perf_counter() - t0
+            return _clock(device) - t0
 
         run(False), run(True)
         plain, keyed = [], []
@@ -80,11 +89,11 @@ def part_b(device, rows_list):
         for name, fn in (("keyed", keyed), ("plain", plain)):
             fn(0)
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             for step in range(1, 17):
                 fn(step)
             _sync(device)
-            out[name] = (time.perf_counter() - t0) / 16 * 1e3
+            out[name] = (_clock(device) - t0) / 16 * 1e3
         print(f"   rows {rows:>3}: keyed {out['keyed']:.2f} ms/token, plain {out['plain']:.2f} ms/token")
 
 
@@ -104,8 +113,7 @@ def part_c(seeds=20, vocab=8, n=200_000):
     vh = _vocab_hash(vocab, "cpu")
 
     def draw(seed, step, position):
-        keys = torch.tensor(row_keys(seed, step, range(n)))
-        return gumbel_noise(keys, torch.tensor([position]), vh)[:, 0].argmax(-1)
+        return gumbel_noise(position_keys(row_keys(seed, step, range(n)), [position]), vh)[:, 0].argmax(-1)
 
     ps = {"rows i x i+1": [], "positions 0 x 1": [], "steps s x s+1": [], "seeds s x s+100": [], "marginal": []}
     for s in range(seeds):
@@ -121,9 +129,28 @@ def part_c(seeds=20, vocab=8, n=200_000):
               f"below 0.05: {sum(v < 0.05 for v in values)} of {seeds}")
 
 
+def part_d(seeds=500, vocab=8, n=200_000):
+    """Over-dispersion: rows of one seed that share structure inflate the spread of the
+    token counts across seeds; torch.rand's Gumbel draws are the reference."""
+    print(f"\nD. dispersion of the token counts ({n} rows, V={vocab}) over {seeds} seeds: chi-square(7) has mean 7, "
+          f"variance 14, 5% past 14.07")
+    vh = _vocab_hash(vocab, "cpu")
+    for name in ("keyed", "torch.rand"):
+        chis = []
+        for s in range(seeds):
+            if name == "keyed":
+                g = gumbel_noise(position_keys(row_keys(s, 1, range(n)), [0]), vh)[:, 0]
+            else:
+                g = -torch.log(-torch.log(torch.rand(n, vocab, generator=torch.Generator().manual_seed(s))))
+            counts = torch.bincount(g.argmax(-1), minlength=vocab).double()
+            chis.append((((counts - n / vocab) ** 2) / (n / vocab)).sum().item())
+        print(f"   {name:>10}: mean {statistics.fmean(chis):.2f}, variance {statistics.variance(chis):.1f}, "
+              f"past 14.07: {sum(c > 14.07 for c in chis)} of {seeds}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="ABC")
+    p.add_argument("--parts", default="ABCD")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
@@ -135,6 +162,8 @@ def main(argv=None) -> int:
         part_b(args.device, (1, 16, 64) if args.device == "cpu" else (16, 64, 128))
     if "C" in args.parts:
         part_c()
+    if "D" in args.parts:
+        part_d()
     return 0
 
 

@@ -113,6 +113,12 @@ def main(argv: Sequence[str]) -> int:
     torch.set_num_threads(1)
     out, arms = Path(argv[0]), argv[1:]
     dist.init(cuda=False)
+    if dist.is_main():  # the tiny model is built once, before any rank loads it (a fresh cache: no half-written files)
+        from finellama_rl.compose import load_config
+        from finellama_rl.job.model import ensure_tiny_model
+
+        ensure_tiny_model(load_config([*COMMON, *arm_overrides("dapo:4:0", 2)], resolve_paths=False).model)
+    dist.barrier()
     runner = Arms(Path(tempfile.mkdtemp(prefix=f"grpo-grad-{dist.rank()}-")), processes=dist.world())
     results = {}
     for arm in arms:

@@ -9,8 +9,10 @@ match the one-process run. The one-process run samples in two generate calls of 
 same prompts the two ranks sample (trainer.generation_batch = half the step), and
 sampling is keyed per sequence (seed, step, its index in the step: job/sampling.py), so
 both runs draw the same completions; what remains is float summation order.
-Tolerance: 1e-3 relative on rewards, losses and gradient norms, 1e-3 relative on the
-adapter (measured: 2e-6 on the curve, 2e-5 to 6e-5 on the adapter). GRPO runs its default
+Tolerance: 1e-3 relative on rewards, losses and gradient norms, and on the adapter each
+tensor's largest difference over its largest entry (measured: 2e-6 on the curve, 2e-5 to
+1.5e-4 on the adapter; entry by entry, Adam turns summation-order noise in a near-zero
+gradient into 1e-2 of a tiny entry, so elementwise tolerances fail by chance). GRPO runs its default
 loss (dapo, normalised by the step's completion tokens) on uneven lengths
 (debug.eos_logit_bias): before issue 20 the two-call process weighed its halves by their
 own token counts and differed from the two ranks by 17%.
@@ -91,8 +93,8 @@ def test_two_ranks_match_one_process(algo, tmp_path):
     for key in KEYS:
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-6), key
     _, adapter_one = _adapter(one)
-    for name, w in adapter_one.items():
-        assert torch.allclose(adapter_two[name], w, rtol=1e-3, atol=1e-6), name
+    for name, w in adapter_one.items():  # per tensor, over its largest entry: Adam's 1/sqrt(v) magnifies
+        assert (adapter_two[name] - w).abs().max() <= 1e-3 * w.abs().max(), name  # summation order where a gradient is ~0
     worst = max(((adapter_two[k] - w).abs().max() / w.abs().max().clamp(min=1e-12)).item() for k, w in adapter_one.items())
     curve = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-9) for x, y in zip(a, b) for k in KEYS)
     print(f"{algo}: 2 ranks vs 1 process: max relative difference {curve:.2e} (curve), {worst:.2e} (adapter)")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finellama_rl.job.sampling import RowSampler, _vocab_hash, generate_keyed, gumbel_noise, keyed_generate, row_keys
+from finellama_rl.job.sampling import (RowSampler, _vocab_hash, generate_keyed, gumbel_noise, keyed_generate,
+                                       position_keys, row_keys)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,26 @@ def test_a_batch_of_16_samples_what_16_batches_of_1_sample():
 
 def test_keys_differ_by_seed_step_index_and_stream():
     keys = [row_keys(1, 2, [3])[0], row_keys(2, 2, [3])[0], row_keys(1, 3, [3])[0], row_keys(1, 2, [4])[0],
-            row_keys(1, 2, [3], stream=1)[0], row_keys(1 << 32 | 1, 2, [3])[0]]
+            row_keys(1, 2, [3], stream=1)[0], row_keys(1 << 32 | 1, 2, [3])[0], row_keys(-1, 2, [3])[0]]
     assert len(set(keys)) == len(keys) and row_keys(1, 2, [3]) == row_keys(1, 2, [3])
+    per_position = position_keys(keys[:2], range(4))
+    assert per_position.shape == (2, 4) and len(set(per_position.flatten().tolist())) == 8
+
+
+def test_argmax_counts_follow_chi_square_across_seeds():
+    """Across seeds, the chi-square of the token counts of 100,000 flat-logit draws follows
+    chi-square(7) (mean 7, about 5% past 14.07). A broken hash fails this at once; the
+    subtle over-dispersion of a weaker key chain (8% past over 500 seeds) needs
+    benchmarks/bench_sampling.py's 500 seeds to show."""
+    vocab, n, seeds = 8, 100_000, 60
+    vh = _vocab_hash(vocab, "cpu")
+    chis = []
+    for seed in range(seeds):
+        draws = gumbel_noise(position_keys(row_keys(seed, 1, range(n)), [0]), vh)[:, 0].argmax(-1)
+        counts = torch.bincount(draws, minlength=vocab).double()
+        chis.append((((counts - n / vocab) ** 2) / (n / vocab)).sum().item())
+    chis = torch.tensor(chis)
+    assert 6.0 < chis.mean().item() < 8.2 and (chis > 14.07).sum().item() <= 8, chis
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 6, 1.0)])
@@ -70,7 +89,7 @@ def test_draws_follow_the_warped_softmax(temperature, top_k, top_p):
 
 
 def test_gumbel_noise_has_the_gumbel_moments():
-    g = gumbel_noise(torch.tensor(row_keys(9, 9, range(500))), torch.tensor([3]), _vocab_hash(1000, "cpu"))
+    g = gumbel_noise(position_keys(row_keys(9, 9, range(500)), [3]), _vocab_hash(1000, "cpu"))
     assert g.shape == (500, 1, 1000)
     assert abs(g.mean().item() - 0.5772) < 0.01 and abs(g.var().item() - 1.6449) < 0.03
     assert -2.9 < g.min().item() and g.max().item() < 16.7  # the 23-bit uniform's range

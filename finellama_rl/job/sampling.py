@@ -26,14 +26,18 @@ token changes only when two perturbed scores are that close (0 of 256 rows chang
 logit noise of 1e-2 in the issue-20 measurements), while the CDF method changed 0.4% of
 rows at 1e-6 and 15% at 1e-2 (docs/LOG.md, issue 20).
 
-Hash: Mueller's 32-bit integer mix in int64 lanes (multiplier < 2**27: no int64
-overflow). Row and position keys are mixed twice (few values); the (rows x vocabulary)
-noise, the cost, gets one mix of (position key XOR a fixed per-token hash). u takes the
-top 23 bits: u = (k + 0.5) / 2**23 is exact in float32, so g lies in [-2.8, 16.6]: a
-token whose Gumbel draw would exceed 16.6 (probability 6e-8) is cut there, the same order
-as float32 multinomial's resolution. Cost: about 15 elementwise passes over (rows x
-vocabulary) per token; for small vocabularies the noise of several positions is made at
-once (`SPAN_ELEMENTS`), so the per-call overhead of torch ops is paid once per block.
+Hash: keys are SplitMix64 chains (numpy uint64: wrap-around is defined) of (seed, stream,
+step, sequence index), then of (key, position); the (rows x vocabulary) noise, the cost, is
+one Mueller 32-bit mix (int64 lanes, multiplier < 2**27: no overflow) of (position key XOR
+a fixed per-token hash). A weaker key chain (Mueller mixes of sequential indices) left the
+argmax counts of 200,000 rows over-dispersed (41 of 500 seeds past chi-square's 5% point,
+25 expected); SplitMix64 keys give 24 of 500, like torch.rand (docs/LOG.md, issue 20).
+u takes the top 23 bits: u = (k + 0.5) / 2**23 is exact in float32, so g lies in
+[-2.8, 16.6]: a token whose Gumbel draw would exceed 16.6 (probability 6e-8) is cut
+there, the same order as float32 multinomial's resolution. Cost: about 15 elementwise
+passes over (rows x vocabulary) per token, which replace the softmax and multinomial of
+generate()'s own sampling; for small vocabularies the noise of several positions is made
+at once (`SPAN_ELEMENTS`), so the per-call overhead of torch ops is paid once per block.
 """
 from __future__ import annotations
 
@@ -42,12 +46,14 @@ import copy
 import functools
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
+M64 = (1 << 64) - 1
 _C = 0x45D9F3B  # Mueller's multiplier (< 2**27: x * _C < 2**59 for x < 2**32)
-_GOLDEN = 0x9E3779B1
-_START = 0x2545F491
+_GOLDEN64 = np.uint64(0x9E3779B97F4A7C15)
+_VOCAB_SALT = 0x632BE5AB
 SPAN_ELEMENTS = 1 << 16  # small vocabularies: noise of several positions at once, up to rows x positions x V of this
 # rows are hashed in pieces of at most this many elements: bounded int64 temporaries (about 3 x 8 bytes each);
 # small pieces stay in a CPU's cache, large ones spare a GPU kernel launches
@@ -59,28 +65,36 @@ VERSION = "keyed-gumbel-v1"  # recorded in eval files: a change to the hash chan
 # ------------------------------------------------------------------------ keys
 
 
-def _mix(x: int) -> int:
-    """Mueller's bijective 32-bit mix (Python int)."""
-    x = (((x >> 16) ^ x) * _C) & M32
-    x = (((x >> 16) ^ x) * _C) & M32
-    return (x >> 16) ^ x
-
-
-def _combine(h: int, value: int) -> int:
-    return _mix(h ^ ((value & M32) * _GOLDEN & M32))
+def _splitmix64(x) -> np.ndarray:
+    """SplitMix64's finaliser (Vigna) on uint64 arrays: a bijection that turns counters into
+    well-mixed 64-bit values."""
+    z = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = z + _GOLDEN64
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def row_keys(seed: int, step: int, indices: Iterable[int], stream: int = 0) -> List[int]:
-    """One 32-bit key per sequence from (seed, step, its index). `stream` separates uses
+    """One 64-bit key per sequence from (seed, step, its index). `stream` separates uses
     (0: training rollouts, 1: pass@k evaluation): the same index never shares noise across them."""
-    h = _START
-    for part in (seed & M32, (seed >> 32) & M32, stream, step & M32, (step >> 32) & M32):
-        h = _combine(h, part)
-    return [_combine(h, i) for i in indices]
+    h = _splitmix64(seed & M64)
+    for part in (stream, step):
+        h = _splitmix64(h ^ np.uint64(part & M64))
+    return [int(k) for k in _splitmix64(h ^ np.asarray([i & M64 for i in indices], dtype=np.uint64))]
+
+
+def position_keys(keys: Sequence[int], positions: Sequence[int], device=None) -> torch.Tensor:
+    """(B, P) int64 of 32-bit values: each row key combined with each token position."""
+    k = np.asarray(keys, dtype=np.uint64)[:, None]
+    with np.errstate(over="ignore"):
+        z = _splitmix64(k ^ (np.asarray(positions, dtype=np.uint64)[None, :] * _GOLDEN64))
+    return torch.from_numpy((z >> np.uint64(32)).astype(np.int64)).to(device)
 
 
 def _mix_(x: torch.Tensor) -> torch.Tensor:
-    """_mix on an int64 tensor of 32-bit values, in place (one temporary per shift)."""
+    """Mueller's bijective 32-bit mix on an int64 tensor of 32-bit values, in place."""
     x ^= x >> 16
     x *= _C
     x &= M32
@@ -91,19 +105,16 @@ def _mix_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=8)
 def _vocab_hash(vocab: int, device) -> torch.Tensor:
-    return _mix_((torch.arange(vocab, dtype=torch.int64, device=device) * _GOLDEN + 0x632BE5AB) & M32)  # (V,)
+    """(V,) int64 of 32-bit values: a fixed hash per vocabulary id."""
+    z = _splitmix64(np.arange(vocab, dtype=np.uint64) ^ np.uint64(_VOCAB_SALT)) >> np.uint64(32)
+    return torch.from_numpy(z.astype(np.int64)).to(device)
 
 
-def position_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, P) int64: each row key combined with each token position (twice mixed)."""
-    h = keys.unsqueeze(1) ^ ((positions.unsqueeze(0) * _GOLDEN) & M32)
-    return _mix_(_mix_(h))
-
-
-def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise (B, P, V) float32 for each keyed row at each position."""
-    x = _mix_(position_keys(keys, positions).unsqueeze(-1) ^ vocab_hash)          # (B, P, V) int64, 32-bit values
+def gumbel_noise(position_key: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise (B, P, V) float32 from position keys (B, P) and the vocabulary hash (V,)."""
+    x = _mix_(position_key.unsqueeze(-1) ^ vocab_hash)                            # (B, P, V) int64, 32-bit values
     x >>= 8
     x |= 1                                                                          # 2k + 1, k = the top 23 bits
     u = x.to(torch.float32).mul_(2.0 ** -24)                                        # (k + 0.5) / 2**23, exact
@@ -128,7 +139,7 @@ class RowSampler:
             MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
         )
 
-        self.keys = torch.tensor(list(keys), dtype=torch.int64)
+        self.keys = np.asarray(list(keys), dtype=np.uint64)
         self.bias = {int(k): float(v) for k, v in (bias or {}).items() if v}
         self.warpers: List[Any] = []  # transformers' order (generation/utils.py _get_logits_processor)
         if temperature is not None and temperature != 1.0:
@@ -143,22 +154,19 @@ class RowSampler:
         self.calls = 0
         self._block: Optional[torch.Tensor] = None  # (B, P, V) noise of positions [_first, _first + P)
         self._first = 0
-        self._vh: Optional[torch.Tensor] = None
 
     def noise(self, position: int, vocab: int, device) -> torch.Tensor:
         """(B, V) noise at `position`, made a block of positions at a time."""
+        device = torch.device(device)
         block = self._block
         if block is None or not self._first <= position < self._first + block.shape[1] or block.shape[2] != vocab \
-                or block.device != torch.device(device):
-            if self._vh is None or self._vh.shape[0] != vocab or self._vh.device != torch.device(device):
-                self._vh = _vocab_hash(vocab, device)
-            keys, rows = self.keys.to(device), self.keys.shape[0]
+                or block.device != device:
+            rows = self.keys.shape[0]
             span = max(1, SPAN_ELEMENTS // max(1, rows * vocab))
-            positions = torch.arange(position, position + span, dtype=torch.int64, device=device)
-            budget = CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS["cuda"])
-            chunk = max(1, budget // (vocab * span))  # rows per piece
-            self._block = torch.cat([gumbel_noise(keys[i:i + chunk], positions, self._vh)
-                                     for i in range(0, rows, chunk)])                # (B, span, V)
+            keys = position_keys(self.keys, range(position, position + span), device)  # (B, span)
+            vocab_hash = _vocab_hash(vocab, device)
+            chunk = max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // (vocab * span))  # rows per piece
+            self._block = torch.cat([gumbel_noise(keys[i:i + chunk], vocab_hash) for i in range(0, rows, chunk)])
             self._first = position
         return self._block[:, position - self._first]
 
