@@ -375,7 +375,8 @@ class TrainerConfig:
     completion tokens; grpo each completion's own token count, then the number of
     completions; dr_grpo completions x max_completion_tokens (a constant). bnpo (TRL: each
     micro batch's tokens, so the gradient would follow micro_batch) is refused: use dapo.
-    PPO always divides by all completion tokens of its mini-batch (over all devices)."""
+    PPO always divides by all completion tokens of its mini-batch (over all devices) and
+    refuses any other value than dapo."""
     advantage_scaling: AdvantageScaling = AdvantageScaling.group
     """What advantages are divided by, both trainers. GRPO (advantage = reward - group
     mean): group (the group's reward std, TRL's default), batch (the std of every reward of

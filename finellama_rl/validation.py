@@ -78,6 +78,9 @@ def _validate_rl_knobs(t: TrainerConfig) -> None:
             raise ConfigError("trainer.num_iterations", f"is GRPO's; PPO passes over a rollout trainer.ppo.epochs times "
                               f"(set trainer.num_iterations=1 trainer.ppo.epochs={t.num_iterations})")
         _non_negative("trainer.ppo.kl_coef", t.ppo.kl_coef)
+        if t.loss_type != LossType.dapo:
+            raise ConfigError("trainer.loss_type", f"is GRPO's ({t.loss_type.value}); PPO always divides by its mini-batch's "
+                              "completion tokens over all devices (dapo's normalisation): leave trainer.loss_type=dapo")
         if t.advantage_scaling == AdvantageScaling.group:
             raise ConfigError("trainer.advantage_scaling", "group divides by a group's reward std, and PPO samples one "
                               "completion per prompt: use batch (GAE whitened over the step's tokens) or none (raw GAE)")

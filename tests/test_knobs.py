@@ -24,6 +24,7 @@ SMOKE = ["experiment=smoke"]
     (["trainer=ppo", "trainer.generation_batch=-1"], "trainer.generation_batch", ">= 0"),
     (["trainer=grpo", "trainer.loss_type=bnpo"], "trainer.loss_type", "use dapo"),
     (["trainer=ppo", "trainer.advantage_scaling=group"], "trainer.advantage_scaling", "use batch"),
+    (["trainer=ppo", "trainer.loss_type=grpo"], "trainer.loss_type", "leave trainer.loss_type=dapo"),
     (["trainer=grpo", "trainer.truncation_penalty=-1"], "trainer.truncation_penalty", ">= 0"),
     (["trainer=ppo", "trainer.truncation=penalty", "trainer.truncation_penalty=-0.5"], "trainer.truncation_penalty", ">= 0"),
 ])
