@@ -50,10 +50,6 @@ class Arm:
     runs: List[Any]  # RunSummary objects (eval/sweep_report.py), in seed order
     identity: Dict[str, str] = field(default_factory=dict)
 
-    @property
-    def seeds(self) -> List[str]:
-        return [str(flatten(r.config).get("trainer.seed", "?")) for r in self.runs]
-
 
 def label_keys(idents: Sequence[Dict[str, str]]) -> List[str]:
     """Few keys that tell the arms apart: the group choices first (LABEL_FIRST), then whichever key
@@ -158,27 +154,26 @@ def arm_rows(arms: Sequence[Arm]) -> List[List[str]]:
     return [arm_row(a)[0] for a in arms]
 
 
+def arm_pair_row(a: Arm, b: Arm) -> List[str]:
+    """B against A under one protocol, paired on the problems every run of both evaluated."""
+    pa, pb = _protocol(a), _protocol(b)
+    if pa is None or pb is None or pa != pb:
+        missing = a if pa is None else b
+        why = "protocols differ" if pa and pb else f"{missing.label}: {_why_not(missing)}"
+        return [a.label, b.label, "differ" if pa and pb else "-", "-", "-", "-", "-", "-", "-", "-", why]
+    common = sorted(set(arm_matrix(a)[1]) & set(arm_matrix(b)[1]), key=problem_order)
+    if not common:
+        return [a.label, b.label, "/".join(pa), "0", "-", "-", "-", "-", "-", "-", "no common problems"]
+    cmp = compare_arms(arm_matrix(a, common)[0], arm_matrix(b, common)[0])
+    verdict = {"B better": f"{b.label} better", "A better": f"{a.label} better"}.get(cmp.verdict, cmp.verdict)
+    return [a.label, b.label, "/".join(pa), str(cmp.problems), _pct(cmp.a.mean), _pct(cmp.b.mean),
+            f"{100 * cmp.delta:+.1f}", _interval(cmp.delta_ci), f"{cmp.p_improvement:.2f}",
+            f"[{cmp.p_improvement_ci[0]:.2f}, {cmp.p_improvement_ci[1]:.2f}]", verdict]
+
+
 def arm_pair_rows(arms: Sequence[Arm]) -> List[List[str]]:
-    """Every two arms under one protocol: paired on the problems both evaluated (every run of both)."""
-    rows = []
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            pa, pb = _protocol(a), _protocol(b)
-            if pa is None or pb is None or pa != pb:
-                why = "protocols differ" if pa and pb else f"{(a if pa is None else b).label}: {_why_not(a if pa is None else b)}"
-                rows.append([a.label, b.label, "differ" if pa and pb else "-", "-", "-", "-", "-", "-", "-", "-", why])
-                continue
-            (ma, ka), (mb, kb) = arm_matrix(a), arm_matrix(b)
-            common = sorted(set(ka) & set(kb), key=problem_order)
-            if not common:
-                rows.append([a.label, b.label, "/".join(pa), "0", "-", "-", "-", "-", "-", "-", "no common problems"])
-                continue
-            cmp = compare_arms(arm_matrix(a, common)[0], arm_matrix(b, common)[0])
-            verdict = {"B better": f"{b.label} better", "A better": f"{a.label} better"}.get(cmp.verdict, cmp.verdict)
-            rows.append([a.label, b.label, "/".join(pa), str(cmp.problems), _pct(cmp.a.mean), _pct(cmp.b.mean),
-                         f"{100 * cmp.delta:+.1f}", _interval(cmp.delta_ci), f"{cmp.p_improvement:.2f}",
-                         f"[{cmp.p_improvement_ci[0]:.2f}, {cmp.p_improvement_ci[1]:.2f}]", verdict])
-    return rows
+    """Every two arms (A before B in label order)."""
+    return [arm_pair_row(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
 
 
 ARM_NOTES = [
