@@ -153,11 +153,12 @@ def make_signal_run(sw: Path, name: str, lr: float, rewards, evals, truncated=No
                 "train/completion_len": 10 + step}
         append_jsonl(run / "metrics.jsonl", {**line, **({"train/frac_truncated": truncated(step)} if truncated else {})})
     steps = sorted(evals)
-    base = eval_doc(name, 0, evals[0])
+    split = {"split": training_signals.SELECTION_SPLIT}  # the split the flag reads (validation once part A lands)
+    base = {**eval_doc(name, 0, evals[0]), **split}
     atomic_write_json(run / "eval_baseline.json", base)
     for step in steps[1:-1]:
-        atomic_write_json(run / "evals" / f"step_{step:06d}.json", eval_doc(name, step, evals[step]))
-    atomic_write_json(run / "eval_results.json", eval_doc(name, steps[-1], evals[steps[-1]], baseline=base))
+        atomic_write_json(run / "evals" / f"step_{step:06d}.json", {**eval_doc(name, step, evals[step]), **split})
+    atomic_write_json(run / "eval_results.json", {**eval_doc(name, steps[-1], evals[steps[-1]], baseline=base), **split})
     return run
 
 
@@ -198,7 +199,7 @@ def test_reward_up_accuracy_down_is_flagged_and_both_up_is_not(hack_sweep, tmp_p
     assert hacked["reward/correctness"] == f"{mean(RISING[:6]) / 2:.3f} → {mean(RISING[6:]) / 2:.3f}"
     assert hacked["completion len"] == f"{mean(range(11, 17)):.1f} → {mean(range(17, 23)):.1f}"
     assert hacked["truncated %"] == f"{100 * mean([s / 24 for s in range(1, 7)]):.1f} → {100 * mean([s / 24 for s in range(7, 13)]):.1f}"
-    assert honest["truncated %"] == "-" and hacked["split"] == training_signals.SELECTION_SPLIT == "test"
+    assert honest["truncated %"] == "-" and hacked["split"] == training_signals.SELECTION_SPLIT
     assert "Mann–Kendall" in md
     page = (out / "report.html").read_text()
     assert f"<td class='sig-neg'>{training_signals.FLAG_DOWN}</td>" in page
@@ -211,8 +212,8 @@ def test_a_flat_reward_is_never_flagged_and_a_short_run_is_unknown(hack_sweep, t
     assert training_signals.training_signals(type(hacked)(**{**hacked.__dict__, "metrics": noisy})).flag == training_signals.NO_FLAG
     short = type(hacked)(**{**hacked.__dict__, "metrics": hacked.metrics[:8]})  # a window of 4 points
     assert training_signals.hacking_flag(short) == training_signals.UNKNOWN
-    # the split it reads is a parameter: no validation evaluations in these runs, so nothing to judge there
-    assert training_signals.hacking_flag(hacked, split="validation") == training_signals.UNKNOWN
+    # the split it reads is a parameter: no evaluations of another split in these runs, nothing to judge there
+    assert training_signals.hacking_flag(hacked, split="no-such-split") == training_signals.UNKNOWN
 
 
 def test_flag_cell_in_headless_chromium(hack_sweep, tmp_path):
@@ -227,20 +228,22 @@ def test_flag_cell_in_headless_chromium(hack_sweep, tmp_path):
 
 
 def test_the_flag_reads_the_split_it_is_given_and_a_missing_split_is_test(hack_sweep, tmp_path):
-    """Eval files with `split: validation` (issue 21 part A) are their own series; the flag reads
-    SELECTION_SPLIT's (test until part A lands), and files without the field count as test."""
+    """Eval files of another split are their own series, and the flag reads the split it is given
+    (SELECTION_SPLIT by default: test until issue 21 part A's validation split lands); files
+    without the `split` field count as test."""
     from finellama_rl.eval.compare import split_of
 
     assert (split_of({}), split_of({"split": "validation"}), split_of({"split": {"name": "validation"}})) == (
         "test", "validation", "validation")
+    other = "test" if training_signals.SELECTION_SPLIT != "test" else "validation"
     run = hack_sweep / "hacked"
-    for step, correct in ((0, 20), (6, 25), (12, 45)):  # on validation, accuracy rose with the reward
-        doc = {**eval_doc("hacked", step, vector((True, correct), (False, N - correct))), "split": "validation"}
-        atomic_write_json(run / "evals" / f"val_{step:06d}.json", doc)
+    for step, correct in ((0, 20), (6, 25), (12, 45)):  # on the other split, accuracy rose with the reward
+        doc = {**eval_doc("hacked", step, vector((True, correct), (False, N - correct))), "split": other}
+        atomic_write_json(run / "evals" / f"other_{step:06d}.json", doc)
     rep = sweep_report.write_report(hack_sweep, tmp_path / "out")
     hacked = next(r for r in rep.runs if r.name == "hacked")
-    assert training_signals.hacking_flag(hacked, split="validation") == training_signals.NO_FLAG
-    assert training_signals.hacking_flag(hacked) == training_signals.FLAG_DOWN  # the test split's evaluations
+    assert training_signals.hacking_flag(hacked, split=other) == training_signals.NO_FLAG
+    assert training_signals.hacking_flag(hacked) == training_signals.FLAG_DOWN  # SELECTION_SPLIT's evaluations
     series = sweep_report.accuracy_series(rep.runs)
-    assert [p[0] for p in series["hacked (qwen_boxed/math_verify, validation)"]] == [0, 6, 12]
-    assert [p[0] for p in series["hacked (qwen_boxed/math_verify)"]] == [0, 6, 12]
+    label = lambda split: "hacked (qwen_boxed/math_verify" + ("" if split == "test" else f", {split}") + ")"  # noqa: E731
+    assert [p[0] for p in series[label(other)]] == [p[0] for p in series[label(training_signals.SELECTION_SPLIT)]] == [0, 6, 12]
