@@ -210,7 +210,10 @@ def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any]
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: Sequence[int] = ()) -> None:
-    for old in list_checkpoints(root)[:-max(1, keep_last)]:
+    """Discard all but the newest `keep_last` complete checkpoints (and the steps in `keep`);
+    keep_last 0 keeps every one (trainer.keep_last=0)."""
+    complete = list_checkpoints(root)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
         if step_of(old) not in keep:
             _discard(root, old)
     shutil.rmtree(Path(root) / TRASH_DIR, ignore_errors=True)

@@ -87,6 +87,7 @@ class EvalProtocol(str, Enum):
     """How prompts are written and answers scored (eval.protocol); README "Evaluation protocols"."""
 
     qwen_boxed = "qwen_boxed"  # Qwen2.5's GSM8K recipe: chat template, "... within \boxed{}", 0-shot, math-verify
+    qwen25_math_cot = "qwen25_math_cot"  # Qwen2.5-Math's default: the instruction as the system message, 2048 tokens
     lm_eval_gsm8k = "lm_eval_gsm8k"  # lm-evaluation-harness 0.4 gsm8k: 5-shot "Question: ...\nAnswer:", strict-match
     finellama = "finellama"  # data.system_prompt, "#### <number>", strict (the protocol of schema-1 runs)
 
@@ -360,7 +361,8 @@ class TrainerConfig:
     save_every: int = 50
     """Checkpoint every N global steps, both trainers."""
     keep_last: int = 2
-    """Committed checkpoints kept (>= 1; older ones are pruned after a new one is durable)."""
+    """Committed checkpoints kept (older ones are pruned after a new one is durable); 0 = all
+    (never prune: seed_ppo_3b keeps its 25, the seed's SFT recipes keep every one)."""
     eval_every: int = 0
     """Evaluate every N steps during training; 0 = only before and after."""
     log_every: int = 1
@@ -441,13 +443,15 @@ class EvalConfig:
     """Prompt template, shots, stop strings and scorer of every evaluation, and also of
     the training prompt and the correctness/format rewards (what training rewards is what
     evaluation credits): qwen_boxed (Qwen2.5's published GSM8K recipe, scored by
-    math-verify), lm_eval_gsm8k (lm-evaluation-harness's gsm8k task, strict-match and
+    math-verify), qwen25_math_cot (Qwen2.5-Math's evaluation default: the boxed
+    instruction as the system message, the bare question as the user turn), lm_eval_gsm8k (lm-evaluation-harness's gsm8k task, strict-match and
     flexible-extract), finellama (data.system_prompt and `#### n`, strict)."""
     num_examples: str = "all"
     """How many test problems (the first N of the split): a positive integer or `all`."""
     max_new_tokens: Optional[int] = None
-    """Generation budget per completion; None: the protocol's (qwen_boxed 1024, lm_eval_gsm8k
-    256 like the harness, finellama 256)."""
+    """Generation budget per completion; None: the protocol's (qwen_boxed 1024, qwen25_math_cot
+    2048, lm_eval_gsm8k 256 like the harness, finellama 256). launch warns when it differs
+    from trainer.max_completion_tokens (README "Budgets")."""
     batch_size: int = 64
     """Sequences per generate call (greedy: prompts; pass@k: prompts x samples), halved on
     out-of-memory down to 1. 0 (schema of older runs) means 64."""

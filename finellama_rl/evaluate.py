@@ -3,7 +3,7 @@ named protocol: greedy accuracy (finellama_rl/eval/core.py) and optionally pass@
 from sampled completions (finellama_rl/eval/passk.py).
 
     python -m finellama_rl.evaluate run=results/<sweep>/<run> [checkpoint=latest|all|base|<step>]
-        [eval.protocol=qwen_boxed|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k]
+        [eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k]
         [eval.sample_temperature=0.7] [eval.shots=N] [eval.batch_size=N] [eval.max_new_tokens=N] [run.results_dir=DIR]
 
 Each evaluated checkpoint gets `<run>/evals/<checkpoint>-<protocol>-n<N>-<greedy|kK>.json`
@@ -39,7 +39,7 @@ CLI_KEYS = ("run", "checkpoint")
 OVERRIDE_KEYS = ("eval.protocol", "eval.num_examples", "eval.samples", "eval.sample_temperature", "eval.shots",
                  "eval.batch_size", "eval.max_new_tokens", "run.results_dir")
 USAGE = ("usage: python -m finellama_rl.evaluate run=<run folder> [checkpoint=latest|all|base|<step>] "
-         "[eval.protocol=qwen_boxed|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k] "
+         "[eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k] "
          "[eval.sample_temperature=T] [eval.shots=N] [eval.batch_size=N]")
 
 

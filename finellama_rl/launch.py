@@ -26,7 +26,10 @@ from typing import List, Sequence, Tuple
 
 from finellama_rl.config import Device, Launcher
 from finellama_rl.errors import ConfigError, UsageError
-from finellama_rl.login.sweep import PlannedRun, check_folders_free, ledger_path, plan_runs, reserve_sweep
+from finellama_rl.console import warn
+from finellama_rl.login.sweep import (
+    PlannedRun, budget_warnings, check_folders_free, ledger_path, plan_runs, reserve_sweep,
+)
 
 
 
@@ -180,6 +183,8 @@ def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
 
 def main(argv: List[str]) -> int:
     runs = plan_runs(argv)
+    for line in budget_warnings(runs):  # evaluation budget or prompt format other than training's: say so
+        warn(line)
     slurm_mode = use_slurm(runs)
     dry = runs[0].cfg.dry_run
     reserve_sweep(runs, create=False)  # the folder names the checks and the dry run show

@@ -88,9 +88,9 @@ def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
     _validate_batch(t, hardware)
     _validate_generation_batch(t, hardware)
     _validate_rl_knobs(t)
-    for key in ("max_prompt_tokens", "max_completion_tokens", "max_steps", "save_every", "keep_last", "log_every"):
+    for key in ("max_prompt_tokens", "max_completion_tokens", "max_steps", "save_every", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
-    for key in ("warmup_steps", "eval_every", "beta", "weight_decay", "max_grad_norm"):
+    for key in ("keep_last", "warmup_steps", "eval_every", "beta", "weight_decay", "max_grad_norm"):
         _non_negative(f"trainer.{key}", getattr(t, key))
     if t.warmup_steps >= t.max_steps and t.warmup_steps:
         raise ConfigError("trainer.warmup_steps", f"must be < trainer.max_steps={t.max_steps}")

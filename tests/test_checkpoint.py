@@ -26,6 +26,25 @@ def test_commit_prune_latest(tmp_path):
     assert state["manifest"] == {"optimizer.pt": {"bytes": 6, "sha256": state["manifest"]["optimizer.pt"]["sha256"]}}
 
 
+def test_keep_last_0_keeps_every_checkpoint_and_negative_keep_last_is_refused(tmp_path):
+    """trainer.keep_last=0: never prune (seed 004 kept all 25 of its checkpoints, seed 003 "unlimited")."""
+    import pytest
+
+    from finellama_rl.compose import load_config
+    from finellama_rl.errors import ConfigError
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        commit_checkpoint(root, _stage(root, step), step, {}, keep_last=0)
+    assert [p.name for p in list_checkpoints(root)] == ["step_000002", "step_000004", "step_000006", "step_000008"]
+    commit_checkpoint(root, _stage(root, 10), 10, {}, keep_last=2)  # the same folder later pruned to 2
+    assert [p.name for p in list_checkpoints(root)] == ["step_000008", "step_000010"]
+    assert load_config(["experiment=smoke", "trainer.keep_last=0"]).trainer.keep_last == 0
+    with pytest.raises(ConfigError) as err:
+        load_config(["experiment=smoke", "trainer.keep_last=-1"])
+    assert err.value.key == "trainer.keep_last"
+
+
 def test_half_written_checkpoint_is_never_listed(tmp_path):
     root = tmp_path / "checkpoints"
     commit_checkpoint(root, _stage(root, 2), 2, {}, keep_last=3)

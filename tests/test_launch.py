@@ -50,6 +50,31 @@ def test_headline_dry_run_shows_qwen_and_gsm8k_without_slurm(tmp_path, hf_cache_
     assert load_config(words[3:]).run.dir == folder
 
 
+def test_seed_ppo_3b_dry_run_warns_that_its_evaluation_budget_is_not_its_training_budget(tmp_path, hf_cache_with_headline):
+    """Issue 21: seed_ppo_3b samples 128 tokens in training and evaluates up to 256: the dry run says so
+    (once, naming both keys), submits nothing, and the smoke preset (16 and 16) raises no such warning."""
+    base = hf_cache_with_headline / "hub" / "models--Qwen--Qwen2.5-3B"  # the base model seed 004 trained
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    (base / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (base / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    env = {**os.environ, "HF_HOME": str(hf_cache_with_headline), "HF_HUB_OFFLINE": "1",
+           "PATH": path_without_slurm(tmp_path / "bin")}
+    proc = launch_cli(["experiment=seed_ppo_3b", "dry_run=true", "launcher=slurm", f"run.results_dir={tmp_path / 'r'}"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "config: model=qwen2.5-3b-base (Qwen/Qwen2.5-3B) trainer=ppo" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: eval.max_new_tokens: ")]
+    assert len(warnings) == 1, proc.stderr
+    assert ("evaluation generates up to 256 new tokens (eval.max_new_tokens) but training samples at most 128 "
+            "(trainer.max_completion_tokens)") in warnings[0] and "eval.max_new_tokens=128" in warnings[0]
+    assert "[in run 0 (experiment=seed_ppo_3b" in warnings[0] and not (tmp_path / "r").exists()
+    assert sweep.budget_warnings(sweep.plan_runs(["experiment=smoke", f"run.results_dir={tmp_path / 's'}"])) == []
+    two = sweep.plan_runs(["-m", "experiment=smoke", "eval.protocol=lm_eval_gsm8k", "trainer.seed=0,1",
+                           f"run.results_dir={tmp_path / 's'}"])
+    assert [w.split(":")[0] for w in sweep.budget_warnings(two)] == ["eval.shots"]  # one line for the sweep
+    assert sweep.budget_warnings(two)[0].endswith("and 1 more run(s)]")
+
+
 def test_local_gpu_profile_without_gpu_exits_2(tmp_path):
     present, _ = launch.gpu_present()
     if present:

@@ -188,7 +188,9 @@ def test_html_is_self_contained(sweep, tmp_path):
     rep = sweep_report.write_report(sweep, tmp_path / "out")
     page = rep.html.read_text()
     assert "<table id='runs'>" in page and "<table id='table2'>" in page
-    assert page.count("<tr>") == (1 + 4) + (1 + 3)  # runs table, pairs table (3 pairs of finished runs)
+    # runs table, pairs table (3 pairs of finished runs), arms (grpo-tiny-cpu and seed-v1 share a config but
+    # for their names: one arm of 2 runs, 3 arms), arms paired (3 pairs), training signals (a row per run)
+    assert page.count("<tr>") == (1 + 4) + (1 + 3) + (1 + 3) + (1 + 3) + (1 + 4)
     assert page.count("src='data:image/png;base64,") == 4
     assert not re.search(r"(src|href)=['\"](?!data:)", page), "external resource in report.html"
     assert "<script" not in page and "<link" not in page and "@import" not in page

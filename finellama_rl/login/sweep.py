@@ -65,6 +65,19 @@ def plan_runs(argv: Sequence[str]) -> List[PlannedRun]:
     return runs
 
 
+def budget_warnings(runs: Sequence[PlannedRun]) -> List[str]:
+    """One line per way the sweep's evaluation differs from its training (generation budget,
+    shots: task/protocols.budget_mismatches), naming the first run it concerns and how many more."""
+    from finellama_rl.task.protocols import budget_mismatches
+
+    seen: Dict[Tuple[str, str], List[str]] = {}
+    for r in runs:
+        for key, message in budget_mismatches(r.cfg.trainer, r.cfg.eval):
+            seen.setdefault((key, message), []).append(r.label)
+    return [f"{key}: {message} [in {labels[0]}{f' and {len(labels) - 1} more run(s)' if len(labels) > 1 else ''}]"
+            for (key, message), labels in seen.items()]
+
+
 def check_distinct(runs: List[PlannedRun]) -> None:
     seen: Dict[str, int] = {}
     for r in runs:
