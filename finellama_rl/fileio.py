@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 from finellama_rl.errors import DiskFullError, RunConfigUnreadable
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -170,12 +170,19 @@ def check_record(record: Any, require: Optional[Dict[str, Types]] = None) -> Opt
     return None
 
 
-def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bool = False) -> List[Dict[str, Any]]:
+Check = Callable[[Dict[str, Any]], Tuple[Optional[Dict[str, Any]], Optional[str]]]
+
+
+def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bool = False,
+               check: Optional[Check] = None) -> List[Dict[str, Any]]:
     """Every valid record of a jsonl file ([] when it is missing or unreadable).
 
     A torn last line (a crash mid-write) is skipped silently; any other bad line (not
     UTF-8, not JSON, not an object, a required key missing or of the wrong type) is
-    skipped with one warning per file.
+    skipped, with one warning per file. `check(record)` may refuse more: it returns
+    (the record to keep, or None to skip it; what was wrong, or None), e.g. a step outside
+    the run's range, or a value it dropped from the record (stats.metrics_check);
+    its problems count in the same one warning.
     """
     path = Path(path)
     try:
@@ -188,7 +195,7 @@ def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bo
         return []
     lines = data.split(b"\n")
     torn_last = bool(lines) and lines[-1] != b""
-    out, bad, first = [], 0, ""
+    out, bad, fixed, first = [], 0, 0, ""
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
@@ -199,14 +206,25 @@ def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bo
             problem = "not UTF-8"
         except ValueError:
             problem = "not JSON"
+        if problem is None and check is not None:
+            record, problem = check(record)
+            if record is not None:
+                out.append(record)
+                if problem:
+                    fixed += 1
+                    first = first or f"line {i + 1}: {problem}"
+                continue
         if problem is None:
             out.append(record)
         elif not (torn_last and i == len(lines) - 1 and problem == "not JSON"):
             bad += 1
             first = first or f"line {i + 1}: {problem}"
-    if bad and not quiet:
-        warn(f"{path}: skipped {bad} malformed line(s) (first: {first})")
+    if (bad or fixed) and not quiet:
+        what = [f"skipped {bad} malformed line(s)"] if bad else []
+        what += [f"left out bad values on {fixed} line(s)"] if fixed else []
+        warn(f"{path}: {' and '.join(what)} (first: {first})")
     return out
+
 
 
 def read_json(path: Path) -> Any:
@@ -223,13 +241,15 @@ def read_json_object(path: Path, what: str = "", require: Optional[Dict[str, Typ
     """A JSON object from a run-folder file, or None (with a one-line warning) when it is
     missing, unreadable, not an object, or lacks a required key of the right type."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
+        if not path.is_file():
+            raise ValueError("a folder, not a file" if path.is_dir() else "not a regular file")
         doc = read_json(path)
         problem = check_record(doc, require)
     except (OSError, ValueError) as exc:
-        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        problem = str(exc).splitlines()[0].removeprefix(f"{path} ") if str(exc) else type(exc).__name__
     if problem is None:
         return doc
     if not quiet:
