@@ -86,6 +86,9 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     path = RunPaths(Path(run_dir)).config
     if not Path(run_dir).is_dir():
         raise ConfigError("run", f"{run_dir} is not a folder; pass run=<results/<sweep>/<run>>")
+    wrong = RunPaths(Path(run_dir)).wrong_kinds(("config", "checkpoints", "evals"))  # what evaluate reads and writes
+    if wrong:
+        raise ConfigError("run", f"{wrong[0]}; move it out of the way and run again")
     if not path.is_file():
         raise ConfigError("run", f"{path} not found; pass a run folder written by finellama_rl.train (it has config.yaml)")
     try:
@@ -108,7 +111,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
 
 def choose_targets(run_dir: Path, choice: str) -> List[Target]:
     """`base`, `latest`, `all` (every saved checkpoint) or one step number."""
-    from finellama_rl.checkpoint import list_checkpoints
+    from finellama_rl.checkpoint import list_checkpoints, verify_checkpoint
 
     if choice == "base":
         return [Target("base", 0, None)]
@@ -129,8 +132,13 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
             raise ConfigError("checkpoint", f"no step {step} in {run_dir}; saved steps: {', '.join(map(str, steps))} (or latest|all|base)")
         chosen = [steps[step]]
     for c in chosen:
-        if not (c / "adapter_model.safetensors").is_file():
+        if not (c / "adapter_model.safetensors").exists():
             raise ConfigError("checkpoint", f"{c} has no adapter_model.safetensors (not a LoRA checkpoint); use checkpoint=base")
+        problem = verify_checkpoint(c)  # the same check, and the same words, as a resumed run's
+        if problem:
+            others = [str(step) for step, k in steps.items() if k != c]
+            raise ConfigError("checkpoint", f"{c} is damaged ({problem}); evaluate another one "
+                                            f"(saved steps: {', '.join(others) or 'none'}) or checkpoint=base")
     return [Target(c.name, int(c.name[len("step_"):]), c) for c in chosen]
 
 

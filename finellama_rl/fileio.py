@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 import tempfile
@@ -255,6 +256,16 @@ def read_json_object(path: Path, what: str = "", require: Optional[Dict[str, Typ
     if not quiet:
         warn(f"{path}: {problem}; ignoring {what or 'it'}")
     return None
+
+
+def is_whole(value: Any) -> bool:
+    """An integer, not a bool (JSON true is not a step number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """A finite number (int or float), not a bool, NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def fraction_or_none(value: Any, where: str) -> Optional[float]:

@@ -11,14 +11,13 @@ warning line per file says how many lines were touched and the first problem.
 """
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from finellama_rl.config import Config
 from finellama_rl.results import RunPaths
-from finellama_rl.fileio import Check, atomic_write_json, config_value, number_or_none, read_jsonl
+from finellama_rl.fileio import Check, atomic_write_json, config_value, is_finite, number_or_none, read_jsonl
 
 REWARD_KEY = "train/reward_mean"
 SLACK = 1e-6  # float sums of weights
@@ -47,13 +46,9 @@ def reward_range(rewards: Any, weights: Any) -> Optional[Tuple[float, float]]:
         return None
     if weights is None:
         weights = [1.0] * len(rewards)
-    if not isinstance(weights, list) or len(weights) != len(rewards) or not all(_finite(w) for w in weights):
+    if not isinstance(weights, list) or len(weights) != len(rewards) or not all(is_finite(w) for w in weights):
         return None
     return sum(min(0.0, w) for w in weights) - SLACK, sum(max(0.0, w) for w in weights) + SLACK
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def metrics_check(limits: MetricLimits) -> Check:
@@ -63,15 +58,15 @@ def metrics_check(limits: MetricLimits) -> Check:
         if step < 0 or (limits.max_steps is not None and step > limits.max_steps):
             bound = f"[0, {limits.max_steps}]" if limits.max_steps is not None else ">= 0"
             return None, f"step {step} is outside {bound}"
-        dropped = [k for k, v in record.items() if k != "step" and not _finite(v)]
+        dropped = [k for k, v in record.items() if k != "step" and not is_finite(v)]
         reward = record.get(REWARD_KEY)
-        if limits.reward and _finite(reward) and not limits.reward[0] <= reward <= limits.reward[1]:
+        if limits.reward and is_finite(reward) and not limits.reward[0] <= reward <= limits.reward[1]:
             dropped.append(REWARD_KEY)
         if not dropped:
             return record, None
         first = dropped[0]
         why = (f"{first} {record[first]!r} is outside [{limits.reward[0] + SLACK:g}, {limits.reward[1] - SLACK:g}]"
-               if first == REWARD_KEY and _finite(record[first]) else f"{first} {record[first]!r} is not a finite number")
+               if first == REWARD_KEY and is_finite(record[first]) else f"{first} {record[first]!r} is not a finite number")
         return {k: v for k, v in record.items() if k not in dropped}, why
 
     return check

@@ -18,12 +18,11 @@ is not shown at all.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from finellama_rl.eval.statistics import wilson_interval
-from finellama_rl.fileio import read_json_object, warn
+from finellama_rl.fileio import is_finite, is_whole, read_json_object, warn
 
 EVAL_SCHEMA_VERSION = 2
 V1_PROTOCOL = "finellama"
@@ -119,16 +118,8 @@ def headline(doc: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------ validation (every reader)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _fraction_problem(value: Any) -> Optional[str]:
-    if not _number(value):
+    if not is_finite(value):
         return f"{value!r} is not a number"
     return None if 0.0 <= value <= 1.0 else f"{value!r} is outside [0, 1]"
 
@@ -136,14 +127,14 @@ def _fraction_problem(value: Any) -> Optional[str]:
 def _check_header(doc: Dict[str, Any], max_step: Optional[int]) -> Optional[str]:
     """Why the document as a whole cannot be shown (step, total, schema, protocol), or None."""
     version = doc.get("schema_version", 1)
-    if version is not None and (not _whole(version) or not 1 <= version <= EVAL_SCHEMA_VERSION):
+    if version is not None and (not is_whole(version) or not 1 <= version <= EVAL_SCHEMA_VERSION):
         return f"schema_version {version!r} is not one this version reads (1..{EVAL_SCHEMA_VERSION})"
     step = doc.get("step")
-    if step is not None and (not _whole(step) or step < 0 or (max_step is not None and step > max_step)):
+    if step is not None and (not is_whole(step) or step < 0 or (max_step is not None and step > max_step)):
         bound = f"[0, {max_step}]" if max_step is not None else ">= 0"
         return f"step {step!r} is not an integer {bound}"
     total = doc.get("total")
-    if total is not None and (not _whole(total) or total < 1):
+    if total is not None and (not is_whole(total) or total < 1):
         return f"total {total!r} is not an integer >= 1"
     protocol = doc.get("protocol")
     if protocol is not None and not (isinstance(protocol, dict) and isinstance(protocol.get("name", ""), str)):
@@ -165,12 +156,12 @@ def _clean_scores(doc: Dict[str, Any], problems: List[str]) -> Dict[str, Any]:
         else:
             accuracy[str(name)] = float(value)
     for name, value in (doc.get("correct") or {}).items() if isinstance(doc.get("correct"), dict) else ():
-        if _whole(value) and 0 <= value and (total is None or value <= total):
+        if is_whole(value) and 0 <= value and (total is None or value <= total):
             correct[str(name)] = value
         else:
             problems.append(f"correct.{name}: {value!r} is not an integer in [0, {total if total is not None else 'total'}]")
     for name, value in (doc.get("ci95") or {}).items() if isinstance(doc.get("ci95"), dict) else ():
-        ok = value is None or (isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value)
+        ok = value is None or (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_finite(v) for v in value)
                                and 0.0 <= value[0] <= value[1] <= 1.0)
         if ok:
             ci95[str(name)] = None if value is None else [float(value[0]), float(value[1])]
@@ -184,7 +175,7 @@ def _clean_pass_at_k(doc: Dict[str, Any], problems: List[str]) -> Optional[Dict[
     pk = doc.get("pass_at_k")
     if pk is None:
         return None
-    if not isinstance(pk, dict) or not _whole(pk.get("samples", 1)) or pk.get("samples", 1) < 1:
+    if not isinstance(pk, dict) or not is_whole(pk.get("samples", 1)) or pk.get("samples", 1) < 1:
         problems.append("pass_at_k is not an object with a whole number of samples")
         return None
     clean = dict(pk)
