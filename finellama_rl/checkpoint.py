@@ -188,6 +188,8 @@ def verify_checkpoint(ckpt: Path, hashes: bool = True) -> Optional[str]:
     """None if `ckpt` is complete, else what is wrong (checked against its manifest, then
     the adapter files' structure: the same words in evaluate and on resume)."""
     ckpt = Path(ckpt)
+    if (ckpt / STATE_FILE).is_dir():
+        return f"{STATE_FILE} is a folder, not a file"
     try:
         state = json.loads((ckpt / STATE_FILE).read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:
@@ -209,19 +211,20 @@ def verify_checkpoint(ckpt: Path, hashes: bool = True) -> Optional[str]:
         return f"unreadable adapter files ({exc.strerror or exc})"
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
+def latest_checkpoint(root: Path, quiet: bool = False) -> Optional[Path]:
     """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
     for ckpt in reversed(list_checkpoints(root)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
-        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt, problem)
+        if not quiet:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt, problem)
     return None
 
 
-def latest_resume_point(root: Path) -> Optional[Path]:
+def latest_resume_point(root: Path, quiet: bool = False) -> Optional[Path]:
     """The newest complete checkpoint or in-process OOM snapshot, whichever is later."""
-    candidates = [c for c in (latest_checkpoint(root), latest_checkpoint(snapshot_root(root))) if c is not None]
+    candidates = [c for c in (latest_checkpoint(root, quiet), latest_checkpoint(snapshot_root(root), quiet)) if c is not None]
     return max(candidates, key=step_of) if candidates else None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examples
-from finellama_rl.errors import ConfigError
+from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
 from finellama_rl.validation import validate
 from finellama_rl.results import RunPaths
@@ -96,8 +96,12 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
         if OmegaConf.select(loaded, "eval.protocol", default=None) is None:  # trained before protocols: `####`
             OmegaConf.update(loaded, "eval.protocol", EvalProtocol.finellama.value, force_add=True)
         merged = OmegaConf.merge(OmegaConf.structured(Config), loaded)
-    except Exception as exc:  # yaml or omegaconf errors: the file, not the user's overrides
-        raise ConfigError("run", f"{path} does not fit the current schema: {str(exc).splitlines()[0]}") from None
+        validate(OmegaConf.to_object(merged))  # the file's own values, before the overrides
+    except RunConfigUnreadable as exc:
+        raise ConfigError("run", str(exc)) from None
+    except Exception as exc:  # yaml or omegaconf errors, or impossible values: the file, not the user's overrides
+        detail = f"{exc.key}: {exc.message}" if isinstance(exc, ConfigError) else str(exc).splitlines()[0]
+        raise ConfigError("run", f"{path} does not fit the current schema: {detail}") from None
     try:
         cfg: Config = OmegaConf.to_object(OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides))))
     except Exception as exc:

@@ -144,9 +144,22 @@ def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
 Types = Union[Type, Tuple[Type, ...]]
 
 
+_WARNED: set = set()
+
+
 def warn(message: str) -> None:
-    """One line on stderr (console.warn's format; results stays free of other imports)."""
+    """One line on stderr (console.warn's format; results stays free of other imports);
+    a line already printed by this process is not repeated (a file read at several points
+    of a run gets one line, not one per read)."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def forget_warnings() -> None:
+    """Warn again about what this process already warned about (tests that run several commands in one process)."""
+    _WARNED.clear()
 
 
 def _type_ok(value: Any, types: Types) -> bool:
@@ -317,6 +330,8 @@ def read_run_config_data(path: Path, escape: bool = True) -> Dict[str, Any]:
         raise RunConfigUnreadable(f"{path} not found") from None
     except UnicodeDecodeError as exc:
         raise RunConfigUnreadable(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except IsADirectoryError:
+        raise RunConfigUnreadable(f"{path} is a folder, not a file") from None
     except (OSError, yaml.YAMLError) as exc:
         raise RunConfigUnreadable(f"{path} is not readable YAML ({str(exc).splitlines()[0]})") from None
     if data is None:

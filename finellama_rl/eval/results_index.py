@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from finellama_rl.eval import schema as eval_schema
 from finellama_rl.fileio import atomic_write_json, read_json, warn
@@ -84,27 +84,36 @@ def protocol_summary(doc: Dict[str, Any]) -> Dict[str, Any]:
             "sample_temperature": k.get("temperature")}
 
 
-def run_max_steps(eval_file: Path) -> Optional[int]:
-    """trainer.max_steps of the run an eval file belongs to (<run>/eval_*.json or
-    <run>/evals/*.json), read as plain data; None when unknown."""
+def run_of(eval_file: Path) -> Path:
+    """The run folder an eval file belongs to (<run>/eval_*.json or <run>/evals/*.json)."""
+    eval_file = Path(eval_file)
+    return eval_file.parent.parent if eval_file.parent.name == RunPaths(eval_file.parent.parent).evals.name else eval_file.parent
+
+
+def run_max_steps(run_dir: Path, quiet: bool = False) -> Optional[int]:
+    """trainer.max_steps of a run, read as plain data; None when unknown (one warning)."""
     from finellama_rl.errors import RunConfigUnreadable
     from finellama_rl.fileio import read_run_config_data
     from finellama_rl.stats import MetricLimits
 
-    eval_file = Path(eval_file)
-    run_dir = eval_file.parent.parent if eval_file.parent.name == RunPaths(eval_file.parent.parent).evals.name else eval_file.parent
     try:
         return MetricLimits.of_config_data(read_run_config_data(RunPaths(run_dir).config, escape=False)).max_steps
-    except RunConfigUnreadable:
+    except RunConfigUnreadable as exc:
+        if not quiet:
+            warn(f"{exc}; its evaluations are indexed without a step bound")
         return None
 
 
-def entry_from_document(doc: Dict[str, Any], path: Path, root: Path) -> Dict[str, Any]:
+UNREAD = object()
+
+
+def entry_from_document(doc: Dict[str, Any], path: Path, root: Path, max_step: Any = UNREAD) -> Dict[str, Any]:
     """One index entry for an eval document (eval file schema 1 or 2), checked by the
     readers' rules (eval/schema.check_document, as status and report; a step beyond the
     run's max_steps included): ValueError when it cannot be indexed; values that break a
     rule are left out of the entry."""
-    checked, problems = eval_schema.check_document(doc, run_max_steps(path))
+    max_step = run_max_steps(run_of(path), quiet=True) if max_step is UNREAD else max_step
+    checked, problems = eval_schema.check_document(doc, max_step)
     missing = [key for key in ("step", "total") if checked is not None and checked.get(key) is None]
     if checked is None or missing:
         why = "; ".join(problems) if checked is None else f"no {' or '.join(missing)}"
@@ -159,24 +168,25 @@ def read_index(path: Path) -> List[Dict[str, Any]]:
     return validate_index(data)
 
 
-def scan_eval_files(root: Path) -> Iterator[Path]:
-    """Every eval file in the results tree, run by run."""
+def scan_eval_files(root: Path) -> Iterator[Tuple[Path, List[Path]]]:
+    """Every run folder of the results tree with its eval files."""
     for run_dir in [run for sweep in sorted(Path(root).iterdir()) if not sweep.name.startswith(".") for run in iter_run_dirs(sweep)]:
         paths = RunPaths(run_dir)
-        for path in (paths.baseline, paths.eval_results):
-            if path.is_file():
-                yield path
-        yield from sorted(paths.evals.glob("*.json"))
+        files = [p for p in (paths.baseline, paths.eval_results) if p.exists()]
+        yield run_dir, files + (sorted(paths.evals.glob("*.json")) if paths.evals.is_dir() else [])
 
 
 def collect_entries(root: Path) -> List[Dict[str, Any]]:
     """Entries rebuilt from the eval files on disk; unreadable files are skipped with a warning."""
     entries = []
-    for path in scan_eval_files(root):
-        try:
-            entries.append(entry_from_document(read_json(path), path, root))
-        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            warn(f"index: skipping {path} ({str(exc).splitlines()[0].removeprefix(f'{path} ')})")
+    for run_dir, files in scan_eval_files(root):
+        max_step = run_max_steps(run_dir) if files else None
+        for path in files:
+            try:
+                entries.append(entry_from_document(read_json(path), path, root, max_step))
+            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                why = "a folder, not a file" if isinstance(exc, IsADirectoryError) else str(exc).splitlines()[0]
+                warn(f"index: skipping {path} ({why.removeprefix(f'{path} ')})")
     return entries
 
 

@@ -53,7 +53,7 @@ def refuse_unusable(cfg: Config, paths: RunPaths) -> None:
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise ConfigError("run.dir", f"{wrong[0]}{more}; move it out of the way to resume this run")
-    resume_from = latest_resume_point(paths.checkpoints) if paths.checkpoints.is_dir() else None
+    resume_from = latest_resume_point(paths.checkpoints, quiet=True) if paths.checkpoints.is_dir() else None  # warned later
     if resume_from is not None:
         from finellama_rl.job.snapshot import unsafe_pickle
 
