@@ -187,4 +187,4 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True, preset=("experiment=demo",))

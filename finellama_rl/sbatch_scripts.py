@@ -13,7 +13,6 @@ Regenerate after editing conf/hardware: python -m finellama_rl.sbatch_scripts
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List
 
@@ -21,7 +20,7 @@ from finellama_rl.compose import CONF_DIR, load_config
 from finellama_rl.config import Config
 from finellama_rl.fileio import atomic_write_text
 from finellama_rl.login.slurm import sbatch_options
-from finellama_rl.errors import EXIT_STOPPED
+from finellama_rl.errors import EXIT_STOPPED, UsageError
 
 SLURM_DIR = CONF_DIR.parent / "slurm"
 
@@ -91,6 +90,16 @@ def write_all(folder: Path = SLURM_DIR) -> List[Path]:
     return written
 
 
-if __name__ == "__main__":
-    for p in write_all(Path(sys.argv[1]) if len(sys.argv) > 1 else SLURM_DIR):
+def main(argv: List[str]) -> int:
+    """Write every profile's script into the folder named (default: slurm/) and print their paths."""
+    if len(argv) > 1 or any(a.startswith("-") for a in argv):
+        raise UsageError("usage: python -m finellama_rl.sbatch_scripts [folder]   (default: slurm/)")
+    for p in write_all(Path(argv[0]) if argv else SLURM_DIR):
         print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
+    cli_main(main)
