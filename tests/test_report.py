@@ -207,7 +207,8 @@ def chromium() -> str:
     if proc.returncode == 3:
         pytest.skip(f"cannot install chromium: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return shutil.which("chromium")
+    # apt installed it into /usr/bin, which a PATH made before the install may shadow (scripts/run_tests.sh phase 1)
+    return shutil.which("chromium") or shutil.which("chromium", path="/usr/bin")
 
 
 def test_html_screenshot_in_headless_chromium_shows_the_table_and_significance(sweep, tmp_path):
