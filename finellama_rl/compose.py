@@ -152,6 +152,7 @@ def load_site_file(path: Path) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("site", f"{path} must be a mapping with slurm: and/or hardware: sections")
+    _check_site_keys(data, path)
     unknown = set(data) - {"slurm", "hardware"}
     if unknown:
         raise ConfigError(f"site:{sorted(map(str, unknown))[0]}", f"unknown section in {path}; expected slurm and/or hardware.<profile>.slurm")
@@ -164,6 +165,21 @@ def load_site_file(path: Path) -> Dict[str, Any]:
         if not isinstance(section, dict) or set(section) - {"slurm"}:
             raise ConfigError(f"site:hardware.{name}", f"in {path}: expected only a slurm: section under a profile")
     return data
+
+
+def _check_site_keys(node: Any, path: Path, where: str = "") -> None:
+    """Every key of the site file is a plain name: a control character (a newline would start
+    a new line of the submission script) or a non-string key stops with one clean line
+    naming the key as Python writes it ('acc\\nount')."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        shown = f"{where}{key!r}" if not isinstance(key, str) else f"{where}{key}"
+        if not isinstance(key, str) or any(ord(c) < 32 or ord(c) == 127 for c in key):
+            what = "is not a string" if not isinstance(key, str) else "contains a control character (newline, tab, ...)"
+            raise ConfigError("site", f"key {where}{key!r} in {path} {what}; keys are plain names such as "
+                                      "slurm.account or hardware.a100_80.slurm.partition")
+        _check_site_keys(value, path, f"{shown}.")
 
 
 def apply_site_file(raw, overrides: Sequence[str]):

@@ -158,6 +158,10 @@ class SweepPaths:
     def ledger(self) -> Path:  # one line per job: training, watchdog, resubmission
         return self.root / "ledger.jsonl"
 
+    @property
+    def demo_args(self) -> Path:  # a demo sweep: the demo's command line, for `python -m finellama_rl.demo --resume`
+        return self.root / "demo.json"
+
     @classmethod
     def of_run(cls, run_dir: Path) -> "SweepPaths":
         return cls(Path(run_dir).parent)
