@@ -127,7 +127,10 @@ def run_local(runs: List[PlannedRun]) -> int:
     results = []
     for r in runs:
         print(f"=== {r.label} -> {r.cfg.run.dir}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=os.environ.copy())
+        env = os.environ.copy()
+        if r.cfg.hardware.device != Device.cuda:  # one thread per process on CPU unless you set it (login/slurm.job_threads)
+            env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=env)
         results.append((r, proc.returncode))
     print_table(["run", "trainer", "model", "hardware", "exit", "results"],
                 [[r.cfg.run.name, r.cfg.trainer.algo.value, r.cfg.model.name, r.cfg.hardware.name, str(code), r.cfg.run.dir] for r, code in results])

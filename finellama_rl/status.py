@@ -12,7 +12,7 @@ Malformed files (not UTF-8, missing keys, wrong types, a folder in place of a fi
 one warning line each and are skipped; numbers follow the readers' rules (stats.py for
 metrics.jsonl: a step outside [0, max_steps] or a reward outside what the run's reward
 sources can give is unknown; eval/schema.py for eval files: an accuracy outside [0, 1] is
-refused, never shown). The table's last column lists each run's watchdogs and other
+refused, never shown). The table's last column (other-jobs) lists each run's watchdogs and other
 training jobs (a duplicate launch is also called out below the table). The scheduler state comes from sacct
 through `finellama_rl.login.slurm.job_states` when sacct is on PATH; without it the
 state comes from the files: `done` when eval_results.json exists, else `unknown`.
@@ -195,7 +195,7 @@ def duplicate_training_jobs(r: RunStatus) -> List[str]:
 
 def table_rows(runs: List[RunStatus]) -> List[List[str]]:
     header = ["run", "job", "state", "requeues", "step", "reward", "accuracy", "scored by", "strict", "lenient",
-              "attempts", "other jobs"]
+              "attempts", "other-jobs"]
     rows = [header]
     for r in runs:
         step = f"{'-' if r.last_step is None else r.last_step}/{'?' if r.max_steps is None else r.max_steps}"
