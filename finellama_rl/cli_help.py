@@ -29,6 +29,7 @@ COMMON = ("trainer.max_steps", "trainer.learning_rate", "trainer.prompts_per_ste
 FLAGS = [("-m, --multirun", "a sweep: every combination of comma-separated values (trainer=ppo,grpo)"),
          ("--cfg job", "print the composed config of every run (YAML, as config.yaml keeps it) and exit; nothing runs"),
          ("-h, --help", "this text")]
+ROOT_CONFIG = "config"  # conf/<this>.yaml: Hydra's root config (compose's config_name), whose defaults list names the groups
 CFG_VALUES = ("job", "all")  # Hydra's spellings; both print the job's config (there is no Hydra config of ours)
 
 
@@ -71,7 +72,7 @@ def group_lines(conf_dir: Path) -> List[str]:
     import yaml
 
     defaults: Dict[str, Optional[str]] = {}
-    for entry in (yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}).get("defaults", []):
+    for entry in (yaml.safe_load((conf_dir / f"{ROOT_CONFIG}.yaml").read_text()) or {}).get("defaults", []):
         if isinstance(entry, dict):
             defaults.update({str(k): v for k, v in entry.items()})
     lines = []
