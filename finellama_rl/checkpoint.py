@@ -166,19 +166,18 @@ def adapter_problem(folder: Path) -> Optional[str]:
     evaluate, resume and model.adapter all ask this before a model loads."""
     for sub in (Path(folder), Path(folder) / "sft"):
         config, weights = sub / "adapter_config.json", sub / "adapter_model.safetensors"
-        if not weights.exists() and not config.exists():
-            continue
         for path in (config, weights):
-            if not path.is_file():
-                return f"{path.relative_to(folder)} is {'a folder' if path.is_dir() else 'missing'}"
-        try:
-            if not isinstance(json.loads(config.read_bytes().decode("utf-8")), dict):
-                return f"{config.relative_to(folder)} is not a JSON object"
-        except UnicodeDecodeError:
-            return f"{config.relative_to(folder)} is not UTF-8"
-        except ValueError:
-            return f"{config.relative_to(folder)} is not JSON"
-        problem = safetensors_problem(weights)
+            if path.exists() and not path.is_file():
+                return f"{path.relative_to(folder)} is a folder, not a file"
+        if config.exists():
+            try:
+                if not isinstance(json.loads(config.read_bytes().decode("utf-8")), dict):
+                    return f"{config.relative_to(folder)} is not a JSON object"
+            except UnicodeDecodeError:
+                return f"{config.relative_to(folder)} is not UTF-8"
+            except ValueError:
+                return f"{config.relative_to(folder)} is not JSON"
+        problem = safetensors_problem(weights) if weights.exists() else None
         if problem:
             return str(Path(sub.relative_to(folder)) / problem) if sub != Path(folder) else problem
     return None
@@ -200,7 +199,7 @@ def verify_checkpoint(ckpt: Path, hashes: bool = True) -> Optional[str]:
     for rel, want in (state.get("manifest") or {}).items():  # None: written before manifests existed
         path = ckpt / rel
         if not path.is_file():
-            return f"{rel} is missing"
+            return f"{rel} is {'a folder, not a file' if path.is_dir() else 'missing'}"
         if path.stat().st_size != want["bytes"]:
             return f"{rel} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
         if hashes and _sha256(path) != want["sha256"]:

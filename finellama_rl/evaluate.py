@@ -136,8 +136,9 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
             raise ConfigError("checkpoint", f"no step {step} in {run_dir}; saved steps: {', '.join(map(str, steps))} (or latest|all|base)")
         chosen = [steps[step]]
     for c in chosen:
-        if not (c / "adapter_model.safetensors").exists():
-            raise ConfigError("checkpoint", f"{c} has no adapter_model.safetensors (not a LoRA checkpoint); use checkpoint=base")
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            if not (c / name).exists():
+                raise ConfigError("checkpoint", f"{c} has no {name} (not a LoRA checkpoint); use checkpoint=base")
         problem = verify_checkpoint(c)  # the same check, and the same words, as a resumed run's
         if problem:
             others = [str(step) for step, k in steps.items() if k != c]
