@@ -387,12 +387,19 @@ class TrainerConfig:
 @dataclass
 class SlurmConfig:
     partition: Optional[str] = None
+    """sbatch --partition (checked against sinfo before anything is submitted)."""
     account: Optional[str] = None
+    """sbatch --account; set it once for every profile in your site file."""
     qos: Optional[str] = None
+    """sbatch --qos."""
     constraint: Optional[str] = None
+    """sbatch --constraint (node features, e.g. a100_80g)."""
     cpus_per_task: int = 8
+    """sbatch --cpus-per-task."""
     mem_gb: int = 64
+    """Host memory of the job (sbatch --mem, GB)."""
     timeout_min: int = 1440
+    """Time limit of one job in minutes (sbatch --time); a run that needs longer requeues itself."""
     signal_delay_s: int = 120
     """SLURM sends USR2 this long before the time limit: save and requeue."""
     max_requeues: int = 3
@@ -468,6 +475,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     results_dir: str = "results"
+    """Folder of every sweep (<results_dir>/<sweep>/<run>) and of the results index."""
     sweep: Optional[str] = None
     """Derived: the launch date-time when not set."""
     name: Optional[str] = None

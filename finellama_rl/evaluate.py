@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examples
-from finellama_rl.errors import ConfigError
+from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
 from finellama_rl.validation import validate
 from finellama_rl.results import RunPaths
@@ -86,6 +86,9 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     path = RunPaths(Path(run_dir)).config
     if not Path(run_dir).is_dir():
         raise ConfigError("run", f"{run_dir} is not a folder; pass run=<results/<sweep>/<run>>")
+    wrong = RunPaths(Path(run_dir)).wrong_kinds(("config", "checkpoints", "evals"))  # what evaluate reads and writes
+    if wrong:
+        raise ConfigError("run", f"{wrong[0]}; move it out of the way and run again")
     if not path.is_file():
         raise ConfigError("run", f"{path} not found; pass a run folder written by finellama_rl.train (it has config.yaml)")
     try:
@@ -93,8 +96,12 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
         if OmegaConf.select(loaded, "eval.protocol", default=None) is None:  # trained before protocols: `####`
             OmegaConf.update(loaded, "eval.protocol", EvalProtocol.finellama.value, force_add=True)
         merged = OmegaConf.merge(OmegaConf.structured(Config), loaded)
-    except Exception as exc:  # yaml or omegaconf errors: the file, not the user's overrides
-        raise ConfigError("run", f"{path} does not fit the current schema: {str(exc).splitlines()[0]}") from None
+        validate(OmegaConf.to_object(merged))  # the file's own values, before the overrides
+    except RunConfigUnreadable as exc:
+        raise ConfigError("run", str(exc)) from None
+    except Exception as exc:  # yaml or omegaconf errors, or impossible values: the file, not the user's overrides
+        detail = f"{exc.key}: {exc.message}" if isinstance(exc, ConfigError) else str(exc).splitlines()[0]
+        raise ConfigError("run", f"{path} does not fit the current schema: {detail}") from None
     try:
         cfg: Config = OmegaConf.to_object(OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides))))
     except Exception as exc:
@@ -108,7 +115,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
 
 def choose_targets(run_dir: Path, choice: str) -> List[Target]:
     """`base`, `latest`, `all` (every saved checkpoint) or one step number."""
-    from finellama_rl.checkpoint import list_checkpoints
+    from finellama_rl.checkpoint import list_checkpoints, verify_checkpoint
 
     if choice == "base":
         return [Target("base", 0, None)]
@@ -129,8 +136,14 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
             raise ConfigError("checkpoint", f"no step {step} in {run_dir}; saved steps: {', '.join(map(str, steps))} (or latest|all|base)")
         chosen = [steps[step]]
     for c in chosen:
-        if not (c / "adapter_model.safetensors").is_file():
-            raise ConfigError("checkpoint", f"{c} has no adapter_model.safetensors (not a LoRA checkpoint); use checkpoint=base")
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            if not (c / name).exists():
+                raise ConfigError("checkpoint", f"{c} has no {name} (not a LoRA checkpoint); use checkpoint=base")
+        problem = verify_checkpoint(c)  # the same check, and the same words, as a resumed run's
+        if problem:
+            others = [str(step) for step, k in steps.items() if k != c]
+            raise ConfigError("checkpoint", f"{c} is damaged ({problem}); evaluate another one "
+                                            f"(saved steps: {', '.join(others) or 'none'}) or checkpoint=base")
     return [Target(c.name, int(c.name[len("step_"):]), c) for c in chosen]
 
 

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Device, Launcher
 from finellama_rl.errors import ConfigError, UsageError
@@ -69,6 +69,8 @@ def use_slurm(runs: List[PlannedRun]) -> bool:
     if launcher == Launcher.slurm and runs[0].cfg.dry_run:
         return True  # preview the exact submission text, SLURM installed or not
     usable, why = slurm_usable()
+    if runs[0].cfg.dry_run and not usable and any(r.cfg.hardware.device == Device.cuda for r in runs):
+        return True  # a preview anywhere: a GPU sweep as the SLURM jobs it would be (what was not checked is listed)
     if launcher == Launcher.slurm and not usable:
         raise ConfigError("launcher", f"launcher=slurm but {why}; use launcher=local or run on a login node")
     if launcher == Launcher.auto and not usable and "not on PATH" not in why:
@@ -81,32 +83,43 @@ def use_slurm(runs: List[PlannedRun]) -> bool:
     return usable
 
 
-def check_local_gpu(runs: List[PlannedRun]) -> None:
-    """A local run of a CUDA profile needs a GPU here; say so before anything starts."""
+def check_local_gpu(runs: List[PlannedRun], unchecked: Optional[List[str]] = None) -> None:
+    """A local run of a CUDA profile needs a GPU here; say so before anything starts (a dry
+    run lists it under what it could not check)."""
     gpu_runs = [r for r in runs if r.cfg.hardware.device == Device.cuda]
     if not gpu_runs:
         return
     present, why = gpu_present()
     if not present:
         r = gpu_runs[0]
-        raise ConfigError("hardware", f"hardware={r.cfg.hardware.name} needs a CUDA GPU but {why}; on a SLURM login node "
-                          f"use launcher=slurm, on this machine use hardware=cpu (e.g. experiment=smoke) [in {r.label}]")
+        error = ConfigError("hardware", f"hardware={r.cfg.hardware.name} needs a CUDA GPU but {why}; on a SLURM login node "
+                            f"use launcher=slurm, on this machine use hardware=cpu (e.g. experiment=smoke) [in {r.label}]")
+        if unchecked is None:
+            raise error
+        unchecked.append(str(error))
 
 
-def preflight(runs: List[PlannedRun], slurm: bool) -> None:
-    """Every check for every run before anything is submitted or run."""
-    from finellama_rl.login.preflight import check_run, slurm_partitions
+def preflight(runs: List[PlannedRun], slurm: bool, unchecked: Optional[List[str]] = None) -> None:
+    """Every check for every run before anything is submitted or run. With `unchecked` (a
+    dry run) what this machine cannot check (no GPU, no SLURM, a model or dataset out of
+    reach) is listed there instead of stopping; every other problem still stops (exit 2)."""
+    from finellama_rl.login.preflight import check_run, slurm_partitions, slurm_usable
 
     if not slurm:
-        check_local_gpu(runs)
+        check_local_gpu(runs, unchecked)
     partitions = slurm_partitions() if slurm and shutil.which("sinfo") else None
-    if slurm and partitions is None:
+    if slurm and unchecked is not None and not slurm_usable()[0]:
+        unchecked.append(f"SLURM: {slurm_usable()[1]}: sbatch --test-only (gres, partition, account, QOS) and partitions")
+    elif slurm and partitions is None:
         print("note: sinfo is not on PATH: partitions not checked", flush=True)
     for r in runs:
+        notes: List[str] = []
         try:
-            check_run(r.cfg, slurm, partitions)
+            check_run(r.cfg, slurm, partitions, notes if unchecked is not None else None)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.message} [in {r.label}]") from None
+        if unchecked is not None:
+            unchecked.extend(n for n in notes if n not in unchecked)
     check_folders_free(runs)
 
 
@@ -117,7 +130,10 @@ def run_local(runs: List[PlannedRun]) -> int:
     results = []
     for r in runs:
         print(f"=== {r.label} -> {r.cfg.run.dir}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=os.environ.copy())
+        env = os.environ.copy()
+        if r.cfg.hardware.device != Device.cuda:  # one thread per process on CPU unless you set it (login/slurm.job_threads)
+            env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=env)
         results.append((r, proc.returncode))
     print_table(["run", "trainer", "model", "hardware", "exit", "results"],
                 [[r.cfg.run.name, r.cfg.trainer.algo.value, r.cfg.model.name, r.cfg.hardware.name, str(code), r.cfg.run.dir] for r, code in results])
@@ -158,7 +174,9 @@ def submit_slurm(runs: List[PlannedRun], created: Sequence[Path] = ()) -> int:
     return 0
 
 
-def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
+def dry_run(runs: List[PlannedRun], slurm_mode: bool, unchecked: Sequence[str] = ()) -> int:
+    """Print every run (model, trainer, data, hardware, the sbatch script or the local command)
+    and what this machine could not check; submit nothing."""
     from finellama_rl.login.preflight import slurm_usable
 
     for r in runs:
@@ -177,6 +195,9 @@ def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
     if slurm_mode and slurm_usable()[0]:
         test_with_sbatch(runs)
         print(f"sbatch --test-only accepts all {len(runs)} job script(s)")
+    if unchecked:
+        print("not checked on this machine (a real launch checks them where it runs):\n"
+              + "\n".join(f"  - {line}" for line in unchecked))
     print(f"dry run: {len(runs)} run(s), nothing submitted", flush=True)
     return 0
 
@@ -188,9 +209,10 @@ def main(argv: List[str]) -> int:
     slurm_mode = use_slurm(runs)
     dry = runs[0].cfg.dry_run
     reserve_sweep(runs, create=False)  # the folder names the checks and the dry run show
-    preflight(runs, slurm_mode)
+    unchecked: Optional[List[str]] = [] if dry else None
+    preflight(runs, slurm_mode, unchecked)
     if dry:
-        return dry_run(runs, slurm_mode)
+        return dry_run(runs, slurm_mode, unchecked or [])
     if not slurm_mode:
         reserve_sweep(runs, create=True)
         return run_local(runs)
@@ -205,4 +227,4 @@ def main(argv: List[str]) -> int:
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True)

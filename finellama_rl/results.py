@@ -129,6 +129,18 @@ class RunPaths:
 
     # folders that belong to the run itself (never taken for runs nested in it)
     OWN_FOLDERS = ("checkpoints", "logs", "evals", "tensorboard", "wandb", "reward_model")
+    FILE_NAMES = ("config", "metrics", "metrics_discarded", "training_stats", "eval_results", "baseline", "best_checkpoint",
+                  "attempts", "lock", "rm_data", "rm_eval", "job_events", "current_attempt", "rank_exit", "stop_request")
+    FOLDER_NAMES = ("evals", "checkpoints", "tensorboard", "wandb", "reward_model", "logs", "submitit_logs", "watch_logs")
+
+    def wrong_kinds(self, names: Optional[tuple] = None) -> list:
+        """One line per path of the run (of `names`: FILE_NAMES and FOLDER_NAMES by default)
+        that exists as the wrong kind: a folder where a file belongs (metrics.jsonl/) or a
+        file where a folder belongs (evals). A run cannot write there; readers skip them."""
+        files = [n for n in self.FILE_NAMES if names is None or n in names]
+        folders = [n for n in self.FOLDER_NAMES if names is None or n in names]
+        out = [f"{p} is a folder, not a file" for p in (getattr(self, n) for n in files) if p.exists() and not p.is_file()]
+        return out + [f"{p} is a file, not a folder" for p in (getattr(self, n) for n in folders) if p.exists() and not p.is_dir()]
 
     def make(self) -> "RunPaths":
         for d in (self.root, self.checkpoints, self.logs):
@@ -145,6 +157,10 @@ class SweepPaths:
     @property
     def ledger(self) -> Path:  # one line per job: training, watchdog, resubmission
         return self.root / "ledger.jsonl"
+
+    @property
+    def demo_args(self) -> Path:  # a demo sweep: the demo's command line, for `python -m finellama_rl.demo --resume`
+        return self.root / "demo.json"
 
     @classmethod
     def of_run(cls, run_dir: Path) -> "SweepPaths":

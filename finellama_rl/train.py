@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from finellama_rl.compose import load_config, split_argv
-from finellama_rl.config import Config, world_size
+from finellama_rl.config import Config, Device, world_size
 from finellama_rl.console import setup_logging
 from finellama_rl.errors import EXIT_DISK_FULL, UsageError
 from finellama_rl.fileio import is_disk_full
@@ -57,7 +57,7 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     pinned = [*overrides, f"run.dir={r.dir}", f"run.sweep={r.sweep}", f"run.name={r.name}", "run.resume=true"]
     restarts = 2 * len(ladder_for(cfg)) + 8 if cfg.ladder.enabled else 0  # list rungs plus generation-batch cuts
     log.info("data parallel over %d processes (torchrun); supervising them", n)
-    return dist.supervise(pinned, n, Path(r.dir), restarts)
+    return dist.supervise(pinned, n, Path(r.dir), restarts, cuda=cfg.hardware.device == Device.cuda)
 
 
 def main(argv: List[str]) -> int:
@@ -82,4 +82,4 @@ def main(argv: List[str]) -> int:
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True, multirun=False)

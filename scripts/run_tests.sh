@@ -2,6 +2,11 @@
 # The test command behind `make test` and .ci/run. Caches go to a temp dir, nothing is
 # downloaded (HF offline), the fit memory goes to a temp file.
 #
+# First, what the tests need from the system is installed (Chromium, for the report's
+# headless screenshot: scripts/install_chromium.sh; skipped where apt is not ours), before
+# phase 1 builds its PATH: that PATH is a folder of symlinks made once, so a package
+# installed later into a folder it shadows (/usr/bin, when SLURM is installed there) would
+# stay invisible to phase 1 (issue 19: `make test` failed the first time on such a machine).
 # Phase 1, "fresh machine": every test not marked `slurm`, with the SLURM binaries
 # (sbatch srun sinfo squeue sacct scontrol scancel salloc sbcast sattach) hidden from
 # PATH, so a test that needs SLURM without saying so fails here as it would on a
@@ -51,8 +56,16 @@ path_without_slurm() {
 cluster_up() { bash "$CLUSTER" status >/dev/null 2>&1; }
 seconds() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }'; }
 
+# System packages the tests use, installed before phase 1 hides anything from PATH.
+system_needs() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    echo "=== installing Chromium for the report's screenshot test (scripts/install_chromium.sh; once per machine)"
+    bash scripts/install_chromium.sh >/dev/null 2>&1 || echo "    not installed (exit $?): that test installs or skips itself"
+}
+
 rc=0
 if [[ " $PHASES " == *" 1 "* ]]; then
+    system_needs
     shadow=$(mktemp -d /tmp/finellama-noslurm.XXXXXX)
     up_before=0
     cluster_up && up_before=1

@@ -8,6 +8,12 @@ from finellama_rl.checkpoint import (clear_staging, commit_checkpoint, latest_ch
 from finellama_rl.fileio import append_jsonl, atomic_write_json, read_jsonl
 
 
+def _adapter_bytes(fill: int, n: int = 1000) -> bytes:
+    """A real safetensors file with one uint8 tensor of n bytes (verify_checkpoint reads its header)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    return len(header).to_bytes(8, "little") + header + bytes([fill]) * n
+
+
 def _stage(root, step):
     d = staging_root(root) / f"checkpoint-{step}"
     d.mkdir(parents=True)
@@ -172,7 +178,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4):
         d = _stage(root, step)
-        (d / "adapter_model.safetensors").write_bytes(bytes([step]) * 1000)
+        (d / "adapter_model.safetensors").write_bytes(_adapter_bytes(step))
+        (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         commit_checkpoint(root, d, step, {}, keep_last=3)
     newest = root / "step_000004"
     assert latest_checkpoint(root) == newest and verify_checkpoint(newest) is None
@@ -187,7 +194,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "missing" in verify_checkpoint(newest) and latest_checkpoint(root).name == "step_000002"
     # a re-save of the damaged step replaces it; the previous checkpoint stays until then
     d = _stage(root, 4)
-    (d / "adapter_model.safetensors").write_bytes(bytes([4]) * 1000)
+    (d / "adapter_model.safetensors").write_bytes(_adapter_bytes(4))
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     commit_checkpoint(root, d, 4, {}, keep_last=1)
     assert latest_checkpoint(root).name == "step_000004" and verify_checkpoint(root / "step_000004") is None
     assert [c.name for c in list_checkpoints(root)] == ["step_000004"]

@@ -83,7 +83,8 @@ def make_run_folder(root: Path, steps=(2, 4), *overrides: str) -> Path:
     for s in steps:
         ck = run / "checkpoints" / f"step_{s:06d}"
         ck.mkdir(parents=True)
-        (ck / "adapter_model.safetensors").write_bytes(b"")
+        (ck / "adapter_model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # a valid, empty one
+        atomic_write_json(ck / "adapter_config.json", {"peft_type": "LORA"})
         atomic_write_json(ck / "finellama_state.json", {"step": s})
     return run
 

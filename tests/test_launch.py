@@ -75,6 +75,33 @@ def test_seed_ppo_3b_dry_run_warns_that_its_evaluation_budget_is_not_its_trainin
     assert sweep.budget_warnings(two)[0].endswith("and 1 more run(s)]")
 
 
+def test_headline_dry_run_works_without_slurm_gpu_or_model_and_lists_what_it_could_not_check(tmp_path):
+    """The README's headline command with dry_run=true, as typed (launcher=auto), on a machine
+    with no SLURM, no GPU and an empty model cache: both jobs printed, exit 0, and the list of
+    what this machine could not check."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1",
+           "PATH": path_without_slurm(tmp_path / "bin")}
+    proc = launch_cli(["-m", "trainer=ppo,grpo", "hardware=a100_80", "dry_run=true", f"run.results_dir={tmp_path / 'r'}"], env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("#SBATCH --gpus-per-node=1") == 2 and "trainer=ppo" in out and "trainer=grpo" in out
+    unchecked = out[out.index("not checked on this machine"):].splitlines()
+    assert any(line.startswith("  - SLURM: sbatch is not on PATH") for line in unchecked), out
+    assert any(line.startswith("  - model: Qwen/Qwen2.5-3B-Instruct is not reachable") for line in unchecked), out
+    assert any(line.startswith("  - data: openai/gsm8k is not reachable") for line in unchecked), out
+    assert "dry run: 2 run(s), nothing submitted" in out and not (tmp_path / "r").exists()
+
+
+def test_dry_run_with_slurm_that_does_not_answer_previews_and_says_so(tmp_path, no_slurm_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", fake_binaries(tmp_path / "fake", NOT_ANSWERING) + os.pathsep + no_slurm_path)
+    assert launch.main(["hardware=a100_80", "dry_run=true", f"run.results_dir={tmp_path / 'r'}"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=1" in out and "  - SLURM: sinfo failed: sinfo: error: Unable to contact" in out
+    # a bad setting still stops a dry run (exit 2): only what this machine cannot check is listed
+    with pytest.raises(ConfigError, match="trainer.micro_batch"):
+        launch.main(["hardware=a100_80", "dry_run=true", "trainer.micro_batch=3", f"run.results_dir={tmp_path / 'r'}"])
+
+
 def test_local_gpu_profile_without_gpu_exits_2(tmp_path):
     present, _ = launch.gpu_present()
     if present:

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from finellama_rl.eval import schema as eval_schema
 from finellama_rl.eval.compare import EvalView, paired, why_not_paired
 from finellama_rl.eval.statistics import format_interval, format_p
 from finellama_rl.console import format_duration
 from finellama_rl.results import RunPaths, iter_run_dirs
-from finellama_rl.fileio import atomic_output, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
+from finellama_rl.fileio import atomic_output, number_or_none, read_json_object, read_run_config_data, warn
 from finellama_rl.errors import RunConfigUnreadable
-from finellama_rl.stats import dedupe_steps
+from finellama_rl.ladder.attempts import read_attempts
+from finellama_rl.stats import MetricLimits, dedupe_steps, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -113,36 +115,27 @@ def read_run_config(run_dir: Path) -> Dict[str, Any]:
         return {}
 
 
-def _read_doc(path: Path) -> Optional[Dict[str, Any]]:
-    doc = read_json_object(path, "this evaluation", require={"accuracy": dict})
-    if doc is not None and doc.get("step") is not None and (not isinstance(doc["step"], int) or isinstance(doc["step"], bool)):
-        warn(f"{path}: step {doc['step']!r} is not an integer; ignoring this evaluation")
-        return None
-    return doc
+def _read_doc(path: Path, max_step: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """An eval file under the readers' rules (eval/schema.py: the same check as status and index)."""
+    return eval_schema.read_eval_document(path, max_step)
 
 
-def _view(doc: Optional[Dict[str, Any]], where: str) -> Optional[EvalView]:
-    """The evaluation's primary accuracy and per-problem verdicts; None (with a warning)
-    when its accuracy is missing, not a number or outside [0, 1]."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("accuracy"), dict):
-        return None
-    view = EvalView.of(doc)
-    if view is None:
-        warn(f"{where}: no usable accuracy (missing, not a number or outside [0, 1]); not shown")
-    return view
+def _view(doc: Optional[Dict[str, Any]]) -> Optional[EvalView]:
+    """The evaluation's primary accuracy and per-problem verdicts (a checked document)."""
+    return EvalView.of(doc) if isinstance(doc, dict) else None
 
 
-def accuracy_points(paths: RunPaths) -> List[EvalView]:
-    """The evaluations of a run, one per (protocol, scorer, split, step): the one with most problems
+def accuracy_points(baseline: Optional[Dict[str, Any]], during: Sequence[Dict[str, Any]],
+                    final: Optional[Dict[str, Any]]) -> List[EvalView]:
+    """The evaluations of a run (checked documents: eval_baseline.json, evals/*.json,
+    eval_results.json), one per (protocol, scorer, split, step): the one with most problems
     (then the latest) wins; sorted by protocol, split, then step."""
     best: Dict[Tuple[str, str, str, int], Tuple[int, str, EvalView]] = {}
-    files = [paths.baseline, *sorted(paths.evals.glob("*.json")), paths.eval_results]
-    docs = [d for d in map(_read_doc, files) if d is not None and d.get("step") is not None]
-    final = _read_doc(paths.eval_results)
+    docs = [d for d in (baseline, *during, final) if d is not None and d.get("step") is not None]
     if final and isinstance(final.get("baseline"), dict):  # the baseline summary embedded in the final eval is step 0
         docs.insert(0, {**final["baseline"], "step": 0, "date": ""})
     for doc in docs:
-        view = _view(doc, f"{paths.root} step {doc['step']}")
+        view = _view(doc)
         if view is None or view.step is None:
             continue
         rank = (view.n, str(doc.get("date") or ""))
@@ -160,31 +153,40 @@ def run_wall_s(paths: RunPaths, attempts: List[Dict[str, Any]], metrics: List[Di
     stats = read_json_object(paths.training_stats, "its wall time")
     if stats is not None and isinstance(stats.get("summary"), dict):
         wall = number_or_none(stats["summary"].get("wall_time_s_this_attempt"))
-        if wall is not None:
+        if wall is not None and wall >= 0:
             return wall
-    elapsed = [v for m in metrics if (v := number_or_none(m.get("time/elapsed_s"))) is not None]
+    elapsed = [v for m in metrics if (v := number_or_none(m.get("time/elapsed_s"))) is not None and v >= 0]
     return elapsed[-1] if elapsed else None
+
+
+def _section(cfg: Dict[str, Any], key: str) -> Dict[str, Any]:
+    value = cfg.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
     paths = RunPaths(Path(run_dir))
     cfg = read_run_config(run_dir)
-    hw, run = cfg.get("hardware") or {}, cfg.get("run") or {}
-    attempts = read_jsonl(paths.attempts)
-    metrics = dedupe_steps(read_jsonl(paths.metrics, require={"step": int}))
-    final_doc = _read_doc(paths.eval_results)
+    hw, run = _section(cfg, "hardware"), _section(cfg, "run")
+    limits = MetricLimits.of_config_data(cfg)
+    attempts = read_attempts(paths)
+    metrics = dedupe_steps(read_metrics(paths, limits))
+    final_doc = _read_doc(paths.eval_results, limits.max_steps)
+    baseline_doc = _read_doc(paths.baseline, limits.max_steps)
+    during = [d for f in (sorted(paths.evals.glob("*.json")) if paths.evals.is_dir() else [])
+              if (d := _read_doc(f, limits.max_steps)) is not None]
     # eval_baseline.json has the per-problem records a paired test needs; the copy inside eval_results.json has not
-    baseline = _read_doc(paths.baseline) or (final_doc or {}).get("baseline")
+    baseline = baseline_doc or (final_doc or {}).get("baseline")
     final_step = (final_doc or {}).get("step")
     steps = final_step if isinstance(final_step, int) else (metrics[-1]["step"] if metrics else 0)
-    gpus = hw.get("gpus_per_node") if isinstance(hw.get("gpus_per_node"), int) else 0
+    gpus = hw.get("gpus_per_node") if isinstance(hw.get("gpus_per_node"), int) and hw["gpus_per_node"] > 0 else 0
     return RunSummary(
-        name=str(run.get("name") or Path(run_dir).name), model=str((cfg.get("model") or {}).get("name", "?")),
-        trainer=str((cfg.get("trainer") or {}).get("algo", "?")), hardware=str(hw.get("name", "?")), steps=steps,
+        name=str(run.get("name") or Path(run_dir).name), model=str(_section(cfg, "model").get("name", "?")),
+        trainer=str(_section(cfg, "trainer").get("algo", "?")), hardware=str(hw.get("name", "?")), steps=steps,
         wall_s=run_wall_s(paths, attempts, metrics), gpus=gpus if hw.get("device") == "cuda" else 0,
         oom_attempts=sum(is_oom_attempt(a) for a in attempts), attempts=attempts,
-        baseline=_view(baseline, f"{paths.root} baseline"), final=_view(final_doc, str(paths.eval_results)),
-        metrics=metrics, points=accuracy_points(paths), config=cfg,
+        baseline=_view(baseline), final=_view(final_doc), metrics=metrics, config=cfg,
+        points=accuracy_points(baseline_doc, during, final_doc),
     )
 
 

@@ -186,7 +186,15 @@ def torchrun_command(argv: List[str], nprocs: int) -> List[str]:
             "-m", "finellama_rl.train", *argv]
 
 
-def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) -> int:
+def rank_threads(threads: Optional[str], nprocs: int, cuda: bool) -> str:
+    """OMP_NUM_THREADS of each rank: the process's threads (OMP_NUM_THREADS, which the job
+    sets) shared by the ranks; unset, one per rank on CPU, else the machine's CPUs shared."""
+    if threads and threads.isdigit():
+        return str(max(1, int(threads) // nprocs))
+    return "1" if not cuda else str(max(1, (os.cpu_count() or 1) // nprocs))
+
+
+def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int, cuda: bool = True) -> int:
     """Run the ranks under torchrun until they finish; start them again after an OOM
     (EXIT_OOM_RETRY), at most `max_restarts` times. Returns the ranks' exit code."""
     paths = RunPaths(Path(run_dir))
@@ -201,7 +209,7 @@ def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) ->
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, request_stop)
     env = os.environ.copy()  # the job's CPUs shared by the ranks (torchrun would leave the job's count to each)
-    env["OMP_NUM_THREADS"] = str(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // nprocs))
+    env["OMP_NUM_THREADS"] = rank_threads(os.environ.get("OMP_NUM_THREADS"), nprocs, cuda)
     for restart in range(max_restarts + 1):
         paths.rank_exit.unlink(missing_ok=True)
         proc = subprocess.Popen(torchrun_command(argv, nprocs), env=env)

@@ -40,6 +40,29 @@ def prepare_run_dir(cfg: Config) -> RunPaths:
     return paths
 
 
+def refuse_unusable(cfg: Config, paths: RunPaths) -> None:
+    """Before a resumed run writes anything or loads a model: a folder where the run writes a
+    file (metrics.jsonl/, attempts.jsonl/, logs/current_attempt.json/), a file where it keeps
+    a folder, or a resume point holding pickled objects stops it with one line (exit 2)."""
+    from finellama_rl.checkpoint import latest_resume_point
+    from finellama_rl.errors import ConfigError
+
+    if not cfg.run.resume:
+        return
+    wrong = paths.wrong_kinds()
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ConfigError("run.dir", f"{wrong[0]}{more}; move it out of the way to resume this run")
+    resume_from = latest_resume_point(paths.checkpoints, quiet=True) if paths.checkpoints.is_dir() else None  # warned later
+    if resume_from is not None:
+        from finellama_rl.job.snapshot import unsafe_pickle
+
+        problem = unsafe_pickle(resume_from)
+        if problem:
+            raise ConfigError("run.dir", f"refusing to resume from {resume_from.name}: {problem}; remove {resume_from} "
+                                         "to resume from the checkpoint before it")
+
+
 def job_deadline() -> Optional[float]:
     """Epoch seconds by which to have saved, from FINELLAMA_DEADLINE if the launcher set it."""
     value = os.environ.get("FINELLAMA_DEADLINE")

@@ -22,9 +22,13 @@ OOM_OUTCOMES = ("oom", "oom_killed")
 ATTEMPT_RECORD = {"rung": int, "outcome": str}
 
 
+def _rung_check(record: Dict[str, Any]):
+    return (record, None) if record["rung"] >= 0 else (None, f"rung {record['rung']} is negative")
+
+
 def read_attempts(paths: RunPaths) -> List[Dict[str, Any]]:
-    """Valid attempt records (malformed lines are skipped with one warning)."""
-    return read_jsonl(paths.attempts, require=ATTEMPT_RECORD)
+    """Valid attempt records (malformed lines, and a negative rung, are skipped with one warning)."""
+    return read_jsonl(paths.attempts, require=ATTEMPT_RECORD, check=_rung_check)
 
 
 def record_attempt(paths: RunPaths, rung: Rung, outcome: str, **fields: Any) -> Dict[str, Any]:

@@ -109,6 +109,20 @@ def train_command(argv: List[str], gpus: int) -> List[str]:
     return [sys.executable, "-m", "finellama_rl.train", *argv]
 
 
+def job_threads(user: Optional[str], cpus: Optional[str], gpus: int) -> Optional[str]:
+    """OMP_NUM_THREADS of a job's training process: the user's own (OMP_NUM_THREADS where launch
+    ran; sbatch exports it), at most the CPUs the job got; else one per process on a CPU job
+    (a thread per allocated CPU made steps 15x slower than one on an oversubscribed node,
+    docs/LOG.md); else, on GPUs, the allocated CPUs (the supervisor of several ranks splits
+    them). None: leave it unset."""
+    cap = int(cpus) if cpus and cpus.isdigit() and int(cpus) > 0 else None
+    if user and user.isdigit() and int(user) > 0:
+        return str(min(int(user), cap) if cap else int(user))
+    if gpus == 0:
+        return "1"
+    return str(cap) if cap else None
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """What runs on the compute node: the training process, signal-aware."""
 
@@ -121,9 +135,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = os.environ.copy()
         # Save before the time limit if the next scheduled save would come too late.
         env["FINELLAMA_DEADLINE"] = str(time.time() + self.timeout_min * 60 - self.signal_delay_s)
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus:  # not the submitting shell's OMP_NUM_THREADS: 2 threads on 1 CPU made steps 10-70x slower
-            env["OMP_NUM_THREADS"] = str(max(1, int(cpus)))  # several GPUs: the train supervisor splits them per rank
+        threads = job_threads(os.environ.get("OMP_NUM_THREADS"), os.environ.get("SLURM_CPUS_PER_TASK"), self.gpus)
+        if threads:  # never more than the job's CPUs: 2 threads on 1 CPU made steps 10-70x slower
+            env["OMP_NUM_THREADS"] = threads
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         self._note("start", restarts=restarts)
         # stderr into the same log as stdout: the launch table points at the .out file

@@ -31,14 +31,16 @@ from finellama_rl.errors import EXIT_CRASH_TEST, EXIT_STOPPED, ConfigError
 from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_eval, summary
 from finellama_rl.eval.passk import add_sampled_pass_at_k, format_pass_at_k
 from finellama_rl.eval.results_index import add_eval_file, results_root
-from finellama_rl.fileio import atomic_write_json, atomic_write_text, is_disk_full, read_json
+from finellama_rl.eval.schema import read_eval_document
+from finellama_rl.fileio import atomic_write_json, atomic_write_text, is_disk_full
 from finellama_rl.job import distributed as dist
 from finellama_rl.job import faults
 from finellama_rl.job.devices import free_memory, peak_memory_gb
 from finellama_rl.job.model import count_parameters, load_policy, load_tokenizer
 from finellama_rl.job.monitor import TrainingMonitor
 from finellama_rl.job.oom_loop import AttemptHooks, AttemptRun, run_attempts
-from finellama_rl.job.run_dir import install_stop_handlers, job_deadline, last_logged_step, prepare_run_dir, rewind_metrics
+from finellama_rl.job.run_dir import (install_stop_handlers, job_deadline, last_logged_step, prepare_run_dir, refuse_unusable,
+                                     rewind_metrics)
 from finellama_rl.job.tracking import eval_scalars, open_tracker
 from finellama_rl.ladder.attempts import record_unclosed_attempt
 from finellama_rl.ladder.run_ladder import ladder_for, setting_of
@@ -110,6 +112,7 @@ def run_ladder(cfg: Config) -> int:
     dist.init(cuda=cfg.hardware.device == Device.cuda)
     if dist.is_main():
         clear_staging(RunPaths(Path(cfg.run.dir)).checkpoints)  # first: a save cut by a full disk must not block the restart
+        refuse_unusable(cfg, RunPaths(Path(cfg.run.dir)))  # a folder in a file's place, a planted pickle: exit 2 now
         prepare_run_dir(cfg)
     dist.barrier()
     paths = RunPaths(Path(cfg.run.dir))
@@ -297,8 +300,11 @@ class Evaluations:
     def baseline(self, policy) -> Optional[Dict[str, Any]]:
         """The evaluation before training (written once; a resumed run reads it back)."""
         paths = self.paths
-        if paths.baseline.exists():
-            return read_json(paths.baseline)
+        if paths.baseline.exists():  # checked like every reader does; a damaged one is evaluated again
+            kept = read_eval_document(paths.baseline)
+            if kept is not None:
+                return kept
+            log.warning("evaluating the baseline again: %s cannot be used", paths.baseline)
         if not self.cfg.eval.before_training:
             return None
         result = self.evaluate(policy, 0, "baseline")
