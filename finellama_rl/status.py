@@ -27,7 +27,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 from finellama_rl.errors import UsageError
 from finellama_rl.results import RunPaths, SweepPaths, iter_run_dirs

@@ -43,7 +43,7 @@ def test_help_shows_the_defaults_the_command_composes(capsys):
         cli_main(launch.main, ["--help"], overrides=True)
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "  model       qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-14b|qwen2.5-3b*|qwen2.5-7b|tiny" in out
+    assert "  model       qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-14b|qwen2.5-3b*|qwen2.5-3b-base|qwen2.5-7b|tiny" in out
     assert "  experiment  " in out and "(default: none)" in out.split("  experiment  ")[1].splitlines()[0]
     row = next(l for l in out.splitlines() if l.startswith("  trainer.max_steps "))
     assert row.split()[1] == "500" and "Global steps to train" in row  # the default composition, config.py's doc line

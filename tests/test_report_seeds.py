@@ -147,7 +147,9 @@ def test_arms_tables_in_headless_chromium(seed_sweep, tmp_path):
 def make_signal_run(sw: Path, name: str, lr: float, rewards, evals, truncated=None) -> Path:
     """A run with metrics (reward, two reward sources, completion length, optionally the truncated
     fraction) and evaluations {step: correct vector}: step 0 the baseline, the last the final."""
-    run = make_run(sw, name, ["experiment=smoke", "trainer=grpo", f"trainer.learning_rate={lr}"], [], [], 100)
+    max_steps = max(len(rewards), *evals)  # readers refuse steps beyond trainer.max_steps (issue 19)
+    run = make_run(sw, name, ["experiment=smoke", "trainer=grpo", f"trainer.learning_rate={lr}", f"trainer.max_steps={max_steps}"],
+                   [], [], 100)
     for step, r in enumerate(rewards, start=1):
         line = {"step": step, "train/reward_mean": r, "train/reward/correctness": r / 2, "train/reward/format": r,
                 "train/completion_len": 10 + step}
