@@ -1,6 +1,7 @@
-"""The run folder as a job sees it: made (and, with run.resume=false, the earlier run
-moved aside) before training, metric lines of steps lost since the checkpoint set aside on
-resume, the last logged step, the job's deadline, and the signals that ask it to save.
+"""The run folder as a job sees it: made ours (its marker) and, with run.resume=false, the
+earlier run moved aside before training; metric lines of steps lost since the checkpoint
+set aside on resume; the last logged step, the job's deadline, and the signals that ask
+it to save.
 
 Used by finellama_rl.trainers.run (one run, start to end) and finellama_rl.train (the
 supervisor of several ranks). The caller holds the folder's run.lock.
@@ -19,25 +20,63 @@ from typing import Optional
 from finellama_rl.compose import config_yaml
 from finellama_rl.config import Config
 from finellama_rl.fileio import append_jsonl, atomic_write_text, read_jsonl
+from finellama_rl.ownership import claim, is_lock_file, is_replay, record_fresh_start
 from finellama_rl.results import RunPaths
 
 log = logging.getLogger("finellama_rl")
 
 
 def prepare_run_dir(cfg: Config) -> RunPaths:
-    """Make the folder (the caller holds its run.lock); with run.resume=false, move
-    earlier outputs aside into a sibling folder (never delete; the lock stays)."""
+    """Make the folder ours (the caller holds its run.lock): created with its marker, or
+    refused (exit 2) when it holds files that are not a run's (ownership.claim). With
+    run.resume=false (once per job: a requeue replays it and resumes instead), move the
+    earlier run aside into a sibling folder, never deleting. config.yaml is written when it
+    is new or differs."""
     paths = RunPaths(Path(cfg.run.dir))
-    earlier = [p for p in paths.root.iterdir() if p != paths.lock] if paths.root.is_dir() else []
-    if not cfg.run.resume and earlier:
-        aside = paths.root.with_name(paths.root.name + "-previous-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        aside.mkdir()
-        for p in earlier:
-            shutil.move(str(p), str(aside / p.name))
-        log.info("run.resume=false: moved the earlier run to %s", aside)
+    claim(paths.root, "train", resume=cfg.run.resume)
+    if not cfg.run.resume and not is_replay(paths.root):
+        aside = move_aside(paths)
+        record_fresh_start(paths.root, aside)
+        if aside is not None:
+            log.info("run.resume=false: moved the earlier run to %s", aside)
     paths.make()
-    atomic_write_text(paths.config, config_yaml(cfg))
+    text = config_yaml(cfg)
+    if not paths.config.is_file() or paths.config.read_bytes() != text.encode():
+        atomic_write_text(paths.config, text)
     return paths
+
+
+def move_aside(paths: RunPaths) -> Optional[Path]:
+    """Move the earlier run into `<run>-previous-<time>/` (with a copy of the marker). Stay:
+    the marker, the locks, and logs/submitit and logs/watch, submitit's folders, where the
+    current job's own files are (its pickles, log and result: every name there carries its
+    job id). This job's lines of logs/job_events.jsonl are copied back."""
+    own = {paths.logs.name, paths.marker.name}
+    earlier = [p for p in paths.root.iterdir() if p.name not in own and not is_lock_file(p.name, paths)]
+    in_logs = [p for p in paths.logs.iterdir() if p not in (paths.submitit_logs, paths.watch_logs)] if paths.logs.is_dir() else []
+    if not earlier and not in_logs:
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        aside = paths.root.with_name(f"{paths.root.name}-previous-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            continue
+    moved = RunPaths(aside)
+    for p in earlier:
+        shutil.move(str(p), str(aside / p.name))
+    if in_logs:
+        moved.logs.mkdir()
+        for p in in_logs:
+            shutil.move(str(p), str(moved.logs / p.name))
+    shutil.copy2(paths.marker, moved.marker)
+    job = os.environ.get("SLURM_JOB_ID")
+    for event in read_jsonl(moved.job_events, quiet=True) if job else []:
+        if str(event.get("job_id")) == job:
+            append_jsonl(paths.job_events, event)
+    return aside
 
 
 def job_deadline() -> Optional[float]:
