@@ -28,7 +28,7 @@ import os
 import socket
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.fileio import atomic_write_json, read_json_object, read_run_config_data

@@ -50,7 +50,9 @@ RUN_TYPED = ("run.results_dir", "run.sweep", "run.name", "run.allow_outside_resu
 
 
 def _under(key: str, prefixes) -> bool:
-    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
+    """`key` is one of `prefixes`, lies under one, or holds one (`+hardware.slurm.additional.x=y`
+    sets part of the hardware.slurm.additional mapping)."""
+    return any(p == "" or key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in prefixes)
 
 
 def set_prefixes(overrides: Sequence[str], values_only: bool = False) -> Set[str]:

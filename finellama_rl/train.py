@@ -43,6 +43,7 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     from finellama_rl.job import distributed as dist
     from finellama_rl.job.run_dir import prepare_run_dir
     from finellama_rl.ladder.run_ladder import ladder_for
+    from finellama_rl.ownership import claim
     from finellama_rl.runlock import RunLock
 
     if dist.is_worker():
@@ -52,13 +53,15 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     n = world_size(cfg.hardware)
     if n <= 1:
         return None
-    if not cfg.run.resume:  # once, here: a rank restarted after an OOM must not move the run aside again
-        lock = RunLock(Path(cfg.run.dir))
-        lock.acquire()
-        try:
+    lock = RunLock(Path(cfg.run.dir))
+    lock.acquire()
+    try:  # the folder is made ours before the ranks (or this supervisor) write into logs/
+        if not cfg.run.resume:  # once, here: a rank restarted after an OOM must not move the run aside again
             prepare_run_dir(cfg)
-        finally:
-            lock.release()
+        else:
+            claim(Path(cfg.run.dir), "train", resume=True)
+    finally:
+        lock.release()
     r = cfg.run
     pinned = [*overrides, f"run.dir={r.dir}", f"run.sweep={r.sweep}", f"run.name={r.name}", "run.resume=true"]
     restarts = 2 * len(ladder_for(cfg)) + 8 if cfg.ladder.enabled else 0  # list rungs plus generation-batch cuts

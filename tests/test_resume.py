@@ -5,7 +5,6 @@ nothing moved; run.resume=false starts the same run over, once per job."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -79,9 +78,10 @@ def test_a_differing_override_is_refused_naming_it(saved_run, extra, keys, shown
 def test_the_allow_list_may_change_on_resume(saved_run):
     overrides, _ = saved_run
     cfg = start_config([*overrides, "trainer.max_steps=9", "eval.num_examples=4", "hardware.slurm.partition=fat",
-                        "ladder.start_rung=2"])
+                        "ladder.start_rung=2", "+hardware.slurm.additional.mail-type=END"])
     assert (cfg.trainer.max_steps, cfg.eval.num_examples, cfg.hardware.slurm.partition, cfg.ladder.start_rung) == \
         (9, "4", "fat", 2)
+    assert cfg.hardware.slurm.additional == {"mail-type": "END"}
     assert cfg.trainer.learning_rate == 2e-3 and cfg.run.resume
 
 
