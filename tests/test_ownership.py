@@ -145,7 +145,15 @@ def test_resume_false_keeps_the_current_jobs_submitit_files(tmp_path, monkeypatc
     assert read_marker(aside) is not None  # the old run stays a run folder
     (start,) = read_marker(paths.root)["fresh_starts"]
     assert start["job_id"] == "87" and start["restarts"] == 0 and start["moved_to"] == str(aside)
+    fresh = RunPaths(paths.root.parent / "fresh")  # a new folder launch made: the job's start event is all it holds
+    claim(fresh.root, "launch", resume=True)
+    fresh.submitit_logs.mkdir(parents=True)
+    fresh.job_events.write_text(json.dumps({"event": "start", "job_id": "87"}) + "\n")
+    prepare_run_dir(load_config(["experiment=smoke", f"run.results_dir={tmp_path}", f"run.dir={fresh.root}",
+                                 "run.resume=false"]))
+    assert not [p for p in paths.root.parent.iterdir() if p.name.startswith("fresh-previous-")]  # nothing to move
+    assert fresh.job_events.exists() and read_marker(fresh.root)["fresh_starts"][0]["moved_to"] is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeue replays run.resume=false: nothing moves again
     (paths.root / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     prepare_run_dir(cfg)
-    assert (paths.root / "metrics.jsonl").exists() and len(list(paths.root.parent.iterdir())) == 2
+    assert (paths.root / "metrics.jsonl").exists() and len(list(paths.root.parent.iterdir())) == 3

@@ -47,14 +47,19 @@ def prepare_run_dir(cfg: Config) -> RunPaths:
 
 
 def move_aside(paths: RunPaths) -> Optional[Path]:
-    """Move the earlier run into `<run>-previous-<time>/` (with a copy of the marker). Stay:
-    the marker, the locks, and logs/submitit and logs/watch, submitit's folders, where the
-    current job's own files are (its pickles, log and result: every name there carries its
-    job id). This job's lines of logs/job_events.jsonl are copied back."""
+    """Move the earlier run into `<run>-previous-<time>/` (with a copy of the marker); None
+    when there is none. Stay: the marker, the locks, and logs/submitit and logs/watch,
+    submitit's folders, where the current job's own files are (its pickles, log and result:
+    every name there carries its job id). Of logs/job_events.jsonl the current job's lines
+    stay, the earlier jobs' move."""
     own = {paths.logs.name, paths.marker.name}
     earlier = [p for p in paths.root.iterdir() if p.name not in own and not is_lock_file(p.name, paths)]
-    in_logs = [p for p in paths.logs.iterdir() if p not in (paths.submitit_logs, paths.watch_logs)] if paths.logs.is_dir() else []
-    if not earlier and not in_logs:
+    kept = (paths.submitit_logs, paths.watch_logs, paths.job_events)
+    in_logs = [p for p in paths.logs.iterdir() if p not in kept] if paths.logs.is_dir() else []
+    job = os.environ.get("SLURM_JOB_ID")
+    events = read_jsonl(paths.job_events, quiet=True)
+    mine = [e for e in events if job and str(e.get("job_id")) == job]
+    if not earlier and not in_logs and len(mine) == len(events):
         return None
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
@@ -67,15 +72,15 @@ def move_aside(paths: RunPaths) -> Optional[Path]:
     moved = RunPaths(aside)
     for p in earlier:
         shutil.move(str(p), str(aside / p.name))
+    if len(mine) < len(events):
+        in_logs.append(paths.job_events)
     if in_logs:
         moved.logs.mkdir()
         for p in in_logs:
             shutil.move(str(p), str(moved.logs / p.name))
+    for event in mine if paths.job_events in in_logs else []:
+        append_jsonl(paths.job_events, event)
     shutil.copy2(paths.marker, moved.marker)
-    job = os.environ.get("SLURM_JOB_ID")
-    for event in read_jsonl(moved.job_events, quiet=True) if job else []:
-        if str(event.get("job_id")) == job:
-            append_jsonl(paths.job_events, event)
     return aside
 
 
