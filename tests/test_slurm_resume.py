@@ -6,6 +6,8 @@ again), and two launches of one run started together (one job, the other exits 2
     pytest -m slurm tests/test_slurm_resume.py -s
 
 Helpers and settings are test_slurm.py's (FAST_GRPO: about 0.1-0.3 s per step on one CPU).
+The two long jobs are submitted first (module fixture); the simultaneous launches are tried
+while they run, and the long tests wait for them last.
 """
 from __future__ import annotations
 
@@ -45,32 +47,6 @@ def ledger(sweep: Path, kind: str = "train"):
     return [e for e in read_jsonl(sweep / "ledger.jsonl") if e.get("kind", "train") == kind]
 
 
-# --- two launches started together ---------------------------------------------------------------
-def test_two_launches_started_together_submit_one_job(env, tmp_path):
-    sweep = f"twice-{uuid.uuid4().hex[:8]}"
-    args = [*COMMON, f"run.results_dir={tmp_path}", f"run.sweep={sweep}", *FAST_GRPO, "trainer.max_steps=2",
-            "hardware.slurm.timeout_min=10"]
-    procs = [subprocess.Popen([sys.executable, "-m", "finellama_rl.launch", *args], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], outs
-    (loser,) = [err.strip() for p, (_, err) in zip(procs, outs) if p.returncode == 2]
-    assert len(loser.splitlines()) == 1 and "Traceback" not in loser, loser
-    assert "being launched by another command" in loser or "is in use" in loser, loser
-    run_dir = tmp_path / sweep / "grpo-tiny-cpu"
-    (train,), (dog,) = ledger(tmp_path / sweep), ledger(tmp_path / sweep, "watchdog")
-    named = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i", "-n", f"fl-{sweep}-grpo-tiny-cpu"],
-                           capture_output=True, text=True, env=env).stdout.split()
-    assert named == [str(train["job_id"])], named  # one training job in the queue, not two
-    final = wait_terminal([str(train["job_id"]), str(dog["job_id"])], 600, [run_dir])
-    assert final[str(train["job_id"])]["state"] == "COMPLETED" and final[str(dog["job_id"])]["state"] == "COMPLETED", \
-        (final, job_logs(run_dir))
-    assert_every_step_once(run_dir, 2)
-    assert len(read_jsonl(run_dir / "attempts.jsonl")) == 1  # no spurious attempt of a second job
-    assert not (run_dir / "launch.lock").exists()
-
-
 # --- run.resume=false under a 2-minute limit -------------------------------------------------------
 @dataclass
 class FreshStarts:
@@ -104,6 +80,30 @@ def fresh_starts(env, tmp_path_factory):
     return FreshStarts(env, steps, existing, fresh)
 
 
+# --- two launches started together (while the jobs above run: only the submissions are timed) ---------
+def test_two_launches_started_together_submit_one_job(fresh_starts, tmp_path):
+    env = fresh_starts.env
+    sweep = f"twice-{uuid.uuid4().hex[:8]}"
+    args = [*COMMON, f"run.results_dir={tmp_path}", f"run.sweep={sweep}", *FAST_GRPO, "trainer.max_steps=2",
+            "hardware.slurm.timeout_min=10"]
+    procs = [subprocess.Popen([sys.executable, "-m", "finellama_rl.launch", *args], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], outs
+    (loser,) = [err.strip() for p, (_, err) in zip(procs, outs) if p.returncode == 2]
+    assert len(loser.splitlines()) == 1 and "Traceback" not in loser, loser
+    assert "being launched by another command" in loser or "is in use" in loser, loser
+    (train,), (dog,) = ledger(tmp_path / sweep), ledger(tmp_path / sweep, "watchdog")
+    try:
+        named = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i", "-n", f"fl-{sweep}-grpo-tiny-cpu"],
+                               capture_output=True, text=True, env=env).stdout.split()
+        assert named == [str(train["job_id"])], named  # one training job in the queue, not two
+        assert not (tmp_path / sweep / "grpo-tiny-cpu" / "launch.lock").exists()  # released after submitting
+    finally:  # the one job is ours; it need not train to show that only one was submitted
+        subprocess.run(["scancel", str(train["job_id"]), str(dog["job_id"])], env=env, timeout=60)
+
+
+# --- the two run.resume=false jobs, waited for last ------------------------------------------------
 def finish(starts: FreshStarts, sweep: Path) -> Path:
     """Wait for the sweep's last training job and its watchdog; both COMPLETED, every step once."""
     train, dog = ledger(sweep)[-1], ledger(sweep, "watchdog")[-1]
