@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from finellama_rl.fileio import atomic_write_json
+from finellama_rl.fileio import apply_umask, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,19 @@ def latest_resume_point(root: Path, quiet: bool = False) -> Optional[Path]:
     return max(candidates, key=step_of) if candidates else None
 
 
+def unusable_checkpoints(root: Path) -> Optional[str]:
+    """When `root` holds committed checkpoints (or OOM snapshots) and not one of them
+    verifies: what is wrong with the newest few; None when one is usable or there are none."""
+    found = list_checkpoints(root) + list_checkpoints(snapshot_root(root))
+    problems = []
+    for ckpt in sorted(found, key=step_of, reverse=True):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return None
+        problems.append(f"{ckpt.name}: {problem}")
+    return "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)" if len(problems) > 3 else "") if problems else None
+
+
 def read_state(ckpt: Path) -> Dict[str, Any]:
     """The state file of a checkpoint that verify_checkpoint accepted."""
     return json.loads((Path(ckpt) / STATE_FILE).read_bytes().decode("utf-8"))
@@ -253,6 +266,7 @@ def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any]
     only then prune to `keep_last` complete checkpoints (plus the steps in `keep`: SFT's best)."""
     root, staged = Path(root), Path(staged)
     root.mkdir(parents=True, exist_ok=True)
+    apply_umask(staged)  # the libraries' writers leave some files 0600
     atomic_write_json(staged / STATE_FILE, {"step": step, **state, "manifest": manifest(staged)})
     fault_point("state file written")
     fsync_tree(staged)

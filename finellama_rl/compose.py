@@ -211,8 +211,11 @@ def apply_site_file(raw, overrides: Sequence[str]):
     return merged
 
 
-def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolve_paths: bool = True) -> Config:
-    """Compose, convert to dataclasses once, fill derived values, validate."""
+def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolve_paths: bool = True,
+                check_paths: bool = True) -> Config:
+    """Compose, convert to dataclasses once, fill derived values, validate (the run folder's
+    paths too unless check_paths is false: resume.start_config checks them once it knows
+    whether the folder is a run to resume)."""
     from omegaconf import OmegaConf
 
     added = [o for o in overrides if o.startswith("+") and not o.lstrip("+").startswith("hardware.slurm.additional.")]
@@ -233,7 +236,7 @@ def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolv
         cfg = derive_processes(cfg)
         cfg = replace(cfg, trainer=replace(cfg.trainer, grad_accum=cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)))
     validate(cfg)
-    if resolve_paths:
+    if resolve_paths and check_paths:
         validate_run_paths(cfg.run)
     return cfg
 

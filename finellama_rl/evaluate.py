@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examples
 from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
-from finellama_rl.validation import validate
+from finellama_rl.validation import validate, validate_results_dir
 from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
         raise explain_hydra_error(exc) from None
     cfg = replace(cfg, run=replace(cfg.run, dir=str(Path(run_dir).resolve())))
     validate(cfg)
+    validate_results_dir(cfg.run)  # the index it adds to: never `/`, a home, a system folder
     return cfg
 
 

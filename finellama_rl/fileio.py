@@ -139,6 +139,17 @@ def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
         raise
 
 
+def apply_umask(folder: Path) -> None:
+    """Give every file under `folder` 0666 and every folder 0777, minus the umask, as `open()`
+    and `mkdir` would: safetensors writes through its own temporary file and leaves 0600
+    (adapter_model, value_head, rng_state), which a shared results folder cannot read."""
+    mask = current_umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 # ------------------------------------------------------------------ readers
 
 Types = Union[Type, Tuple[Type, ...]]

@@ -8,7 +8,11 @@ Every combination is composed, resolved and validated before anything runs, so a
 typo in the third run of a sweep stops the sweep with exit code 2 before the first
 starts. Then every run is checked where it will run: its folder is free (no live
 lock, no pending or running job of it in the ledger), model and data reachable, and
-on SLURM `sbatch --test-only` accepts its exact script. Submission is all or
+on SLURM `sbatch --test-only` accepts its exact script. A run folder that already holds
+a run is resumed with its own config.yaml: a relaunch that would change what it trains
+stops with exit 2 naming the settings (finellama_rl/resume.py). Each run folder is
+reserved (its launch.lock) before the last check and the submission, so of two launches
+started together the second stops with exit 2. Submission is all or
 nothing: if sbatch still refuses a job, the jobs this command submitted are
 cancelled and what it wrote is removed. Locally, runs execute one after another as
 `python -m finellama_rl.train` subprocesses (the same entry the jobs use). This
@@ -28,7 +32,7 @@ from finellama_rl.config import Device, Launcher
 from finellama_rl.errors import ConfigError, UsageError
 from finellama_rl.console import warn
 from finellama_rl.login.sweep import (
-    PlannedRun, budget_warnings, check_folders_free, ledger_path, plan_runs, reserve_sweep,
+    PlannedRun, Reservations, budget_warnings, check_folders_free, ledger_path, plan_runs, reserve_sweep,
 )
 
 
@@ -214,14 +218,15 @@ def main(argv: List[str]) -> int:
     if dry:
         return dry_run(runs, slurm_mode, unchecked or [])
     if not slurm_mode:
-        reserve_sweep(runs, create=True)
-        return run_local(runs)
+        with Reservations(runs, reserve_sweep(runs, create=True)):  # one launch per run folder at a time
+            return run_local(runs)
     test_with_sbatch(runs)  # before anything is written
     try:
         created = reserve_sweep(runs, create=True)
     except OSError as exc:
         raise ConfigError("run.results_dir", f"cannot create the sweep folder: {exc}") from None
-    return submit_slurm(runs, created)
+    with Reservations(runs, created) as held:  # the second of two simultaneous launches stops here
+        return submit_slurm(runs, held.created)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ class RunPaths:
         return self.root / "run.lock"
 
     @property
+    def marker(self) -> Path:  # written when the folder is made: who, when, which version (ownership.py)
+        return self.root / ".finellama_run"
+
+    @property
+    def launch_lock(self) -> Path:  # held by one launch while it checks and submits this run (login/sweep.py)
+        return self.root / "launch.lock"
+
+    @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
@@ -185,7 +193,7 @@ class ResultsPaths:
 def run_markers(folder: Path):
     """The files whose presence makes a folder a run folder."""
     paths = RunPaths(Path(folder))
-    return (paths.config, paths.lock, paths.checkpoints, paths.metrics)
+    return (paths.marker, paths.config, paths.lock, paths.checkpoints, paths.metrics)
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -209,6 +217,22 @@ def run_dir_problem(run_dir: Path, results_root: Path) -> Optional[str]:
                                                       and p.name not in ("checkpoints", "logs", "evals")):
             return f"{run_dir} holds other runs (a sweep or results folder); choose a folder of its own"
     return None
+
+
+def index_root(run) -> Path:
+    """Where a run's results index lives (`run` is a RunConfig): run.results_dir.
+
+    A relative results_dir is taken relative to the results tree the run folder
+    sits in (`<results_dir>/<sweep>/<name>`), so the index is found from any
+    working directory and after the tree is moved; a hand-picked run.dir keeps
+    its index in its parent folder.
+    """
+    run_dir = Path(run.dir).resolve() if run.dir else None
+    if Path(run.results_dir).is_absolute() or run_dir is None:
+        return Path(run.results_dir).resolve()
+    if run_dir.name == run.name and run_dir.parent.name == run.sweep:
+        return run_dir.parent.parent
+    return run_dir.parent  # a hand-picked run.dir (e.g. results/mine): the index sits beside it
 
 
 def iter_run_dirs(sweep_dir: Path) -> Iterator[Path]:

@@ -9,9 +9,14 @@ eval_results.json.
 A multi-device run (hardware.gpus_per_node or hardware.processes > 1) started as one
 process supervises its torchrun ranks (finellama_rl/job/distributed.py).
 
-Exit codes (finellama_rl/errors.py): 0 done, 2 bad input (or the run folder is in use
-by another job), 3 debug.crash_after_step, 4 out of memory on every rung of the OOM
-ladder, 74 disk full, 75 stopped by a signal after saving (the caller may requeue).
+Resuming (`run.dir=` of an existing run, a requeue) trains with the run folder's own
+config.yaml: settings on the command line that differ from it are refused (exit 2,
+finellama_rl/resume.py); a finished run says so and changes nothing.
+
+Exit codes (finellama_rl/errors.py): 0 done (or already finished), 2 bad input (or the
+run folder is in use by another job, is not a run folder, or has no checkpoint that
+verifies), 3 debug.crash_after_step, 4 out of memory on every rung of the OOM ladder,
+74 disk full, 75 stopped by a signal after saving (the caller may requeue).
 Knows nothing of SLURM beyond "a signal asks me to save".
 """
 from __future__ import annotations
@@ -20,12 +25,13 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from finellama_rl.compose import load_config, split_argv
+from finellama_rl.compose import split_argv
 from finellama_rl.config import Config, Device, world_size
 from finellama_rl.console import setup_logging
 from finellama_rl.errors import EXIT_DISK_FULL, UsageError
 from finellama_rl.fileio import is_disk_full
-from finellama_rl.trainers.run import run_training
+from finellama_rl.resume import start_config
+from finellama_rl.trainers.run import announce_finished, check_resumable, run_training
 
 log = logging.getLogger("finellama_rl")
 
@@ -37,6 +43,7 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     from finellama_rl.job import distributed as dist
     from finellama_rl.job.run_dir import prepare_run_dir
     from finellama_rl.ladder.run_ladder import ladder_for
+    from finellama_rl.ownership import claim
     from finellama_rl.runlock import RunLock
 
     if dist.is_worker():
@@ -46,13 +53,15 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     n = world_size(cfg.hardware)
     if n <= 1:
         return None
-    if not cfg.run.resume:  # once, here: a rank restarted after an OOM must not move the run aside again
-        lock = RunLock(Path(cfg.run.dir))
-        lock.acquire()
-        try:
+    lock = RunLock(Path(cfg.run.dir))
+    lock.acquire()
+    try:  # the folder is made ours before the ranks (or this supervisor) write into logs/
+        if not cfg.run.resume:  # once, here: a rank restarted after an OOM must not move the run aside again
             prepare_run_dir(cfg)
-        finally:
-            lock.release()
+        else:
+            claim(Path(cfg.run.dir), "train", resume=True)
+    finally:
+        lock.release()
     r = cfg.run
     pinned = [*overrides, f"run.dir={r.dir}", f"run.sweep={r.sweep}", f"run.name={r.name}", "run.resume=true"]
     restarts = 2 * len(ladder_for(cfg)) + 8 if cfg.ladder.enabled else 0  # list rungs plus generation-batch cuts
@@ -64,8 +73,11 @@ def main(argv: List[str]) -> int:
     multirun, overrides = split_argv(argv)
     if multirun:
         raise UsageError("finellama_rl.train runs one run; use finellama_rl.launch -m for sweeps")
-    cfg = load_config(overrides)
+    cfg = start_config(overrides)  # a run folder's own config.yaml when it resumes one
     setup_logging()
+    if announce_finished(cfg):
+        return 0
+    check_resumable(cfg)
     supervised = supervise_ranks(cfg, overrides)
     if supervised is not None:
         return supervised

@@ -190,21 +190,57 @@ def _safe_name(key: str, value) -> None:
                                "(no '/', no spaces, no '..', not starting with '.')")
 
 
-def validate_run_paths(run: RunConfig) -> None:
+def validate_run_paths(run: RunConfig, resuming: bool = False) -> None:
     """The run folder of a resolved config (launch and train; evaluate reads folders anywhere):
-    safe names, inside run.results_dir unless run.allow_outside_results_dir, not inside
-    another run's folder, not a folder of runs."""
+    safe names; run.results_dir, the run folder, its sweep folder (ledger.jsonl) and the
+    index folder never `/`, a home, a system folder or the package (ownership.py); the run
+    folder inside run.results_dir unless run.allow_outside_results_dir (or an existing run
+    is resumed: it was checked when it was made), not inside another run's folder, not a
+    folder of runs."""
     from finellama_rl.results import run_dir_problem
 
     _safe_name("run.name", run.name)
     _safe_name("run.sweep", run.sweep)
     root, run_dir = Path(run.results_dir).resolve(), Path(run.dir).resolve()
-    if not run.allow_outside_results_dir and (run_dir == root or root not in run_dir.parents):
+    validate_results_dir(run)
+    if not resuming and not run.allow_outside_results_dir and (run_dir == root or root not in run_dir.parents):
         raise ConfigError("run.dir", f"{run_dir} is not inside run.results_dir={root}; choose a run.dir under it, "
                                      "set run.results_dir, or set run.allow_outside_results_dir=true")
+    validate_run_dir_place(run_dir)
     problem = run_dir_problem(run_dir, root)
     if problem:
         raise ConfigError("run.dir", problem)
+
+
+def validate_run_dir_place(run_dir: Path) -> None:
+    """The run folder and its sweep folder (ledger.jsonl) are never `/`, a home, a system
+    folder or the package (ownership.protected_problem): checked before anything looks inside."""
+    from finellama_rl.ownership import protected_problem
+
+    run_dir = Path(run_dir).resolve()
+    for folder, what in ((run_dir, "the run folder"), (run_dir.parent, "its sweep folder (ledger.jsonl)")):
+        problem = protected_problem(folder)
+        if problem:
+            raise ConfigError("run.dir", f"{what}: {problem}; choose a run.dir two levels below a folder of your "
+                                         "own (<results>/<sweep>/<run>)")
+
+
+def validate_results_dir(run: RunConfig) -> None:
+    """run.results_dir and the folder the results index goes to (results.index_root) are
+    never `/`, a home, a system folder or the package (ownership.protected_problem); also
+    checked by evaluate, which adds to the index of any run folder."""
+    from finellama_rl.ownership import protected_problem
+    from finellama_rl.results import index_root
+
+    problem = protected_problem(Path(run.results_dir))
+    if problem:
+        raise ConfigError("run.results_dir", f"{problem}; results go into a folder of their own, e.g. "
+                                             "run.results_dir=~/finellama_results")
+    problem = protected_problem(index_root(run)) if run.dir else None
+    if problem:
+        raise ConfigError("run.dir", f"the results index would go to {index_root(run)}: {problem}; choose a run.dir "
+                                     "two levels below a folder of your own (<results>/<sweep>/<run>), or an "
+                                     "absolute run.results_dir")
 
 
 def _validate_sft_and_adapter(cfg: Config) -> None:

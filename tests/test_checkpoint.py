@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from finellama_rl.checkpoint import (clear_staging, commit_checkpoint, latest_checkpoint, list_checkpoints,
                                      read_state, staging_root)
 from finellama_rl.fileio import append_jsonl, atomic_write_json, read_jsonl
@@ -208,3 +210,29 @@ def test_resave_of_a_complete_step_keeps_it_with_keep_last_1(tmp_path):
     commit_checkpoint(root, _stage(root, 2), 2, {"x": 2}, keep_last=1)
     assert (root / "step_000002" / "finellama_state.json").read_text() == before  # never removed, never zero
     assert not any((root / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_files_keep_the_users_umask(tmp_path, umask, mode):
+    """safetensors writes 0600 through its own temporary file whatever the umask; a committed
+    checkpoint has the permissions `open()` would give (group-readable under umask 002)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / "checkpoints"
+    old = os.umask(umask)
+    try:
+        staged = staging_root(root) / "checkpoint-2"
+        (staged / "sub").mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "value_head.safetensors", "sub/rng_state.safetensors"):
+            save_file({"w": torch.arange(4.0)}, str(staged / name))
+        torch.save({"step": 2}, staged / "scheduler.pt")
+        assert (staged / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # the library's own mode
+        final = commit_checkpoint(root, staged, 2, {}, keep_last=1)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(final)): p.stat().st_mode & 0o777 for p in final.rglob("*") if p.is_file()}
+    assert modes and all(m == mode for m in modes.values()), modes
+    assert (final / "sub").stat().st_mode & 0o777 == mode | 0o111 & ~umask

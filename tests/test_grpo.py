@@ -65,9 +65,11 @@ def test_completed_run_is_not_retrained(make_config, tmp_path, capsys):
     cfg = make_config(*SMALL, "trainer.max_steps=1", "trainer.save_every=1", "eval.before_training=false")
     assert run_training(cfg) == 0
     n = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    attempts = (tmp_path / "run" / "attempts.jsonl").read_bytes()
     assert run_training(cfg) == 0
-    assert "already complete" in capsys.readouterr().out
+    assert "already finished at step 1/1" in capsys.readouterr().out
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == n
+    assert (tmp_path / "run" / "attempts.jsonl").read_bytes() == attempts  # no attempt added
 
 
 @pytest.mark.slow

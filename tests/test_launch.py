@@ -186,6 +186,55 @@ def test_relaunch_while_the_ledger_shows_a_running_job_is_refused(tmp_path, no_s
     assert f"python -m finellama_rl.status {tmp_path / 's'} --cancel (or scancel 77)" in err.value.message
 
 
+def test_a_launch_holding_the_reservation_makes_a_second_one_exit_2(tmp_path, sleeper):
+    """Two launches of one run started together: the second finds the first's launch.lock
+    (exclusively created before its last check and its submission) and stops; nothing runs."""
+    args = ["experiment=smoke", "launcher=local", f"run.results_dir={tmp_path}", "run.sweep=s"]
+    run_dir = tmp_path / "s" / "grpo-tiny-cpu"
+    first = sweep.plan_runs(args)
+    held = sweep.Reservations(first).__enter__()  # the first launch, between its reservation and its submission
+    assert RunPaths(run_dir).launch_lock.exists() and RunPaths(run_dir).marker.exists()
+    try:
+        with pytest.raises(ConfigError) as err:
+            launch.main(args)
+        assert err.value.key == "run.dir" and f"{run_dir} is being launched by another command" in err.value.message
+        assert f"pid {os.getpid()}" in err.value.message and "nothing was submitted" in err.value.message
+        assert sorted(p.name for p in run_dir.iterdir()) == [".finellama_run", "launch.lock"]  # nothing ran
+    finally:
+        held.__exit__(None, None, None)
+    assert not RunPaths(run_dir).launch_lock.exists()
+    plant_lock(run_dir, sleeper.pid).rename(RunPaths(run_dir).launch_lock)  # a launch that died holding it: stale
+    with pytest.raises(ConfigError, match="being launched by another command"):
+        sweep.Reservations(sweep.plan_runs(args)).__enter__()
+    sleeper.kill()
+    sleeper.wait()
+    with sweep.Reservations(sweep.plan_runs(args)):
+        assert json.loads(RunPaths(run_dir).launch_lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_dry_run_reserves_nothing(tmp_path):
+    assert launch.main(["experiment=smoke", "launcher=local", "dry_run=true", f"run.results_dir={tmp_path}",
+                        "run.sweep=s"]) == 0
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_failed_submission_releases_the_reservation(tmp_path, no_slurm_path, monkeypatch):
+    from finellama_rl.errors import SubmissionFailed
+    from finellama_rl.login import slurm
+
+    def refuse(cfg, argv):
+        raise SubmissionFailed("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy")
+
+    monkeypatch.setattr(slurm, "submit", refuse)
+    runs = sweep.plan_runs(["experiment=smoke", "launcher=slurm", f"run.results_dir={tmp_path / 'r'}", "run.sweep=s"])
+    with pytest.raises(ConfigError, match="nothing was submitted"):
+        with sweep.Reservations(runs) as held:
+            launch.submit_slurm(runs, held.created)
+    assert not (tmp_path / "r").exists()  # the folders this launch made, its marker and reservation with them
+    with sweep.Reservations(runs):  # free for the next launch
+        pass
+
+
 def test_run_lock_holders(tmp_path, sleeper):
     run_dir = tmp_path / "run"
     with RunLock(run_dir) as lock:

@@ -121,7 +121,7 @@ def test_run_folder_outside_results_when_explicitly_allowed(tmp_path):
 
 @pytest.mark.parametrize("make_root, needle", [
     (lambda p: [(p / "a_file").write_text("x"), p / "a_file" / "results"][-1], "is a file, not a folder"),
-    (lambda p: Path("/proc/finellama-results"), "cannot create files in /proc"),
+    (lambda p: Path("/proc/finellama-results"), "lies in the system folder /proc"),  # refused before any write is tried
 ])
 def test_results_dir_that_cannot_hold_files_exits_2(make_root, needle, tmp_path):
     root = make_root(tmp_path)

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from finellama_rl.eval import schema as eval_schema
 from finellama_rl.fileio import atomic_write_json, read_json, warn
 from finellama_rl.errors import IndexDamaged, IndexOutdated
-from finellama_rl.results import ResultsPaths, RunPaths, iter_run_dirs
+from finellama_rl.results import ResultsPaths, RunPaths, index_root, iter_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,8 @@ def index_path(root: Path) -> Path:
 
 
 def results_root(run) -> Path:
-    """Where a run's index lives (`run` is a RunConfig): run.results_dir.
-
-    A relative results_dir is taken relative to the results tree the run folder
-    sits in (`<results_dir>/<sweep>/<name>`), so the index is found from any
-    working directory and after the tree is moved; a hand-picked run.dir keeps
-    its index in its parent folder.
-    """
-    run_dir = Path(run.dir).resolve() if run.dir else None
-    if Path(run.results_dir).is_absolute() or run_dir is None:
-        return Path(run.results_dir).resolve()
-    if run_dir.name == run.name and run_dir.parent.name == run.sweep:
-        return run_dir.parent.parent
-    return run_dir.parent  # a hand-picked run.dir (e.g. results/mine): the index sits beside it
+    """Where a run's index lives (`run` is a RunConfig): results.index_root."""
+    return index_root(run)
 
 
 def _relative(path: Path, root: Path) -> str:

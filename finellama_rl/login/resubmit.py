@@ -86,9 +86,9 @@ def decide_resubmit(argv: List[str], run_dir: str, job_id: str, resubmits_done: 
     """After `job_id` ended: (config to resubmit, message) if it died for memory and
     a rung and a resubmission are left, else (None, why not). Records the attempt.
     The submission itself is finellama_rl.login.slurm.watch's job (this module never submits)."""
-    from finellama_rl.compose import load_config
+    from finellama_rl.resume import start_config
 
-    cfg = load_config(argv)
+    cfg = start_config(argv)  # the run's own config.yaml (argv resumes it)
     paths = RunPaths(Path(run_dir))
     oom, state = killed_for_memory(run_dir, job_id)
     if not oom:

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,6 +43,7 @@ from submitit.core.core import PicklingExecutor
 from finellama_rl.config import Config, Device, RunConfig, SlurmConfig
 from finellama_rl.fileio import append_jsonl
 from finellama_rl.errors import EXIT_STOPPED, SubmissionFailed
+from finellama_rl.ownership import LAUNCH_ID_ENV
 from finellama_rl.results import RunPaths, SweepPaths
 
 
@@ -126,13 +128,17 @@ def job_threads(user: Optional[str], cpus: Optional[str], gpus: int) -> Optional
 class TrainJob(submitit.helpers.Checkpointable):
     """What runs on the compute node: the training process, signal-aware."""
 
-    def __init__(self, argv: List[str], run_dir: str, gpus: int, timeout_min: int, signal_delay_s: int, max_requeues: int):
+    def __init__(self, argv: List[str], run_dir: str, gpus: int, timeout_min: int, signal_delay_s: int, max_requeues: int,
+                 launch_id: Optional[str] = None):
         self.argv, self.run_dir, self.gpus = list(argv), run_dir, gpus
         self.timeout_min, self.signal_delay_s, self.max_requeues = timeout_min, signal_delay_s, max_requeues
+        # Kept across requeues (they rerun this pickle): a requeue never replays run.resume=false (ownership.is_replay).
+        self.launch_id = launch_id or uuid.uuid4().hex
         self.proc: Optional[subprocess.Popen] = None
 
     def __call__(self) -> Dict[str, Any]:
         env = os.environ.copy()
+        env[LAUNCH_ID_ENV] = self.launch_id
         # Save before the time limit if the next scheduled save would come too late.
         env["FINELLAMA_DEADLINE"] = str(time.time() + self.timeout_min * 60 - self.signal_delay_s)
         threads = job_threads(os.environ.get("OMP_NUM_THREADS"), os.environ.get("SLURM_CPUS_PER_TASK"), self.gpus)
@@ -191,7 +197,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             self._note("requeue_refused", restarts=restarts)
             return None
         self._note("requeue", restarts=restarts + 1)
-        fresh = TrainJob(self.argv, self.run_dir, self.gpus, self.timeout_min, self.signal_delay_s, self.max_requeues)
+        fresh = TrainJob(self.argv, self.run_dir, self.gpus, self.timeout_min, self.signal_delay_s, self.max_requeues,
+                         self.launch_id)
         return submitit.helpers.DelayedSubmission(fresh)
 
     def _note(self, event: str, **fields: Any) -> None:
@@ -386,6 +393,7 @@ def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> st
     from finellama_rl.login.resubmit import decide_resubmit, note
     from finellama_rl.results import RunPaths
 
+    argv = [a for a in argv if not a.startswith("run.resume=")] + ["run.resume=true"]  # it continues the run
     cfg, message = decide_resubmit(argv, run_dir, job_id, resubmits_done)
     if cfg is None:
         return message

@@ -33,7 +33,7 @@ import torch
 
 from finellama_rl.config import Config, Device
 from finellama_rl.results import RunPaths
-from finellama_rl.fileio import atomic_write_json
+from finellama_rl.fileio import apply_umask, atomic_write_json
 from finellama_rl.trainers.rm_data import (Example, balance, build_candidates, describe, label_examples,
                                            sample_completions, split_problems)
 from finellama_rl.job.devices import free_memory
@@ -238,6 +238,7 @@ def save_reward_model(cfg: Config, paths: RunPaths, model, tokenizer, metrics: D
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, rm_base(cfg), metrics)  # last: its presence marks a complete folder
+    apply_umask(tmp)  # safetensors leaves its weights 0600
     if folder.exists():
         import shutil
 
