@@ -116,9 +116,11 @@ class RunPaths:
     def current_attempt(self) -> Path:  # the attempt in progress (a hard kill leaves it behind)
         return self.logs / "current_attempt.json"
 
-    @property
-    def rank_exit(self) -> Path:  # data parallel: the exit code the ranks meant (torchrun reports only 1)
-        return self.logs / "rank_exit.json"
+    def rank_exit_of(self, round_no: int) -> Path:  # data parallel: the exit code the ranks meant, per start of them
+        return self.logs / f"rank_exit.{round_no}.json"
+
+    def rank_exit_files(self):  # every round's (the first node clears them when a job starts)
+        return sorted(self.logs.glob("rank_exit.*.json"))
 
     @property
     def stop_request(self) -> Path:  # data parallel: the supervisor asks the ranks to save and stop
@@ -143,8 +145,16 @@ class SweepPaths:
     root: Path
 
     @property
-    def ledger(self) -> Path:  # one line per job: training, watchdog, resubmission
+    def ledger(self) -> Path:  # one line per run and job (older sweeps: also watchdogs and resubmissions)
         return self.root / "ledger.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def submitit_logs(self) -> Path:  # arrays and packs: <array>_<task>_0_log.out, pickles, <array>_submission.sh
+        return self.logs / "submitit"
 
     @classmethod
     def of_run(cls, run_dir: Path) -> "SweepPaths":

@@ -7,7 +7,8 @@ eval_results.json.
     (the sbatch scripts in slurm/ call this; `finellama_rl.launch` runs sweeps)
 
 A multi-device run (hardware.gpus_per_node or hardware.processes > 1) started as one
-process supervises its torchrun ranks (finellama_rl/job/distributed.py).
+process supervises its torchrun ranks (finellama_rl/job/distributed.py); with
+hardware.nodes=N the SLURM job starts one such supervisor per node.
 
 Exit codes (finellama_rl/errors.py): 0 done, 2 bad input (or the run folder is in use
 by another job), 3 debug.crash_after_step, 4 out of memory on every rung of the OOM
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from finellama_rl.compose import load_config, split_argv
-from finellama_rl.config import Config, world_size
+from finellama_rl.config import Config, processes_per_node, world_size
 from finellama_rl.console import setup_logging
-from finellama_rl.errors import EXIT_DISK_FULL, UsageError
+from finellama_rl.errors import EXIT_DISK_FULL, ConfigError, UsageError
 from finellama_rl.fileio import is_disk_full
 from finellama_rl.trainers.run import run_training
 
@@ -46,7 +47,11 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     n = world_size(cfg.hardware)
     if n <= 1:
         return None
-    if not cfg.run.resume:  # once, here: a rank restarted after an OOM must not move the run aside again
+    if cfg.hardware.nodes != dist.nodes():
+        raise ConfigError("hardware.nodes", f"hardware.nodes={cfg.hardware.nodes} runs one job on several nodes: submit it "
+                          "with python -m finellama_rl.launch launcher=slurm (its job starts one supervisor per node)")
+    # once, here, and on the first node only: a rank restarted after an OOM must not move the run aside again
+    if not cfg.run.resume and dist.node_rank() == 0:
         lock = RunLock(Path(cfg.run.dir))
         lock.acquire()
         try:
@@ -56,8 +61,9 @@ def supervise_ranks(cfg: Config, overrides: List[str]) -> Optional[int]:
     r = cfg.run
     pinned = [*overrides, f"run.dir={r.dir}", f"run.sweep={r.sweep}", f"run.name={r.name}", "run.resume=true"]
     restarts = 2 * len(ladder_for(cfg)) + 8 if cfg.ladder.enabled else 0  # list rungs plus generation-batch cuts
-    log.info("data parallel over %d processes (torchrun); supervising them", n)
-    return dist.supervise(pinned, n, Path(r.dir), restarts)
+    per_node = processes_per_node(cfg.hardware)
+    log.info("data parallel over %d processes (torchrun, %d node(s)); supervising node %d's", n, dist.nodes(), dist.node_rank())
+    return dist.supervise(pinned, per_node, Path(r.dir), restarts)
 
 
 def main(argv: List[str]) -> int:

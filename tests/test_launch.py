@@ -40,8 +40,10 @@ def test_headline_dry_run_shows_qwen_and_gsm8k_without_slurm(tmp_path, hf_cache_
     for algo in ("ppo", "grpo"):
         assert (f"config: model=qwen2.5-3b (Qwen/Qwen2.5-3B-Instruct) trainer={algo} data=gsm8k hardware=a100_80"
                 in out), out
-    assert out.count("#SBATCH --gpus-per-node=1") == 2 and out.count("#SBATCH --mem=120G") == 2
-    assert "dry run: 2 run(s), nothing submitted" in out and not results.exists()
+    # one request: one array of two tasks, one script
+    assert out.count("#SBATCH --gpus-per-node=1") == 1 and out.count("#SBATCH --mem=120G") == 1
+    assert "#SBATCH --array=0-1%2" in out and "# task 1: run grpo-qwen2.5-3b-a100_80: an srun step" in out
+    assert "dry run: 2 run(s) as 1 job(s), nothing submitted" in out and not results.exists()
     # the `# job:` line is a shell command that gives train exactly the planned run
     job = next(line for line in out.splitlines() if line.startswith("# job: "))[len("# job: "):]
     words = shlex.split(job)

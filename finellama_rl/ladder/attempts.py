@@ -90,12 +90,11 @@ def open_attempt(paths: RunPaths, rung: int, step0: int, started: float) -> None
     """Mark an attempt as running: if the process is killed before it records its end
     (SIGKILL, node failure, the scheduler's OOM kill), the watchdog or the next start
     records it from this marker."""
-    import os
-
     from finellama_rl.fileio import atomic_write_json
+    from finellama_rl.slurm_env import job_ref
 
     atomic_write_json(paths.current_attempt, {"rung": rung, "step0": step0, "started": started,
-                                                    "job_id": os.environ.get("SLURM_JOB_ID"), "closed": False})
+                                              "job_id": job_ref(), "closed": False})
 
 
 def close_attempt(paths: RunPaths) -> None:

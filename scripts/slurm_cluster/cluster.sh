@@ -45,8 +45,11 @@
 # ($FINELLAMA_SLURM_DIR/etc/nodes).
 # A daemon this script did not start (pid files under $FINELLAMA_SLURM_DIR/pids,
 # checked against the process's start time and command) is never signalled; a
-# foreign slurmd makes `start` refuse (two slurmds on one host would fight over
-# the same cgroups). Every daemon listens on 127.0.0.1 only; the munge key and
+# foreign slurmd for one of this cluster's node names makes `start` refuse (two
+# slurmds for one node would fight over the same cgroups). A slurmd of another
+# cluster with other node names (e.g. a private 2-node cluster, nodes <host>-1,2,
+# next to the shared 1-node one, with its own FINELLAMA_SLURM_DIR and
+# FINELLAMA_SLURM_PORT_BASE) has its own cgroup root and is left alone. Every daemon listens on 127.0.0.1 only; the munge key and
 # the database password (generated, never a constant) are created under umask 077.
 set -euo pipefail
 
@@ -494,8 +497,19 @@ wait_node_and_sacct() {
 }
 
 # Foreign SLURM daemons: leave them alone; refuse if a foreign slurmd runs.
+# foreign_slurmd_node PID: the node a slurmd serves (its -N argument, else `hostname -s`).
+foreign_slurmd_node() {
+    local -a args
+    mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || true
+    local i
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        [[ ${args[i]} == -N ]] && { echo "${args[i + 1]:-}"; return; }
+    done
+    echo "$NODE"
+}
+
 check_foreign() {
-    local d pid ours f
+    local d pid ours f node
     for d in slurmctld slurmd slurmdbd; do
         ours=" $(recorded_pid "$d" || true) "
         if [[ $d == slurmd ]]; then # every slurmd this script started, whatever the node count then
@@ -507,8 +521,13 @@ check_foreign() {
             [[ $ours == *" $pid "* ]] && continue
             [[ $(pid_stat "$pid" || echo Z) == Z* ]] && continue # zombie: PID 1 may not reap
             if [[ $d == slurmd ]]; then
-                err "a slurmd not started from $DIR is running (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))."
-                err "Refusing to start a second slurmd on this host; it is left untouched."
+                node=$(foreign_slurmd_node "$pid")
+                if [[ " ${NODE_NAMES[*]} " != *" $node "* ]]; then # another cluster's node: its own cgroup root
+                    log "note: a slurmd of another cluster is running (pid $pid, node $node); leaving it alone"
+                    continue
+                fi
+                err "a slurmd not started from $DIR is running for node $node (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))."
+                err "Refusing to start a second slurmd for that node on this host; it is left untouched."
                 exit 1
             fi
             log "note: a $d not started by this script is running (pid $pid); leaving it alone"
