@@ -509,7 +509,8 @@ class LadderConfig:
     remember_fit: bool = True
     """Remember the rung that worked per model/trainer/hardware/lengths; start there next time."""
     max_resubmits: int = 3
-    """Resubmissions after the scheduler killed a job for memory."""
+    """Restarts, at the next rung in the same job, of a run whose training step the
+    scheduler killed for memory (login/resubmit.py)."""
 
 
 @dataclass

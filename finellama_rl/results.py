@@ -92,7 +92,7 @@ class RunPaths:
     def reward_model(self) -> Path:  # the trained reward model (reward_model.path=<run folder> loads it)
         return self.root / "reward_model"
 
-    # --- logs/: what the job and its watchdog write
+    # --- logs/: what the job writes (and older sweeps' watchdogs)
     @property
     def logs(self) -> Path:
         return self.root / "logs"
@@ -102,14 +102,14 @@ class RunPaths:
         return self.logs / "submitit"
 
     @property
-    def watch_logs(self) -> Path:  # the watchdog jobs' submitit folder
+    def watch_logs(self) -> Path:  # older sweeps: the watchdog jobs' submitit folder
         return self.logs / "watch"
 
     def job_log(self, job_id: str, watchdog: bool = False) -> Path:
         return (self.watch_logs if watchdog else self.submitit_logs) / f"{job_id}_0_log.out"
 
     @property
-    def job_events(self) -> Path:  # start, signal, requeue, resubmission
+    def job_events(self) -> Path:  # start, signal, requeue, OOM restart, run exit
         return self.logs / "job_events.jsonl"
 
     @property

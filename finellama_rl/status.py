@@ -5,10 +5,9 @@
     python -m finellama_rl.status results/<sweep> --cancel   # scancel its pending/running jobs
     python -m finellama_rl.status results/<sweep> --cancel --run <run>   # that run's only (its array task)
 
-Runs come from <sweep>/ledger.jsonl (written by `finellama_rl.launch` and the
-watchdogs for every job: the latest training job of each run is its row; --cancel
-cancels every pending or running job of the sweep, watchdogs and resubmissions
-included) plus any run folder with a config.yaml (local runs have no ledger). A run
+Runs come from <sweep>/ledger.jsonl (written by `finellama_rl.launch`, and in older
+sweeps by the watchdogs: the latest training job of each run is its row; --cancel
+cancels every pending or running job of the sweep, older watchdogs included) plus any run folder with a config.yaml (local runs have no ledger). A run
 that is a task of a job array shows `<array>_<task>`, and --cancel --run cancels that
 task alone (its siblings go on); runs packed in one job share it (cancelling one
 cancels the pack), and a packed run that has finished shows `done` while the pack runs.

@@ -18,6 +18,7 @@ Knows nothing of SLURM beyond "a signal asks me to save".
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -76,7 +77,9 @@ def main(argv: List[str]) -> int:
     if supervised is not None:
         return supervised
     try:
-        return run_training(cfg)
+        code = run_training(cfg)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # saved and done: a late warning must not kill the exit
+        return code
     except Exception as exc:  # a full disk: one line that says so, not a torch traceback
         if not is_disk_full(exc, Path(cfg.run.dir)):
             raise

@@ -8,8 +8,9 @@
 # machine where SLURM was never installed; starting the cluster is forbidden
 # (FINELLAMA_NO_CLUSTER=1) and checked.
 # Phase 2: the tests marked `slurm`, against the local cluster
-# (scripts/slurm_cluster/cluster.sh, started through tests/slurm_cluster.py); if it was
-# not up before, it is stopped again afterwards.
+# (scripts/slurm_cluster/cluster.sh, started through tests/slurm_cluster.py with two
+# nodes, always: the multi-node tests need them, and a node-count switch would requeue
+# running jobs); if it was not up before, it is stopped again afterwards.
 #
 #   scripts/run_tests.sh                 # both phases
 #   FINELLAMA_TEST_PHASES=1 scripts/run_tests.sh   # phase 1 only (no cluster)

@@ -120,6 +120,7 @@ class Controller:
         self.log_offset: Dict[str, int] = {}
         self.stopping = False  # a signal asked every run to save and stop: restart nothing
         self.terminated = False  # SIGTERM (preemption, scontrol requeue, scancel)
+        self.forwarded: set = set()  # (pid, signal) already passed on
 
     # ------------------------------------------------------------------ starting
     def pending(self) -> List[RunStep]:
@@ -208,10 +209,12 @@ class Controller:
 
     # ------------------------------------------------------------------ signals
     def forward(self, sig: int) -> None:
-        """Pass a signal on to every run still training (srun passes it to the tasks)."""
+        """Pass a signal on to every run still training (srun passes it to the tasks), once
+        per signal and step: a process that has saved and is exiting may no longer handle it."""
         for run in self.runs:
             proc = self.procs.get(run.name)
-            if proc is not None and proc.poll() is None:
+            if proc is not None and proc.poll() is None and (proc.pid, sig) not in self.forwarded:
+                self.forwarded.add((proc.pid, sig))
                 proc.send_signal(sig)
                 note(run, "sigterm_forwarded" if sig == signal.SIGTERM else "signal_forwarded", signal=signal.Signals(sig).name)
 

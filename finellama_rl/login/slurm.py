@@ -142,6 +142,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
         """Called by submitit on USR2: let every run save, then ask to be requeued."""
+        # Once: a second USR2 (scancel retries "Job can not be altered now" 5 s later; measured)
+        # would re-enter submitit's handler, and its requeue would cut this one's wait short.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         if self.controller is not None:
             self.controller.stop_and_wait(max(5, self.signal_delay_s - 5))
         restarts = restart_count()

@@ -371,7 +371,8 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 JobRequeue=1
 ReturnToService=2
-KillWait=5
+# SLURM's default: a requeued or preempted run needs the time to finish its step and save
+KillWait=30
 InactiveLimit=0
 MinJobAge=300
 ${node_lines}PartitionName=debug Nodes=$nodes_csv Default=YES MaxTime=INFINITE State=UP
