@@ -252,6 +252,8 @@ def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) ->
         while proc.poll() is None:  # poll, not wait: the signal handler must be able to run
             time.sleep(0.5)
         code = _ranks_code(paths, restart, proc.returncode)
+        if code not in (0, EXIT_OOM_RETRY) and paths.stop_request.exists():
+            return EXIT_STOPPED  # the ranks saved and stopped as asked (torchrun reports 1 for their exit 75)
         if code != EXIT_OOM_RETRY:
             return code
         if paths.stop_request.exists():
