@@ -405,6 +405,13 @@ class SlurmConfig:
     max_requeues: int = 3
     additional: Dict[str, str] = field(default_factory=dict)
     """Extra sbatch options, e.g. {mail-type: END}."""
+    arrays: bool = True
+    """Submit the runs of a sweep that ask for the same resources as one job array (one
+    sbatch call, `--array=0-N%P`; runs with other requests form arrays of their own);
+    false: one job per run."""
+    array_parallelism: Optional[int] = None
+    """At most this many tasks of one array run at once (the `%P` of `--array`); None: as
+    many as the cluster starts. Each array has its own cap (SLURM has none across arrays)."""
 
 
 @dataclass
@@ -417,6 +424,14 @@ class HardwareConfig:
     """Data-parallel training processes on the node (torchrun, one per device); None: one
     per GPU on cuda, 1 on cpu. On cpu, > 1 runs the same data-parallel path over gloo."""
     bf16: bool = False
+    nodes: int = 1
+    """Nodes of one run (SLURM): one job on N nodes, one torchrun per node (static rendezvous
+    on the first node's address from SLURM), data parallel over nodes x processes ranks."""
+    runs_per_gpu: str = "1"
+    """Runs packed into one job that share its GPU, CPUs and memory, each an srun step with
+    its own run folder and an equal share (CUDA: torch's per-process memory fraction): an
+    integer, or `auto` (as many as fit in 90% of gpu_mem_gb by the planner's predicted
+    peaks; 1 on cpu). On cpu an integer packs that many runs per job."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -506,7 +521,8 @@ class LadderConfig:
     remember_fit: bool = True
     """Remember the rung that worked per model/trainer/hardware/lengths; start there next time."""
     max_resubmits: int = 3
-    """Resubmissions after the scheduler killed a job for memory."""
+    """Restarts, at the next rung in the same job, of a run whose training step the
+    scheduler killed for memory (login/resubmit.py)."""
 
 
 @dataclass
@@ -566,11 +582,16 @@ def register_configs() -> None:
 # ---------------------------------------------------------------- queries on the schema (pure)
 
 
-def world_size(hardware: HardwareConfig) -> int:
-    """Data-parallel processes of a run (torchrun ranks)."""
+def processes_per_node(hardware: HardwareConfig) -> int:
+    """Data-parallel processes of a run on each node (torchrun's nproc_per_node)."""
     if hardware.processes is not None:
         return max(1, hardware.processes)
     return max(1, hardware.gpus_per_node) if hardware.device == Device.cuda else 1
+
+
+def world_size(hardware: HardwareConfig) -> int:
+    """Data-parallel processes of a run (torchrun ranks) over all its nodes."""
+    return max(1, hardware.nodes) * processes_per_node(hardware)
 
 
 RULE_REWARDS = ("correctness", "format", "digits")  # rule reward functions of the evaluation protocol (rewards/rules.py)

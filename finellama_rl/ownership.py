@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional
 from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.fileio import atomic_write_json, read_json_object, read_run_config_data
 from finellama_rl.results import RunPaths
+from finellama_rl.slurm_env import job_ref, restart_count
 
 LAUNCH_ID_ENV = "FINELLAMA_LAUNCH_ID"  # set by login/slurm.py's TrainJob: one id per submitted job, kept across requeues
 
@@ -213,8 +214,8 @@ def _who() -> Dict[str, Any]:
 def this_start() -> Dict[str, Any]:
     """Who is starting: the launch id of a submitit job (the same across its requeues), the
     SLURM job id and its restart count."""
-    return {"launch_id": os.environ.get(LAUNCH_ID_ENV) or None, "job_id": os.environ.get("SLURM_JOB_ID") or None,
-            "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+    return {"launch_id": os.environ.get(LAUNCH_ID_ENV) or None, "job_id": job_ref(),
+            "restarts": restart_count()}
 
 
 def is_replay(run_dir: Path) -> bool:

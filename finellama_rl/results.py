@@ -100,7 +100,7 @@ class RunPaths:
     def reward_model(self) -> Path:  # the trained reward model (reward_model.path=<run folder> loads it)
         return self.root / "reward_model"
 
-    # --- logs/: what the job and its watchdog write
+    # --- logs/: what the job writes (and older sweeps' watchdogs)
     @property
     def logs(self) -> Path:
         return self.root / "logs"
@@ -110,23 +110,25 @@ class RunPaths:
         return self.logs / "submitit"
 
     @property
-    def watch_logs(self) -> Path:  # the watchdog jobs' submitit folder
+    def watch_logs(self) -> Path:  # older sweeps: the watchdog jobs' submitit folder
         return self.logs / "watch"
 
     def job_log(self, job_id: str, watchdog: bool = False) -> Path:
         return (self.watch_logs if watchdog else self.submitit_logs) / f"{job_id}_0_log.out"
 
     @property
-    def job_events(self) -> Path:  # start, signal, requeue, resubmission
+    def job_events(self) -> Path:  # start, signal, requeue, OOM restart, run exit
         return self.logs / "job_events.jsonl"
 
     @property
     def current_attempt(self) -> Path:  # the attempt in progress (a hard kill leaves it behind)
         return self.logs / "current_attempt.json"
 
-    @property
-    def rank_exit(self) -> Path:  # data parallel: the exit code the ranks meant (torchrun reports only 1)
-        return self.logs / "rank_exit.json"
+    def rank_exit_of(self, round_no: int) -> Path:  # data parallel: the exit code the ranks meant, per start of them
+        return self.logs / f"rank_exit.{round_no}.json"
+
+    def rank_exit_files(self):  # every round's (the first node clears them when a job starts)
+        return sorted(self.logs.glob("rank_exit.*.json"))
 
     @property
     def stop_request(self) -> Path:  # data parallel: the supervisor asks the ranks to save and stop
@@ -138,7 +140,7 @@ class RunPaths:
     # folders that belong to the run itself (never taken for runs nested in it)
     OWN_FOLDERS = ("checkpoints", "logs", "evals", "tensorboard", "wandb", "reward_model")
     FILE_NAMES = ("config", "metrics", "metrics_discarded", "training_stats", "eval_results", "baseline", "best_checkpoint",
-                  "attempts", "lock", "rm_data", "rm_eval", "job_events", "current_attempt", "rank_exit", "stop_request")
+                  "attempts", "lock", "rm_data", "rm_eval", "job_events", "current_attempt", "stop_request")
     FOLDER_NAMES = ("evals", "checkpoints", "tensorboard", "wandb", "reward_model", "logs", "submitit_logs", "watch_logs")
 
     def wrong_kinds(self, names: Optional[tuple] = None) -> list:
@@ -163,12 +165,20 @@ class SweepPaths:
     root: Path
 
     @property
-    def ledger(self) -> Path:  # one line per job: training, watchdog, resubmission
+    def ledger(self) -> Path:  # one line per run and job (older sweeps: also watchdogs and resubmissions)
         return self.root / "ledger.jsonl"
 
     @property
     def demo_args(self) -> Path:  # a demo sweep: the demo's command line, for `python -m finellama_rl.demo --resume`
         return self.root / "demo.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def submitit_logs(self) -> Path:  # arrays and packs: <array>_<task>_0_log.out, pickles, <array>_submission.sh
+        return self.logs / "submitit"
 
     @classmethod
     def of_run(cls, run_dir: Path) -> "SweepPaths":

@@ -1,7 +1,7 @@
 """The config a run starts with: for a new run, the command line composed; for a run
 folder that already holds a run (its marker and config.yaml), that run's own config.yaml.
 
-    cfg = start_config(overrides)   # train (also in a requeued job), launch (every run), the watchdog
+    cfg = start_config(overrides)   # train (also in a requeued job), launch (every run), the job controller's OOM restart
 
 Resuming reads config.yaml as plain data (a `${...}` in it is never resolved) and never
 writes over it with what the command line composes: `train run.dir=<run>` alone resumes
@@ -44,7 +44,7 @@ log = logging.getLogger("finellama_rl")
 ALLOWED = ("trainer.max_steps", "eval.num_examples", "eval.max_new_tokens", "eval.batch_size", "eval.shots",
            "eval.before_training", "eval.samples", "eval.sample_temperature", "tracking", "site", "hardware.slurm",
            "ladder.start_rung", "ladder.max_resubmits", "ladder.remember_fit", "ladder.use_planner",
-           "ladder.planner_margin")
+           "ladder.planner_margin", "hardware.runs_per_gpu")
 THIS_START = ("debug", "dry_run", "launcher")  # settings of this start only: from the command line, never kept
 RUN_TYPED = ("run.results_dir", "run.sweep", "run.name", "run.allow_outside_results_dir")  # kept from config.yaml unless typed
 

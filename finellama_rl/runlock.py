@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from finellama_rl.errors import ConfigError
 from finellama_rl.results import RunPaths
+from finellama_rl.slurm_env import job_ref
 
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                  "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
@@ -77,7 +78,7 @@ def this_holder(job_scoped: bool = True) -> Holder:
     """This process as a lock holder; `job_scoped` false leaves out the SLURM job id (a
     launch's reservation belongs to its process, not to the allocation it may run in)."""
     return Holder(host=socket.gethostname(), pid=os.getpid(), pid_start=proc_start_time(os.getpid()),
-                  job_id=os.environ.get("SLURM_JOB_ID") if job_scoped else None,
+                  job_id=job_ref() if job_scoped else None,
                   started=_dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv)[:300])
 
 
@@ -100,7 +101,7 @@ def squeue_state(job_id: str) -> Optional[str]:
     if shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
                              text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -111,12 +112,14 @@ def squeue_state(job_id: str) -> Optional[str]:
 
 def active_jobs(job_ids: List[str]) -> Dict[str, str]:
     """{job id: state} for the jobs that are pending, running or requeued (squeue; one
-    call for all). {} without squeue. An id squeue rejects counts as ended."""
+    call for all). {} without squeue. An id squeue rejects counts as ended. Array tasks
+    are named `<array>_<task>` (slurm_env.job_ref); `-r` lists each pending task on a line
+    of its own (without it squeue folds them into `<array>_[2-5%2]`)."""
     ids = sorted(set(job_ids))
     if not ids or shutil.which("squeue") is None:
         return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)],
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)],
                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return {}

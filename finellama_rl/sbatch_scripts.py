@@ -36,10 +36,14 @@ if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ] && [ "$THREADS" -gt "$SLURM_CPUS_PER_TASK
 export OMP_NUM_THREADS="$THREADS"
 # Save on our own before the time limit if the next scheduled save would be too late.
 export FINELLAMA_DEADLINE=$(( $(date +%s) + {timeout_min} * 60 - {signal_delay_s} ))
-echo "[finellama_rl sbatch] job ${{SLURM_JOB_ID:-?}} start (restarts=$RESTARTS)"
-# run.sweep is pinned to the job id so a requeued job resumes in the same run folder;
+# This job's name for scontrol: <array>_<task> in an array (sbatch --array), else the job id
+# (a task's own SLURM_JOB_ID can be the array id: requeueing that would requeue every task).
+REF="${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}"
+REF="${{REF:-${{SLURM_JOB_ID:-local}}}}"
+echo "[finellama_rl sbatch] job $REF start (restarts=$RESTARTS)"
+# run.sweep is pinned to the job so a requeued job resumes in the same run folder;
 # your own run.sweep/run.dir arguments come later and win.
-"$PYTHON" -m finellama_rl.train hardware={hardware} "run.sweep=sbatch-${{SLURM_JOB_ID:-local}}" "$@" &
+"$PYTHON" -m finellama_rl.train hardware={hardware} "run.sweep=sbatch-$REF" "$@" &
 child=$!
 trap 'echo "[finellama_rl sbatch] USR2: asking training to save"; kill -USR2 "$child" 2>/dev/null' USR2
 trap 'kill -TERM "$child" 2>/dev/null' TERM
@@ -50,7 +54,7 @@ if [ "$rc" -gt 128 ]; then wait "$child" 2>/dev/null; again=$?; [ "$again" -ne 1
 if [ "$rc" -eq {exit_stopped} ]; then
   if [ "$RESTARTS" -lt "$MAX_REQUEUES" ]; then
     echo "[finellama_rl sbatch] saved; requeueing (restart $((RESTARTS + 1)) of $MAX_REQUEUES)"
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$REF"
   else
     echo "[finellama_rl sbatch] saved; not requeueing: $MAX_REQUEUES requeues used"
   fi

@@ -3,18 +3,22 @@
     python -m finellama_rl.status results/<sweep>            # table
     python -m finellama_rl.status results/<sweep> --json     # one JSON list, for scripts
     python -m finellama_rl.status results/<sweep> --cancel   # scancel its pending/running jobs
+    python -m finellama_rl.status results/<sweep> --cancel --run <run>   # that run's only (its array task)
 
-Runs come from <sweep>/ledger.jsonl (written by `finellama_rl.launch` and the
-watchdogs for every job: the latest training job of each run is its row; --cancel
-cancels every pending or running job of the sweep, watchdogs and resubmissions
-included) plus any run folder with a config.yaml (local runs have no ledger).
+Runs come from <sweep>/ledger.jsonl (written by `finellama_rl.launch`, and in older
+sweeps by the watchdogs: the latest training job of each run is its row; --cancel
+cancels every pending or running job of the sweep, older watchdogs included) plus any
+run folder with a config.yaml (local runs have no ledger). A run that is a task of a job
+array shows `<array>_<task>`, and --cancel --run cancels that task alone (its siblings go
+on); runs packed in one job share it (cancelling one cancels the pack), and a packed run
+that has finished shows `done` while the pack runs.
 Malformed files (not UTF-8, missing keys, wrong types, a folder in place of a file) get
 one warning line each and are skipped; numbers follow the readers' rules (stats.py for
 metrics.jsonl: a step outside [0, max_steps] or a reward outside what the run's reward
 sources can give is unknown; eval/schema.py for eval files: an accuracy outside [0, 1] is
-refused, never shown). The table's last column (other-jobs) lists each run's watchdogs and other
-training jobs (a duplicate launch is also called out below the table). The scheduler state comes from sacct
-through `finellama_rl.login.slurm.job_states` when sacct is on PATH; without it the
+refused, never shown). The table's last column (other-jobs) lists each run's watchdogs (older
+sweeps) and other training jobs (a duplicate launch is also called out below the table). The scheduler state comes from sacct
+through `finellama_rl.login.scheduler.job_states` when sacct is on PATH; without it the
 state comes from the files: `done` when eval_results.json exists, else `unknown`.
 Requeues are the larger of sacct's count and the 'requeue' events in
 logs/job_events.jsonl. No torch import: this answers in a second on a login node.
@@ -56,6 +60,8 @@ class RunStatus:
     strict: Optional[float] = None
     lenient: Optional[float] = None
     attempts: Optional[int] = None
+    pack: List[str] = field(default_factory=list)
+    """The runs that share this run's job (hardware.runs_per_gpu), this one included."""
     jobs: List[str] = field(default_factory=list)
     """Every job of the run in the ledger (training jobs, watchdogs, resubmissions)."""
     active_jobs: List[str] = field(default_factory=list)
@@ -64,6 +70,8 @@ class RunStatus:
     """{job id: train | watchdog} from the ledger."""
     job_states: Dict[str, str] = field(default_factory=dict)
     """{job id: scheduler state} where sacct answered."""
+    gave_up: bool = False
+    """The job's controller gave this run up (it failed; its pack went on without it)."""
 
     @property
     def active(self) -> bool:
@@ -85,6 +93,8 @@ def find_runs(sweep: Path) -> Dict[str, RunStatus]:
         status.job_kinds[job] = str(entry.get("kind") or "train")
         if entry.get("kind", "train") == "train":  # the row shows the latest training job
             status.job_id, status.run_dir = job, run_dir
+            pack = entry.get("pack")
+            status.pack = [str(p) for p in pack] if isinstance(pack, list) else []
     known = {Path(r.run_dir).resolve() for r in runs.values()}
     for run_dir in iter_run_dirs(sweep):
         if run_dir.resolve() not in known:
@@ -126,6 +136,7 @@ def fill_from_files(status: RunStatus) -> RunStatus:
         status.attempts = len(read_attempts(paths))
     events = read_jsonl(paths.job_events, require={"event": str})
     status.requeues = sum(1 for e in events if e["event"] == "requeue")
+    status.gave_up = any(e["event"] == "gave_up" and str(e.get("job_id")) == status.job_id for e in events)
     if paths.eval_results.is_file():
         status.state = "done"
     return status
@@ -135,9 +146,9 @@ def sacct_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
     """Scheduler states when SLURM accounting is here, else {} (states from files)."""
     if not job_ids or shutil.which("sacct") is None:
         return {}
-    from finellama_rl.login import slurm  # lazy: submitit is only needed where SLURM is
+    from finellama_rl.login import scheduler
 
-    return slurm.job_states(job_ids)
+    return scheduler.job_states(job_ids)
 
 
 def collect(sweep: Path, states: Optional[StatesFn] = None) -> List[RunStatus]:
@@ -152,11 +163,22 @@ def collect(sweep: Path, states: Optional[StatesFn] = None) -> List[RunStatus]:
     for r in runs:
         info = known.get(r.job_id or "")
         if info:
+            done = r.state == "done"
             r.state = info.get("state", r.state)
             r.requeues = max(r.requeues, _as_int(info.get("restarts")))
+            if len(r.pack) > 1:  # the job is the pack's: this run's own outcome says more
+                r.state = pack_member_state(r.state, done, r.gave_up)
         r.job_states = {j: str(known[j]["state"]) for j in r.jobs if (known.get(j) or {}).get("state")}
         r.active_jobs = [j for j in r.jobs if r.job_states.get(j) in ACTIVE_STATES]
     return runs
+
+
+def pack_member_state(job_state: str, done: bool, gave_up: bool) -> str:
+    """A packed run's state: `done` while its pack still trains the others, COMPLETED once
+    the job ended (whatever a sibling did), FAILED when the controller gave it up."""
+    if done:
+        return "done" if job_state in ACTIVE_STATES else "COMPLETED"
+    return "FAILED" if gave_up else job_state
 
 
 def _as_int(value: Optional[str]) -> int:
@@ -212,30 +234,46 @@ def print_table(rows: List[List[str]]) -> None:
 
 
 def cancel_active(runs: List[RunStatus], cancel_fn: Optional[Callable[[List[str]], None]] = None) -> List[RunStatus]:
-    """scancel every pending or running job of the sweep (training jobs, watchdogs,
-    resubmissions, older relaunches); returns the runs that had one."""
+    """scancel every pending or running job of these runs (training jobs, older
+    watchdogs and resubmissions, older relaunches; an array task by `<array>_<task>`, so
+    its siblings go on); returns the runs that had one."""
     active = [r for r in runs if r.active]
-    ids = [j for r in active for j in (r.active_jobs or [r.job_id])]
+    ids = sorted({j for r in active for j in (r.active_jobs or [r.job_id])})
     if ids:
         if cancel_fn is None:
-            from finellama_rl.login import slurm
+            from finellama_rl.login import scheduler
 
-            cancel_fn = slurm.cancel
+            cancel_fn = scheduler.cancel
         cancel_fn(ids)
     return active
+
+
+def select_runs(runs: List[RunStatus], names: Optional[List[str]]) -> List[RunStatus]:
+    """The runs --run names (all without --run); UsageError naming the runs there are."""
+    if not names:
+        return runs
+    unknown = [n for n in names if n not in {r.run for r in runs}]
+    if unknown:
+        raise UsageError(f"no run {', '.join(unknown)} in this sweep; its runs: {', '.join(r.run for r in runs)}")
+    return [r for r in runs if r.run in names]
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m finellama_rl.status", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", help="the sweep folder (results/<date-time>) that finellama_rl.launch printed")
     parser.add_argument("--cancel", action="store_true", help="scancel the sweep's pending and running jobs")
+    parser.add_argument("--run", action="append", metavar="NAME",
+                        help="with --cancel: only this run's jobs (repeatable); a packed run cancels its whole pack")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: List[str], states: Optional[StatesFn] = None) -> int:
     args = parse_args(argv)
+    if args.run and not args.cancel:
+        raise UsageError("--run chooses what --cancel cancels; add --cancel")
     runs = collect(Path(args.sweep), states)
+    chosen = select_runs(runs, args.run) if args.cancel else []
     if args.json:
         print(json.dumps([asdict(r) for r in runs], indent=2), flush=True)
     else:
@@ -246,9 +284,11 @@ def main(argv: List[str], states: Optional[StatesFn] = None) -> int:
                 warn(f"{r.run} has {len(dup)} training jobs pending or running ({', '.join(dup)}); only one can train "
                      f"the folder: cancel the others (scancel {' '.join(d for d in dup if d != r.job_id)})")
     if args.cancel:
-        cancelled = cancel_active(runs)
-        ids = [j for r in cancelled for j in (r.active_jobs or [r.job_id])]
-        names = ", ".join(f"{r.run} (job {', '.join(j for j in (r.active_jobs or [r.job_id]))}, {r.state})" for r in cancelled)
+        cancelled = cancel_active(chosen)
+        ids = {j for r in cancelled for j in (r.active_jobs or [r.job_id])}
+        names = ", ".join(f"{r.run} (job {', '.join(j for j in (r.active_jobs or [r.job_id]))}, {r.state}"
+                          f"{', with its pack: ' + ' '.join(p for p in r.pack if p != r.run) if len(r.pack) > 1 else ''})"
+                          for r in cancelled)
         print(f"cancelled {len(ids)} job(s){': ' + names if names else ''}", flush=True,
               file=sys.stderr if args.json else sys.stdout)  # keep --json output parseable
     return 0

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from finellama_rl.validation_scoring import validate_scoring
-from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
+from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, processes_per_node, sequences_per_step, world_size
 from finellama_rl.errors import ConfigError
 
 
@@ -134,6 +134,27 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _non_negative("hardware.slurm.max_requeues", h.slurm.max_requeues)
     if h.slurm.signal_delay_s < 0 or h.slurm.signal_delay_s >= h.slurm.timeout_min * 60:
         raise ConfigError("hardware.slurm.signal_delay_s", f"must be in [0, timeout_min*60={h.slurm.timeout_min * 60})")
+    if h.slurm.array_parallelism is not None:
+        _positive("hardware.slurm.array_parallelism", h.slurm.array_parallelism, "or null for no cap")
+    _validate_scale_out(h)
+
+
+RUNS_PER_GPU = re.compile(r"auto|[1-9][0-9]*")
+
+
+def _validate_scale_out(h: HardwareConfig) -> None:
+    """hardware.nodes and hardware.runs_per_gpu: one run on several nodes, or several runs on one GPU."""
+    _positive("hardware.nodes", h.nodes, "the nodes of one run, e.g. hardware.nodes=2")
+    if not RUNS_PER_GPU.fullmatch(str(h.runs_per_gpu)):
+        raise ConfigError("hardware.runs_per_gpu", f"expected a positive integer or auto, got {h.runs_per_gpu!r}")
+    if str(h.runs_per_gpu) != "1":
+        if h.nodes > 1:
+            raise ConfigError("hardware.runs_per_gpu", f"packs runs on one GPU; a run on hardware.nodes={h.nodes} "
+                              "nodes cannot share: set hardware.runs_per_gpu=1 or hardware.nodes=1")
+        if processes_per_node(h) > 1:
+            raise ConfigError("hardware.runs_per_gpu", f"packs one-process runs; this run trains with "
+                              f"{processes_per_node(h)} processes: set hardware.processes=1 (and gpus_per_node=1) "
+                              "or hardware.runs_per_gpu=1")
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")

@@ -98,7 +98,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 
 from finellama_rl.checkpoint import KILL_AT_ENV, step_of, verify_checkpoint  # noqa: E402
 

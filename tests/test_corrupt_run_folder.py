@@ -27,7 +27,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional
 
 import pytest
 
-from finellama_rl import evaluate, index, report, status, train
+from finellama_rl import evaluate, index, status, train
 from finellama_rl.errors import FinellamaError, exit_code
 from finellama_rl.fileio import append_jsonl, atomic_write_json, atomic_write_text, forget_warnings
 
@@ -567,7 +567,6 @@ def test_report_draws_every_plot_from_a_folder_damaged_in_many_places(pristine, 
 
     root = tmp_path / "results"
     shutil.copytree(pristine, root)
-    run = root / SWEEP / RUN
     for case_id in ("final-accuracy-string", "metrics-reward-1e9", "metrics-reward-nan", "evals-step-accuracy-negative",
                     "baseline-accuracy-7.5", "attempts-wall-negative"):
         case = next(c for c in CASES if c.id == case_id)

@@ -40,8 +40,10 @@ def test_headline_dry_run_shows_qwen_and_gsm8k_without_slurm(tmp_path, hf_cache_
     for algo in ("ppo", "grpo"):
         assert (f"config: model=qwen2.5-3b (Qwen/Qwen2.5-3B-Instruct) trainer={algo} data=gsm8k hardware=a100_80"
                 in out), out
-    assert out.count("#SBATCH --gpus-per-node=1") == 2 and out.count("#SBATCH --mem=120G") == 2
-    assert "dry run: 2 run(s), nothing submitted" in out and not results.exists()
+    # one request: one array of two tasks, one script
+    assert out.count("#SBATCH --gpus-per-node=1") == 1 and out.count("#SBATCH --mem=120G") == 1
+    assert "#SBATCH --array=0-1%2" in out and "# task 1: run grpo-qwen2.5-3b-a100_80: an srun step" in out
+    assert "dry run: 2 run(s) as 1 job(s), nothing submitted" in out and not results.exists()
     # the `# job:` line is a shell command that gives train exactly the planned run
     job = next(line for line in out.splitlines() if line.startswith("# job: "))[len("# job: "):]
     words = shlex.split(job)
@@ -78,18 +80,19 @@ def test_seed_ppo_3b_dry_run_warns_that_its_evaluation_budget_is_not_its_trainin
 def test_headline_dry_run_works_without_slurm_gpu_or_model_and_lists_what_it_could_not_check(tmp_path):
     """The README's headline command with dry_run=true, as typed (launcher=auto), on a machine
     with no SLURM, no GPU and an empty model cache: both jobs printed, exit 0, and the list of
-    what this machine could not check."""
+    what this machine could not check. Both runs ask for the same resources: one array of two tasks."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1",
            "PATH": path_without_slurm(tmp_path / "bin")}
     proc = launch_cli(["-m", "trainer=ppo,grpo", "hardware=a100_80", "dry_run=true", f"run.results_dir={tmp_path / 'r'}"], env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert out.count("#SBATCH --gpus-per-node=1") == 2 and "trainer=ppo" in out and "trainer=grpo" in out
+    assert out.count("#SBATCH --gpus-per-node=1") == 1 and "#SBATCH --array=0-1" in out
+    assert out.count("# job: python -m finellama_rl.train") == 2 and "trainer=ppo" in out and "trainer=grpo" in out
     unchecked = out[out.index("not checked on this machine"):].splitlines()
     assert any(line.startswith("  - SLURM: sbatch is not on PATH") for line in unchecked), out
     assert any(line.startswith("  - model: Qwen/Qwen2.5-3B-Instruct is not reachable") for line in unchecked), out
     assert any(line.startswith("  - data: openai/gsm8k is not reachable") for line in unchecked), out
-    assert "dry run: 2 run(s), nothing submitted" in out and not (tmp_path / "r").exists()
+    assert "dry run: 2 run(s) as 1 job(s), nothing submitted" in out and not (tmp_path / "r").exists()
 
 
 def test_dry_run_with_slurm_that_does_not_answer_previews_and_says_so(tmp_path, no_slurm_path, monkeypatch, capsys):
@@ -222,14 +225,14 @@ def test_a_failed_submission_releases_the_reservation(tmp_path, no_slurm_path, m
     from finellama_rl.errors import SubmissionFailed
     from finellama_rl.login import slurm
 
-    def refuse(cfg, argv):
+    def refuse(chunk, folder, name):
         raise SubmissionFailed("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy")
 
-    monkeypatch.setattr(slurm, "submit", refuse)
+    monkeypatch.setattr(slurm, "submit_units", refuse)
     runs = sweep.plan_runs(["experiment=smoke", "launcher=slurm", f"run.results_dir={tmp_path / 'r'}", "run.sweep=s"])
     with pytest.raises(ConfigError, match="nothing was submitted"):
         with sweep.Reservations(runs) as held:
-            launch.submit_slurm(runs, held.created)
+            launch.submit_slurm(runs, launch.job_chunks(runs, ask_slurm=False), held.created)
     assert not (tmp_path / "r").exists()  # the folders this launch made, its marker and reservation with them
     with sweep.Reservations(runs):  # free for the next launch
         pass

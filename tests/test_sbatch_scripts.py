@@ -93,12 +93,12 @@ def script_threads(profile: str, env: dict) -> str:
 ])
 def test_threads_per_process_in_scripts_and_jobs_agree(profile, user, cpus, expected):
     from finellama_rl.job.distributed import rank_threads
-    from finellama_rl.login.slurm import job_threads
+    from finellama_rl.login.controller import job_threads
 
     env = {"SLURM_CPUS_PER_TASK": cpus, **({"OMP_NUM_THREADS": user} if user else {})}
     assert script_threads(profile, env) == expected
     gpus = load_config([f"hardware={profile}"], resolve_paths=False).hardware.gpus_per_node if profile != "cpu" else 0
-    assert job_threads(user, cpus, gpus) == expected  # launch's jobs (login/slurm.TrainJob)
+    assert job_threads(user, cpus, gpus) == expected  # launch's jobs (login/controller.Controller)
     assert rank_threads(None, 2, cuda=False) == "1" and rank_threads("8", 2, cuda=True) == "4"  # the ranks' share
 
 

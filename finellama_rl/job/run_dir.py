@@ -22,6 +22,7 @@ from finellama_rl.config import Config
 from finellama_rl.fileio import append_jsonl, atomic_write_text, read_jsonl
 from finellama_rl.ownership import claim, is_lock_file, is_replay, record_fresh_start
 from finellama_rl.results import RunPaths
+from finellama_rl.slurm_env import job_ref
 
 log = logging.getLogger("finellama_rl")
 
@@ -79,7 +80,7 @@ def move_aside(paths: RunPaths) -> Optional[Path]:
     earlier = [p for p in paths.root.iterdir() if p.name not in own and not is_lock_file(p.name, paths)]
     kept = (paths.submitit_logs, paths.watch_logs, paths.job_events)
     in_logs = [p for p in paths.logs.iterdir() if p not in kept] if paths.logs.is_dir() else []
-    job = os.environ.get("SLURM_JOB_ID")
+    job = job_ref()  # the controller writes `<array>_<task>` for an array task
     events = read_jsonl(paths.job_events, quiet=True)
     mine = [e for e in events if job and str(e.get("job_id")) == job]
     if not earlier and not in_logs and len(mine) == len(events):

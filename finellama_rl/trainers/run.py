@@ -34,7 +34,7 @@ from finellama_rl.eval.schema import read_eval_document
 from finellama_rl.fileio import atomic_write_json, is_disk_full
 from finellama_rl.job import distributed as dist
 from finellama_rl.job import faults
-from finellama_rl.job.devices import free_memory, peak_memory_gb
+from finellama_rl.job.devices import cap_gpu_memory, free_memory, peak_memory_gb
 from finellama_rl.job.model import count_parameters, load_policy, load_tokenizer
 from finellama_rl.job.monitor import TrainingMonitor
 from finellama_rl.job.oom_loop import AttemptHooks, AttemptRun, run_attempts
@@ -140,6 +140,9 @@ def run_ladder(cfg: Config) -> int:
     host snapshot of the step before); returns the process exit code. Rank 0 prepares
     the run folder, the other ranks wait."""
     dist.init(cuda=cfg.hardware.device == Device.cuda)
+    fraction = cap_gpu_memory() if cfg.hardware.device == Device.cuda else None
+    if fraction is not None:
+        log.info("packed run: this process may use %.0f%% of the GPU's memory", 100 * fraction)
     if dist.is_main():
         clear_staging(RunPaths(Path(cfg.run.dir)).checkpoints)  # first: a save cut by a full disk must not block the restart
         refuse_unusable(cfg, RunPaths(Path(cfg.run.dir)))  # a folder in a file's place, a planted pickle: exit 2 now

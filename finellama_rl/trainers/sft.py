@@ -51,7 +51,7 @@ from finellama_rl.config import BestMetric, Config, Device
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.fileio import atomic_write_json, is_finite, is_whole, read_json_object
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
-from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
+from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32, train_or_load_last
 from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def train(ctx: TrainContext) -> TrainOutcome:
         raise ValueError("no training rows: every prompt is longer than trainer.max_prompt_tokens?")
     best = BestTracker(ctx.cfg, ctx.paths.root, ctx.start_step) if ctx.cfg.trainer.sft.keep_best else None
     trainer, callback = build_trainer(ctx, best)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    train_or_load_last(trainer, ctx)
     if dist.is_main():
         clear_staging(ctx.paths.checkpoints)  # the HF Trainer leaves a model card there
     step = trainer.state.global_step
