@@ -140,7 +140,7 @@ class RunPaths:
     # folders that belong to the run itself (never taken for runs nested in it)
     OWN_FOLDERS = ("checkpoints", "logs", "evals", "tensorboard", "wandb", "reward_model")
     FILE_NAMES = ("config", "metrics", "metrics_discarded", "training_stats", "eval_results", "baseline", "best_checkpoint",
-                  "attempts", "lock", "rm_data", "rm_eval", "job_events", "current_attempt", "stop_request")
+                  "attempts", "lock", "rm_data", "rm_eval", "job_events", "current_attempt", "stop_request", "marker")
     FOLDER_NAMES = ("evals", "checkpoints", "tensorboard", "wandb", "reward_model", "logs", "submitit_logs", "watch_logs")
 
     def wrong_kinds(self, names: Optional[tuple] = None) -> list:

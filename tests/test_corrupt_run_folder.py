@@ -328,6 +328,11 @@ CASES = [
     Case("job-events-not-utf8", "logs/job_events.jsonl", append(b"\xc3\x28\n"), named_by=frozenset({"status"})),
     Case("job-events-event-int", "logs/job_events.jsonl", append('{"event": 5}\n'), named_by=frozenset({"status"})),
     Case("lock-folder", "run.lock", folder, named_by=RES, refused_by=RES, commands=READERS | RES),
+    # .finellama_run, the run marker (ownership.py): readers never need it; resume must not trip on it
+    Case("marker-folder", ".finellama_run", folder, named_by=RES, refused_by=RES, commands=READERS | RES),
+    Case("marker-not-utf8", ".finellama_run", write(b'{"kind": "\xff\xfe"}'), named_by=frozenset(), maybe_refused_by=RES,
+         commands=READERS | RES),
+    Case("marker-a-list", ".finellama_run", write("[1, 2]"), named_by=frozenset(), maybe_refused_by=RES, commands=READERS | RES),
     Case("lock-not-utf8", "run.lock", write(b"\xff\xfe\x00"), named_by=RES, refused_by=RES, commands=READERS | RES),
     # the sweep's ledger and the results index
     Case("ledger-folder", "@sweep/ledger.jsonl", folder, named_by=frozenset({"status"})),
