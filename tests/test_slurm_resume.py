@@ -64,8 +64,8 @@ def fresh_starts(env, tmp_path_factory):
     root = tmp_path_factory.mktemp("fresh")
     existing = root / f"existing-{uuid.uuid4().hex[:8]}"
     launch(env, root, f"run.sweep={existing.name}", *FAST_GRPO, "trainer.max_steps=8", "hardware.slurm.timeout_min=10")
-    (first,), (dog,) = ledger(existing), ledger(existing, "watchdog")
-    wait_terminal([str(first["job_id"]), str(dog["job_id"])], 600, [Path(first["run_dir"])])  # the folder is free
+    (first,) = ledger(existing)
+    wait_terminal([str(first["job_id"])], 600, [Path(first["run_dir"])])  # the folder is free
     records = read_jsonl(Path(first["run_dir"]) / "metrics.jsonl")
     sec_per_step = statistics.quantiles([r["perf/sec_per_step"] for r in records[1:]], n=4)[0]
     steps = int(min(3000, max(60, 110 / sec_per_step)))
@@ -93,26 +93,25 @@ def test_two_launches_started_together_submit_one_job(fresh_starts, tmp_path):
     (loser,) = [err.strip() for p, (_, err) in zip(procs, outs) if p.returncode == 2]
     assert len(loser.splitlines()) == 1 and "Traceback" not in loser, loser
     assert "being launched by another command" in loser or "is in use" in loser, loser
-    (train,), (dog,) = ledger(tmp_path / sweep), ledger(tmp_path / sweep, "watchdog")
+    (train,) = ledger(tmp_path / sweep)
     try:
         named = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i", "-n", f"fl-{sweep}-grpo-tiny-cpu"],
                                capture_output=True, text=True, env=env).stdout.split()
         assert named == [str(train["job_id"])], named  # one training job in the queue, not two
         assert not (tmp_path / sweep / "grpo-tiny-cpu" / "launch.lock").exists()  # released after submitting
     finally:  # the one job is ours; it need not train to show that only one was submitted
-        subprocess.run(["scancel", str(train["job_id"]), str(dog["job_id"])], env=env, timeout=60)
+        subprocess.run(["scancel", str(train["job_id"])], env=env, timeout=60)
 
 
 # --- the two run.resume=false jobs, waited for last ------------------------------------------------
 def finish(starts: FreshStarts, sweep: Path) -> Path:
-    """Wait for the sweep's last training job and its watchdog; both COMPLETED, every step once."""
-    train, dog = ledger(sweep)[-1], ledger(sweep, "watchdog")[-1]
+    """Wait for the sweep's last training job: COMPLETED, every step once."""
+    train = ledger(sweep)[-1]
     run = Path(train["run_dir"])
     t0 = time.time()
-    final = wait_terminal([str(train["job_id"]), str(dog["job_id"])], 1500, [run])
+    final = wait_terminal([str(train["job_id"])], 1500, [run])
     timing(f"run.resume=false job {train['job_id']} to COMPLETED", time.time() - t0)
     assert final[str(train["job_id"])]["state"] == "COMPLETED", job_logs(run)
-    assert final[str(dog["job_id"])]["state"] == "COMPLETED", final  # the watchdog found its files too
     requeues = [e for e in events(run, "requeue") if e.get("job_id") == str(train["job_id"])]
     assert requeues, f"never signalled: {starts.steps} steps fit in one allocation\n{job_logs(run)}"
     assert_every_step_once(run, starts.steps)
