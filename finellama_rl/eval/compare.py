@@ -32,6 +32,8 @@ class EvalView:
     strict: Optional[float] = None
     lenient: Optional[float] = None
     per_problem: Dict[Tuple[Any, str], bool] = field(default_factory=dict)
+    split: str = "test"
+    """Which split was evaluated: "validation" or "test" (the eval file's `split`; missing = test)."""
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -52,7 +54,16 @@ class EvalView:
             return None
         step = doc.get("step") if isinstance(doc.get("step"), int) and not isinstance(doc.get("step"), bool) else None
         return cls(schema.protocol_name(doc), scorer, acc, n, _safe_interval(doc, scorer), step,
-                   _fraction(doc, "strict"), _fraction(doc, "lenient"), schema.correctness(doc, scorer))
+                   _fraction(doc, "strict"), _fraction(doc, "lenient"), schema.correctness(doc, scorer), split_of(doc))
+
+
+def split_of(doc: Dict[str, Any]) -> str:
+    """The split an eval document measured: its `split` ("validation" | "test", or {"name": ...}); files
+    written before the validation split existed measured the test split."""
+    split = doc.get("split")
+    if isinstance(split, dict):
+        split = split.get("name")
+    return str(split) if isinstance(split, str) and split else "test"
 
 
 def _fraction(doc: Dict[str, Any], scorer: str) -> Optional[float]:
