@@ -217,18 +217,18 @@ def test_tiny_run_evaluated_twice_gives_identical_results(tiny_run, capsys):
 
 @pytest.mark.slow
 def test_eval_files_record_the_training_and_evaluation_budgets_and_shots(tiny_run):
-    """Issue 21: every eval document says what training sampled (8 tokens, zero-shot) beside what
+    """Issue 21: every eval document says what training sampled (16 tokens, zero-shot) beside what
     evaluation generated, here under qwen25_math_cot at 6 tokens and lm_eval_gsm8k with its 5 shots."""
     root, run = tiny_run
     final = read_json(run / "eval_results.json")  # written by the training run itself
-    assert final["budgets"] == {"training": {"trainer": "grpo", "max_completion_tokens": 8, "shots": 0},
+    assert final["budgets"] == {"training": {"trainer": "grpo", "max_completion_tokens": 16, "shots": 0},
                                 "evaluation": {"protocol": "qwen_boxed", "max_new_tokens": 8, "shots": 0}}
     assert evaluate.main([f"run={run}", "checkpoint=2", "eval.num_examples=2", "eval.protocol=qwen25_math_cot",
                           "eval.max_new_tokens=6"]) == 0
     cot = read_json(run / "evals" / "step_000002-qwen25_math_cot-n2-greedy.json")
     assert cot["budgets"]["evaluation"] == {"protocol": "qwen25_math_cot", "max_new_tokens": 6, "shots": 0}
     assert cot["protocol"]["system_prompt"] == QWEN_INSTRUCTION and cot["protocol"]["user_template"] == "{question}"
-    assert cot["protocol"]["decoding"]["max_new_tokens"] == 6 and cot["budgets"]["training"]["max_completion_tokens"] == 8
+    assert cot["protocol"]["decoding"]["max_new_tokens"] == 6 and cot["budgets"]["training"]["max_completion_tokens"] == 16
     assert evaluate.main([f"run={run}", "checkpoint=2", "eval.num_examples=2", "eval.protocol=lm_eval_gsm8k",
                           "eval.max_new_tokens=6"]) == 0
     shots = read_json(run / "evals" / "step_000002-lm_eval_gsm8k-n2-greedy.json")["budgets"]
