@@ -170,7 +170,8 @@ class Jobs:
             self._time_limit = submit(
                 self.env, self.root / "time_limit", *FAST_GRPO, f"trainer.max_steps={self.time_limit_steps}",
                 f"trainer.save_every={max(5, self.time_limit_steps // 8)}", f"hardware.slurm.timeout_min={t['timeout_min']}",
-                f"hardware.slurm.signal_delay_s={t['signal_delay_s']}", f"hardware.slurm.max_requeues={t['max_requeues']}")
+                f"hardware.slurm.signal_delay_s={t['signal_delay_s']}", f"hardware.slurm.max_requeues={t['max_requeues']}",
+                "run.resume=false")  # a fresh folder started over (issue 19): the requeues must resume, not start over
         return self._time_limit
 
 
@@ -434,6 +435,11 @@ def test_time_limit_checkpoints_requeues_and_trains_every_step_once(jobs):
     assert (run / "eval_results.json").exists()
     assert_every_step_once(run, jobs.time_limit_steps)
     assert not read_jsonl(run / "metrics_discarded.jsonl"), "a signalled run lost steps"
+    # run.resume=false on a fresh folder: started over once, never again on a requeue; nothing moved aside,
+    # submitit's own files left where they were (issue 19: the job ended FAILED on its missing pickles)
+    (start,) = json.loads((run / ".finellama_run").read_text())["fresh_starts"]
+    assert start["launch_id"] and not [p for p in run.parent.iterdir() if "-previous-" in p.name]
+    assert "FileNotFoundError" not in job_logs(run, tail=0)
     report_time_limit_timings(job_id, run)
 
 
