@@ -545,6 +545,9 @@ class DebugConfig:
     """generation | training | optimizer | eval: where debug.oom_at_step strikes."""
     oom_rank: Optional[int] = None
     """Data parallel: only this rank injects debug.oom_at_step (None: every rank)."""
+    step_sleep_s: float = 0.0
+    """Test hook: sleep this long after every optimizer step, so a run lasts a known wall
+    time whatever the machine's load, without using the CPUs (the SLURM time-limit tests)."""
 
 
 @dataclass

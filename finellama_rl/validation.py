@@ -323,6 +323,8 @@ def validate(cfg: Config) -> None:
         _positive("data.num_train", cfg.data.num_train)
         _positive("data.num_test", cfg.data.num_test)
     _validate_ladder(cfg.ladder)
+    if not 0 <= cfg.debug.step_sleep_s <= 600:
+        raise ConfigError("debug.step_sleep_s", f"must be between 0 and 600 seconds, got {cfg.debug.step_sleep_s}")
     if cfg.debug.crash_after_step is not None and cfg.debug.crash_after_step % cfg.trainer.save_every:
         raise ConfigError("debug.crash_after_step", f"must be a multiple of trainer.save_every={cfg.trainer.save_every}")
 

@@ -13,7 +13,6 @@ while they run, and the long tests wait for them last.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Dict
 
 import pytest
 from test_slurm import (COMMON, FAST_GRPO, REPO, TIME_LIMIT, assert_every_step_once, events, job_logs, metric_steps,
-                        run_module, timing, wait_terminal)
+                        run_module, time_limit_overrides, timing, wait_terminal)
 
 from finellama_rl.fileio import read_jsonl
 
@@ -58,23 +57,17 @@ class FreshStarts:
 
 @pytest.fixture(scope="module")
 def fresh_starts(env, tmp_path_factory):
-    """A finished 8-step run; once it is done (its speed tells how many steps a 2-minute
-    allocation cannot finish), the same run started over with run.resume=false under a
-    2-minute limit. (A fresh folder with run.resume=false under a 2-minute limit is
+    """A finished 8-step run; once it is done, the same run started over with
+    run.resume=false under a 2-minute limit (test_slurm.TIME_LIMIT: steps that one
+    allocation cannot finish). (A fresh folder with run.resume=false under a 2-minute limit is
     test_slurm.py's time-limit job.)"""
     root = tmp_path_factory.mktemp("fresh")
     existing = root / f"existing-{uuid.uuid4().hex[:8]}"
     launch(env, root, f"run.sweep={existing.name}", *FAST_GRPO, "trainer.max_steps=8", "hardware.slurm.timeout_min=10")
     (first,) = ledger(existing)
     wait_terminal([str(first["job_id"])], 600, [Path(first["run_dir"])])  # the folder is free
-    records = read_jsonl(Path(first["run_dir"]) / "metrics.jsonl")
-    sec_per_step = statistics.quantiles([r["perf/sec_per_step"] for r in records[1:]], n=4)[0]
-    steps = int(min(3000, max(60, 110 / sec_per_step)))
-    print(f"fresh-start jobs: {sec_per_step:.2f} s/step measured -> trainer.max_steps={steps}")
-    t = TIME_LIMIT
-    limit = [*FAST_GRPO, f"trainer.max_steps={steps}", f"trainer.save_every={max(5, steps // 8)}",
-             f"hardware.slurm.timeout_min={t['timeout_min']}", f"hardware.slurm.signal_delay_s={t['signal_delay_s']}",
-             f"hardware.slurm.max_requeues={t['max_requeues']}", "run.resume=false"]
+    steps = TIME_LIMIT["steps"]
+    limit = [*time_limit_overrides(), "run.resume=false"]
     launch(env, root, f"run.sweep={existing.name}", *limit)
     return FreshStarts(env, steps, existing)
 

@@ -234,7 +234,8 @@ def already_complete(cfg: Config, paths: RunPaths, start_step: int) -> bool:
 def train_reward_model(cfg: Config, paths: RunPaths) -> int:
     from finellama_rl.trainers import rm
 
-    monitor = TrainingMonitor(cfg.trainer, paths, 0, f"rm {cfg.run.name}", cfg.debug.crash_after_step, job_deadline())
+    monitor = TrainingMonitor(cfg.trainer, paths, 0, f"rm {cfg.run.name}", cfg.debug.crash_after_step, job_deadline(),
+                              step_sleep_s=cfg.debug.step_sleep_s)
     install_stop_handlers(monitor)
     return EXIT_STOPPED if rm.run(cfg, paths, monitor) else 0
 
@@ -266,7 +267,8 @@ def build_context(cfg: Config, paths: RunPaths, policy, tokenizer, train_rows, e
     """The monitor (progress, schedule, signals), the reward sources and everything the
     algorithm needs, in one TrainContext."""
     label = f"{cfg.trainer.algo.value} {cfg.run.name}"
-    monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline())
+    monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline(),
+                              step_sleep_s=cfg.debug.step_sleep_s)
     monitor.experiment_tracker = evals.experiment
     install_stop_handlers(monitor)
     reward_funcs = sources.build_reward_sources(cfg)  # rule rewards and frozen scoring models (reward_model, judge)
