@@ -78,11 +78,11 @@ def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16,
     return {"sft_steps": steps, "sft_loss_last10": sum(losses[-10:]) / 10, "sft_seconds": round(time.time() - t0, 1)}
 
 
-def accuracy(model_path: Path, adapter: str | None = None) -> float:
-    """Greedy test accuracy (the protocol's scorer) of the SFT'd policy, optionally with an RL adapter."""
+def accuracy(model_path: Path, adapter: str | None = None, split: str = "test") -> float:
+    """Greedy accuracy (the protocol's strict scorer) of the SFT'd policy, optionally with an
+    RL adapter, on `split`: validation for any choice made with this script, test to report."""
     from finellama_rl.compose import load_config
-    from finellama_rl.eval.core import evaluate_model, prepare_eval
-    from finellama_rl.task.data import load_problems
+    from finellama_rl.eval.core import evaluate_model, prepare_split_eval
     from finellama_rl.job.model import load_tokenizer
     import torch
     from transformers import AutoModelForCausalLM
@@ -94,9 +94,9 @@ def accuracy(model_path: Path, adapter: str | None = None) -> float:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    setup = prepare_eval(cfg, tok, load_problems(cfg.data, "test"), load_problems(cfg.data, "train"))
-    result = evaluate_model(model, tok, setup, desc="demo eval")
-    return float(result["accuracy"]["strict"] if isinstance(result["accuracy"], dict) else result["accuracy"])
+    setup = prepare_split_eval(cfg, tok, split)
+    result = evaluate_model(model, tok, setup, desc=f"demo eval ({split})")
+    return float(result["accuracy"]["strict"])
 
 
 def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), base: Path | None = None) -> Dict[str, object]:

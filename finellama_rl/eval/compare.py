@@ -32,10 +32,11 @@ class EvalView:
     strict: Optional[float] = None
     lenient: Optional[float] = None
     per_problem: Dict[Tuple[Any, str], bool] = field(default_factory=dict)
+    split: str = "test"  # validation (selections) or test (reported); never compared across
 
     @property
-    def key(self) -> Tuple[str, str]:
-        return self.protocol, self.scorer
+    def key(self) -> Tuple[str, str, str]:
+        return self.protocol, self.scorer, self.split
 
     @classmethod
     def of(cls, doc: Optional[Dict[str, Any]]) -> Optional["EvalView"]:
@@ -52,7 +53,8 @@ class EvalView:
             return None
         step = doc.get("step") if isinstance(doc.get("step"), int) and not isinstance(doc.get("step"), bool) else None
         return cls(schema.protocol_name(doc), scorer, acc, n, _safe_interval(doc, scorer), step,
-                   _fraction(doc, "strict"), _fraction(doc, "lenient"), schema.correctness(doc, scorer))
+                   _fraction(doc, "strict"), _fraction(doc, "lenient"), schema.correctness(doc, scorer),
+                   schema.split_name(doc))
 
 
 def _fraction(doc: Dict[str, Any], scorer: str) -> Optional[float]:
@@ -84,6 +86,8 @@ def paired(a: Optional[EvalView], b: Optional[EvalView]) -> Optional[PairedCompa
 def why_not_paired(a: Optional[EvalView], b: Optional[EvalView]) -> str:
     if a is None or b is None:
         return "-"
+    if a.split != b.split:
+        return "splits differ"
     if a.key != b.key:
         return "protocols differ"
     return "no per-problem records"

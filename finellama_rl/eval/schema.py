@@ -29,6 +29,13 @@ def protocol_name(doc: Dict[str, Any]) -> str:
     return str(p.get("name") or V1_PROTOCOL)
 
 
+def split_name(doc: Dict[str, Any]) -> str:
+    """The split evaluated: train | validation | test; files written before splits were
+    recorded (every one of them evaluated the test split) read as test."""
+    split = doc.get("split")
+    return str(split.get("name") or "test") if isinstance(split, dict) else "test"
+
+
 def primary_scorer(doc: Dict[str, Any]) -> str:
     if doc.get("primary"):
         return str(doc["primary"])
