@@ -168,7 +168,9 @@ def main(argv: List[str]) -> int:
         base = root / "sft-rm-base"
         if not (base / "config.json").exists():
             print(json.dumps({"stage": "sft_rm_base", **sft_start(base, args.rm_base_sft_steps)}), flush=True)
-    print(json.dumps({"stage": "sft_accuracy", "policy": accuracy(policy), "rm_base": accuracy(base) if base else None}), flush=True)
+    print(json.dumps({"stage": "sft_accuracy", "policy_validation": accuracy(policy, split="validation"),
+                      "policy_test": accuracy(policy), "rm_base_validation": accuracy(base, split="validation") if base else None}),
+          flush=True)
     rms = []
     for seed in args.seeds:
         rms.append(train_rm(root, policy, seed, [] if args.rm_lora else RM_FULL, base))

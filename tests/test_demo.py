@@ -59,3 +59,44 @@ def test_synthetic_task_difficulty_knobs(make_config):
     assert any("*" in p["answer"] for p in mixed) and any("-" in p["answer"] for p in mixed)
     with pytest.raises(ConfigError, match="data.ops"):
         make_config("experiment=demo", "data.ops=[add,div]")
+
+
+def _step_pairs(problems) -> set:
+    """Every operand pair of every worked step, read from the solution text ("3 + 5 = 8";
+    a sum is the same pair either way round)."""
+    import re
+
+    pairs = set()
+    for p in problems:
+        for line in p["answer"].splitlines()[:-1]:
+            x, op, y = re.fullmatch(r"(\d+) ([-+*]) (\d+) = -?\d+", line).groups()
+            pairs.add((op, *sorted((int(x), int(y)))) if op in "+*" else (op, int(x), int(y)))
+    return pairs
+
+
+def test_the_demos_test_pairs_never_occur_in_sft_or_rl_training(make_config):
+    """`make run`'s held-out problems: every operand pair of the test (and validation)
+    solutions is absent from the SFT and RL training problems, and no test solution step
+    occurs in any SFT target; the same for the reward-model demo's task."""
+    import sys
+
+    from finellama_rl.task.data import load_problems
+    from finellama_rl.task.protocols import target_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import rm_learning_demo
+
+    sft, rl = make_config("experiment=demo_sft"), make_config("experiment=demo")
+    assert sft.data == rl.data  # one task: the adapter is trained for it
+    tasks = [(sft, "demo"), (make_config(*rm_learning_demo.TASK), "rm demo")]
+    for cfg, what in tasks:
+        train = load_problems(cfg.data, "train")
+        held = {s: load_problems(cfg.data, s) for s in ("validation", "test")}
+        trained = _step_pairs(train)
+        for split, problems in held.items():
+            assert len(_step_pairs(problems)) >= 3, (what, split)  # several held-out pairs, not one
+            assert not _step_pairs(problems) & trained, (what, split)
+        target_lines = {line for p in train for line in target_text(cfg.eval.protocol, p["answer"]).splitlines()}
+        for p in held["test"]:
+            assert not set(p["answer"].splitlines()[:-1]) & target_lines, (what, p["answer"])
+    assert len(load_problems(sft.data, "test")) == int(sft.eval.num_examples) == 256
