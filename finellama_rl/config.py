@@ -39,6 +39,13 @@ class BestMetric(str, Enum):
     loss = "loss"  # teacher-forced loss on the validation problems' reference solutions (lower is better)
 
 
+class PairOrder(str, Enum):
+    """Whether a + b and b + a are one operand pair of the synthetic task (data.heldout_pairs)."""
+
+    unordered = "unordered"  # one pair: no held-out sum or product is trained in either order
+    ordered = "ordered"  # two pairs: a held-out 3 + 5 may have 5 + 3 in training (commutativity is what can generalise)
+
+
 class Tracking(str, Enum):
     """Where metrics go besides metrics.jsonl (the top-level `tracking` setting)."""
 
@@ -442,6 +449,12 @@ class DataConfig:
     the same share for validation; training problems use the rest. No step of a test or
     validation solution ("a + b = c", with a + b and b + a the same pair) occurs in any
     training solution, so held-out accuracy measures arithmetic on unseen pairs."""
+    heldout_pairs: PairOrder = PairOrder.unordered
+    """Synthetic task only: unordered (a + b and b + a are one pair, held out together: a
+    held-out sum was never trained in either order) or ordered (3 + 5 and 5 + 3 are two
+    pairs, each drawn apart: a held-out problem may be the reverse of a trained one; what
+    `make run` uses, README "make run"). With ordered, no held-out solution step occurs
+    verbatim in training either, but the fact it states may, in the other order."""
     synthetic_seed: int = 1234
     max_operand: int = 20
     """Synthetic task only: operands are drawn from 1..max_operand (more digits: harder)."""

@@ -99,6 +99,14 @@ def accuracy(model_path: Path, adapter: str | None = None, split: str = "test") 
     return float(result["accuracy"]["strict"])
 
 
+def sft_accuracies(policy: Path, base: Path | None = None) -> Dict[str, float | None]:
+    """The SFT stage's figures, each named by its split: the policy's on validation (what a
+    choice of --sft-steps reads) and on test (reported only), and the reward model's base
+    on validation (what a choice of --rm-base-sft-steps reads; tests/test_demo.py)."""
+    return {"policy_validation": accuracy(policy, split="validation"), "policy_test": accuracy(policy, split="test"),
+            "rm_base_validation": accuracy(base, split="validation") if base else None}
+
+
 def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), base: Path | None = None) -> Dict[str, object]:
     from finellama_rl.compose import load_config
     from finellama_rl.trainers.run import run_training
@@ -168,9 +176,7 @@ def main(argv: List[str]) -> int:
         base = root / "sft-rm-base"
         if not (base / "config.json").exists():
             print(json.dumps({"stage": "sft_rm_base", **sft_start(base, args.rm_base_sft_steps)}), flush=True)
-    print(json.dumps({"stage": "sft_accuracy", "policy_validation": accuracy(policy, split="validation"),
-                      "policy_test": accuracy(policy), "rm_base_validation": accuracy(base, split="validation") if base else None}),
-          flush=True)
+    print(json.dumps({"stage": "sft_accuracy", **sft_accuracies(policy, base)}), flush=True)
     rms = []
     for seed in args.seeds:
         rms.append(train_rm(root, policy, seed, [] if args.rm_lora else RM_FULL, base))

@@ -10,7 +10,7 @@ import pytest
 
 from finellama_rl.compose import load_config
 from finellama_rl.errors import ConfigError
-from finellama_rl.task.data import load_problems, shot_problems
+from finellama_rl.task.data import load_problems, shot_problems, split_record
 from finellama_rl.task.splits import carve_validation, pair_pools
 
 STEP = re.compile(r"^(\d+) ([-+*]) (\d+) = (-?\d+)$")
@@ -44,6 +44,24 @@ def test_no_held_out_step_occurs_in_any_training_solution(ops):
     assert len(test_pairs) >= 10 and len(val_pairs) >= 10  # the check has something to find
     assert not train_pairs & test_pairs and not train_pairs & val_pairs and not val_pairs & test_pairs
     assert not questions(train) & questions(test) and not questions(train) & questions(val)
+
+
+def test_ordered_pairs_hold_out_each_order_apart():
+    """data.heldout_pairs=ordered: a step's pair as written ("5 * 3", "3 + 5") never occurs in
+    training, while the reverse of some held-out sums and products does; unordered (the
+    default) keeps both orders out."""
+    over = ["data=arithmetic", "data.ops=[add,mul,add_sub]", "data.max_operand=12", "data.num_train=1500",
+            "data.num_test=300", "data.validation_size=300"]
+    cfg = load_config([*over, "data.heldout_pairs=ordered"]).data
+    train, test = load_problems(cfg, "train"), load_problems(cfg, "test")
+    written = [{(op, int(x), int(y)) for p in ps for x, op, y, _ in (STEP.match(line).groups()
+                for line in p["answer"].splitlines()[:-1])} for ps in (train, test)]
+    assert len(written[1]) >= 10 and not written[0] & written[1]
+    reversed_trained = {(op, x, y) for op, x, y in written[1] if op in "+*" and (op, y, x) in written[0]}
+    assert {op for op, _, _ in reversed_trained} == {"+", "*"}
+    assert step_pairs(train) & step_pairs(test)  # the same facts, in the other order
+    assert not step_pairs(load_problems(load_config(over).data, "train")) & step_pairs(load_problems(load_config(over).data, "test"))
+    assert "in this order (data.heldout_pairs=ordered)" in split_record(cfg, "test", 300)["how"]
 
 
 def test_splits_are_deterministic_and_follow_their_seeds():

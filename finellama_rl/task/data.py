@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from finellama_rl.config import DataConfig, DataSource
+from finellama_rl.config import DataConfig, DataSource, PairOrder
 from finellama_rl.errors import ConfigError
 from finellama_rl.task.splits import PairKey, Split, as_split, carve_validation, pair_key, pair_pools
 
@@ -33,16 +33,17 @@ _ITEMS = ["apples", "marbles", "books", "stickers", "coins", "pencils", "cookies
 OPS = ("add", "sub", "mul", "add_sub")  # the synthetic task's problem kinds (data.ops)
 
 
-def _one_problem(rng: random.Random, max_operand: int, ops: Sequence[str] = OPS) -> Tuple[Problem, List[PairKey]]:
+def _one_problem(rng: random.Random, max_operand: int, ops: Sequence[str] = OPS,
+                 order: PairOrder = PairOrder.unordered) -> Tuple[Problem, List[PairKey]]:
     """A one- or two-step add/subtract/multiply word problem with its worked solution, and
-    the operand pair of each step (task/splits.py). Difficulty knobs: max_operand (digits
-    to copy and carry) and ops (which kinds)."""
+    the operand pair of each step as written (task/splits.py pair_key under `order`).
+    Difficulty knobs: max_operand (digits to copy and carry) and ops (which kinds)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, max_operand), rng.randint(1, max_operand)
     kind = rng.choice(list(ops))
     if kind == "add":
         q = f"{name} has {a} {item}. {name} finds {b} more {item}. How many {item} does {name} have now?"
-        steps, ans, pairs = [f"{a} + {b} = {a + b}"], a + b, [pair_key("+", a, b)]
+        steps, ans, pairs = [f"{a} + {b} = {a + b}"], a + b, [pair_key("+", a, b, order)]
     elif kind == "sub":
         a = a + b  # keep the result non-negative
         q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
@@ -50,23 +51,24 @@ def _one_problem(rng: random.Random, max_operand: int, ops: Sequence[str] = OPS)
     elif kind == "mul":
         b = rng.randint(2, 9)
         q = f"{name} buys {b} boxes with {a} {item} in each box. How many {item} does {name} buy?"
-        steps, ans, pairs = [f"{b} * {a} = {a * b}"], a * b, [pair_key("*", a, b)]
+        steps, ans, pairs = [f"{b} * {a} = {a * b}"], a * b, [pair_key("*", b, a, order)]
     elif kind == "add_sub":
         c = rng.randint(1, a + b)
         q = f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} does {name} have?"
         steps, ans = [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c
-        pairs = [pair_key("+", a, b), pair_key("-", a + b, c)]
+        pairs = [pair_key("+", a, b, order), pair_key("-", a + b, c)]
     else:
         raise ConfigError("data.ops", f"unknown problem kind {kind!r}: expected some of {'|'.join(OPS)}")
     return {"question": q, "answer": "\n".join(steps) + f"\n#### {ans}"}, pairs
 
 
 def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence[str] = (), ops: Sequence[str] = OPS,
-                        pools: Optional[Dict[PairKey, Split]] = None, split: Optional[Split] = None) -> List[Problem]:
+                        pools: Optional[Dict[PairKey, Split]] = None, split: Optional[Split] = None,
+                        order: PairOrder = PairOrder.unordered) -> List[Problem]:
     """`num` distinct problems from a seeded generator, none of whose questions is in
     `exclude`; with `pools` (task/splits.py pair_pools), only problems whose every step
-    uses a pair of `split`'s pool (without: the generator as it always was, which the
-    tiny tokenizer's corpus relies on)."""
+    uses a pair of `split`'s pool, pairs keyed under `order` (without pools: the generator
+    as it always was, which the tiny tokenizer's corpus relies on)."""
     rng, seen, out = random.Random(seed), set(exclude), []
     attempts = 0
     while len(out) < num:
@@ -74,7 +76,7 @@ def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence
         if attempts > 200 * num + 1000:
             raise ConfigError("data.max_operand", f"cannot make {num} distinct {split.value + ' ' if split else ''}problems "
                               f"with max_operand={max_operand}; raise it (or ask for fewer problems)")
-        p, pairs = _one_problem(rng, max_operand, ops)
+        p, pairs = _one_problem(rng, max_operand, ops, order)
         if pools is not None and any(pools[k] != split for k in pairs):
             continue
         if p["question"] not in seen:
@@ -88,17 +90,18 @@ def arithmetic_splits(cfg: DataConfig) -> Dict[Split, List[Problem]]:
     and its own generator seed: train data.num_train, validation data.validation_size,
     test data.num_test problems. Made once per setting in a process (a run asks often)."""
     splits = _arithmetic_splits(cfg.num_train, cfg.validation_size, cfg.num_test, cfg.synthetic_seed, cfg.split_seed,
-                                cfg.max_operand, tuple(cfg.ops), cfg.heldout_pair_fraction)
+                                cfg.max_operand, tuple(cfg.ops), cfg.heldout_pair_fraction, PairOrder(cfg.heldout_pairs))
     return {split: [dict(p) for p in problems] for split, problems in splits.items()}  # callers may change them
 
 
 @functools.lru_cache(maxsize=8)
 def _arithmetic_splits(num_train: int, num_validation: int, num_test: int, seed: int, split_seed: int, max_operand: int,
-                       ops: Tuple[str, ...], heldout_fraction: float) -> Dict[Split, Tuple[Problem, ...]]:
-    pools = pair_pools(max_operand, split_seed, heldout_fraction)
+                       ops: Tuple[str, ...], heldout_fraction: float, order: PairOrder) -> Dict[Split, Tuple[Problem, ...]]:
+    pools = pair_pools(max_operand, split_seed, heldout_fraction, order)
     sizes = {Split.train: num_train, Split.test: num_test, Split.validation: num_validation}
     offsets = {Split.train: 0, Split.test: 1, Split.validation: 2}
-    return {split: tuple(generate_arithmetic(n, seed + offsets[split], max_operand, ops=ops, pools=pools, split=split))
+    return {split: tuple(generate_arithmetic(n, seed + offsets[split], max_operand, ops=ops, pools=pools, split=split,
+                                             order=order))
             for split, n in sizes.items()}
 
 
@@ -165,8 +168,11 @@ def split_record(cfg: DataConfig, split: Union[Split, str], size: int) -> Dict[s
     """What an eval file records of the split it evaluated (README "Eval files")."""
     split = as_split(split)
     if cfg.source == DataSource.arithmetic:
-        how = {Split.test: "test operand pairs (data.heldout_pair_fraction), never in a training solution",
-               Split.validation: "validation operand pairs (data.heldout_pair_fraction), never in a training solution",
+        order = PairOrder(cfg.heldout_pairs)
+        never = (f"never in a training solution {'in either order' if order == PairOrder.unordered else 'in this order'} "
+                 f"(data.heldout_pairs={order.value})")
+        how = {Split.test: f"test operand pairs (data.heldout_pair_fraction), {never}",
+               Split.validation: f"validation operand pairs (data.heldout_pair_fraction), {never}",
                Split.train: "training operand pairs"}[split]
     else:
         how = {Split.test: f"the source's test split ({cfg.test_path or cfg.test_split})",
