@@ -30,8 +30,8 @@ test-fresh: $(STAMP)  # phase 1 only: no SLURM on PATH, no cluster
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
-slurm-up:
-	bash scripts/slurm_cluster/cluster.sh start
+slurm-up:  # two nodes, as the tests use it (tests/slurm_cluster.py)
+	bash scripts/slurm_cluster/cluster.sh start --nodes 2
 
 slurm-down:
 	bash scripts/slurm_cluster/cluster.sh stop
@@ -44,7 +44,7 @@ bench-training: $(STAMP)  # issue 10's training benchmark (~30 min on 2 cores, s
 	$(PY) benchmarks/bench_training.py $(ARGS)
 
 bench-slurm: $(STAMP)  # the 100-run grid on the local cluster (starts it)
-	bash scripts/slurm_cluster/cluster.sh start
+	bash scripts/slurm_cluster/cluster.sh start --nodes 2
 	$(PY) benchmarks/bench_launch_grid.py
 
 clean:

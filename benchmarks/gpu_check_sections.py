@@ -1,11 +1,11 @@
 """The four measurements of benchmarks/gpu_check.py, each through the project's own code:
 
-1. planner: the planner's peak (plan.memory_inputs -> memory.estimate_memory) against the
-   peak CUDA memory of 2 real steps (train.algorithm with a TrainContext, as train_attempt
+1. planner: the planner's peak (login.planner.memory_inputs -> login.memory.estimate_memory) against the
+   peak CUDA memory of 2 real steps (trainers.run.algorithm with a TrainContext, as train_attempt
    builds it), per phase, for every model x algorithm x micro batch x length;
 2. ladder: finellama_rl.trainers.run.run_training from the seed's too-large start on a capped card
    (GPU: set_per_process_memory_fraction; dry: debug.oom_above_tokens), with and without
-   the planner's start rung (plan.choose_start_rung, what launch uses);
+   the planner's start rung (login.planner.choose_start_rung, what launch uses);
 3. overhead: GRPO through finellama_rl against plain TRL (gpu_check_trl.py), and PPO
    against GRPO at equal sequences and tokens per step;
 4. generation: tokens/s of PPO's sampler (ppo_rollout.generate_rollout: HF generate on

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from finellama_rl.checkpoint import latest_checkpoint
+from finellama_rl.checkpoint import adapter_problem, latest_checkpoint
 from finellama_rl.config import ModelConfig, RewardModelConfig, RewardModelKind
 from finellama_rl.errors import ConfigError
+from finellama_rl.fileio import read_json_object
 from finellama_rl.results import RunPaths
 
 MANIFEST = "finellama_reward_model.json"  # written by trainers/rm.py next to the reward model's adapter
@@ -49,15 +50,17 @@ def resolve_adapter(value: str) -> Path:
     if (found / FROZEN).is_dir():
         raise ConfigError("model.adapter", f"{found} comes from a run that itself started from an adapter; "
                                            "stacking a third adapter is not supported: start from the SFT run instead")
+    problem = adapter_problem(found)  # the words evaluate and a resumed run use for a damaged adapter
+    if problem:
+        raise ConfigError("model.adapter", f"{found} is damaged ({problem}); point model.adapter at another checkpoint")
     return found
 
 
 def _run_final_adapter(run: Path) -> Path:
-    best_file = RunPaths(run).best_checkpoint
-    if best_file.is_file():
-        best = json.loads(best_file.read_text())
-        if best.get("restored") and best.get("checkpoint") and is_adapter_folder(Path(best["checkpoint"])):
-            return Path(best["checkpoint"])
+    best = read_json_object(RunPaths(run).best_checkpoint, "the best checkpoint")
+    if best is not None and best.get("restored") is True and isinstance(best.get("checkpoint"), str) \
+            and is_adapter_folder(Path(best["checkpoint"])):
+        return Path(best["checkpoint"])
     ckpt = latest_checkpoint(RunPaths(run).checkpoints)
     if ckpt is None or not is_adapter_folder(ckpt):
         raise ConfigError("model.adapter", f"run folder {run} has no committed LoRA checkpoint yet")

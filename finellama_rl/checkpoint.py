@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from finellama_rl.fileio import atomic_write_json
+from finellama_rl.fileio import apply_umask, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -125,45 +125,124 @@ def fsync_tree(folder: Path) -> None:
     fsync_path(folder)
 
 
-def verify_checkpoint(ckpt: Path, hashes: bool = True) -> Optional[str]:
-    """None if `ckpt` is complete, else what is wrong (checked against its manifest)."""
-    ckpt = Path(ckpt)
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        return f"unreadable {STATE_FILE}: {exc}"
+def _state_problem(ckpt: Path, state: Any) -> Optional[str]:
+    """What is wrong with a parsed state file (types a resume relies on), or None."""
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    step, m = state.get("step"), _STEP_RE.match(Path(ckpt).name)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or (m and step != int(m.group(1))):
+        return f"{STATE_FILE}: step {step!r} is not the folder's step"
     files = state.get("manifest")
-    if files is None:
-        return None  # written before manifests existed: complete if committed
-    for rel, want in files.items():
+    if files is not None and (not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            and not Path(k).is_absolute() and ".." not in Path(k).parts for k, v in files.items())):
+        return f"{STATE_FILE}: the manifest is not a list of relative files with bytes and sha256"
+    if not isinstance(state.get("pending_metrics", []), list) or not isinstance(state.get("pending_tokens", 0.0), (int, float)):
+        return f"{STATE_FILE}: pending_metrics/pending_tokens have the wrong type"
+    return None
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """What makes `path` no readable safetensors file (a short or damaged header, a size
+    that is not the header's), or None. Reads the header only; no torch."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if length < 2 or 8 + length > size:
+            return f"{path.name} is not a complete safetensors file ({size} bytes, header of {max(length, 0)} bytes)"
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path.name} has a damaged safetensors header"
+    if 8 + length + max(ends, default=0) != size:
+        return f"{path.name} holds {size - 8 - length} bytes of tensors, its header says {max(ends, default=0)} (truncated?)"
+    return None
+
+
+def adapter_problem(folder: Path) -> Optional[str]:
+    """What makes a LoRA adapter folder (a checkpoint, its frozen `sft/` adapter) unloadable:
+    adapter_config.json not a UTF-8 JSON object, adapter_model.safetensors damaged; or None.
+    evaluate, resume and model.adapter all ask this before a model loads."""
+    for sub in (Path(folder), Path(folder) / "sft"):
+        config, weights = sub / "adapter_config.json", sub / "adapter_model.safetensors"
+        for path in (config, weights):
+            if path.exists() and not path.is_file():
+                return f"{path.relative_to(folder)} is a folder, not a file"
+        if config.exists():
+            try:
+                if not isinstance(json.loads(config.read_bytes().decode("utf-8")), dict):
+                    return f"{config.relative_to(folder)} is not a JSON object"
+            except UnicodeDecodeError:
+                return f"{config.relative_to(folder)} is not UTF-8"
+            except ValueError:
+                return f"{config.relative_to(folder)} is not JSON"
+        problem = safetensors_problem(weights) if weights.exists() else None
+        if problem:
+            return str(Path(sub.relative_to(folder)) / problem) if sub != Path(folder) else problem
+    return None
+
+
+def verify_checkpoint(ckpt: Path, hashes: bool = True) -> Optional[str]:
+    """None if `ckpt` is complete, else what is wrong (checked against its manifest, then
+    the adapter files' structure: the same words in evaluate and on resume)."""
+    ckpt = Path(ckpt)
+    if (ckpt / STATE_FILE).is_dir():
+        return f"{STATE_FILE} is a folder, not a file"
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"unreadable {STATE_FILE}: {type(exc).__name__ if isinstance(exc, UnicodeDecodeError) else exc}"
+    problem = _state_problem(ckpt, state)
+    if problem:
+        return problem
+    for rel, want in (state.get("manifest") or {}).items():  # None: written before manifests existed
         path = ckpt / rel
         if not path.is_file():
-            return f"{rel} is missing"
+            return f"{rel} is {'a folder, not a file' if path.is_dir() else 'missing'}"
         if path.stat().st_size != want["bytes"]:
             return f"{rel} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
         if hashes and _sha256(path) != want["sha256"]:
             return f"{rel} differs from the manifest (SHA-256)"
-    return None
+    try:
+        return adapter_problem(ckpt)
+    except OSError as exc:
+        return f"unreadable adapter files ({exc.strerror or exc})"
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
+def latest_checkpoint(root: Path, quiet: bool = False) -> Optional[Path]:
     """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
     for ckpt in reversed(list_checkpoints(root)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
-        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt, problem)
+        if not quiet:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt, problem)
     return None
 
 
-def latest_resume_point(root: Path) -> Optional[Path]:
+def latest_resume_point(root: Path, quiet: bool = False) -> Optional[Path]:
     """The newest complete checkpoint or in-process OOM snapshot, whichever is later."""
-    candidates = [c for c in (latest_checkpoint(root), latest_checkpoint(snapshot_root(root))) if c is not None]
+    candidates = [c for c in (latest_checkpoint(root, quiet), latest_checkpoint(snapshot_root(root), quiet)) if c is not None]
     return max(candidates, key=step_of) if candidates else None
 
 
+def unusable_checkpoints(root: Path) -> Optional[str]:
+    """When `root` holds committed checkpoints (or OOM snapshots) and not one of them
+    verifies: what is wrong with the newest few; None when one is usable or there are none."""
+    found = list_checkpoints(root) + list_checkpoints(snapshot_root(root))
+    problems = []
+    for ckpt in sorted(found, key=step_of, reverse=True):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return None
+        problems.append(f"{ckpt.name}: {problem}")
+    return "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)" if len(problems) > 3 else "") if problems else None
+
+
 def read_state(ckpt: Path) -> Dict[str, Any]:
-    return json.loads((Path(ckpt) / STATE_FILE).read_text())
+    """The state file of a checkpoint that verify_checkpoint accepted."""
+    return json.loads((Path(ckpt) / STATE_FILE).read_bytes().decode("utf-8"))
 
 
 # --------------------------------------------------------------------- commit
@@ -187,6 +266,7 @@ def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any]
     only then prune to `keep_last` complete checkpoints (plus the steps in `keep`: SFT's best)."""
     root, staged = Path(root), Path(staged)
     root.mkdir(parents=True, exist_ok=True)
+    apply_umask(staged)  # the libraries' writers leave some files 0600
     atomic_write_json(staged / STATE_FILE, {"step": step, **state, "manifest": manifest(staged)})
     fault_point("state file written")
     fsync_tree(staged)
@@ -210,7 +290,10 @@ def commit_checkpoint(root: Path, staged: Path, step: int, state: Dict[str, Any]
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: Sequence[int] = ()) -> None:
-    for old in list_checkpoints(root)[:-max(1, keep_last)]:
+    """Discard all but the newest `keep_last` complete checkpoints (and the steps in `keep`);
+    keep_last 0 keeps every one (trainer.keep_last=0)."""
+    complete = list_checkpoints(root)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
         if step_of(old) not in keep:
             _discard(root, old)
     shutil.rmtree(Path(root) / TRASH_DIR, ignore_errors=True)

@@ -152,6 +152,7 @@ def load_site_file(path: Path) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("site", f"{path} must be a mapping with slurm: and/or hardware: sections")
+    _check_site_keys(data, path)
     unknown = set(data) - {"slurm", "hardware"}
     if unknown:
         raise ConfigError(f"site:{sorted(map(str, unknown))[0]}", f"unknown section in {path}; expected slurm and/or hardware.<profile>.slurm")
@@ -164,6 +165,21 @@ def load_site_file(path: Path) -> Dict[str, Any]:
         if not isinstance(section, dict) or set(section) - {"slurm"}:
             raise ConfigError(f"site:hardware.{name}", f"in {path}: expected only a slurm: section under a profile")
     return data
+
+
+def _check_site_keys(node: Any, path: Path, where: str = "") -> None:
+    """Every key of the site file is a plain name: a control character (a newline would start
+    a new line of the submission script) or a non-string key stops with one clean line
+    naming the key as Python writes it ('acc\\nount')."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        shown = f"{where}{key!r}" if not isinstance(key, str) else f"{where}{key}"
+        if not isinstance(key, str) or any(ord(c) < 32 or ord(c) == 127 for c in key):
+            what = "is not a string" if not isinstance(key, str) else "contains a control character (newline, tab, ...)"
+            raise ConfigError("site", f"key {where}{key!r} in {path} {what}; keys are plain names such as "
+                                      "slurm.account or hardware.a100_80.slurm.partition")
+        _check_site_keys(value, path, f"{shown}.")
 
 
 def apply_site_file(raw, overrides: Sequence[str]):
@@ -195,8 +211,11 @@ def apply_site_file(raw, overrides: Sequence[str]):
     return merged
 
 
-def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolve_paths: bool = True) -> Config:
-    """Compose, convert to dataclasses once, fill derived values, validate."""
+def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolve_paths: bool = True,
+                check_paths: bool = True) -> Config:
+    """Compose, convert to dataclasses once, fill derived values, validate (the run folder's
+    paths too unless check_paths is false: resume.start_config checks them once it knows
+    whether the folder is a run to resume)."""
     from omegaconf import OmegaConf
 
     added = [o for o in overrides if o.startswith("+") and not o.lstrip("+").startswith("hardware.slurm.additional.")]
@@ -217,7 +236,7 @@ def load_config(overrides: Sequence[str], name_parts: Sequence[str] = (), resolv
         cfg = derive_processes(cfg)
         cfg = replace(cfg, trainer=replace(cfg.trainer, grad_accum=cfg.trainer.grad_accum or derive_grad_accum(cfg.trainer, cfg.hardware)))
     validate(cfg)
-    if resolve_paths:
+    if resolve_paths and check_paths:
         validate_run_paths(cfg.run)
     return cfg
 
@@ -319,17 +338,62 @@ def split_argv(argv: Sequence[str]) -> Tuple[bool, List[str]]:
     rest = [a for a in argv if a not in ("-m", "--multirun")]
     flags = [a for a in rest if a.startswith("-")]
     if flags:
-        raise UsageError(f"unknown option {flags[0]!r}; usage: [-m] key=value ... (see README.md)")
+        raise UsageError(f"unknown option {flags[0]!r}; usage: [-m] [--cfg job] [-h] key=value ... (see --help)")
     return multirun, rest
 
 
-def cli_main(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
+def print_composed(args: Sequence[str], preset: Sequence[str] = (), resolve_paths: bool = True) -> None:
+    """`--cfg job`: the composed, validated config of every run of the command line (one
+    YAML document per run of a sweep, as the run's config.yaml would hold it); nothing runs."""
+    multirun, overrides = split_argv(args)
+    if resolve_paths and not any(o.split("=")[0].lstrip("+") == "run.sweep" for o in overrides):  # one sweep, as launch names it
+        overrides = [*overrides, f"run.sweep={_dt.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"]
+    combos = expand_sweep([*preset, *overrides]) if multirun else [([*preset, *overrides], [])]
+    for i, (ovs, parts) in enumerate(combos):
+        cfg = load_config(ovs, parts, resolve_paths=resolve_paths)
+        if len(combos) > 1:
+            print(f"# run {i}: {' '.join(ovs)}")
+        print(config_yaml(cfg), end="\n" if len(combos) > 1 else "", flush=True)
+
+
+def command_help(main: Callable, overrides: bool, preset: Sequence[str] = (), multirun: bool = True) -> str:
+    """--help of the command whose main() this is (finellama_rl/cli_help.py writes it)."""
+    from finellama_rl.cli_help import command_help as text
+
+    module = sys.modules.get(main.__module__)
+    spec = getattr(module, "__spec__", None)
+    prog = spec.name if spec is not None and spec.name != "__main__" else main.__module__
+    defaults = None
+    if overrides:
+        try:  # the default composition's values (as the command would compose them without overrides)
+            defaults = load_config(list(preset), resolve_paths=False)
+        except FinellamaError:
+            defaults = None
+    return text(getattr(module, "__doc__", None) or "", prog, overrides, CONF_DIR, defaults, multirun, preset)
+
+
+def cli_main(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None, overrides: bool = False,
+             preset: Sequence[str] = (), multirun: bool = True, resolve_paths: bool = True) -> None:
     """Run an entry point; the project's errors (finellama_rl.errors) print one line and
-    exit with their code (2 for bad input)."""
+    exit with their code (2 for bad input). Every command answers `-h`/`--help`; commands
+    whose arguments are config overrides (`overrides`: launch, train, plan, prefetch, demo
+    with its `preset`) also answer `--cfg job` with the composed config, and nothing runs."""
+    from finellama_rl.cli_help import cfg_flag
+
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if any(a in ("-h", "--help") for a in args):
+            print(command_help(main, overrides, preset, multirun), flush=True)
+            sys.exit(0)
+        rest = cfg_flag(args) if overrides else None
+        if rest is not None:
+            print_composed(rest, preset, resolve_paths)
+            sys.exit(0)
         code = main(args)
     except FinellamaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exit_code(exc))
+    except BrokenPipeError:  # `... --help | head`: the reader left; no traceback (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(code or 0)

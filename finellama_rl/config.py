@@ -94,6 +94,7 @@ class EvalProtocol(str, Enum):
     """How prompts are written and answers scored (eval.protocol); README "Evaluation protocols"."""
 
     qwen_boxed = "qwen_boxed"  # Qwen2.5's GSM8K recipe: chat template, "... within \boxed{}", 0-shot, math-verify
+    qwen25_math_cot = "qwen25_math_cot"  # Qwen2.5-Math's default: the instruction as the system message, 2048 tokens
     lm_eval_gsm8k = "lm_eval_gsm8k"  # lm-evaluation-harness 0.4 gsm8k: 5-shot "Question: ...\nAnswer:", strict-match
     finellama = "finellama"  # data.system_prompt, "#### <number>", strict (the protocol of schema-1 runs)
 
@@ -367,7 +368,8 @@ class TrainerConfig:
     save_every: int = 50
     """Checkpoint every N global steps, both trainers."""
     keep_last: int = 2
-    """Committed checkpoints kept (>= 1; older ones are pruned after a new one is durable)."""
+    """Committed checkpoints kept (older ones are pruned after a new one is durable); 0 = all
+    (never prune: seed_ppo_3b keeps its 25, the seed's SFT recipes keep every one)."""
     eval_every: int = 0
     """Evaluate on the validation split every N steps during training (evals/step_N.json;
     what SFT keep-best and any choice of checkpoint or recipe read); 0 = none. The
@@ -394,17 +396,31 @@ class TrainerConfig:
 @dataclass
 class SlurmConfig:
     partition: Optional[str] = None
+    """sbatch --partition (checked against sinfo before anything is submitted)."""
     account: Optional[str] = None
+    """sbatch --account; set it once for every profile in your site file."""
     qos: Optional[str] = None
+    """sbatch --qos."""
     constraint: Optional[str] = None
+    """sbatch --constraint (node features, e.g. a100_80g)."""
     cpus_per_task: int = 8
+    """sbatch --cpus-per-task."""
     mem_gb: int = 64
+    """Host memory of the job (sbatch --mem, GB)."""
     timeout_min: int = 1440
+    """Time limit of one job in minutes (sbatch --time); a run that needs longer requeues itself."""
     signal_delay_s: int = 120
     """SLURM sends USR2 this long before the time limit: save and requeue."""
     max_requeues: int = 3
     additional: Dict[str, str] = field(default_factory=dict)
     """Extra sbatch options, e.g. {mail-type: END}."""
+    arrays: bool = True
+    """Submit the runs of a sweep that ask for the same resources as one job array (one
+    sbatch call, `--array=0-N%P`; runs with other requests form arrays of their own);
+    false: one job per run."""
+    array_parallelism: Optional[int] = None
+    """At most this many tasks of one array run at once (the `%P` of `--array`); None: as
+    many as the cluster starts. Each array has its own cap (SLURM has none across arrays)."""
 
 
 @dataclass
@@ -417,6 +433,14 @@ class HardwareConfig:
     """Data-parallel training processes on the node (torchrun, one per device); None: one
     per GPU on cuda, 1 on cpu. On cpu, > 1 runs the same data-parallel path over gloo."""
     bf16: bool = False
+    nodes: int = 1
+    """Nodes of one run (SLURM): one job on N nodes, one torchrun per node (static rendezvous
+    on the first node's address from SLURM), data parallel over nodes x processes ranks."""
+    runs_per_gpu: str = "1"
+    """Runs packed into one job that share its GPU, CPUs and memory, each an srun step with
+    its own run folder and an equal share (CUDA: torch's per-process memory fraction): an
+    integer, or `auto` (as many as fit in 90% of gpu_mem_gb by the planner's predicted
+    peaks; 1 on cpu). On cpu an integer packs that many runs per job."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -471,14 +495,16 @@ class EvalConfig:
     """Prompt template, shots, stop strings and scorer of every evaluation, and also of
     the training prompt and the correctness/format rewards (what training rewards is what
     evaluation credits): qwen_boxed (Qwen2.5's published GSM8K recipe, scored by
-    math-verify), lm_eval_gsm8k (lm-evaluation-harness's gsm8k task, strict-match and
+    math-verify), qwen25_math_cot (Qwen2.5-Math's evaluation default: the boxed
+    instruction as the system message, the bare question as the user turn), lm_eval_gsm8k (lm-evaluation-harness's gsm8k task, strict-match and
     flexible-extract), finellama (data.system_prompt and `#### n`, strict)."""
     num_examples: str = "all"
     """How many problems of the evaluated split (the first N; test for the baseline and
     final evaluations, validation during training): a positive integer or `all`."""
     max_new_tokens: Optional[int] = None
-    """Generation budget per completion; None: the protocol's (qwen_boxed 1024, lm_eval_gsm8k
-    256 like the harness, finellama 256)."""
+    """Generation budget per completion; None: the protocol's (qwen_boxed 1024, qwen25_math_cot
+    2048, lm_eval_gsm8k 256 like the harness, finellama 256). launch warns when it differs
+    from trainer.max_completion_tokens (README "Budgets")."""
     batch_size: int = 64
     """Sequences per generate call (greedy: prompts; pass@k: prompts x samples), halved on
     out-of-memory down to 1. 0 (schema of older runs) means 64."""
@@ -495,6 +521,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     results_dir: str = "results"
+    """Folder of every sweep (<results_dir>/<sweep>/<run>) and of the results index."""
     sweep: Optional[str] = None
     """Derived: the launch date-time when not set."""
     name: Optional[str] = None
@@ -525,7 +552,8 @@ class LadderConfig:
     remember_fit: bool = True
     """Remember the rung that worked per model/trainer/hardware/lengths; start there next time."""
     max_resubmits: int = 3
-    """Resubmissions after the scheduler killed a job for memory."""
+    """Restarts, at the next rung in the same job, of a run whose training step the
+    scheduler killed for memory (login/resubmit.py)."""
 
 
 @dataclass
@@ -585,11 +613,16 @@ def register_configs() -> None:
 # ---------------------------------------------------------------- queries on the schema (pure)
 
 
-def world_size(hardware: HardwareConfig) -> int:
-    """Data-parallel processes of a run (torchrun ranks)."""
+def processes_per_node(hardware: HardwareConfig) -> int:
+    """Data-parallel processes of a run on each node (torchrun's nproc_per_node)."""
     if hardware.processes is not None:
         return max(1, hardware.processes)
     return max(1, hardware.gpus_per_node) if hardware.device == Device.cuda else 1
+
+
+def world_size(hardware: HardwareConfig) -> int:
+    """Data-parallel processes of a run (torchrun ranks) over all its nodes."""
+    return max(1, hardware.nodes) * processes_per_node(hardware)
 
 
 RULE_REWARDS = ("correctness", "format", "digits")  # rule reward functions of the evaluation protocol (rewards/rules.py)

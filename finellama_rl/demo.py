@@ -6,6 +6,7 @@ real correctness reward) raises its held-out accuracy.
     python -m finellama_rl.demo -m trainer=ppo,grpo    # both RL trainers from the same SFT start
     python -m finellama_rl.demo trainer.seed=1         # any override of the RL runs
     python -m finellama_rl.demo sft_seed=1 trainer.seed=1   # also another SFT (cached separately)
+    python -m finellama_rl.demo --resume               # continue the latest demo sweep after a stop (Ctrl-C, SIGTERM)
 
 1. SFT: `experiment=demo_sft` (trainer=sft on the tiny model), cached like the tiny
    model itself: in $FINELLAMA_CACHE (default $HF_HOME/finellama_rl)/sft/demo-<key>,
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 from finellama_rl.compose import expand_sweep, load_config, split_argv
-from finellama_rl.errors import UsageError
+from finellama_rl.errors import EXIT_STOPPED, UsageError
 from finellama_rl.config import Config, RunConfig
 from finellama_rl.results import RunPaths
 
@@ -127,14 +128,46 @@ def plan_rl(overrides: Sequence[str], adapter: Path, sweep: str):
 
 
 def run_rl(runs) -> List[Tuple[Any, int]]:
-    """Each planned run in this process, through the same entry as `python -m finellama_rl.train`."""
+    """Each planned run in this process, through the same entry as `python -m finellama_rl.train`;
+    a run stopped by a signal (saved, exit 75) stops the demo: the next runs do not start."""
     from finellama_rl.train import main as train_main
 
     results = []
     for r in runs:
         print(f"=== {r.cfg.trainer.algo.value.upper()} from the SFT adapter -> {r.cfg.run.dir}", flush=True)
         results.append((r, train_main(r.train_argv())))
+        if results[-1][1] == EXIT_STOPPED:
+            break
     return results
+
+
+RESUME = "--resume"
+RESUME_HINT = f"python -m finellama_rl.demo {RESUME}   (or: make run ARGS={RESUME})"
+
+
+def resume_args(argv: Sequence[str]) -> Tuple[str, List[str]]:
+    """(sweep, the demo's own arguments) of the latest demo sweep under run.results_dir (the
+    only setting `--resume` takes), from its demo.json; UsageError when there is none."""
+    from finellama_rl.fileio import read_json_object
+    from finellama_rl.results import SweepPaths
+
+    extra = [a for a in argv if not a.startswith("run.results_dir=")]
+    if extra:
+        raise UsageError(f"{RESUME} continues the latest demo sweep with the arguments it was started with; "
+                         f"give no others (got {' '.join(extra)}), at most run.results_dir=DIR")
+    root = Path(load_config([f"experiment={RL_PRESET}", *argv], resolve_paths=False).run.results_dir)
+    sweeps = sorted(p for p in root.glob("demo-*") if SweepPaths(p).demo_args.is_file()) if root.is_dir() else []
+    for sweep in reversed(sweeps):
+        saved = read_json_object(SweepPaths(sweep).demo_args, "its arguments", require={"argv": list})
+        if saved is not None and all(isinstance(a, str) for a in saved["argv"]):
+            return sweep.name, [*saved["argv"], *argv]
+    raise UsageError(f"no demo sweep to resume in {root}/ (demo-*/demo.json); start one: python -m finellama_rl.demo")
+
+
+def stopped_hint(results: List[Tuple[Any, int]]) -> None:
+    if any(code == EXIT_STOPPED for _, code in results):
+        print(f"\nthe demo stopped on a signal after saving; continue it (same sweep, from the checkpoints): {RESUME_HINT}",
+              flush=True)
 
 
 def accuracy_line(run_dir: Path) -> str:
@@ -167,19 +200,30 @@ def main(argv: Sequence[str]) -> int:
     from finellama_rl.console import setup_logging
     from finellama_rl.eval.sweep_report import write_report
 
+    from finellama_rl.fileio import atomic_write_json
+    from finellama_rl.results import SweepPaths
+
+    given = [a for a in argv if a != RESUME]
+    sweep, argv = resume_args(given) if RESUME in argv else ("demo-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), given)
     multirun, overrides = split_argv(argv)
     shared, rl_overrides = split_overrides(overrides)
     sft = sft_config(shared)
-    sweep = "demo-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if len(expand_sweep(rl_overrides)) > 1 and not multirun:
         raise UsageError("comma-separated values sweep only with -m (e.g. -m trainer=ppo,grpo)")
     runs = plan_rl(rl_overrides, Path(sft.run.dir), sweep)
+    atomic_write_json(SweepPaths(Path(runs[0].cfg.run.dir).parent).demo_args, {"argv": [a for a in argv if not
+                                                                                       a.startswith("run.results_dir=")]})
     setup_logging()
-    ensure_sft(sft)
+    try:
+        ensure_sft(sft)
+    except SystemExit as exc:
+        stopped_hint([(None, exc.code)])
+        raise
     results = run_rl(runs)
     report = write_report(Path(runs[0].cfg.run.dir).parent)
     print("\n" + "\n".join(accuracy_line(Path(r.cfg.run.dir)) for r, _ in results), flush=True)
     print(f"report: {report.html}\n        {report.markdown} (plots: reward.png, accuracy.png)", flush=True)
+    stopped_hint(results)
     failed = [code for _, code in results if code]
     return failed[0] if failed else 0
 
@@ -187,4 +231,4 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True, preset=("experiment=demo",))

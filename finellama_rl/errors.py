@@ -3,7 +3,7 @@
 Every error a user can cause or must act on derives from `FinellamaError` and carries
 the exit code an entry point ends with (`compose.cli_main` prints it as one line,
 `error: <message>`, never a traceback). Exit codes are part of the interface: SLURM
-jobs, the watchdog, sbatch scripts and the OOM ladder's supervisor read them.
+jobs, the job's controller, sbatch scripts and the OOM ladder's supervisor read them.
 
     raise ConfigError("trainer.micro_batch", "must divide 64; try 8")   # exit 2
     sys.exit(exit_code(exc))

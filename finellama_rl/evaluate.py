@@ -3,7 +3,8 @@ named protocol: greedy accuracy (finellama_rl/eval/core.py) and optionally pass@
 from sampled completions (finellama_rl/eval/passk.py).
 
     python -m finellama_rl.evaluate run=results/<sweep>/<run> [checkpoint=latest|all|base|<step>]
-        [split=test|validation] [eval.protocol=qwen_boxed|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k]
+        [split=test|validation] [eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N]
+        [eval.samples=k]
         [eval.sample_temperature=0.7] [eval.shots=N] [eval.batch_size=N] [eval.max_new_tokens=N] [run.results_dir=DIR]
 
 `split=validation` evaluates the validation split (task/splits.py): choose a checkpoint
@@ -27,10 +28,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examples
-from finellama_rl.errors import ConfigError
+from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_split_eval
 from finellama_rl.task.splits import Split
-from finellama_rl.validation import validate
+from finellama_rl.validation import validate, validate_results_dir
 from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ CLI_KEYS = ("run", "checkpoint", "split")
 OVERRIDE_KEYS = ("eval.protocol", "eval.num_examples", "eval.samples", "eval.sample_temperature", "eval.shots",
                  "eval.batch_size", "eval.max_new_tokens", "run.results_dir")
 USAGE = ("usage: python -m finellama_rl.evaluate run=<run folder> [checkpoint=latest|all|base|<step>] [split=test|validation] "
-         "[eval.protocol=qwen_boxed|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k] "
+         "[eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k] "
          "[eval.sample_temperature=T] [eval.shots=N] [eval.batch_size=N]")
 
 
@@ -98,6 +99,9 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     path = RunPaths(Path(run_dir)).config
     if not Path(run_dir).is_dir():
         raise ConfigError("run", f"{run_dir} is not a folder; pass run=<results/<sweep>/<run>>")
+    wrong = RunPaths(Path(run_dir)).wrong_kinds(("config", "checkpoints", "evals"))  # what evaluate reads and writes
+    if wrong:
+        raise ConfigError("run", f"{wrong[0]}; move it out of the way and run again")
     if not path.is_file():
         raise ConfigError("run", f"{path} not found; pass a run folder written by finellama_rl.train (it has config.yaml)")
     try:
@@ -105,8 +109,12 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
         if OmegaConf.select(loaded, "eval.protocol", default=None) is None:  # trained before protocols: `####`
             OmegaConf.update(loaded, "eval.protocol", EvalProtocol.finellama.value, force_add=True)
         merged = OmegaConf.merge(OmegaConf.structured(Config), loaded)
-    except Exception as exc:  # yaml or omegaconf errors: the file, not the user's overrides
-        raise ConfigError("run", f"{path} does not fit the current schema: {str(exc).splitlines()[0]}") from None
+        validate(OmegaConf.to_object(merged))  # the file's own values, before the overrides
+    except RunConfigUnreadable as exc:
+        raise ConfigError("run", str(exc)) from None
+    except Exception as exc:  # yaml or omegaconf errors, or impossible values: the file, not the user's overrides
+        detail = f"{exc.key}: {exc.message}" if isinstance(exc, ConfigError) else str(exc).splitlines()[0]
+        raise ConfigError("run", f"{path} does not fit the current schema: {detail}") from None
     try:
         cfg: Config = OmegaConf.to_object(OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides))))
     except Exception as exc:
@@ -115,12 +123,13 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
         raise explain_hydra_error(exc) from None
     cfg = replace(cfg, run=replace(cfg.run, dir=str(Path(run_dir).resolve())))
     validate(cfg)
+    validate_results_dir(cfg.run)  # the index it adds to: never `/`, a home, a system folder
     return cfg
 
 
 def choose_targets(run_dir: Path, choice: str) -> List[Target]:
     """`base`, `latest`, `all` (every saved checkpoint) or one step number."""
-    from finellama_rl.checkpoint import list_checkpoints
+    from finellama_rl.checkpoint import list_checkpoints, verify_checkpoint
 
     if choice == "base":
         return [Target("base", 0, None)]
@@ -141,8 +150,14 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
             raise ConfigError("checkpoint", f"no step {step} in {run_dir}; saved steps: {', '.join(map(str, steps))} (or latest|all|base)")
         chosen = [steps[step]]
     for c in chosen:
-        if not (c / "adapter_model.safetensors").is_file():
-            raise ConfigError("checkpoint", f"{c} has no adapter_model.safetensors (not a LoRA checkpoint); use checkpoint=base")
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            if not (c / name).exists():
+                raise ConfigError("checkpoint", f"{c} has no {name} (not a LoRA checkpoint); use checkpoint=base")
+        problem = verify_checkpoint(c)  # the same check, and the same words, as a resumed run's
+        if problem:
+            others = [str(step) for step, k in steps.items() if k != c]
+            raise ConfigError("checkpoint", f"{c} is damaged ({problem}); evaluate another one "
+                                            f"(saved steps: {', '.join(others) or 'none'}) or checkpoint=base")
     return [Target(c.name, int(c.name[len("step_"):]), c) for c in chosen]
 
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 from finellama_rl.errors import DiskFullError, RunConfigUnreadable
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -138,14 +139,38 @@ def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
         raise
 
 
+def apply_umask(folder: Path) -> None:
+    """Give every file under `folder` 0666 and every folder 0777, minus the umask, as `open()`
+    and `mkdir` would: safetensors writes through its own temporary file and leaves 0600
+    (adapter_model, value_head, rng_state), which a shared results folder cannot read."""
+    mask = current_umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 # ------------------------------------------------------------------ readers
 
 Types = Union[Type, Tuple[Type, ...]]
 
 
+_WARNED: set = set()
+
+
 def warn(message: str) -> None:
-    """One line on stderr (console.warn's format; results stays free of other imports)."""
+    """One line on stderr (console.warn's format; results stays free of other imports);
+    a line already printed by this process is not repeated (a file read at several points
+    of a run gets one line, not one per read)."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def forget_warnings() -> None:
+    """Warn again about what this process already warned about (tests that run several commands in one process)."""
+    _WARNED.clear()
 
 
 def _type_ok(value: Any, types: Types) -> bool:
@@ -170,12 +195,19 @@ def check_record(record: Any, require: Optional[Dict[str, Types]] = None) -> Opt
     return None
 
 
-def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bool = False) -> List[Dict[str, Any]]:
+Check = Callable[[Dict[str, Any]], Tuple[Optional[Dict[str, Any]], Optional[str]]]
+
+
+def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bool = False,
+               check: Optional[Check] = None) -> List[Dict[str, Any]]:
     """Every valid record of a jsonl file ([] when it is missing or unreadable).
 
     A torn last line (a crash mid-write) is skipped silently; any other bad line (not
     UTF-8, not JSON, not an object, a required key missing or of the wrong type) is
-    skipped with one warning per file.
+    skipped, with one warning per file. `check(record)` may refuse more: it returns
+    (the record to keep, or None to skip it; what was wrong, or None), e.g. a step outside
+    the run's range, or a value it dropped from the record (stats.metrics_check);
+    its problems count in the same one warning.
     """
     path = Path(path)
     try:
@@ -188,7 +220,7 @@ def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bo
         return []
     lines = data.split(b"\n")
     torn_last = bool(lines) and lines[-1] != b""
-    out, bad, first = [], 0, ""
+    out, bad, fixed, first = [], 0, 0, ""
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
@@ -199,14 +231,25 @@ def read_jsonl(path: Path, require: Optional[Dict[str, Types]] = None, quiet: bo
             problem = "not UTF-8"
         except ValueError:
             problem = "not JSON"
+        if problem is None and check is not None:
+            record, problem = check(record)
+            if record is not None:
+                out.append(record)
+                if problem:
+                    fixed += 1
+                    first = first or f"line {i + 1}: {problem}"
+                continue
         if problem is None:
             out.append(record)
         elif not (torn_last and i == len(lines) - 1 and problem == "not JSON"):
             bad += 1
             first = first or f"line {i + 1}: {problem}"
-    if bad and not quiet:
-        warn(f"{path}: skipped {bad} malformed line(s) (first: {first})")
+    if (bad or fixed) and not quiet:
+        what = [f"skipped {bad} malformed line(s)"] if bad else []
+        what += [f"left out bad values on {fixed} line(s)"] if fixed else []
+        warn(f"{path}: {' and '.join(what)} (first: {first})")
     return out
+
 
 
 def read_json(path: Path) -> Any:
@@ -223,18 +266,30 @@ def read_json_object(path: Path, what: str = "", require: Optional[Dict[str, Typ
     """A JSON object from a run-folder file, or None (with a one-line warning) when it is
     missing, unreadable, not an object, or lacks a required key of the right type."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
+        if not path.is_file():
+            raise ValueError("a folder, not a file" if path.is_dir() else "not a regular file")
         doc = read_json(path)
         problem = check_record(doc, require)
     except (OSError, ValueError) as exc:
-        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        problem = str(exc).splitlines()[0].removeprefix(f"{path} ") if str(exc) else type(exc).__name__
     if problem is None:
         return doc
     if not quiet:
         warn(f"{path}: {problem}; ignoring {what or 'it'}")
     return None
+
+
+def is_whole(value: Any) -> bool:
+    """An integer, not a bool (JSON true is not a step number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """A finite number (int or float), not a bool, NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def fraction_or_none(value: Any, where: str) -> Optional[float]:
@@ -286,6 +341,8 @@ def read_run_config_data(path: Path, escape: bool = True) -> Dict[str, Any]:
         raise RunConfigUnreadable(f"{path} not found") from None
     except UnicodeDecodeError as exc:
         raise RunConfigUnreadable(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except IsADirectoryError:
+        raise RunConfigUnreadable(f"{path} is a folder, not a file") from None
     except (OSError, yaml.YAMLError) as exc:
         raise RunConfigUnreadable(f"{path} is not readable YAML ({str(exc).splitlines()[0]})") from None
     if data is None:

@@ -31,5 +31,7 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(main(sys.argv[1:]))
+    cli_main(main)

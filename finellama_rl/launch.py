@@ -8,7 +8,11 @@ Every combination is composed, resolved and validated before anything runs, so a
 typo in the third run of a sweep stops the sweep with exit code 2 before the first
 starts. Then every run is checked where it will run: its folder is free (no live
 lock, no pending or running job of it in the ledger), model and data reachable, and
-on SLURM `sbatch --test-only` accepts its exact script. Submission is all or
+on SLURM `sbatch --test-only` accepts its exact script. A run folder that already holds
+a run is resumed with its own config.yaml: a relaunch that would change what it trains
+stops with exit 2 naming the settings (finellama_rl/resume.py). Each run folder is
+reserved (its launch.lock) before the last check and the submission, so of two launches
+started together the second stops with exit 2. Submission is all or
 nothing: if sbatch still refuses a job, the jobs this command submitted are
 cancelled and what it wrote is removed. Locally, runs execute one after another as
 `python -m finellama_rl.train` subprocesses (the same entry the jobs use). This
@@ -22,19 +26,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Device, Launcher
 from finellama_rl.errors import ConfigError, UsageError
-from finellama_rl.login.sweep import PlannedRun, check_folders_free, ledger_path, plan_runs, reserve_sweep
+from finellama_rl.console import warn
+from finellama_rl.login.sweep import (
+    PlannedRun, Reservations, budget_warnings, check_folders_free, ledger_path, plan_runs, reserve_sweep,
+)
 
-
-
-
-
-
-
-
+if TYPE_CHECKING:
+    from finellama_rl.login.units import JobUnit
 
 
 def gpu_present() -> Tuple[bool, str]:
@@ -66,6 +68,8 @@ def use_slurm(runs: List[PlannedRun]) -> bool:
     if launcher == Launcher.slurm and runs[0].cfg.dry_run:
         return True  # preview the exact submission text, SLURM installed or not
     usable, why = slurm_usable()
+    if runs[0].cfg.dry_run and not usable and any(r.cfg.hardware.device == Device.cuda for r in runs):
+        return True  # a preview anywhere: a GPU sweep as the SLURM jobs it would be (what was not checked is listed)
     if launcher == Launcher.slurm and not usable:
         raise ConfigError("launcher", f"launcher=slurm but {why}; use launcher=local or run on a login node")
     if launcher == Launcher.auto and not usable and "not on PATH" not in why:
@@ -78,35 +82,48 @@ def use_slurm(runs: List[PlannedRun]) -> bool:
     return usable
 
 
-def check_local_gpu(runs: List[PlannedRun]) -> None:
-    """A local run of a CUDA profile needs a GPU here; say so before anything starts."""
+def check_local_gpu(runs: List[PlannedRun], unchecked: Optional[List[str]] = None) -> None:
+    """A local run of a CUDA profile needs a GPU here; say so before anything starts (a dry
+    run lists it under what it could not check)."""
     gpu_runs = [r for r in runs if r.cfg.hardware.device == Device.cuda]
     if not gpu_runs:
         return
     present, why = gpu_present()
     if not present:
         r = gpu_runs[0]
-        raise ConfigError("hardware", f"hardware={r.cfg.hardware.name} needs a CUDA GPU but {why}; on a SLURM login node "
-                          f"use launcher=slurm, on this machine use hardware=cpu (e.g. experiment=smoke) [in {r.label}]")
+        error = ConfigError("hardware", f"hardware={r.cfg.hardware.name} needs a CUDA GPU but {why}; on a SLURM login node "
+                            f"use launcher=slurm, on this machine use hardware=cpu (e.g. experiment=smoke) [in {r.label}]")
+        if unchecked is None:
+            raise error
+        unchecked.append(str(error))
 
 
-def preflight(runs: List[PlannedRun], slurm: bool) -> None:
-    """Every check for every run before anything is submitted or run."""
-    from finellama_rl.login.preflight import check_run, slurm_partitions
+def preflight(runs: List[PlannedRun], slurm: bool, unchecked: Optional[List[str]] = None) -> None:
+    """Every check for every run before anything is submitted or run. With `unchecked` (a
+    dry run) what this machine cannot check (no GPU, no SLURM, a model or dataset out of
+    reach) is listed there instead of stopping; every other problem still stops (exit 2)."""
+    from finellama_rl.login.preflight import check_run, slurm_partitions, slurm_usable
 
     if not slurm:
-        check_local_gpu(runs)
+        check_local_gpu(runs, unchecked)
+        multi = next((r for r in runs if r.cfg.hardware.nodes > 1), None)
+        if multi is not None:
+            raise ConfigError("hardware.nodes", f"hardware.nodes={multi.cfg.hardware.nodes} runs one job on several nodes "
+                              f"through SLURM; use launcher=slurm on a login node, or hardware.nodes=1 here [in {multi.label}]")
     partitions = slurm_partitions() if slurm and shutil.which("sinfo") else None
-    if slurm and partitions is None:
+    if slurm and unchecked is not None and not slurm_usable()[0]:
+        unchecked.append(f"SLURM: {slurm_usable()[1]}: sbatch --test-only (gres, partition, account, QOS) and partitions")
+    elif slurm and partitions is None:
         print("note: sinfo is not on PATH: partitions not checked", flush=True)
     for r in runs:
+        notes: List[str] = []
         try:
-            check_run(r.cfg, slurm, partitions)
+            check_run(r.cfg, slurm, partitions, notes if unchecked is not None else None)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.message} [in {r.label}]") from None
+        if unchecked is not None:
+            unchecked.extend(n for n in notes if n not in unchecked)
     check_folders_free(runs)
-
-
 
 
 def run_local(runs: List[PlannedRun]) -> int:
@@ -114,7 +131,10 @@ def run_local(runs: List[PlannedRun]) -> int:
     results = []
     for r in runs:
         print(f"=== {r.label} -> {r.cfg.run.dir}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=os.environ.copy())
+        env = os.environ.copy()
+        if r.cfg.hardware.device != Device.cuda:  # one thread per process on CPU unless you set it (login/controller.job_threads)
+            env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.run([sys.executable, "-m", "finellama_rl.train", *r.train_argv()], env=env)
         results.append((r, proc.returncode))
     print_table(["run", "trainer", "model", "hardware", "exit", "results"],
                 [[r.cfg.run.name, r.cfg.trainer.algo.value, r.cfg.model.name, r.cfg.hardware.name, str(code), r.cfg.run.dir] for r, code in results])
@@ -128,76 +148,126 @@ def print_table(header: List[str], rows: List[List[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip(), flush=True)
 
 
+def job_chunks(runs: List[PlannedRun], ask_slurm: bool = True) -> List[List["JobUnit"]]:
+    """The sweep as SLURM will see it: runs packed per hardware.runs_per_gpu, then one
+    array per resource request (chunks of at most MaxArraySize tasks; login/units.py)."""
+    from finellama_rl.login.scheduler import max_array_size
+    from finellama_rl.login.units import group_units, plan_units
+
+    return group_units(plan_units(runs), max_array_size() if ask_slurm else 1001)
 
 
-def test_with_sbatch(runs: List[PlannedRun]) -> None:
-    """`sbatch --test-only` for every run's exact script (gres, constraint, memory,
-    partition, time, account, QOS), in parallel; nothing is queued."""
+def test_with_sbatch(chunks: List[List["JobUnit"]]) -> None:
+    """`sbatch --test-only` for every job's or array's exact script (gres, constraint,
+    memory, partition, time, account, QOS, nodes, array size), in parallel; nothing is queued."""
     from concurrent.futures import ThreadPoolExecutor
 
     from finellama_rl.login import slurm
+    from finellama_rl.login.units import chunk_name
+
+    def check(item):
+        i, chunk = item
+        return slurm.test_text(slurm.units_preview(chunk, chunk[0].folder(alone=len(chunk) == 1), chunk_name(chunk, i)))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        errors = list(pool.map(lambda r: slurm.test_submission(r.cfg), runs))
-    for r, error in zip(runs, errors):
+        errors = list(pool.map(check, enumerate(chunks)))
+    for chunk, error in zip(chunks, errors):
         if error:
-            raise ConfigError(slurm.sbatch_error_key(error), f"sbatch --test-only refused {r.label}: {error}; "
+            what = chunk[0].label if len(chunk) == 1 else f"the array of {len(chunk)} jobs from {chunk[0].label}"
+            raise ConfigError(slurm.sbatch_error_key(error), f"sbatch --test-only refused {what}: {error}; "
                               "nothing was submitted")
 
 
-def submit_slurm(runs: List[PlannedRun], created: Sequence[Path] = ()) -> int:
+def submit_slurm(runs: List[PlannedRun], chunks: List[List["JobUnit"]], created: Sequence[Path] = ()) -> int:
     from finellama_rl.login.submission import Submission
 
     with Submission(runs, ledger_path, created) as sub:
-        rows = [sub.submit(r) for r in runs]
+        rows = [row for i, chunk in enumerate(chunks) for row in sub.submit_chunk(chunk, i)]
     print_table(["run", "job", "hardware", "partition", "start rung", "log"], rows)
+    arrays = sum(1 for c in chunks if len(c) > 1)
+    print(f"submitted {len(runs)} run(s) as {len(chunks)} job(s){f' ({arrays} of them arrays)' if arrays else ''}",
+          flush=True)
     print(f"status: python -m finellama_rl.status {shlex.quote(str(ledger_path(runs[0].cfg).parent))}", flush=True)
     return 0
 
 
-def dry_run(runs: List[PlannedRun], slurm_mode: bool) -> int:
+def _print_unchecked(unchecked: Sequence[str]) -> None:
+    if unchecked:
+        print("not checked on this machine (a real launch checks them where it runs):\n"
+              + "\n".join(f"  - {line}" for line in unchecked))
+
+
+def describe_run(r: PlannedRun) -> str:
+    c = r.cfg
+    model = c.model.path or ("tiny, random init" if c.model.tiny else c.model.hub_id)
+    nodes = f" nodes={c.hardware.nodes}" if c.hardware.nodes > 1 else ""
+    return (f"=== {r.label}\nrun folder: {c.run.dir}\nstart rung: {r.start_rung} ({r.rung_reason})\n"
+            f"config: model={c.model.name} ({model}) trainer={c.trainer.algo.value} data={c.data.source.value} "
+            f"hardware={c.hardware.name}{nodes} max_steps={c.trainer.max_steps}")
+
+
+def dry_run(runs: List[PlannedRun], slurm_mode: bool, unchecked: Sequence[str] = ()) -> int:
+    """Print every run (model, trainer, data, hardware, each job's or array's sbatch script and
+    srun steps, or the local command) and what this machine could not check; submit nothing."""
     from finellama_rl.login.preflight import slurm_usable
 
     for r in runs:
-        c = r.cfg
-        model = c.model.path or ("tiny, random init" if c.model.tiny else c.model.hub_id)
-        print(f"=== {r.label}\nrun folder: {c.run.dir}\nstart rung: {r.start_rung} ({r.rung_reason})\n"
-              f"config: model={c.model.name} ({model}) trainer={c.trainer.algo.value} data={c.data.source.value} "
-              f"hardware={c.hardware.name} max_steps={c.trainer.max_steps}")
-        if slurm_mode:
-            from finellama_rl.login import slurm
-
-            print(slurm.sbatch_preview(r.cfg))
-            print(f"# job: {shlex.join(['python', '-m', 'finellama_rl.train', *r.train_argv()])}\n")
-        else:
+        print(describe_run(r))
+        if not slurm_mode:
             print(f"would run locally: {shlex.join([sys.executable, '-m', 'finellama_rl.train', *r.train_argv()])}\n")
-    if slurm_mode and slurm_usable()[0]:
-        test_with_sbatch(runs)
-        print(f"sbatch --test-only accepts all {len(runs)} job script(s)")
-    print(f"dry run: {len(runs)} run(s), nothing submitted", flush=True)
+    if not slurm_mode:
+        _print_unchecked(unchecked)
+        print(f"dry run: {len(runs)} run(s), nothing submitted", flush=True)
+        return 0
+    from finellama_rl.login import slurm
+    from finellama_rl.login.units import chunk_name
+
+    usable = slurm_usable()[0]
+    chunks = job_chunks(runs, ask_slurm=usable)
+    for i, chunk in enumerate(chunks):
+        kind = f"array of {len(chunk)} tasks" if len(chunk) > 1 else "job"
+        print(f"=== {kind} {chunk_name(chunk, i)}")
+        print(slurm.units_preview(chunk, chunk[0].folder(alone=len(chunk) == 1), chunk_name(chunk, i)))
+        for task, unit in enumerate(chunk):
+            for step in unit.steps():
+                share = f", GPU memory fraction {step.gpu_fraction}" if step.gpu_fraction else ""
+                print(f"# {f'task {task}: ' if len(chunk) > 1 else ''}run {step.name}: an srun step of {step.cpus} CPU(s), "
+                      f"{step.mem_mb} MB{share}, {step.nodes} node(s)\n"
+                      f"# job: {shlex.join(['python', '-m', 'finellama_rl.train', *step.argv])}")
+        print()
+    if usable:
+        test_with_sbatch(chunks)
+        print(f"sbatch --test-only accepts all {len(chunks)} job script(s)")
+    _print_unchecked(unchecked)
+    print(f"dry run: {len(runs)} run(s) as {len(chunks)} job(s), nothing submitted", flush=True)
     return 0
 
 
 def main(argv: List[str]) -> int:
     runs = plan_runs(argv)
+    for line in budget_warnings(runs):  # evaluation budget or prompt format other than training's: say so
+        warn(line)
     slurm_mode = use_slurm(runs)
     dry = runs[0].cfg.dry_run
     reserve_sweep(runs, create=False)  # the folder names the checks and the dry run show
-    preflight(runs, slurm_mode)
+    unchecked: Optional[List[str]] = [] if dry else None
+    preflight(runs, slurm_mode, unchecked)
     if dry:
-        return dry_run(runs, slurm_mode)
+        return dry_run(runs, slurm_mode, unchecked or [])
     if not slurm_mode:
-        reserve_sweep(runs, create=True)
-        return run_local(runs)
-    test_with_sbatch(runs)  # before anything is written
+        with Reservations(runs, reserve_sweep(runs, create=True)):  # one launch per run folder at a time
+            return run_local(runs)
+    chunks = job_chunks(runs)
+    test_with_sbatch(chunks)  # before anything is written
     try:
         created = reserve_sweep(runs, create=True)
     except OSError as exc:
         raise ConfigError("run.results_dir", f"cannot create the sweep folder: {exc}") from None
-    return submit_slurm(runs, created)
+    with Reservations(runs, created) as held:  # the second of two simultaneous launches stops here
+        return submit_slurm(runs, chunks, held.created)
 
 
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True)

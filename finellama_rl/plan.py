@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import List
 
 from finellama_rl.compose import CONF_DIR, load_config, split_argv
-from finellama_rl.config import Algo, Device, world_size
+from finellama_rl.config import Algo, Device, processes_per_node, world_size
 from finellama_rl.errors import ConfigError
 from finellama_rl.ladder.fitmem import describe as describe_fit_memory
 from finellama_rl.ladder.run_ladder import ladder_for
@@ -58,7 +58,10 @@ def main(argv: List[str]) -> int:
     quant = f"{t.quantization.bits}-bit" if t.quantization.enabled else "no"
     print(f"{cfg.model.name} {t.algo.value} on {cfg.hardware.name}: micro batch {t.micro_batch} x accum {t.grad_accum}, "
           f"prompt {t.max_prompt_tokens} + completion {t.max_completion_tokens} tokens, LoRA r={t.lora.r}, "
-          f"quantization={quant}, training processes={world_size(cfg.hardware)}")
+          f"quantization={quant}, training processes={world_size(cfg.hardware)}"
+          + (f" on {cfg.hardware.nodes} nodes ({processes_per_node(cfg.hardware)} per node; the peak below is each GPU's)"
+             if cfg.hardware.nodes > 1 else "")
+          + (f", {cfg.hardware.runs_per_gpu} runs per GPU" if str(cfg.hardware.runs_per_gpu) != "1" else ""))
     if t.algo not in (Algo.grpo, Algo.ppo):
         print(f"the planner models GRPO and PPO steps; trainer={t.algo.value} is not planned")
         return 0
@@ -82,4 +85,4 @@ def main(argv: List[str]) -> int:
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True, resolve_paths=False)

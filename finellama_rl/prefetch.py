@@ -36,4 +36,4 @@ def main(argv: List[str]) -> int:
 if __name__ == "__main__":
     from finellama_rl.compose import cli_main
 
-    cli_main(main)
+    cli_main(main, overrides=True, multirun=False, resolve_paths=False)

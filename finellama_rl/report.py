@@ -1,5 +1,7 @@
-"""Compare the runs of a sweep: a table with intervals and paired tests, plots, report.md and
-report.html (finellama_rl/eval/sweep_report.py builds them).
+"""Compare the runs of a sweep: a table with intervals and paired tests, arms of runs that differ
+only by seed (mean across seeds with a bootstrap interval, arms compared), training signals beside
+accuracy with a reward-hacking flag, plots, report.md and report.html (finellama_rl/eval/sweep_report.py
+builds them).
 
     python -m finellama_rl.report results/<sweep> [--out DIR]
 """
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 from finellama_rl.errors import UsageError
-from finellama_rl.eval.sweep_report import write_report
+from finellama_rl.eval.sweep_report import markdown_table, write_report
 from finellama_rl.results import iter_run_dirs
 
 def main(argv: List[str]) -> int:
@@ -25,8 +27,9 @@ def main(argv: List[str]) -> int:
         raise UsageError(f"sweep: no run folders (with config.yaml) in {sweep}; pass results/<sweep>, not a run or results/")
     report = write_report(sweep, Path(args.out) if args.out else None)
     print(report.table)
-    if report.pairs:
-        print("\nRuns compared on the same problems:\n" + report.pairs)
+    for section in report.sections:
+        if section.rows:
+            print(f"\n{section.title}:\n{markdown_table(section.headers, section.rows)}")
     print(f"\nreport: {report.markdown}\n        {report.html}", flush=True)
     return 0
 

@@ -72,6 +72,14 @@ class RunPaths:
         return self.root / "run.lock"
 
     @property
+    def marker(self) -> Path:  # written when the folder is made: who, when, which version (ownership.py)
+        return self.root / ".finellama_run"
+
+    @property
+    def launch_lock(self) -> Path:  # held by one launch while it checks and submits this run (login/sweep.py)
+        return self.root / "launch.lock"
+
+    @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
@@ -92,7 +100,7 @@ class RunPaths:
     def reward_model(self) -> Path:  # the trained reward model (reward_model.path=<run folder> loads it)
         return self.root / "reward_model"
 
-    # --- logs/: what the job and its watchdog write
+    # --- logs/: what the job writes (and older sweeps' watchdogs)
     @property
     def logs(self) -> Path:
         return self.root / "logs"
@@ -102,23 +110,25 @@ class RunPaths:
         return self.logs / "submitit"
 
     @property
-    def watch_logs(self) -> Path:  # the watchdog jobs' submitit folder
+    def watch_logs(self) -> Path:  # older sweeps: the watchdog jobs' submitit folder
         return self.logs / "watch"
 
     def job_log(self, job_id: str, watchdog: bool = False) -> Path:
         return (self.watch_logs if watchdog else self.submitit_logs) / f"{job_id}_0_log.out"
 
     @property
-    def job_events(self) -> Path:  # start, signal, requeue, resubmission
+    def job_events(self) -> Path:  # start, signal, requeue, OOM restart, run exit
         return self.logs / "job_events.jsonl"
 
     @property
     def current_attempt(self) -> Path:  # the attempt in progress (a hard kill leaves it behind)
         return self.logs / "current_attempt.json"
 
-    @property
-    def rank_exit(self) -> Path:  # data parallel: the exit code the ranks meant (torchrun reports only 1)
-        return self.logs / "rank_exit.json"
+    def rank_exit_of(self, round_no: int) -> Path:  # data parallel: the exit code the ranks meant, per start of them
+        return self.logs / f"rank_exit.{round_no}.json"
+
+    def rank_exit_files(self):  # every round's (the first node clears them when a job starts)
+        return sorted(self.logs.glob("rank_exit.*.json"))
 
     @property
     def stop_request(self) -> Path:  # data parallel: the supervisor asks the ranks to save and stop
@@ -129,6 +139,18 @@ class RunPaths:
 
     # folders that belong to the run itself (never taken for runs nested in it)
     OWN_FOLDERS = ("checkpoints", "logs", "evals", "tensorboard", "wandb", "reward_model")
+    FILE_NAMES = ("config", "metrics", "metrics_discarded", "training_stats", "eval_results", "baseline", "best_checkpoint",
+                  "attempts", "lock", "rm_data", "rm_eval", "job_events", "current_attempt", "stop_request", "marker")
+    FOLDER_NAMES = ("evals", "checkpoints", "tensorboard", "wandb", "reward_model", "logs", "submitit_logs", "watch_logs")
+
+    def wrong_kinds(self, names: Optional[tuple] = None) -> list:
+        """One line per path of the run (of `names`: FILE_NAMES and FOLDER_NAMES by default)
+        that exists as the wrong kind: a folder where a file belongs (metrics.jsonl/) or a
+        file where a folder belongs (evals). A run cannot write there; readers skip them."""
+        files = [n for n in self.FILE_NAMES if names is None or n in names]
+        folders = [n for n in self.FOLDER_NAMES if names is None or n in names]
+        out = [f"{p} is a folder, not a file" for p in (getattr(self, n) for n in files) if p.exists() and not p.is_file()]
+        return out + [f"{p} is a file, not a folder" for p in (getattr(self, n) for n in folders) if p.exists() and not p.is_dir()]
 
     def make(self) -> "RunPaths":
         for d in (self.root, self.checkpoints, self.logs):
@@ -143,8 +165,20 @@ class SweepPaths:
     root: Path
 
     @property
-    def ledger(self) -> Path:  # one line per job: training, watchdog, resubmission
+    def ledger(self) -> Path:  # one line per run and job (older sweeps: also watchdogs and resubmissions)
         return self.root / "ledger.jsonl"
+
+    @property
+    def demo_args(self) -> Path:  # a demo sweep: the demo's command line, for `python -m finellama_rl.demo --resume`
+        return self.root / "demo.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def submitit_logs(self) -> Path:  # arrays and packs: <array>_<task>_0_log.out, pickles, <array>_submission.sh
+        return self.logs / "submitit"
 
     @classmethod
     def of_run(cls, run_dir: Path) -> "SweepPaths":
@@ -169,7 +203,7 @@ class ResultsPaths:
 def run_markers(folder: Path):
     """The files whose presence makes a folder a run folder."""
     paths = RunPaths(Path(folder))
-    return (paths.config, paths.lock, paths.checkpoints, paths.metrics)
+    return (paths.marker, paths.config, paths.lock, paths.checkpoints, paths.metrics)
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -193,6 +227,22 @@ def run_dir_problem(run_dir: Path, results_root: Path) -> Optional[str]:
                                                       and p.name not in ("checkpoints", "logs", "evals")):
             return f"{run_dir} holds other runs (a sweep or results folder); choose a folder of its own"
     return None
+
+
+def index_root(run) -> Path:
+    """Where a run's results index lives (`run` is a RunConfig): run.results_dir.
+
+    A relative results_dir is taken relative to the results tree the run folder
+    sits in (`<results_dir>/<sweep>/<name>`), so the index is found from any
+    working directory and after the tree is moved; a hand-picked run.dir keeps
+    its index in its parent folder.
+    """
+    run_dir = Path(run.dir).resolve() if run.dir else None
+    if Path(run.results_dir).is_absolute() or run_dir is None:
+        return Path(run.results_dir).resolve()
+    if run_dir.name == run.name and run_dir.parent.name == run.sweep:
+        return run_dir.parent.parent
+    return run_dir.parent  # a hand-picked run.dir (e.g. results/mine): the index sits beside it
 
 
 def iter_run_dirs(sweep_dir: Path) -> Iterator[Path]:

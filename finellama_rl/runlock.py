@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from finellama_rl.errors import ConfigError
 from finellama_rl.results import RunPaths
+from finellama_rl.slurm_env import job_ref
 
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                  "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
@@ -73,10 +74,12 @@ def proc_start_time(pid: int) -> Optional[str]:
     return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else None
 
 
-def this_holder() -> Holder:
+def this_holder(job_scoped: bool = True) -> Holder:
+    """This process as a lock holder; `job_scoped` false leaves out the SLURM job id (a
+    launch's reservation belongs to its process, not to the allocation it may run in)."""
     return Holder(host=socket.gethostname(), pid=os.getpid(), pid_start=proc_start_time(os.getpid()),
-                  job_id=os.environ.get("SLURM_JOB_ID"), started=_dt.datetime.now().isoformat(timespec="seconds"),
-                  command=" ".join(sys.argv)[:300])
+                  job_id=job_ref() if job_scoped else None,
+                  started=_dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv)[:300])
 
 
 def read_holder(path: Path) -> Tuple[Optional[Holder], str]:
@@ -98,7 +101,7 @@ def squeue_state(job_id: str) -> Optional[str]:
     if shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
                              text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -109,12 +112,14 @@ def squeue_state(job_id: str) -> Optional[str]:
 
 def active_jobs(job_ids: List[str]) -> Dict[str, str]:
     """{job id: state} for the jobs that are pending, running or requeued (squeue; one
-    call for all). {} without squeue. An id squeue rejects counts as ended."""
+    call for all). {} without squeue. An id squeue rejects counts as ended. Array tasks
+    are named `<array>_<task>` (slurm_env.job_ref); `-r` lists each pending task on a line
+    of its own (without it squeue folds them into `<array>_[2-5%2]`)."""
     ids = sorted(set(job_ids))
     if not ids or shutil.which("squeue") is None:
         return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)],
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)],
                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -153,15 +158,19 @@ def busy_reason(run_dir: Path, scheduler: SchedulerFn = squeue_state) -> Optiona
 
 
 class RunLock:
-    """Exclusive lock on a run folder for one process (`with RunLock(dir):`)."""
+    """Exclusive lock on a run folder for one process (`with RunLock(dir):`). `path` names
+    another lock file of the folder (launch's reservation, RunPaths.launch_lock), held by
+    this process whatever SLURM job it runs in."""
 
-    def __init__(self, run_dir: Path, scheduler: SchedulerFn = squeue_state):
-        self.run_dir, self.path, self.scheduler = Path(run_dir), RunPaths(Path(run_dir)).lock, scheduler
+    def __init__(self, run_dir: Path, scheduler: SchedulerFn = squeue_state, path: Optional[Path] = None):
+        self.run_dir, self.scheduler = Path(run_dir), scheduler
+        self.path = Path(path) if path is not None else RunPaths(Path(run_dir)).lock
+        self.job_scoped = path is None
         self.content: Optional[bytes] = None
 
     def acquire(self) -> "RunLock":
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        content = (json.dumps(asdict(this_holder())) + "\n").encode()
+        content = (json.dumps(asdict(this_holder(self.job_scoped))) + "\n").encode()
         for _ in range(5):
             if self._create(content):
                 self.content = content

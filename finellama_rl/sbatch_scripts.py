@@ -13,15 +13,14 @@ Regenerate after editing conf/hardware: python -m finellama_rl.sbatch_scripts
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List
 
 from finellama_rl.compose import CONF_DIR, load_config
-from finellama_rl.config import Config
+from finellama_rl.config import Config, Device
 from finellama_rl.fileio import atomic_write_text
 from finellama_rl.login.slurm import sbatch_options
-from finellama_rl.errors import EXIT_STOPPED
+from finellama_rl.errors import EXIT_STOPPED, UsageError
 
 SLURM_DIR = CONF_DIR.parent / "slurm"
 
@@ -30,14 +29,21 @@ set -uo pipefail
 PYTHON="${{FINELLAMA_PYTHON:-python}}"
 MAX_REQUEUES={max_requeues}
 RESTARTS="${{SLURM_RESTART_COUNT:-0}}"
-# Threads = CPUs allocated, not the submitting shell's setting (oversubscribed threads are 10x slower).
-export OMP_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-${{OMP_NUM_THREADS:-1}}}}"
+# Threads per process: yours (OMP_NUM_THREADS where you ran sbatch), at most the CPUs allocated;
+# else {threads_why} (oversubscribed threads made steps 10-15x slower).
+THREADS="${{OMP_NUM_THREADS:-{threads_default}}}"
+if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ] && [ "$THREADS" -gt "$SLURM_CPUS_PER_TASK" ] 2>/dev/null; then THREADS=$SLURM_CPUS_PER_TASK; fi
+export OMP_NUM_THREADS="$THREADS"
 # Save on our own before the time limit if the next scheduled save would be too late.
 export FINELLAMA_DEADLINE=$(( $(date +%s) + {timeout_min} * 60 - {signal_delay_s} ))
-echo "[finellama_rl sbatch] job ${{SLURM_JOB_ID:-?}} start (restarts=$RESTARTS)"
-# run.sweep is pinned to the job id so a requeued job resumes in the same run folder;
+# This job's name for scontrol: <array>_<task> in an array (sbatch --array), else the job id
+# (a task's own SLURM_JOB_ID can be the array id: requeueing that would requeue every task).
+REF="${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}"
+REF="${{REF:-${{SLURM_JOB_ID:-local}}}}"
+echo "[finellama_rl sbatch] job $REF start (restarts=$RESTARTS)"
+# run.sweep is pinned to the job so a requeued job resumes in the same run folder;
 # your own run.sweep/run.dir arguments come later and win.
-"$PYTHON" -m finellama_rl.train hardware={hardware} "run.sweep=sbatch-${{SLURM_JOB_ID:-local}}" "$@" &
+"$PYTHON" -m finellama_rl.train hardware={hardware} "run.sweep=sbatch-$REF" "$@" &
 child=$!
 trap 'echo "[finellama_rl sbatch] USR2: asking training to save"; kill -USR2 "$child" 2>/dev/null' USR2
 trap 'kill -TERM "$child" 2>/dev/null' TERM
@@ -48,7 +54,7 @@ if [ "$rc" -gt 128 ]; then wait "$child" 2>/dev/null; again=$?; [ "$again" -ne 1
 if [ "$rc" -eq {exit_stopped} ]; then
   if [ "$RESTARTS" -lt "$MAX_REQUEUES" ]; then
     echo "[finellama_rl sbatch] saved; requeueing (restart $((RESTARTS + 1)) of $MAX_REQUEUES)"
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$REF"
   else
     echo "[finellama_rl sbatch] saved; not requeueing: $MAX_REQUEUES requeues used"
   fi
@@ -72,8 +78,11 @@ def render_sbatch(cfg: Config) -> str:
              "# Site settings: pass them to sbatch (e.g. sbatch --account=x --partition=y) or edit a copy."]
     lines += [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in sorted(opts.items())]
     lines.append("#SBATCH --requeue")
+    cpu = cfg.hardware.device != Device.cuda
     body = BODY.format(max_requeues=s.max_requeues, timeout_min=s.timeout_min, signal_delay_s=s.signal_delay_s,
-                       hardware=cfg.hardware.name, exit_stopped=EXIT_STOPPED)
+                       hardware=cfg.hardware.name, exit_stopped=EXIT_STOPPED,
+                       threads_default="1" if cpu else "${SLURM_CPUS_PER_TASK:-1}",
+                       threads_why="one on a CPU job" if cpu else "the CPUs allocated (a GPU job)")
     return "\n".join(lines) + "\n\n" + body
 
 
@@ -91,6 +100,16 @@ def write_all(folder: Path = SLURM_DIR) -> List[Path]:
     return written
 
 
-if __name__ == "__main__":
-    for p in write_all(Path(sys.argv[1]) if len(sys.argv) > 1 else SLURM_DIR):
+def main(argv: List[str]) -> int:
+    """Write every profile's script into the folder named (default: slurm/) and print their paths."""
+    if len(argv) > 1 or any(a.startswith("-") for a in argv):
+        raise UsageError("usage: python -m finellama_rl.sbatch_scripts [folder]   (default: slurm/)")
+    for p in write_all(Path(argv[0]) if argv else SLURM_DIR):
         print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    from finellama_rl.compose import cli_main
+
+    cli_main(main)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from finellama_rl.validation_scoring import validate_scoring
-from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, sequences_per_step, world_size
+from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, processes_per_node, sequences_per_step, world_size
 from finellama_rl.errors import ConfigError
 
 
@@ -88,9 +88,9 @@ def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:
     _validate_batch(t, hardware)
     _validate_generation_batch(t, hardware)
     _validate_rl_knobs(t)
-    for key in ("max_prompt_tokens", "max_completion_tokens", "max_steps", "save_every", "keep_last", "log_every"):
+    for key in ("max_prompt_tokens", "max_completion_tokens", "max_steps", "save_every", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
-    for key in ("warmup_steps", "eval_every", "beta", "weight_decay", "max_grad_norm"):
+    for key in ("keep_last", "warmup_steps", "eval_every", "beta", "weight_decay", "max_grad_norm"):
         _non_negative(f"trainer.{key}", getattr(t, key))
     if t.warmup_steps >= t.max_steps and t.warmup_steps:
         raise ConfigError("trainer.warmup_steps", f"must be < trainer.max_steps={t.max_steps}")
@@ -134,6 +134,27 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _non_negative("hardware.slurm.max_requeues", h.slurm.max_requeues)
     if h.slurm.signal_delay_s < 0 or h.slurm.signal_delay_s >= h.slurm.timeout_min * 60:
         raise ConfigError("hardware.slurm.signal_delay_s", f"must be in [0, timeout_min*60={h.slurm.timeout_min * 60})")
+    if h.slurm.array_parallelism is not None:
+        _positive("hardware.slurm.array_parallelism", h.slurm.array_parallelism, "or null for no cap")
+    _validate_scale_out(h)
+
+
+RUNS_PER_GPU = re.compile(r"auto|[1-9][0-9]*")
+
+
+def _validate_scale_out(h: HardwareConfig) -> None:
+    """hardware.nodes and hardware.runs_per_gpu: one run on several nodes, or several runs on one GPU."""
+    _positive("hardware.nodes", h.nodes, "the nodes of one run, e.g. hardware.nodes=2")
+    if not RUNS_PER_GPU.fullmatch(str(h.runs_per_gpu)):
+        raise ConfigError("hardware.runs_per_gpu", f"expected a positive integer or auto, got {h.runs_per_gpu!r}")
+    if str(h.runs_per_gpu) != "1":
+        if h.nodes > 1:
+            raise ConfigError("hardware.runs_per_gpu", f"packs runs on one GPU; a run on hardware.nodes={h.nodes} "
+                              "nodes cannot share: set hardware.runs_per_gpu=1 or hardware.nodes=1")
+        if processes_per_node(h) > 1:
+            raise ConfigError("hardware.runs_per_gpu", f"packs one-process runs; this run trains with "
+                              f"{processes_per_node(h)} processes: set hardware.processes=1 (and gpus_per_node=1) "
+                              "or hardware.runs_per_gpu=1")
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -190,21 +211,57 @@ def _safe_name(key: str, value) -> None:
                                "(no '/', no spaces, no '..', not starting with '.')")
 
 
-def validate_run_paths(run: RunConfig) -> None:
+def validate_run_paths(run: RunConfig, resuming: bool = False) -> None:
     """The run folder of a resolved config (launch and train; evaluate reads folders anywhere):
-    safe names, inside run.results_dir unless run.allow_outside_results_dir, not inside
-    another run's folder, not a folder of runs."""
+    safe names; run.results_dir, the run folder, its sweep folder (ledger.jsonl) and the
+    index folder never `/`, a home, a system folder or the package (ownership.py); the run
+    folder inside run.results_dir unless run.allow_outside_results_dir (or an existing run
+    is resumed: it was checked when it was made), not inside another run's folder, not a
+    folder of runs."""
     from finellama_rl.results import run_dir_problem
 
     _safe_name("run.name", run.name)
     _safe_name("run.sweep", run.sweep)
     root, run_dir = Path(run.results_dir).resolve(), Path(run.dir).resolve()
-    if not run.allow_outside_results_dir and (run_dir == root or root not in run_dir.parents):
+    validate_results_dir(run)
+    if not resuming and not run.allow_outside_results_dir and (run_dir == root or root not in run_dir.parents):
         raise ConfigError("run.dir", f"{run_dir} is not inside run.results_dir={root}; choose a run.dir under it, "
                                      "set run.results_dir, or set run.allow_outside_results_dir=true")
+    validate_run_dir_place(run_dir)
     problem = run_dir_problem(run_dir, root)
     if problem:
         raise ConfigError("run.dir", problem)
+
+
+def validate_run_dir_place(run_dir: Path) -> None:
+    """The run folder and its sweep folder (ledger.jsonl) are never `/`, a home, a system
+    folder or the package (ownership.protected_problem): checked before anything looks inside."""
+    from finellama_rl.ownership import protected_problem
+
+    run_dir = Path(run_dir).resolve()
+    for folder, what in ((run_dir, "the run folder"), (run_dir.parent, "its sweep folder (ledger.jsonl)")):
+        problem = protected_problem(folder)
+        if problem:
+            raise ConfigError("run.dir", f"{what}: {problem}; choose a run.dir two levels below a folder of your "
+                                         "own (<results>/<sweep>/<run>)")
+
+
+def validate_results_dir(run: RunConfig) -> None:
+    """run.results_dir and the folder the results index goes to (results.index_root) are
+    never `/`, a home, a system folder or the package (ownership.protected_problem); also
+    checked by evaluate, which adds to the index of any run folder."""
+    from finellama_rl.ownership import protected_problem
+    from finellama_rl.results import index_root
+
+    problem = protected_problem(Path(run.results_dir))
+    if problem:
+        raise ConfigError("run.results_dir", f"{problem}; results go into a folder of their own, e.g. "
+                                             "run.results_dir=~/finellama_results")
+    problem = protected_problem(index_root(run)) if run.dir else None
+    if problem:
+        raise ConfigError("run.dir", f"the results index would go to {index_root(run)}: {problem}; choose a run.dir "
+                                     "two levels below a folder of your own (<results>/<sweep>/<run>), or an "
+                                     "absolute run.results_dir")
 
 
 def _validate_sft_and_adapter(cfg: Config) -> None:

@@ -6,7 +6,7 @@ Called by validation.validate(); the GPU split itself is config.derive_processes
 """
 from __future__ import annotations
 
-from finellama_rl.config import Algo, Config, Device, JudgeConfig, RewardModelConfig, RewardModelKind, scoring_gpus, scoring_sources, world_size
+from finellama_rl.config import Algo, Config, Device, JudgeConfig, RewardModelConfig, RewardModelKind, processes_per_node, scoring_gpus, scoring_sources
 from finellama_rl.errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def _validate_gpu(cfg: Config, source: str, gpu: int) -> None:
     if not 0 <= gpu < hw.gpus_per_node:
         raise ConfigError(key, f"GPU {gpu} is not on a node of hardware={hw.name} (gpus_per_node={hw.gpus_per_node}: "
                                f"GPUs 0..{hw.gpus_per_node - 1}); choose one of them or a profile with more GPUs, e.g. hardware=gpu24x2")
-    ranks = world_size(hw)
+    ranks = processes_per_node(hw)  # the GPUs of the node that training processes use
     if gpu < ranks and ranks > 1:
         raise ConfigError(key, f"GPU {gpu} is training process {gpu}'s of {ranks} (data parallel on GPUs 0..{ranks - 1}); "
                                f"name a GPU >= {ranks} or set hardware.processes={max(1, gpu)}")

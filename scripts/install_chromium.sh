@@ -19,9 +19,13 @@ if [ "$(id -u)" != "0" ]; then
     fi
 fi
 export DEBIAN_FRONTEND=noninteractive
+# Another install (a parallel test run) may hold dpkg's lock: wait for it rather than fail.
+APT=(apt-get -o DPkg::Lock::Timeout=600)
 # Package lists may be empty on fresh images (docker-style); update once, then install.
-if ! $SUDO apt-get install -y --no-install-recommends chromium; then
-    $SUDO apt-get update
-    $SUDO apt-get install -y --no-install-recommends chromium
+if ! $SUDO "${APT[@]}" install -y --no-install-recommends chromium; then
+    $SUDO "${APT[@]}" update
+    $SUDO "${APT[@]}" install -y --no-install-recommends chromium
 fi
-command -v chromium >/dev/null
+# apt installs into /usr/bin; a PATH that shadows /usr/bin (run_tests.sh phase 1 hides SLURM
+# with a folder of symlinks made before this ran) does not show it, so check the file too.
+command -v chromium >/dev/null || test -x /usr/bin/chromium

@@ -11,8 +11,10 @@
     python scripts/rm_learning_demo.py --out /tmp/rm-demo --seeds 0 1 2      (8 minutes on 2 shared
     cores: SFT, 3 reward models of 2-3 minutes each with sampling, GRPO)
 
-Prints one JSON line per stage; docs/LOG.md quotes these figures. tests/test_rm_trainer.py
-runs a smaller version.
+Prints one JSON line per stage on stdout (docs/LOG.md quotes these figures), and on stderr
+what each long phase is doing as it goes: the stage that starts, SFT steps with loss and ETA,
+the reward model's sampling and training (its progress lines), GRPO's steps.
+tests/test_rm_trainer.py runs a smaller version.
 """
 from __future__ import annotations
 
@@ -36,6 +38,18 @@ RM_FULL = ["trainer.lora.enabled=false", "trainer.quantization.enabled=false"]  
 RM_RECIPE = ["trainer.rm.num_problems=800", "trainer.rm.samples_per_problem=4", "trainer.rm.balance=false",
              "trainer.max_steps=1200", "trainer.learning_rate=5e-4", "trainer.lr_schedule=linear",
              "trainer.prompts_per_step=32", "trainer.micro_batch=32", "trainer.eval_every=200"]
+
+
+def progress(message: str) -> None:
+    """A line on stderr with the time: stdout stays one JSON line per stage."""
+    print(f"[rm demo {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def stopped(code: int, run_dir: Path) -> None:
+    """A stage that did not finish (a signal saved and stopped it: 75; an error): one line, not a traceback."""
+    if code != 0:
+        sys.exit(f"[rm demo] {run_dir.name} ended with exit {code} before finishing; run the same command "
+                 f"again to continue from its checkpoint ({run_dir})")
 
 
 def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16, seed: int = 0) -> Dict[str, float]:
@@ -72,6 +86,10 @@ def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16,
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            per_step = (time.time() - t0) / (step + 1)
+            progress(f"sft step {step + 1}/{steps} | loss {sum(losses[-25:]) / len(losses[-25:]):.4f} | "
+                     f"{per_step:.2f} s/step | ETA {per_step * (steps - step - 1):.0f} s")
     model.save_pretrained(folder)
     tok.padding_side = "left"
     tok.save_pretrained(folder)
@@ -119,6 +137,7 @@ def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), bas
                        f"run.results_dir={root}", f"run.dir={run_dir}"])
     t0 = time.time()
     code = run_training(cfg)
+    stopped(code, run_dir)
     doc = json.loads((run_dir / "rm_eval.json").read_text())
     return {"seed": seed, "exit": code, "seconds": round(time.time() - t0, 1), "heldout": doc["heldout"],
             "before_training": doc["before_training"]["accuracy"], "train_data": doc["train_data"],
@@ -141,6 +160,7 @@ def grpo_with_rm(root: Path, policy: Path, rm_run: str, seed: int, steps: int, e
                        f"run.results_dir={root}", f"run.dir={run_dir}"])
     t0 = time.time()
     code = run_training(cfg)
+    stopped(code, run_dir)
     doc = json.loads((run_dir / "eval_results.json").read_text())
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"seed": seed, "exit": code, "seconds": round(time.time() - t0, 1),
@@ -170,18 +190,23 @@ def main(argv: List[str]) -> int:
     setup_logging()
     policy = root / "sft-policy"
     if not (policy / "config.json").exists():
+        progress(f"stage sft: full fine-tune of the tiny model, {args.sft_steps} steps -> {policy}")
         print(json.dumps({"stage": "sft", **sft_start(policy, args.sft_steps)}), flush=True)
     base = None
     if args.rm_base_sft_steps:
         base = root / "sft-rm-base"
         if not (base / "config.json").exists():
+            progress(f"stage sft_rm_base: {args.rm_base_sft_steps} steps -> {base}")
             print(json.dumps({"stage": "sft_rm_base", **sft_start(base, args.rm_base_sft_steps)}), flush=True)
+    progress("stage sft_accuracy: greedy accuracy of the SFT policy (validation for choices, test reported)")
     print(json.dumps({"stage": "sft_accuracy", **sft_accuracies(policy, base)}), flush=True)
     rms = []
     for seed in args.seeds:
+        progress(f"stage rm (seed {seed}): sample and label the reward model's data, then train it (progress lines follow)")
         rms.append(train_rm(root, policy, seed, [] if args.rm_lora else RM_FULL, base))
         print(json.dumps({"stage": "rm", **rms[-1]}), flush=True)
     if not args.skip_grpo:
+        progress(f"stage grpo_rm: {args.grpo_steps} GRPO steps with the reward model as the only reward")
         out = grpo_with_rm(root, policy, rms[0]["run_dir"], args.seeds[0], args.grpo_steps, base=base)
         print(json.dumps({"stage": "grpo_rm", **out}), flush=True)
     return 0

@@ -105,7 +105,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The local single-node SLURM cluster (started once if needed): its client env
+    """The local two-node SLURM cluster (started once if needed): its client env
     (SLURM_CONF, FINELLAMA_SLURM_DIR), also set in os.environ. For tests marked slurm.
     FINELLAMA_NO_CLUSTER=1 (the fresh-machine phase of scripts/run_tests.sh) forbids starting it."""
     import sys

@@ -1,12 +1,19 @@
 """Helper for tests that need a real SLURM cluster (tests marked ``slurm``).
 
-``ensure_cluster()`` runs ``scripts/slurm_cluster/cluster.sh start`` once per
-process (it installs the Debian packages if missing and brings up munged,
-MariaDB, slurmdbd, slurmctld and slurmd on this machine; it needs root), then
+``ensure_cluster()`` runs ``scripts/slurm_cluster/cluster.sh start --nodes 2`` once
+per process (it installs the Debian packages if missing and brings up munged,
+MariaDB, slurmdbd, slurmctld and two slurmd daemons on this machine as two nodes;
+it needs root), then
 puts the client environment (``SLURM_CONF``, ``FINELLAMA_SLURM_DIR``) into
 ``os.environ`` and returns it. The cluster is left running after the tests;
 ``cluster.sh stop`` stops it. The state dir defaults to /tmp/finellama-slurm
 (env ``FINELLAMA_SLURM_DIR``).
+
+Two nodes, always (env ``FINELLAMA_SLURM_NODES`` overrides): the multi-node tests need
+them, and switching the node count of a running cluster requeues the jobs running then
+and strands pending ones that need the old nodes, so every test session asks for the
+same layout and nobody switches it mid-run. The nodes share this machine's CPUs (each
+declares all of them), so up to twice as many one-CPU jobs run at once as on one node.
 
 This module holds no tests; wire it into a fixture, e.g.::
 
@@ -66,10 +73,15 @@ def _parse_exports(text: str) -> dict[str, str]:
     return env
 
 
+def nodes() -> str:
+    """The node count the tests' cluster runs with (2 unless FINELLAMA_SLURM_NODES says otherwise)."""
+    return os.environ.get("FINELLAMA_SLURM_NODES") or "2"
+
+
 def _start() -> dict[str, str]:
-    cmd = f"{CLUSTER_SCRIPT} start"
+    cmd = f"{CLUSTER_SCRIPT} start --nodes {nodes()}"
     try:
-        proc = _run_script(["start"], START_TIMEOUT_S)
+        proc = _run_script(["start", "--nodes", nodes()], START_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(
             _describe(f"`{cmd}` did not finish within {START_TIMEOUT_S:.0f}s", exc.stdout, exc.stderr)

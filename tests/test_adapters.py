@@ -29,7 +29,7 @@ RL_ARGS = {
 
 def _fake_ckpt(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (folder / "adapter_model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # valid, no tensors
     (folder / "adapter_config.json").write_text("{}")
     (folder / "finellama_state.json").write_text(json.dumps({"step": int(folder.name.split("_")[1])}))
     return folder
@@ -54,6 +54,9 @@ def test_resolve_adapter_run_folder_checkpoint_and_errors(tmp_path):
     (stacked / FROZEN).mkdir()
     with pytest.raises(ConfigError, match="stacking a third adapter"):
         resolve_adapter(str(stacked))
+    (c1 / "adapter_model.safetensors").write_bytes(b"\x10")  # truncated: refused with evaluate's and resume's words
+    with pytest.raises(ConfigError, match=r"step_000010 is damaged \(adapter_model.safetensors is not a complete safetensors"):
+        resolve_adapter(str(c1))
 
 
 def test_adapter_config_errors(make_config):

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from finellama_rl.checkpoint import (clear_staging, commit_checkpoint, latest_checkpoint, list_checkpoints,
                                      read_state, staging_root)
 from finellama_rl.fileio import append_jsonl, atomic_write_json, read_jsonl
+
+
+def _adapter_bytes(fill: int, n: int = 1000) -> bytes:
+    """A real safetensors file with one uint8 tensor of n bytes (verify_checkpoint reads its header)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    return len(header).to_bytes(8, "little") + header + bytes([fill]) * n
 
 
 def _stage(root, step):
@@ -24,6 +32,25 @@ def test_commit_prune_latest(tmp_path):
     state = read_state(latest_checkpoint(root))
     assert {k: state[k] for k in ("step", "data_position")} == {"step": 6, "data_position": 48}
     assert state["manifest"] == {"optimizer.pt": {"bytes": 6, "sha256": state["manifest"]["optimizer.pt"]["sha256"]}}
+
+
+def test_keep_last_0_keeps_every_checkpoint_and_negative_keep_last_is_refused(tmp_path):
+    """trainer.keep_last=0: never prune (seed 004 kept all 25 of its checkpoints, seed 003 "unlimited")."""
+    import pytest
+
+    from finellama_rl.compose import load_config
+    from finellama_rl.errors import ConfigError
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        commit_checkpoint(root, _stage(root, step), step, {}, keep_last=0)
+    assert [p.name for p in list_checkpoints(root)] == ["step_000002", "step_000004", "step_000006", "step_000008"]
+    commit_checkpoint(root, _stage(root, 10), 10, {}, keep_last=2)  # the same folder later pruned to 2
+    assert [p.name for p in list_checkpoints(root)] == ["step_000008", "step_000010"]
+    assert load_config(["experiment=smoke", "trainer.keep_last=0"]).trainer.keep_last == 0
+    with pytest.raises(ConfigError) as err:
+        load_config(["experiment=smoke", "trainer.keep_last=-1"])
+    assert err.value.key == "trainer.keep_last"
 
 
 def test_half_written_checkpoint_is_never_listed(tmp_path):
@@ -71,7 +98,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 
 from finellama_rl.checkpoint import KILL_AT_ENV, step_of, verify_checkpoint  # noqa: E402
 
@@ -153,7 +179,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4):
         d = _stage(root, step)
-        (d / "adapter_model.safetensors").write_bytes(bytes([step]) * 1000)
+        (d / "adapter_model.safetensors").write_bytes(_adapter_bytes(step))
+        (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         commit_checkpoint(root, d, step, {}, keep_last=3)
     newest = root / "step_000004"
     assert latest_checkpoint(root) == newest and verify_checkpoint(newest) is None
@@ -168,7 +195,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "missing" in verify_checkpoint(newest) and latest_checkpoint(root).name == "step_000002"
     # a re-save of the damaged step replaces it; the previous checkpoint stays until then
     d = _stage(root, 4)
-    (d / "adapter_model.safetensors").write_bytes(bytes([4]) * 1000)
+    (d / "adapter_model.safetensors").write_bytes(_adapter_bytes(4))
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     commit_checkpoint(root, d, 4, {}, keep_last=1)
     assert latest_checkpoint(root).name == "step_000004" and verify_checkpoint(root / "step_000004") is None
     assert [c.name for c in list_checkpoints(root)] == ["step_000004"]
@@ -181,3 +209,29 @@ def test_resave_of_a_complete_step_keeps_it_with_keep_last_1(tmp_path):
     commit_checkpoint(root, _stage(root, 2), 2, {"x": 2}, keep_last=1)
     assert (root / "step_000002" / "finellama_state.json").read_text() == before  # never removed, never zero
     assert not any((root / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_files_keep_the_users_umask(tmp_path, umask, mode):
+    """safetensors writes 0600 through its own temporary file whatever the umask; a committed
+    checkpoint has the permissions `open()` would give (group-readable under umask 002)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / "checkpoints"
+    old = os.umask(umask)
+    try:
+        staged = staging_root(root) / "checkpoint-2"
+        (staged / "sub").mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "value_head.safetensors", "sub/rng_state.safetensors"):
+            save_file({"w": torch.arange(4.0)}, str(staged / name))
+        torch.save({"step": 2}, staged / "scheduler.pt")
+        assert (staged / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # the library's own mode
+        final = commit_checkpoint(root, staged, 2, {}, keep_last=1)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(final)): p.stat().st_mode & 0o777 for p in final.rglob("*") if p.is_file()}
+    assert modes and all(m == mode for m in modes.values()), modes
+    assert (final / "sub").stat().st_mode & 0o777 == mode | 0o111 & ~umask

@@ -67,3 +67,31 @@ def test_script_binds_to_localhost_and_generates_secrets():
     assert "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny" in text and "--bind-address=127.0.0.1" in text
     assert "finellama-slurm\"" not in text.split("DB_USER=")[1].split("\n")[1]  # no constant password
     assert "(umask 077 && dd if=/dev/urandom of=\"$MUNGE_KEY\"" in text
+
+
+@pytest.mark.parametrize("nodes", ["0", "5", "two", ""])
+def test_bad_node_count_is_refused_before_anything_starts(tmp_path, nodes):
+    proc = run_script(tmp_path / "state", "start", "--nodes", nodes) if nodes else run_script(tmp_path / "state", "start", "--nodes")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "node count must be 1..4" in proc.stderr or "--nodes needs a number" in proc.stderr
+    assert "installing" not in proc.stdout and "starting" not in proc.stdout
+
+
+def test_pid_file_of_a_second_node_naming_another_process_is_never_signalled(tmp_path):
+    """Several nodes: one pid file per slurmd (pids/slurmd.<node>); stop checks each like the others."""
+    state = tmp_path / "state"
+    (state / "pids").mkdir(parents=True, mode=0o755)
+    (state / "etc").mkdir(mode=0o755)
+    (state / "etc" / "nodes").write_text("2\n")
+    state.chmod(0o700)
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        (state / "pids" / "slurmd.node-2").write_text(f"{victim.pid} {stat_start(victim.pid)}\n")
+        proc = run_script(state, "stop")
+        assert proc.returncode == 0, proc.stderr
+        assert "stopping" not in proc.stdout and victim.poll() is None, "cluster.sh killed a process it did not start"
+        status = run_script(state, "status")
+        assert status.returncode == 1 and "nodes: 2" in status.stdout and "slurmd." in status.stdout
+    finally:
+        victim.kill()
+        victim.wait()

@@ -141,3 +141,40 @@ def test_the_rm_demos_figures_for_choices_are_measured_on_the_validation_split(m
     assert not set(questions["validation"]) & set(questions["test"])
     for split, asked, record in seen:
         assert asked == questions[split] and record["name"] == split and record["size"] == len(asked)
+
+
+def test_a_stopped_demo_resumes_its_own_sweep_with_resume(tmp_path, monkeypatch, capsys):
+    """A signal stops the first RL run (saved, exit 75): the demo starts no further run and says
+    the exact command; `--resume` plans the same sweep with the same arguments (so each run
+    continues from its checkpoints), and takes no other arguments."""
+    import types
+
+    from finellama_rl import demo, train
+    from finellama_rl.errors import EXIT_STOPPED
+    from finellama_rl.eval import sweep_report
+
+    calls = []
+
+    def fake_train(argv):
+        calls.append(argv)
+        return EXIT_STOPPED if len(calls) == 1 else 0
+
+    monkeypatch.setattr(demo, "ensure_sft", lambda cfg: Path(cfg.run.dir))
+    monkeypatch.setattr(train, "main", fake_train)
+    monkeypatch.setattr(sweep_report, "write_report", lambda sweep: types.SimpleNamespace(html=sweep / "r.html", markdown=sweep / "r.md"))
+    results = f"run.results_dir={tmp_path}"
+    assert demo.main(["-m", "trainer=ppo,grpo", "trainer.max_steps=30", results]) == EXIT_STOPPED
+    assert len(calls) == 1  # the second run never started
+    out = capsys.readouterr().out
+    assert "continue it (same sweep, from the checkpoints): python -m finellama_rl.demo --resume" in out
+    (sweep,) = list(tmp_path.glob("demo-*"))
+    assert demo.main(["--resume", results]) == 0
+    resumed = calls[1:]
+    assert [a for a in resumed[0] if a.startswith("run.dir=")] == [a for a in calls[0] if a.startswith("run.dir=")]
+    assert len(resumed) == 2 and all(f'run.sweep="{sweep.name}"' in " ".join(r) or f"run.sweep={sweep.name}" in " ".join(r)
+                                     for r in resumed)
+    assert all("trainer.max_steps=30" in r for r in resumed)
+    with pytest.raises(UsageError, match="give no others"):
+        demo.main(["--resume", "trainer=ppo", results])
+    with pytest.raises(UsageError, match="no demo sweep to resume"):
+        demo.main(["--resume", f"run.results_dir={tmp_path / 'empty'}"])

@@ -18,6 +18,7 @@ from finellama_rl.compose import cli_main, load_config
 from finellama_rl.config import EvalProtocol
 from finellama_rl.eval.passk import k_values, pass_at_k, score_samples
 from finellama_rl.fileio import atomic_write_json, atomic_write_text, read_json
+from finellama_rl.task.protocols import QWEN_INSTRUCTION
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,8 @@ def make_run_folder(root: Path, steps=(2, 4), *overrides: str) -> Path:
     for s in steps:
         ck = run / "checkpoints" / f"step_{s:06d}"
         ck.mkdir(parents=True)
-        (ck / "adapter_model.safetensors").write_bytes(b"")
+        (ck / "adapter_model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # a valid, empty one
+        atomic_write_json(ck / "adapter_config.json", {"peft_type": "LORA"})
         atomic_write_json(ck / "finellama_state.json", {"step": s})
     return run
 
@@ -228,6 +230,26 @@ def test_split_validation_evaluates_the_validation_problems(tiny_run):
     assert doc["split"]["name"] == "validation" and doc["split"]["size"] == len(val) == cfg.data.validation_size
     entries = json.loads((root / "eval_results.json").read_text())["entries"]
     assert [e["split"] for e in entries if "-validation-" in e["path"]] == ["validation"]
+
+
+@pytest.mark.slow
+def test_eval_files_record_the_training_and_evaluation_budgets_and_shots(tiny_run):
+    """Issue 21: every eval document says what training sampled (8 tokens, zero-shot) beside what
+    evaluation generated, here under qwen25_math_cot at 6 tokens and lm_eval_gsm8k with its 5 shots."""
+    root, run = tiny_run
+    final = read_json(run / "eval_results.json")  # written by the training run itself
+    assert final["budgets"] == {"training": {"trainer": "grpo", "max_completion_tokens": 8, "shots": 0},
+                                "evaluation": {"protocol": "qwen_boxed", "max_new_tokens": 8, "shots": 0}}
+    assert evaluate.main([f"run={run}", "checkpoint=2", "eval.num_examples=2", "eval.protocol=qwen25_math_cot",
+                          "eval.max_new_tokens=6"]) == 0
+    cot = read_json(run / "evals" / "step_000002-qwen25_math_cot-n2-greedy.json")
+    assert cot["budgets"]["evaluation"] == {"protocol": "qwen25_math_cot", "max_new_tokens": 6, "shots": 0}
+    assert cot["protocol"]["system_prompt"] == QWEN_INSTRUCTION and cot["protocol"]["user_template"] == "{question}"
+    assert cot["protocol"]["decoding"]["max_new_tokens"] == 6 and cot["budgets"]["training"]["max_completion_tokens"] == 8
+    assert evaluate.main([f"run={run}", "checkpoint=2", "eval.num_examples=2", "eval.protocol=lm_eval_gsm8k",
+                          "eval.max_new_tokens=6"]) == 0
+    shots = read_json(run / "evals" / "step_000002-lm_eval_gsm8k-n2-greedy.json")["budgets"]
+    assert shots["evaluation"]["shots"] == 5 and shots["training"]["shots"] == 0
 
 
 @pytest.mark.slow

@@ -65,9 +65,11 @@ def test_completed_run_is_not_retrained(make_config, tmp_path, capsys):
     cfg = make_config(*SMALL, "trainer.max_steps=1", "trainer.save_every=1", "eval.before_training=false")
     assert run_training(cfg) == 0
     n = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    attempts = (tmp_path / "run" / "attempts.jsonl").read_bytes()
     assert run_training(cfg) == 0
-    assert "already complete" in capsys.readouterr().out
+    assert "already finished at step 1/1" in capsys.readouterr().out
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == n
+    assert (tmp_path / "run" / "attempts.jsonl").read_bytes() == attempts  # no attempt added
 
 
 @pytest.mark.slow
@@ -143,3 +145,36 @@ def test_grpo_sampling_ignores_the_models_generation_config(make_config):
     assert effective.min_p is None and effective.no_repeat_ngram_size == 0
     leaked, _ = lm._prepare_generation_config(trainer.generation_config)  # without the guard: TRL alone
     assert leaked.min_p == 0.1  # what the guard keeps out (TRL leaves min_p unset: None)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_last_step_resumes_into_the_final_evaluation_only(make_config, tmp_path, monkeypatch):
+    """Stopped (a signal, a crash) right after the last step's checkpoint, before the final
+    evaluation: the resumed run trains no step (the HF Trainer checks max_steps only after
+    a step, so it trained step 3 of 2) and evaluates the checkpoint's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from finellama_rl.trainers import run as run_module
+
+    args = [*SMALL, "trainer.max_steps=2", "trainer.save_every=2", "eval.before_training=false", "trainer.rewards=[digits]",
+            "trainer.learning_rate=3e-3"]
+    assert run_training(make_config(*args, "debug.crash_after_step=2")) == EXIT_CRASH_TEST
+    seen = {}
+    original = run_module.finish
+
+    def spy(cfg, paths, policy, outcome, *rest):
+        seen.update(step=outcome.final_step, weights={n: p.detach().clone() for n, p in policy.named_parameters()
+                                                       if "lora_" in n})
+        return original(cfg, paths, policy, outcome, *rest)
+
+    monkeypatch.setattr(run_module, "finish", spy)
+    assert run_training(make_config(*args)) == 0
+    run = tmp_path / "run"
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 2 and seen["step"] == 2
+    saved = load_file(str(run / "checkpoints" / "step_000002" / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for n, t in saved.items() if "lora_B" in n), "training moved the adapter"
+    for name, tensor in saved.items():  # the evaluated weights are the checkpoint's, not a fresh adapter
+        match = [w for n, w in seen["weights"].items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+        assert match and torch.equal(match[0].float(), tensor.float()), name

@@ -40,14 +40,69 @@ def test_headline_dry_run_shows_qwen_and_gsm8k_without_slurm(tmp_path, hf_cache_
     for algo in ("ppo", "grpo"):
         assert (f"config: model=qwen2.5-3b (Qwen/Qwen2.5-3B-Instruct) trainer={algo} data=gsm8k hardware=a100_80"
                 in out), out
-    assert out.count("#SBATCH --gpus-per-node=1") == 2 and out.count("#SBATCH --mem=120G") == 2
-    assert "dry run: 2 run(s), nothing submitted" in out and not results.exists()
+    # one request: one array of two tasks, one script
+    assert out.count("#SBATCH --gpus-per-node=1") == 1 and out.count("#SBATCH --mem=120G") == 1
+    assert "#SBATCH --array=0-1%2" in out and "# task 1: run grpo-qwen2.5-3b-a100_80: an srun step" in out
+    assert "dry run: 2 run(s) as 1 job(s), nothing submitted" in out and not results.exists()
     # the `# job:` line is a shell command that gives train exactly the planned run
     job = next(line for line in out.splitlines() if line.startswith("# job: "))[len("# job: "):]
     words = shlex.split(job)
     assert words[:3] == ["python", "-m", "finellama_rl.train"]
     folder = next(line for line in out.splitlines() if line.startswith("run folder: "))[len("run folder: "):]
     assert load_config(words[3:]).run.dir == folder
+
+
+def test_seed_ppo_3b_dry_run_warns_that_its_evaluation_budget_is_not_its_training_budget(tmp_path, hf_cache_with_headline):
+    """Issue 21: seed_ppo_3b samples 128 tokens in training and evaluates up to 256: the dry run says so
+    (once, naming both keys), submits nothing, and the smoke preset (16 and 16) raises no such warning."""
+    base = hf_cache_with_headline / "hub" / "models--Qwen--Qwen2.5-3B"  # the base model seed 004 trained
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    (base / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (base / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    env = {**os.environ, "HF_HOME": str(hf_cache_with_headline), "HF_HUB_OFFLINE": "1",
+           "PATH": path_without_slurm(tmp_path / "bin")}
+    proc = launch_cli(["experiment=seed_ppo_3b", "dry_run=true", "launcher=slurm", f"run.results_dir={tmp_path / 'r'}"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "config: model=qwen2.5-3b-base (Qwen/Qwen2.5-3B) trainer=ppo" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: eval.max_new_tokens: ")]
+    assert len(warnings) == 1, proc.stderr
+    assert ("evaluation generates up to 256 new tokens (eval.max_new_tokens) but training samples at most 128 "
+            "(trainer.max_completion_tokens)") in warnings[0] and "eval.max_new_tokens=128" in warnings[0]
+    assert "[in run 0 (experiment=seed_ppo_3b" in warnings[0] and not (tmp_path / "r").exists()
+    assert sweep.budget_warnings(sweep.plan_runs(["experiment=smoke", f"run.results_dir={tmp_path / 's'}"])) == []
+    two = sweep.plan_runs(["-m", "experiment=smoke", "eval.protocol=lm_eval_gsm8k", "trainer.seed=0,1",
+                           f"run.results_dir={tmp_path / 's'}"])
+    assert [w.split(":")[0] for w in sweep.budget_warnings(two)] == ["eval.shots"]  # one line for the sweep
+    assert sweep.budget_warnings(two)[0].endswith("and 1 more run(s)]")
+
+
+def test_headline_dry_run_works_without_slurm_gpu_or_model_and_lists_what_it_could_not_check(tmp_path):
+    """The README's headline command with dry_run=true, as typed (launcher=auto), on a machine
+    with no SLURM, no GPU and an empty model cache: both jobs printed, exit 0, and the list of
+    what this machine could not check. Both runs ask for the same resources: one array of two tasks."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1",
+           "PATH": path_without_slurm(tmp_path / "bin")}
+    proc = launch_cli(["-m", "trainer=ppo,grpo", "hardware=a100_80", "dry_run=true", f"run.results_dir={tmp_path / 'r'}"], env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("#SBATCH --gpus-per-node=1") == 1 and "#SBATCH --array=0-1" in out
+    assert out.count("# job: python -m finellama_rl.train") == 2 and "trainer=ppo" in out and "trainer=grpo" in out
+    unchecked = out[out.index("not checked on this machine"):].splitlines()
+    assert any(line.startswith("  - SLURM: sbatch is not on PATH") for line in unchecked), out
+    assert any(line.startswith("  - model: Qwen/Qwen2.5-3B-Instruct is not reachable") for line in unchecked), out
+    assert any(line.startswith("  - data: openai/gsm8k is not reachable") for line in unchecked), out
+    assert "dry run: 2 run(s) as 1 job(s), nothing submitted" in out and not (tmp_path / "r").exists()
+
+
+def test_dry_run_with_slurm_that_does_not_answer_previews_and_says_so(tmp_path, no_slurm_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", fake_binaries(tmp_path / "fake", NOT_ANSWERING) + os.pathsep + no_slurm_path)
+    assert launch.main(["hardware=a100_80", "dry_run=true", f"run.results_dir={tmp_path / 'r'}"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=1" in out and "  - SLURM: sinfo failed: sinfo: error: Unable to contact" in out
+    # a bad setting still stops a dry run (exit 2): only what this machine cannot check is listed
+    with pytest.raises(ConfigError, match="trainer.micro_batch"):
+        launch.main(["hardware=a100_80", "dry_run=true", "trainer.micro_batch=3", f"run.results_dir={tmp_path / 'r'}"])
 
 
 def test_local_gpu_profile_without_gpu_exits_2(tmp_path):
@@ -132,6 +187,55 @@ def test_relaunch_while_the_ledger_shows_a_running_job_is_refused(tmp_path, no_s
         launch.main(["experiment=smoke", "launcher=local", "dry_run=true", f"run.results_dir={tmp_path}", "run.sweep=s"])
     assert "its watchdog job 77 is RUNNING" in err.value.message  # the training job 76 has ended
     assert f"python -m finellama_rl.status {tmp_path / 's'} --cancel (or scancel 77)" in err.value.message
+
+
+def test_a_launch_holding_the_reservation_makes_a_second_one_exit_2(tmp_path, sleeper):
+    """Two launches of one run started together: the second finds the first's launch.lock
+    (exclusively created before its last check and its submission) and stops; nothing runs."""
+    args = ["experiment=smoke", "launcher=local", f"run.results_dir={tmp_path}", "run.sweep=s"]
+    run_dir = tmp_path / "s" / "grpo-tiny-cpu"
+    first = sweep.plan_runs(args)
+    held = sweep.Reservations(first).__enter__()  # the first launch, between its reservation and its submission
+    assert RunPaths(run_dir).launch_lock.exists() and RunPaths(run_dir).marker.exists()
+    try:
+        with pytest.raises(ConfigError) as err:
+            launch.main(args)
+        assert err.value.key == "run.dir" and f"{run_dir} is being launched by another command" in err.value.message
+        assert f"pid {os.getpid()}" in err.value.message and "nothing was submitted" in err.value.message
+        assert sorted(p.name for p in run_dir.iterdir()) == [".finellama_run", "launch.lock"]  # nothing ran
+    finally:
+        held.__exit__(None, None, None)
+    assert not RunPaths(run_dir).launch_lock.exists()
+    plant_lock(run_dir, sleeper.pid).rename(RunPaths(run_dir).launch_lock)  # a launch that died holding it: stale
+    with pytest.raises(ConfigError, match="being launched by another command"):
+        sweep.Reservations(sweep.plan_runs(args)).__enter__()
+    sleeper.kill()
+    sleeper.wait()
+    with sweep.Reservations(sweep.plan_runs(args)):
+        assert json.loads(RunPaths(run_dir).launch_lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_dry_run_reserves_nothing(tmp_path):
+    assert launch.main(["experiment=smoke", "launcher=local", "dry_run=true", f"run.results_dir={tmp_path}",
+                        "run.sweep=s"]) == 0
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_failed_submission_releases_the_reservation(tmp_path, no_slurm_path, monkeypatch):
+    from finellama_rl.errors import SubmissionFailed
+    from finellama_rl.login import slurm
+
+    def refuse(chunk, folder, name):
+        raise SubmissionFailed("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy")
+
+    monkeypatch.setattr(slurm, "submit_units", refuse)
+    runs = sweep.plan_runs(["experiment=smoke", "launcher=slurm", f"run.results_dir={tmp_path / 'r'}", "run.sweep=s"])
+    with pytest.raises(ConfigError, match="nothing was submitted"):
+        with sweep.Reservations(runs) as held:
+            launch.submit_slurm(runs, launch.job_chunks(runs, ask_slurm=False), held.created)
+    assert not (tmp_path / "r").exists()  # the folders this launch made, its marker and reservation with them
+    with sweep.Reservations(runs):  # free for the next launch
+        pass
 
 
 def test_run_lock_holders(tmp_path, sleeper):

@@ -59,11 +59,18 @@ def test_hostile_site_file_key_is_refused(tmp_path, monkeypatch):
     site.write_text('hardware:\n  cpu:\n    slurm:\n      additional:\n        "mail-type\\n#SBATCH --mem=1": END\n')
     with pytest.raises(ConfigError) as err:
         load_config(["experiment=smoke", f"site={site}", f"run.results_dir={tmp_path}"])
-    assert err.value.key.startswith("hardware.slurm.additional")
+    # one clean line that names the key as Python writes it, and the file
+    assert err.value.key == "site" and "\n" not in str(err.value), err.value
+    assert "key hardware.cpu.slurm.additional.'mail-type\\n#SBATCH --mem=1'" in err.value.message
+    assert "contains a control character" in err.value.message and str(site) in err.value.message
     site.write_text('slurm:\n  "account\\ntouch /tmp/finellama-pwned": x\n')
     with pytest.raises(ConfigError) as err:
         load_config(["experiment=smoke", f"site={site}", f"run.results_dir={tmp_path}"])
+    assert "key slurm.'account\\ntouch /tmp/finellama-pwned'" in err.value.message and "\n" not in str(err.value)
     assert str(site) in err.value.message and not PWNED.exists()
+    site.write_text('hardware:\n  "a100_80\\nx":\n    slurm: {partition: fat}\n')
+    with pytest.raises(ConfigError, match=r"key hardware.'a100_80\\nx' in .* contains a control character"):
+        load_config(["experiment=smoke", f"site={site}", f"run.results_dir={tmp_path}"])
 
 
 # values that are legal (SLURM accepts them) but look dangerous: they must stay inside #SBATCH lines
@@ -114,7 +121,7 @@ def test_run_folder_outside_results_when_explicitly_allowed(tmp_path):
 
 @pytest.mark.parametrize("make_root, needle", [
     (lambda p: [(p / "a_file").write_text("x"), p / "a_file" / "results"][-1], "is a file, not a folder"),
-    (lambda p: Path("/proc/finellama-results"), "cannot create files in /proc"),
+    (lambda p: Path("/proc/finellama-results"), "lies in the system folder /proc"),  # refused before any write is tried
 ])
 def test_results_dir_that_cannot_hold_files_exits_2(make_root, needle, tmp_path):
     root = make_root(tmp_path)

@@ -43,6 +43,27 @@ def test_qwen_boxed_prompt_is_qwens_own_template(tokenizer):
     assert QWEN_INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
 
 
+def test_qwen25_math_cot_prompt_is_qwen_math_evaluations_own_template(tokenizer):
+    """QwenLM/Qwen2.5-Math evaluation/utils.py PROMPT_TEMPLATES["qwen25-math-cot"] (commit a45202b, copied
+    verbatim below) with the question filled in: the instruction is the SYSTEM message, the user turn is the
+    bare question; composed from the real conf/ with its 2048-token budget (math_eval.py --max_tokens_per_call)."""
+    from finellama_rl.compose import load_config
+
+    qwen25_math_cot = (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
+        "<|im_start|>user\n{input}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    cfg = load_config(["experiment=smoke", "eval.protocol=qwen25_math_cot", "eval.max_new_tokens=null"])
+    fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)
+    for question in ("Janet's ducks lay 16 eggs per day. How many are left?", "What is {x} if x = 2?\nAnswer in $."):
+        assert render_prompt(tokenizer, fmt, question) == qwen25_math_cot.format(input=question)
+    assert render_prompt(tokenizer, fmt, "Q?") != render_prompt(tokenizer, prompt_format(EvalProtocol.qwen_boxed, ""), "Q?")
+    assert (eval_max_new_tokens(cfg.eval), eval_shots(cfg.eval)) == (2048, 0)
+    assert protocol_spec(cfg.eval.protocol).primary.value == "math_verify"
+    assert stop_strings(fmt, tokenizer) == ["</s>", "<|im_end|>", "<|endoftext|>"]  # math_eval.py's stop_words
+
+
 def test_finellama_prompt_uses_the_data_system_prompt(tokenizer):
     fmt = prompt_format(EvalProtocol.finellama, "End with '#### n'.")
     assert render_prompt(tokenizer, fmt, "What is 2+2?") == (

@@ -100,7 +100,7 @@ def sweep(tmp_path) -> Path:
     c = make_run(sw, "grpo-tiny-cpu-lr", ["experiment=smoke", "trainer=grpo", "trainer.learning_rate=1e-4"], [0.0, 0.1, 0.1], [1.2, 1.1, 1.0], 90)
     atomic_write_json(c / "eval_baseline.json", eval_doc("grpo-tiny-cpu-lr", 0, BASE[10:30]))
     # A run from before eval protocols: a schema-1 eval file (finellama, strict primary).
-    d = make_run(sw, "seed-v1", ["experiment=smoke", "trainer=grpo"], [0.2], [0.9], 60)
+    d = make_run(sw, "seed-v1", ["experiment=smoke", "trainer=grpo", "trainer.max_steps=200"], [0.2], [0.9], 60)
     atomic_write_json(d / "eval_results.json", json.loads(V1_FIXTURE.read_text()))
     return sw
 
@@ -193,7 +193,10 @@ def test_html_is_self_contained(sweep, tmp_path):
     rep = sweep_report.write_report(sweep, tmp_path / "out")
     page = rep.html.read_text()
     assert "<table id='runs'>" in page and "<table id='table2'>" in page
-    assert page.count("<tr>") == (1 + 4) + (1 + 3)  # runs table, pairs table (3 pairs of finished runs)
+    # runs table, pairs table (3 pairs of finished runs), training signals (a row per run); no arms tables:
+    # every arm has one seed here (seed-v1 trains 200 steps, grpo-tiny-cpu 8; test_report_seeds.py has arms)
+    assert page.count("<tr>") == (1 + 4) + (1 + 3) + (1 + 4)
+    assert "Arms across seeds" not in page
     assert page.count("src='data:image/png;base64,") == 4
     assert not re.search(r"(src|href)=['\"](?!data:)", page), "external resource in report.html"
     assert "<script" not in page and "<link" not in page and "@import" not in page
@@ -212,7 +215,8 @@ def chromium() -> str:
     if proc.returncode == 3:
         pytest.skip(f"cannot install chromium: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return shutil.which("chromium")
+    # apt installed it into /usr/bin, which a PATH made before the install may shadow (scripts/run_tests.sh phase 1)
+    return shutil.which("chromium") or shutil.which("chromium", path="/usr/bin")
 
 
 def test_html_screenshot_in_headless_chromium_shows_the_table_and_significance(sweep, tmp_path):

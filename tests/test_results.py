@@ -21,7 +21,8 @@ def owned_names() -> Set[str]:
     root = Path("/R")
     paths = [getattr(RunPaths(root), n) for n in dir(RunPaths) if isinstance(getattr(RunPaths, n), property)]
     paths += [RunPaths(root).eval_at_step(1), RunPaths(root).oom_claim(1), RunPaths(root).job_log("7"),
-              RunPaths(root).job_log("7", watchdog=True), SweepPaths(root).ledger, ResultsPaths(root).index,
+              RunPaths(root).job_log("7", watchdog=True), RunPaths(root).rank_exit_of(0), SweepPaths(root).ledger,
+              SweepPaths(root).submitit_logs, ResultsPaths(root).index,
               ResultsPaths(root).index_lock]
     names = {part for p in paths for part in p.relative_to(root).parts}
     return names | {"oom_claim-", "_0_log.out"}  # prefixes and suffixes of names with a number or job id in them
@@ -65,7 +66,7 @@ def test_the_owner_names_every_path_of_a_run():
     names = owned_names()
     for expected in ("config.yaml", "metrics.jsonl", "metrics_discarded.jsonl", "eval_results.json", "eval_baseline.json",
                      "evals", "best_checkpoint.json", "attempts.jsonl", "checkpoints", "run.lock", "tensorboard", "logs",
-                     "submitit", "watch", "job_events.jsonl", "current_attempt.json", "rank_exit.json", "stop_request",
+                     "submitit", "watch", "job_events.jsonl", "current_attempt.json", "rank_exit.0.json", "stop_request",
                      "ledger.jsonl", "rm_data.jsonl", "rm_eval.json", "reward_model"):
         assert expected in names, expected
 

@@ -17,6 +17,7 @@ from conftest import REPO, fill_until_full
 from finellama_rl import train
 from finellama_rl.trainers import run as training_run
 from finellama_rl.fileio import read_jsonl
+from finellama_rl.ownership import claim
 from finellama_rl.runlock import RunFolderBusy, proc_start_time
 from finellama_rl.results import RunPaths
 
@@ -78,6 +79,7 @@ def test_fit_memory_from_a_real_oom_step_down_but_not_from_fault_injection(make_
 
 def test_stale_staging_is_cleared_before_anything_is_written(tiny_disk, make_config, attempts_stubbed, fit_memory):
     cfg = make_config("experiment=smoke", run_dir=str(tiny_disk / "run"))
+    claim(tiny_disk / "run", "test", resume=True)  # an earlier start of this run made it
     staging = tiny_disk / "run" / "checkpoints" / ".staging" / "step_000004"
     staging.mkdir(parents=True)
     fill_until_full(staging / "optimizer.pt")  # a save cut short by a full disk
@@ -89,6 +91,7 @@ def test_stale_staging_is_cleared_before_anything_is_written(tiny_disk, make_con
 def test_a_hard_killed_attempt_is_recorded_at_the_next_start(make_config, attempts_stubbed, fit_memory):
     cfg = make_config("experiment=smoke")
     run = Path(cfg.run.dir)
+    claim(run, "test", resume=True)  # an earlier start of this run made it
     (run / "logs").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5)))
     # what a process leaves when SIGKILL ends it mid-attempt: the marker of an attempt that never closed
@@ -108,6 +111,7 @@ def test_a_hard_killed_attempt_is_recorded_at_the_next_start(make_config, attemp
 def test_resume_false_moves_only_the_runs_files_aside(make_config, attempts_stubbed, fit_memory):
     cfg = make_config("experiment=smoke", "run.resume=false")
     run = Path(cfg.run.dir)
+    claim(run, "test", resume=True)  # an earlier start of this run made it
     (run / "checkpoints" / "step_000004").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     attempts_stubbed.append(0)

@@ -46,21 +46,36 @@ def _plant(ckpt: Path, name: str, marker: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo, planted, refused", [
-    ("ppo", ["scheduler.pt", "rng_state.pth", "training_args.bin"], None),  # names PPO no longer reads
-    ("ppo", ["optimizer.pt"], "optimizer.pt"),
-    ("grpo", ["rng_state.pth"], "rng_state.pth"),  # read last by the HF Trainer (after optimizer and scheduler)
+@pytest.mark.parametrize("algo, planted, refused, precheck", [
+    ("ppo", ["training_args.bin"], None, True),  # the HF Trainer writes it and never reads it back
+    ("ppo", ["scheduler.pt", "rng_state.pth"], "rng_state.pth", True),  # PPO never reads these: still refused by name
+    ("ppo", ["optimizer.pt"], "optimizer.pt", True),
+    ("grpo", ["rng_state.pth"], "rng_state.pth", True),
+    ("grpo", ["rng_state.pth"], "rng_state.pth", False),  # without the check, torch's restricted loader still refuses
 ])
-def test_a_planted_pickle_is_not_executed_on_resume(algo, planted, refused, make_config, tmp_path):
+def test_a_planted_pickle_is_not_executed_on_resume(algo, planted, refused, precheck, make_config, tmp_path, monkeypatch):
+    """A planted pickle is refused before anything loads, in one line that names the file
+    (job/snapshot.unsafe_pickle: its opcodes are read, nothing is constructed), and no
+    attempt is recorded; behind that check, the loaders read with weights_only=True."""
+    from finellama_rl.errors import ConfigError
+    from finellama_rl.job import snapshot
+
     marker = tmp_path / "PWNED"
     assert run_training(make_config(*RUN, *ALGO[algo], "debug.crash_after_step=2")) == EXIT_CRASH_TEST
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.name == "step_000002"
     for name in planted:
         _plant(ckpt, name, marker)
+    attempts = (tmp_path / "run" / "attempts.jsonl").read_text()
     cfg = make_config(*RUN, *ALGO[algo])
+    if not precheck:
+        monkeypatch.setattr(snapshot, "unsafe_pickle", lambda folder: None)
     if refused is None:
-        assert run_training(cfg) == 0  # resumed from the safe files; the planted ones were never read
+        assert run_training(cfg) == 0  # resumed from the safe files; the planted one was never read
+    elif precheck:
+        with pytest.raises(ConfigError, match=rf"step_000002/{refused} holds pickled Python objects .*open"):
+            run_training(cfg)
+        assert (tmp_path / "run" / "attempts.jsonl").read_text() == attempts  # refused before any attempt began
     else:
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
             run_training(cfg)

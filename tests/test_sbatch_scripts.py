@@ -73,6 +73,35 @@ def test_preview_is_the_submitted_text(tmp_path, no_slurm_path):
     assert executor_params(cfg)["stderr_to_stdout"] is True
 
 
+def script_threads(profile: str, env: dict) -> str:
+    """OMP_NUM_THREADS that a profile's script exports, run by bash with `env` (the job's variables)."""
+    text = render_sbatch(load_config([f"hardware={profile}"], resolve_paths=False))
+    lines = [l for l in text.splitlines() if l.startswith(("THREADS=", "if [ -n \"${SLURM_CPUS_PER_TASK", "export OMP_NUM_THREADS"))]
+    assert len(lines) == 3, lines
+    out = subprocess.run(["bash", "-c", "\n".join(lines) + '\necho "$OMP_NUM_THREADS"'], env={"PATH": os.environ["PATH"], **env},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("profile, user, cpus, expected", [
+    ("cpu", None, "16", "1"),        # a CPU job: one thread unless you say otherwise (oversubscribed nodes)
+    ("cpu", "4", "16", "4"),         # yours
+    ("cpu", "32", "2", "2"),         # never more than the job's CPUs
+    ("a100_80", None, "16", "16"),   # a GPU job: its CPUs
+    ("a100_80", "4", "16", "4"),
+    ("a100_80", "64", "16", "16"),
+])
+def test_threads_per_process_in_scripts_and_jobs_agree(profile, user, cpus, expected):
+    from finellama_rl.job.distributed import rank_threads
+    from finellama_rl.login.controller import job_threads
+
+    env = {"SLURM_CPUS_PER_TASK": cpus, **({"OMP_NUM_THREADS": user} if user else {})}
+    assert script_threads(profile, env) == expected
+    gpus = load_config([f"hardware={profile}"], resolve_paths=False).hardware.gpus_per_node if profile != "cpu" else 0
+    assert job_threads(user, cpus, gpus) == expected  # launch's jobs (login/controller.Controller)
+    assert rank_threads(None, 2, cuda=False) == "1" and rank_threads("8", 2, cuda=True) == "4"  # the ranks' share
+
+
 def test_a100_80_takes_a_per_gpu_share_not_the_node():
     cfg = load_config(["hardware=a100_80"], resolve_paths=False)
     assert cfg.hardware.gpus_per_node == 1 and cfg.hardware.slurm.mem_gb == 120

@@ -122,6 +122,8 @@ RUN_ON = {  # protocol: (completion that answers 70, then invents a question ans
     EvalProtocol.lm_eval_gsm8k: (" 48 + 24 = 70 clips.\n\nQuestion: What is 70 + 2?\nAnswer: 72\n#### 72", 0.0),
     EvalProtocol.qwen_boxed: ("48 + 24 = 70, so \\boxed{70}<|im_end|>\n<|im_start|>user\nAdd 2.<|im_end|>\n"
                               "<|im_start|>assistant\n\\boxed{72}", 1.0),
+    EvalProtocol.qwen25_math_cot: ("48 + 24 = 70, so \\boxed{70}<|im_end|>\n<|im_start|>user\nAdd 2.<|im_end|>\n"
+                                   "<|im_start|>assistant\n\\boxed{72}", 1.0),
 }
 
 

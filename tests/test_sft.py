@@ -19,10 +19,11 @@ SFT = [*TINY, "trainer=sft", "trainer.prompts_per_step=8", "trainer.micro_batch=
        "trainer.max_completion_tokens=16"]
 
 # The seed's SFT table (issue 12): epochs, lr, schedule, warmup ratio, weight decay, eval/save
-# cadence, checkpoints kept, load best at end, dataloader workers.
+# cadence, checkpoints kept (0: all, the seed's "unlimited": issue 21), load best at end, dataloader
+# workers; every recipe trains LoRA on q, v and o (issue 21; tests/test_seed_presets.py checks the sources).
 SEED_PRESETS = {
-    "sft_1epoch": dict(epochs=1, lr=2e-4, schedule="linear", warmup=0.03, wd=0.0, eval=500, save=500, keep=2, best=False, workers=0),
-    "sft_2epoch": dict(epochs=2, lr=1e-4, schedule="linear", warmup=0.03, wd=0.0, eval=500, save=1000, keep=2, best=False, workers=0),
+    "sft_1epoch": dict(epochs=1, lr=2e-4, schedule="linear", warmup=0.03, wd=0.0, eval=500, save=500, keep=0, best=False, workers=0),
+    "sft_2epoch": dict(epochs=2, lr=1e-4, schedule="linear", warmup=0.03, wd=0.0, eval=500, save=1000, keep=0, best=False, workers=0),
     "sft_5epoch": dict(epochs=5, lr=5e-5, schedule="cosine", warmup=0.05, wd=0.01, eval=500, save=500, keep=3, best=True, workers=0),
     "sft_best": dict(epochs=6, lr=4e-5, schedule="cosine", warmup=0.06, wd=0.01, eval=250, save=250, keep=5, best=True, workers=2),
 }
@@ -37,7 +38,7 @@ def test_sft_presets_compose_with_the_seed_values(preset, make_config):
     assert t.lr_schedule.value == want["schedule"] and math.isclose(t.sft.warmup_ratio, want["warmup"])
     assert math.isclose(t.weight_decay, want["wd"]) and t.eval_every == want["eval"] and t.save_every == want["save"]
     assert t.keep_last == want["keep"] and t.sft.keep_best == want["best"] and t.sft.dataloader_workers == want["workers"]
-    assert t.sft.best_metric.value == "accuracy"
+    assert t.sft.best_metric.value == "accuracy" and t.lora.target_modules == ["q_proj", "v_proj", "o_proj"]
 
 
 def test_sft_smoketest_preset_is_one_epoch_of_a_tiny_slice(make_config):

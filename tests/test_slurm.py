@@ -65,7 +65,7 @@ class Submitted:
 
     @property
     def job_ids(self) -> List[str]:
-        """The training jobs (the ledger also lists each run's watchdog)."""
+        """The training jobs (older ledgers also listed each run's watchdog)."""
         return [str(e["job_id"]) for e in self.trains]
 
     @property
@@ -87,7 +87,7 @@ def submit(env: Dict[str, str], results: Path, *overrides: str) -> Submitted:
 
 
 def states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
-    from finellama_rl.login.slurm import job_states
+    from finellama_rl.login.scheduler import job_states
 
     return job_states(job_ids)
 
@@ -284,9 +284,16 @@ def test_sweep_whose_third_run_asks_for_an_unknown_gres_submits_nothing(env, tmp
     assert_no_job_named(env, f"fl-{sweep}-", start)
 
 
-def test_a_submission_that_fails_midway_is_rolled_back(env, tmp_path):
-    """sbatch accepts the checks, then refuses the fourth job (run 1's watchdog): the three
-    jobs already submitted are cancelled, their files and folders removed, exit 2."""
+@pytest.mark.parametrize("sweep_args, refused, cancelled", [
+    # one job per run: the third is refused, the two before it are cancelled
+    (["trainer.seed=1,2,3", "hardware.slurm.arrays=false"], "sbatch refused run 2 (", 2),
+    # two requests, two arrays: the second array is refused, every task of the first is cancelled
+    (["trainer.seed=1,2", "hardware.slurm.mem_gb=2,3"], "sbatch refused the array of run 1 (", 2),
+])
+def test_a_submission_that_fails_midway_is_rolled_back(env, tmp_path, sweep_args, refused, cancelled):
+    """sbatch accepts the checks, then refuses the last submission: every job and array task
+    already submitted is cancelled, their files and folders removed, exit 2."""
+    fail_at = 3 if "hardware.slurm.arrays=false" in sweep_args else 2
     real = shutil.which("sbatch", path=env["PATH"])
     count = tmp_path / "count"
     fake = tmp_path / "bin" / "sbatch"
@@ -294,7 +301,7 @@ def test_a_submission_that_fails_midway_is_rolled_back(env, tmp_path):
     fake.write_text(f"""#!/bin/sh
 case " $* " in *" --test-only "*) exec {real} "$@";; esac
 n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
-if [ $n -eq 4 ]; then
+if [ $n -eq {fail_at} ]; then
   echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit)" >&2; exit 1
 fi
 {real} "$@" | tee -a {tmp_path / "submitted"}
@@ -302,18 +309,20 @@ fi
     fake.chmod(0o755)
     sweep = f"midway-{uuid.uuid4().hex[:8]}"
     results = tmp_path / "results"
-    proc = run_module("finellama_rl.launch", [*COMMON, "-m", "trainer.seed=1,2,3", "hardware.slurm.timeout_min=5",
+    proc = run_module("finellama_rl.launch", [*COMMON, "-m", *sweep_args, "hardware.slurm.timeout_min=5",
                                               f"run.results_dir={results}", f"run.sweep={sweep}"],
                       {**env, "PATH": f"{fake.parent}:{env['PATH']}"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     message = proc.stderr.strip()
-    assert "sbatch refused run 1 (" in message and "hardware.slurm.qos" in message and "cancelled the 3 job(s)" in message
-    assert count.read_text().strip() == "4"
+    assert refused in message and "hardware.slurm.qos" in message, message
+    assert f"cancelled the {fail_at - 1} job(s) and array(s)" in message, message
+    assert count.read_text().strip() == str(fail_at)
     assert not (results / sweep).exists(), sorted(str(p) for p in results.rglob("*"))
     ids = re.findall(r"Submitted batch job (\d+)", (tmp_path / "submitted").read_text())
-    assert len(ids) == 3
-    final = wait_terminal(ids, 60, [])  # squeue's word first, sacct's after (accounting lags)
-    assert all(final[j]["state"] == "CANCELLED" for j in ids), final
+    assert len(ids) == fail_at - 1
+    tasks = ids if fail_at == 3 else [f"{ids[0]}_{t}" for t in range(2)]  # the first array's tasks
+    final = wait_terminal(tasks, 60, [])  # squeue's word first, sacct's after (accounting lags)
+    assert len(tasks) == cancelled and all(final[j]["state"] == "CANCELLED" for j in tasks), final
 
 
 def test_auto_with_slurm_not_answering_refuses_a_gpu_profile(env, tmp_path):
@@ -347,12 +356,13 @@ def test_dry_run_prints_the_sbatch_request_and_submits_nothing(env, tmp_path):
 
 
 # --- a: a sweep --------------------------------------------------------------------------------
-def test_sweep_submits_two_jobs_at_once_and_both_complete(jobs):
+def test_sweep_submits_one_array_whose_two_tasks_complete(jobs):
     sweep = jobs.sweep
     timing("launch of the two-run sweep (returns after submitting)", sweep.seconds)
     assert sweep.seconds < 60
     assert "run" in sweep.stdout and "job" in sweep.stdout and "status: python -m finellama_rl.status" in sweep.stdout
-    assert len(sweep.trains) == 2 and len(sweep.watchdog_ids) == 2  # every job is in the ledger
+    assert len(sweep.trains) == 2 and not sweep.watchdog_ids  # every run is in the ledger; no watchdog jobs
+    assert sorted(sweep.job_ids) == [f"{sweep.trains[0]['array']}_{t}" for t in (0, 1)]  # one array, two tasks
     assert {e["run"] for e in sweep.trains} == {"ppo-tiny-cpu", "grpo-tiny-cpu"}
     for e in sweep.trains:
         assert re.search(rf"^{e['run']}\s+{e['job_id']}\s", sweep.stdout, re.M), sweep.stdout
@@ -391,7 +401,7 @@ def test_status_shows_the_finished_sweep(jobs):
 
 def test_cancel_ends_a_long_job_cancelled(jobs, tmp_path):
     long = submit(jobs.env, tmp_path, "trainer=ppo", "trainer.max_steps=100000", "hardware.slurm.timeout_min=10")
-    (job_id,), (dog_id,) = long.job_ids, long.watchdog_ids
+    (job_id,) = long.job_ids
     t0 = time.time()
     try:  # cancel it running if a CPU frees up soon, else while it waits
         wait_for("the long job to start", lambda: states([job_id]).get(job_id, {}).get("state") == "RUNNING", 45)
@@ -399,11 +409,10 @@ def test_cancel_ends_a_long_job_cancelled(jobs, tmp_path):
         pass
     proc = run_module("finellama_rl.status", [str(long.sweep), "--cancel"], jobs.env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    # the training job and the watchdog waiting on it
-    assert f"cancelled 2 job(s): {long.ledger[0]['run']} (job {job_id}, {dog_id}," in proc.stdout, proc.stdout
-    final = wait_terminal([job_id, dog_id], 60, [long.run_dir])
+    assert f"cancelled 1 job(s): {long.ledger[0]['run']} (job {job_id}," in proc.stdout, proc.stdout
+    final = wait_terminal([job_id], 60, [long.run_dir])
     timing("cancel test", time.time() - t0)
-    assert final[job_id]["state"] == "CANCELLED" and final[dog_id]["state"] == "CANCELLED", final
+    assert final[job_id]["state"] == "CANCELLED", final
     again = run_module("finellama_rl.status", [str(long.sweep), "--cancel"], jobs.env, timeout=60)
     assert "cancelled 0 job(s)" in again.stdout and "CANCELLED" in again.stdout
 

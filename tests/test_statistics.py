@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from statistics import NormalDist
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,20 @@ def test_mcnemar_p_is_symmetric_and_a_probability():
 def test_formatting():
     assert format_interval((0.5014, 0.7586)) == "[50.1, 75.9]" and format_interval(None) == "-"
     assert format_p(0.0004) == "<0.001" and format_p(0.0412) == "0.041" and format_p(None) == "-"
+
+
+def test_mann_kendall_by_hand():
+    """S and Var(S) by hand: n = 6 strictly rising: S = 15, Var = 6*5*17/18 = 85/3, z = (15-1)/sqrt(85/3);
+    one tie pair among 4 values [1, 2, 2, 3]: S = 5, Var = (4*3*13 - 2*1*9)/18 = 23/3."""
+    import math
+
+    from finellama_rl.eval.statistics import mann_kendall
+
+    up = mann_kendall([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert (up.n, up.s) == (6, 15) and up.z == pytest.approx(14 / math.sqrt(85 / 3))
+    assert up.p_increasing == pytest.approx(1 - NormalDist().cdf(14 / math.sqrt(85 / 3)))
+    tied = mann_kendall([1, 2, 2, 3])
+    assert tied.s == 5 and tied.z == pytest.approx(4 / math.sqrt(23 / 3))
+    down = mann_kendall([6, 5, 4, 3, 2, 1])
+    assert down.s == -15 and down.p_increasing > 0.99
+    assert mann_kendall([2, 2, 2]).p_increasing == 1.0  # no variance: no trend

@@ -23,7 +23,7 @@ def make_run(make_config, sweep, name, steps, rewards, accuracy=None, attempts=0
     if accuracy:
         atomic_write_json(run / "eval_results.json", {"step": steps[-1], "accuracy": accuracy, "records": []})
     for i in range(attempts):
-        append_jsonl(run / "attempts.jsonl", {"attempt": i + 1, "outcome": "oom"})
+        append_jsonl(run / "attempts.jsonl", {"attempt": i + 1, "rung": i, "outcome": "oom"})
     (run / "logs").mkdir(exist_ok=True)
     for i in range(requeues):
         append_jsonl(run / "logs" / "job_events.jsonl", {"event": "start", "restarts": i})
@@ -61,12 +61,13 @@ def test_table_numbers_from_files_and_scheduler(sweep, capsys):
     assert sorted(calls[0]) == ["11", "12", "13"]  # every job of the ledger, in one query
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["run", "job", "state", "requeues", "step", "reward", "accuracy", "scored", "by",
-                                           "strict", "lenient", "attempts"]
+                                           "strict", "lenient", "attempts", "other-jobs"]
     table = rows(out)
     # sacct says 2 restarts, job_events.jsonl 1 requeue: the larger wins
     assert table["grpo-tiny-cpu"] == ["grpo-tiny-cpu", "11", "COMPLETED", "2", "8/8", "0.6250", "25.0%", "finellama/strict",
-                                      "25.0%", "43.8%", "-"]
-    assert table["ppo-tiny-cpu"] == ["ppo-tiny-cpu", "13", "RUNNING", "0", "3/40", "0.1250", "-", "-", "-", "-", "2"]
+                                      "25.0%", "43.8%", "-", "-"]
+    # the earlier training job 12 of ppo (sacct does not know it) is listed, not hidden
+    assert table["ppo-tiny-cpu"] == ["ppo-tiny-cpu", "13", "RUNNING", "0", "3/40", "0.1250", "-", "-", "-", "-", "2", "train", "12"]
 
 
 def test_without_sacct_state_comes_from_files(sweep, capsys, monkeypatch):
@@ -86,7 +87,7 @@ def test_local_runs_without_ledger(tmp_path, make_config, capsys, monkeypatch):
     (tmp_path / "not-a-run").mkdir()
     status.main([str(tmp_path)])
     assert rows(capsys.readouterr().out) == {"grpo-tiny-cpu": ["grpo-tiny-cpu", "-", "done", "0", "2/2", "0.7500", "50.0%", "finellama/strict",
-                                                                  "50.0%", "50.0%", "-"]}
+                                                                  "50.0%", "50.0%", "-", "-"]}
 
 
 def test_cancel_only_active_jobs(sweep):
@@ -171,3 +172,23 @@ def test_config_interpolation_is_never_resolved(tmp_path, make_config, capsys, m
     out = capsys.readouterr()
     assert "hf_secret_value" not in out.out + out.err
     assert json.loads(out.out)[0]["max_steps"] is None
+
+
+def test_table_shows_watchdogs_and_duplicate_training_jobs(sweep, capsys):
+    """Jobs the row's training job does not stand for are listed with their states (ended ones
+    counted), and two training jobs of one run alive at once are called out."""
+    ppo = sweep / "ppo-tiny-cpu"
+    append_jsonl(sweep / "ledger.jsonl", {"kind": "watchdog", "run": ppo.name, "run_dir": str(ppo), "job_id": "14", "watches": "13"})
+    append_jsonl(sweep / "ledger.jsonl", {"kind": "train", "run": ppo.name, "run_dir": str(ppo), "job_id": "15"})
+
+    def states(job_ids):
+        return {"11": {"state": "COMPLETED"}, "12": {"state": "RUNNING"}, "13": {"state": "CANCELLED"},
+                "14": {"state": "PENDING"}, "15": {"state": "RUNNING"}}
+
+    assert status.main([str(sweep)], states=states) == 0
+    out = capsys.readouterr()
+    line = next(l for l in out.out.splitlines() if l.startswith("ppo-tiny-cpu"))
+    assert line.split()[1:3] == ["15", "RUNNING"]  # the row: the latest training job
+    assert line.endswith("train 12 RUNNING, watchdog 14 PENDING, +1 ended"), line
+    assert "warning: ppo-tiny-cpu has 2 training jobs pending or running (12, 15)" in out.err
+    assert "scancel 12" in out.err

@@ -32,11 +32,12 @@ class EvalView:
     strict: Optional[float] = None
     lenient: Optional[float] = None
     per_problem: Dict[Tuple[Any, str], bool] = field(default_factory=dict)
-    split: str = "test"  # validation (selections) or test (reported); never compared across
+    split: str = "test"
+    """Which split was evaluated: "validation" or "test" (the eval file's `split`; missing = test)."""
 
     @property
-    def key(self) -> Tuple[str, str, str]:
-        return self.protocol, self.scorer, self.split
+    def key(self) -> Tuple[str, str]:
+        return self.protocol, self.scorer
 
     @classmethod
     def of(cls, doc: Optional[Dict[str, Any]]) -> Optional["EvalView"]:
@@ -53,8 +54,13 @@ class EvalView:
             return None
         step = doc.get("step") if isinstance(doc.get("step"), int) and not isinstance(doc.get("step"), bool) else None
         return cls(schema.protocol_name(doc), scorer, acc, n, _safe_interval(doc, scorer), step,
-                   _fraction(doc, "strict"), _fraction(doc, "lenient"), schema.correctness(doc, scorer),
-                   schema.split_name(doc))
+                   _fraction(doc, "strict"), _fraction(doc, "lenient"), schema.correctness(doc, scorer), split_of(doc))
+
+
+def split_of(doc: Dict[str, Any]) -> str:
+    """The split an eval document measured: its `split` ("validation" | "test", or {"name": ...}); files
+    written before the validation split existed measured the test split (eval/schema.py split_name)."""
+    return schema.split_name(doc)
 
 
 def _fraction(doc: Dict[str, Any], scorer: str) -> Optional[float]:
@@ -74,8 +80,8 @@ def _safe_interval(doc: Dict[str, Any], scorer: str) -> Optional[Tuple[float, fl
 
 def paired(a: Optional[EvalView], b: Optional[EvalView]) -> Optional[PairedComparison]:
     """Exact McNemar of B against A on their common problems; None when they are not comparable
-    (missing, different protocol or scorer, or no per-problem records in common)."""
-    if a is None or b is None or a.key != b.key:
+    (missing, different protocol, scorer or split, or no per-problem records in common)."""
+    if a is None or b is None or a.key != b.key or a.split != b.split:
         return None
     common = [k for k in a.per_problem if k in b.per_problem]
     if not common:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from finellama_rl.config import Config, eval_num_examples
 from finellama_rl.eval.generation import Completion, Decoding, Generated, eos_token_ids, model_generation_overrides
 from finellama_rl.task.protocols import (
-    PromptFormat, eval_max_new_tokens, eval_shots, prompt_format, prompt_template_text, render_prompt,
+    PromptFormat, budget_record, eval_max_new_tokens, eval_shots, prompt_format, prompt_template_text, render_prompt,
     select_shots, stop_strings,
 )
 from finellama_rl.eval.schema import EVAL_SCHEMA_VERSION, headline
@@ -175,6 +175,7 @@ def eval_document(cfg: Config, step: int, result: Dict[str, Any], baseline: Opti
         "protocol": result["protocol"], "primary": result["primary"],
         "accuracy": result["accuracy"], "correct": result["correct"], "ci95": result["ci95"], "total": result["total"],
         "generation": result.get("generation"),
+        "budgets": budget_record(cfg.trainer, cfg.eval),  # training's and evaluation's budget and shots, side by side
         "pass_at_k": result.get("pass_at_k"),  # eval.samples > 1 (evaluate command, training evaluations)
         "baseline": summary(baseline) if baseline else None,
         "records": result["records"],

@@ -36,12 +36,15 @@ def data_uri(png: Path) -> str:
 
 
 SIGNIFICANCE_HEADERS = ("vs baseline", "verdict")
+FLAG_HEADER = "flag"  # the training-signals table: a raised reward-hacking flag is red
 
 
 def _cell(header: str, value: str) -> str:
     cls = ""
     if header.startswith("Δ") and len(value) > 1 and value[0] in "+-" and value[1:] != "0.0":
         cls = " class='pos'" if value[0] == "+" else " class='neg'"
+    elif header == FLAG_HEADER and value.startswith("reward up"):
+        cls = " class='sig-neg'"
     elif header in SIGNIFICANCE_HEADERS:
         if value.startswith("not significant"):
             cls = " class='ns'"
@@ -60,14 +63,17 @@ def table_html(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: 
 
 def build_html(title: str, subtitle: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
                notes: Sequence[str], images: Dict[str, Path],
-               more_tables: Sequence[Tuple[str, Sequence[str], Sequence[Sequence[str]]]] = ()) -> str:
-    """The page: the runs table, further (title, headers, rows) tables when they have rows, notes, plots."""
+               more_tables: Sequence[Tuple[str, Sequence[str], Sequence[Sequence[str]]]] = (),
+               anchors: Sequence[str] = ()) -> str:
+    """The page: the runs table, further (title, headers, rows) tables when they have rows (each
+    table's id: its anchor, e.g. report.html#arms, else table2, table3, ...), notes, plots."""
     figures = "".join(
         f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'></figure>"
         for name, path in images.items()
     )
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    extra = "".join(f"<h2>{html.escape(t)}</h2>{table_html(h, r, f'table{i + 2}')}" for i, (t, h, r) in enumerate(more_tables) if r)
+    ids = [*anchors, *(f"table{i + 2}" for i in range(len(anchors), len(more_tables)))]
+    extra = "".join(f"<h2>{html.escape(t)}</h2>{table_html(h, r, ids[i])}" for i, (t, h, r) in enumerate(more_tables) if r)
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"

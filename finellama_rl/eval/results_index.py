@@ -26,12 +26,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from finellama_rl.eval import schema as eval_schema
-from finellama_rl.fileio import atomic_write_json, read_json
+from finellama_rl.fileio import atomic_write_json, read_json, warn
 from finellama_rl.errors import IndexDamaged, IndexOutdated
-from finellama_rl.results import ResultsPaths, RunPaths, iter_run_dirs
+from finellama_rl.results import ResultsPaths, RunPaths, index_root, iter_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,8 @@ def index_path(root: Path) -> Path:
 
 
 def results_root(run) -> Path:
-    """Where a run's index lives (`run` is a RunConfig): run.results_dir.
-
-    A relative results_dir is taken relative to the results tree the run folder
-    sits in (`<results_dir>/<sweep>/<name>`), so the index is found from any
-    working directory and after the tree is moved; a hand-picked run.dir keeps
-    its index in its parent folder.
-    """
-    run_dir = Path(run.dir).resolve() if run.dir else None
-    if Path(run.results_dir).is_absolute() or run_dir is None:
-        return Path(run.results_dir).resolve()
-    if run_dir.name == run.name and run_dir.parent.name == run.sweep:
-        return run_dir.parent.parent
-    return run_dir.parent  # a hand-picked run.dir (e.g. results/mine): the index sits beside it
+    """Where a run's index lives (`run` is a RunConfig): results.index_root."""
+    return index_root(run)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -84,17 +73,45 @@ def protocol_summary(doc: Dict[str, Any]) -> Dict[str, Any]:
             "sample_temperature": k.get("temperature")}
 
 
-def entry_from_document(doc: Dict[str, Any], path: Path, root: Path) -> Dict[str, Any]:
-    """One index entry for an eval document (eval file schema 1 or 2)."""
+def run_of(eval_file: Path) -> Path:
+    """The run folder an eval file belongs to (<run>/eval_*.json or <run>/evals/*.json)."""
+    eval_file = Path(eval_file)
+    return eval_file.parent.parent if eval_file.parent.name == RunPaths(eval_file.parent.parent).evals.name else eval_file.parent
+
+
+def run_max_steps(run_dir: Path, quiet: bool = False) -> Optional[int]:
+    """trainer.max_steps of a run, read as plain data; None when unknown (one warning)."""
+    from finellama_rl.errors import RunConfigUnreadable
+    from finellama_rl.fileio import read_run_config_data
+    from finellama_rl.stats import MetricLimits
+
     try:
-        acc = {str(name): float(value) for name, value in dict(doc["accuracy"]).items()}
-        step, n = int(doc["step"]), int(doc["total"])
-        primary = eval_schema.primary_scorer(doc)
-        if primary not in acc:
-            raise KeyError(f"accuracy.{primary}")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} is not an eval document (missing or bad {exc})") from None
-    k = doc.get("pass_at_k")
+        return MetricLimits.of_config_data(read_run_config_data(RunPaths(run_dir).config, escape=False)).max_steps
+    except RunConfigUnreadable as exc:
+        if not quiet:
+            warn(f"{exc}; its evaluations are indexed without a step bound")
+        return None
+
+
+UNREAD = object()
+
+
+def entry_from_document(doc: Dict[str, Any], path: Path, root: Path, max_step: Any = UNREAD) -> Dict[str, Any]:
+    """One index entry for an eval document (eval file schema 1 or 2), checked by the
+    readers' rules (eval/schema.check_document, as status and report; a step beyond the
+    run's max_steps included): ValueError when it cannot be indexed; values that break a
+    rule are left out of the entry."""
+    max_step = run_max_steps(run_of(path), quiet=True) if max_step is UNREAD else max_step
+    checked, problems = eval_schema.check_document(doc, max_step)
+    missing = [key for key in ("step", "total") if checked is not None and checked.get(key) is None]
+    if checked is None or missing:
+        why = "; ".join(problems) if checked is None else f"no {' or '.join(missing)}"
+        raise ValueError(f"{path} is not an eval document that can be indexed ({why})")
+    if problems:
+        warn(f"{path}: {'; '.join(problems[:3])}; those values are not indexed")
+    doc = checked
+    acc, step, n, primary = doc["accuracy"], doc["step"], doc["total"], eval_schema.primary_scorer(doc)
+    k = doc.get("pass_at_k") if isinstance(doc.get("pass_at_k"), dict) else None
     intervals = {name: eval_schema.interval(doc, name) for name in acc}
     return {
         "run": doc.get("run"), "sweep": doc.get("sweep"), "model": doc.get("model"), "trainer": doc.get("trainer"),
@@ -128,32 +145,38 @@ def validate_index(data: Any) -> List[Dict[str, Any]]:
 
 
 def read_index(path: Path) -> List[Dict[str, Any]]:
-    """Entries of an existing index file; IndexDamaged if it is unreadable or invalid."""
+    """Entries of an existing index file; IndexDamaged if it is unreadable or invalid
+    (a folder in its place included)."""
+    if Path(path).is_dir():
+        raise IndexDamaged("a folder, not a file")
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IndexDamaged(f"not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise IndexDamaged(f"unreadable ({exc.strerror or exc})") from None
     return validate_index(data)
 
 
-def scan_eval_files(root: Path) -> Iterator[Path]:
-    """Every eval file in the results tree, run by run."""
+def scan_eval_files(root: Path) -> Iterator[Tuple[Path, List[Path]]]:
+    """Every run folder of the results tree with its eval files."""
     for run_dir in [run for sweep in sorted(Path(root).iterdir()) if not sweep.name.startswith(".") for run in iter_run_dirs(sweep)]:
         paths = RunPaths(run_dir)
-        for path in (paths.baseline, paths.eval_results):
-            if path.is_file():
-                yield path
-        yield from sorted(paths.evals.glob("*.json"))
+        files = [p for p in (paths.baseline, paths.eval_results) if p.exists()]
+        yield run_dir, files + (sorted(paths.evals.glob("*.json")) if paths.evals.is_dir() else [])
 
 
 def collect_entries(root: Path) -> List[Dict[str, Any]]:
     """Entries rebuilt from the eval files on disk; unreadable files are skipped with a warning."""
     entries = []
-    for path in scan_eval_files(root):
-        try:
-            entries.append(entry_from_document(read_json(path), path, root))
-        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            log.warning("index: skipping %s (%s)", path, str(exc).splitlines()[0])
+    for run_dir, files in scan_eval_files(root):
+        max_step = run_max_steps(run_dir) if files else None
+        for path in files:
+            try:
+                entries.append(entry_from_document(read_json(path), path, root, max_step))
+            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                why = "a folder, not a file" if isinstance(exc, IsADirectoryError) else str(exc).splitlines()[0]
+                warn(f"index: skipping {path} ({why.removeprefix(f'{path} ')})")
     return entries
 
 
@@ -222,8 +245,13 @@ def add_eval_file(root: Path, path: Path) -> Optional[Dict[str, Any]]:
 
 
 def rebuild(root: Path) -> List[Dict[str, Any]]:
-    """Rebuild the index from the run folders (under the lock) and return its entries."""
+    """Rebuild the index from the run folders (under the lock) and return its entries.
+    Whatever stands in the index's place and is not a file (a folder) is moved aside first."""
     with _lock(root):
         entries = collect_entries(Path(root))
-        write_index(index_path(root), entries)
+        path = index_path(root)
+        if path.exists() and not path.is_file():
+            aside = move_aside(path)
+            warn(f"{path} is a folder, not the index file; moved it to {aside.name}")
+        write_index(path, entries)
     return _sorted(entries)

@@ -10,6 +10,7 @@ would count as noise).
 
     lo, hi = wilson_interval(correct=32, n=50)          # (0.501, 0.759)
     cmp = compare_paired(base_correct, final_correct)   # cmp.p_value, cmp.verdict
+    trend = mann_kendall(rewards)                       # trend.p_increasing: a rising series?
 
 tests/test_statistics.py checks both against statsmodels and scipy
 (reference values in tests/fixtures/statistics_reference.json, made by
@@ -106,3 +107,31 @@ def format_p(p: Optional[float]) -> str:
     if p is None:
         return "-"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Mann-Kendall trend test of a series in time order."""
+
+    n: int
+    s: int  # sum over i < j of sign(x_j - x_i)
+    z: float
+    p_increasing: float  # one-sided p-value for an increasing trend (normal approximation)
+
+
+def mann_kendall(values: Sequence[float]) -> Trend:
+    """Mann-Kendall test: S = sum_{i<j} sign(x_j - x_i), Var(S) = [n(n-1)(2n+5) - sum over tied
+    groups t(t-1)(2t+5)] / 18, z = (S - sign(S)) / sqrt(Var) (continuity correction), p = P(Z >= z).
+    Rank-based, so one outlier step cannot make a trend; the normal approximation wants n >= 8 or so.
+    Used by the report's reward-hacking flag (eval/training_signals.py)."""
+    x = list(values)
+    n = len(x)
+    s = sum((x[j] > x[i]) - (x[j] < x[i]) for i in range(n) for j in range(i + 1, n))
+    ties: Dict[float, int] = {}
+    for v in x:
+        ties[v] = ties.get(v, 0) + 1
+    var = (n * (n - 1) * (2 * n + 5) - sum(t * (t - 1) * (2 * t + 5) for t in ties.values())) / 18
+    if var <= 0:
+        return Trend(n, s, 0.0, 1.0)
+    z = (s - (s > 0) + (s < 0)) / math.sqrt(var)
+    return Trend(n, s, z, 1 - NormalDist().cdf(z))

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from finellama_rl.eval import schema as eval_schema
 from finellama_rl.eval.compare import EvalView, paired, why_not_paired
 from finellama_rl.eval.statistics import format_interval, format_p
 from finellama_rl.console import format_duration
 from finellama_rl.results import RunPaths, iter_run_dirs
-from finellama_rl.fileio import atomic_output, number_or_none, read_json_object, read_jsonl, read_run_config_data, warn
+from finellama_rl.fileio import atomic_output, number_or_none, read_json_object, read_run_config_data, warn
 from finellama_rl.errors import RunConfigUnreadable
-from finellama_rl.stats import dedupe_steps
+from finellama_rl.ladder.attempts import read_attempts
+from finellama_rl.stats import MetricLimits, dedupe_steps, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,22 @@ HEADERS = ["run", "model", "trainer", "hardware", "steps", "wall time", "GPU-hou
            "eval n", "baseline %", "baseline 95% CI", "final %", "final 95% CI", "Δ (pp)", "p (McNemar)",
            "vs baseline", "final strict %", "final lenient %"]
 PAIR_HEADERS = ["run A", "run B", "protocol", "common n", "A %", "B %", "Δ B−A (pp)", "p (McNemar)", "verdict"]
+PAIRS_TITLE = "Runs compared on the same problems"
+ARMS_TITLE = "Arms across seeds (runs that differ only by trainer.seed)"
+ARM_PAIRS_TITLE = "Arms compared on their pooled problems"
+SIGNALS_TITLE = "Training signals beside accuracy (reward hacking)"
+
+
+@dataclass
+class Section:
+    """One table of the report after the runs table (markdown and HTML show the same)."""
+
+    title: str
+    headers: List[str]
+    rows: List[List[str]]
+    notes: List[str]
+    empty: str  # shown instead of an empty table
+    anchor: str = ""  # the HTML table's id: report.html#<anchor>
 
 
 # --------------------------------------------------------------- attempts.jsonl
@@ -79,7 +97,8 @@ class RunSummary:
     baseline: Optional[EvalView]
     final: Optional[EvalView]
     metrics: List[Dict[str, Any]] = field(default_factory=list)
-    points: List[EvalView] = field(default_factory=list)  # one per (protocol, scorer, step), by step
+    points: List[EvalView] = field(default_factory=list)  # one per (protocol, scorer, split, step), by step
+    config: Dict[str, Any] = field(default_factory=dict)  # config.yaml as plain data (arms: eval/arms.py)
 
     @property
     def gpu_hours(self) -> Optional[float]:
@@ -96,40 +115,31 @@ def read_run_config(run_dir: Path) -> Dict[str, Any]:
         return {}
 
 
-def _read_doc(path: Path) -> Optional[Dict[str, Any]]:
-    doc = read_json_object(path, "this evaluation", require={"accuracy": dict})
-    if doc is not None and doc.get("step") is not None and (not isinstance(doc["step"], int) or isinstance(doc["step"], bool)):
-        warn(f"{path}: step {doc['step']!r} is not an integer; ignoring this evaluation")
-        return None
-    return doc
+def _read_doc(path: Path, max_step: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """An eval file under the readers' rules (eval/schema.py: the same check as status and index)."""
+    return eval_schema.read_eval_document(path, max_step)
 
 
-def _view(doc: Optional[Dict[str, Any]], where: str) -> Optional[EvalView]:
-    """The evaluation's primary accuracy and per-problem verdicts; None (with a warning)
-    when its accuracy is missing, not a number or outside [0, 1]."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("accuracy"), dict):
-        return None
-    view = EvalView.of(doc)
-    if view is None:
-        warn(f"{where}: no usable accuracy (missing, not a number or outside [0, 1]); not shown")
-    return view
+def _view(doc: Optional[Dict[str, Any]]) -> Optional[EvalView]:
+    """The evaluation's primary accuracy and per-problem verdicts (a checked document)."""
+    return EvalView.of(doc) if isinstance(doc, dict) else None
 
 
-def accuracy_points(paths: RunPaths) -> List[EvalView]:
-    """The evaluations of a run, one per (protocol, scorer, step): the one with most problems
-    (then the latest) wins; sorted by protocol then step."""
-    best: Dict[Tuple[str, str, int], Tuple[int, str, EvalView]] = {}
-    files = [paths.baseline, *sorted(paths.evals.glob("*.json")), paths.eval_results]
-    docs = [d for d in map(_read_doc, files) if d is not None and d.get("step") is not None]
-    final = _read_doc(paths.eval_results)
+def accuracy_points(baseline: Optional[Dict[str, Any]], during: Sequence[Dict[str, Any]],
+                    final: Optional[Dict[str, Any]]) -> List[EvalView]:
+    """The evaluations of a run (checked documents: eval_baseline.json, evals/*.json,
+    eval_results.json), one per (protocol, scorer, split, step): the one with most problems
+    (then the latest) wins; sorted by protocol, split, then step."""
+    best: Dict[Tuple[str, str, str, int], Tuple[int, str, EvalView]] = {}
+    docs = [d for d in (baseline, *during, final) if d is not None and d.get("step") is not None]
     if final and isinstance(final.get("baseline"), dict):  # the baseline summary embedded in the final eval is step 0
         docs.insert(0, {**final["baseline"], "step": 0, "date": ""})
     for doc in docs:
-        view = _view(doc, f"{paths.root} step {doc['step']}")
+        view = _view(doc)
         if view is None or view.step is None:
             continue
         rank = (view.n, str(doc.get("date") or ""))
-        key = (*view.key, view.step)
+        key = (*view.key, view.split, view.step)
         if key not in best or rank >= best[key][:2]:
             best[key] = (*rank, view)
     return [best[k][2] for k in sorted(best)]
@@ -143,31 +153,40 @@ def run_wall_s(paths: RunPaths, attempts: List[Dict[str, Any]], metrics: List[Di
     stats = read_json_object(paths.training_stats, "its wall time")
     if stats is not None and isinstance(stats.get("summary"), dict):
         wall = number_or_none(stats["summary"].get("wall_time_s_this_attempt"))
-        if wall is not None:
+        if wall is not None and wall >= 0:
             return wall
-    elapsed = [v for m in metrics if (v := number_or_none(m.get("time/elapsed_s"))) is not None]
+    elapsed = [v for m in metrics if (v := number_or_none(m.get("time/elapsed_s"))) is not None and v >= 0]
     return elapsed[-1] if elapsed else None
+
+
+def _section(cfg: Dict[str, Any], key: str) -> Dict[str, Any]:
+    value = cfg.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
     paths = RunPaths(Path(run_dir))
     cfg = read_run_config(run_dir)
-    hw, run = cfg.get("hardware") or {}, cfg.get("run") or {}
-    attempts = read_jsonl(paths.attempts)
-    metrics = dedupe_steps(read_jsonl(paths.metrics, require={"step": int}))
-    final_doc = _read_doc(paths.eval_results)
+    hw, run = _section(cfg, "hardware"), _section(cfg, "run")
+    limits = MetricLimits.of_config_data(cfg)
+    attempts = read_attempts(paths)
+    metrics = dedupe_steps(read_metrics(paths, limits))
+    final_doc = _read_doc(paths.eval_results, limits.max_steps)
+    baseline_doc = _read_doc(paths.baseline, limits.max_steps)
+    during = [d for f in (sorted(paths.evals.glob("*.json")) if paths.evals.is_dir() else [])
+              if (d := _read_doc(f, limits.max_steps)) is not None]
     # eval_baseline.json has the per-problem records a paired test needs; the copy inside eval_results.json has not
-    baseline = _read_doc(paths.baseline) or (final_doc or {}).get("baseline")
+    baseline = baseline_doc or (final_doc or {}).get("baseline")
     final_step = (final_doc or {}).get("step")
     steps = final_step if isinstance(final_step, int) else (metrics[-1]["step"] if metrics else 0)
-    gpus = hw.get("gpus_per_node") if isinstance(hw.get("gpus_per_node"), int) else 0
+    gpus = hw.get("gpus_per_node") if isinstance(hw.get("gpus_per_node"), int) and hw["gpus_per_node"] > 0 else 0
     return RunSummary(
-        name=str(run.get("name") or Path(run_dir).name), model=str((cfg.get("model") or {}).get("name", "?")),
-        trainer=str((cfg.get("trainer") or {}).get("algo", "?")), hardware=str(hw.get("name", "?")), steps=steps,
+        name=str(run.get("name") or Path(run_dir).name), model=str(_section(cfg, "model").get("name", "?")),
+        trainer=str(_section(cfg, "trainer").get("algo", "?")), hardware=str(hw.get("name", "?")), steps=steps,
         wall_s=run_wall_s(paths, attempts, metrics), gpus=gpus if hw.get("device") == "cuda" else 0,
         oom_attempts=sum(is_oom_attempt(a) for a in attempts), attempts=attempts,
-        baseline=_view(baseline, f"{paths.root} baseline"), final=_view(final_doc, str(paths.eval_results)),
-        metrics=metrics, points=accuracy_points(paths),
+        baseline=_view(baseline), final=_view(final_doc), metrics=metrics, config=cfg,
+        points=accuracy_points(baseline_doc, during, final_doc),
     )
 
 
@@ -183,7 +202,7 @@ def _vs_baseline(r: RunSummary) -> Tuple[str, str, str]:
     b, f = r.baseline, r.final
     if b is None or f is None:
         return "-", "-", "-"
-    if b.key != f.key:
+    if b.key != f.key or b.split != f.split:
         return "n/a", "-", why_not_paired(b, f)
     cmp = paired(b, f)
     if cmp is not None:
@@ -290,15 +309,15 @@ def plot_metric(runs: Sequence[RunSummary], key: str, ylabel: str, path: Path) -
 
 
 def accuracy_series(runs: Sequence[RunSummary]) -> Dict[str, List[Tuple[int, float, float, float]]]:
-    """{"<run> (<protocol>/<scorer>, <split>)": [(step, %, % low, % high)]}: one series per run,
+    """{"<run> (<protocol>/<scorer>[, <split> unless test])": [(step, %, % low, % high)]}: one series per run,
     protocol and split, so no curve joins evaluations of different protocols, nor the
     validation evaluations during training with the test baseline and final."""
     series: Dict[str, List[Tuple[int, float, float, float]]] = {}
     for r in runs:
         for v in r.points:
             lo, hi = v.ci or (v.accuracy, v.accuracy)
-            series.setdefault(f"{r.name} ({v.protocol}/{v.scorer}, {v.split})", []).append(
-                (v.step, 100 * v.accuracy, 100 * lo, 100 * hi))
+            split = "" if v.split == "test" else f", {v.split}"
+            series.setdefault(f"{r.name} ({v.protocol}/{v.scorer}{split})", []).append((v.step, 100 * v.accuracy, 100 * lo, 100 * hi))
     return series
 
 
@@ -334,7 +353,7 @@ class Report:
     html: Path
     images: Dict[str, Path]
     runs: List[RunSummary]
-    pairs: str = ""
+    sections: List[Section] = field(default_factory=list)  # the tables after the runs table
 
 
 def write_plots(runs: Sequence[RunSummary], out: Path) -> Dict[str, Path]:
@@ -346,9 +365,29 @@ def write_plots(runs: Sequence[RunSummary], out: Path) -> Dict[str, Path]:
     }
 
 
-def markdown_report(title: str, subtitle: str, table: str, pairs: str, images: Dict[str, Path], out: Path) -> str:
-    parts = [f"# {title}", "", subtitle, "", table, "", "## Runs compared on the same problems", "", pairs or "(fewer than two finished runs)",
-             "", *[f"- {n}" for n in NOTES], ""]
+def report_sections(runs: Sequence[RunSummary]) -> List[Section]:
+    """The tables after the runs table: runs paired, arms across seeds (when an arm has several
+    seeds: eval/arms.py), arms paired, and the training signals with the reward-hacking flag."""
+    from finellama_rl.eval import arms as arm_tables
+    from finellama_rl.eval import training_signals as signals
+
+    sections = [Section(PAIRS_TITLE, PAIR_HEADERS, pair_rows(runs), [], "(fewer than two finished runs)", "table2")]
+    arms = arm_tables.group_arms(runs)
+    if any(len(a.runs) > 1 for a in arms):
+        sections += [Section(ARMS_TITLE, arm_tables.ARM_HEADERS, arm_tables.arm_rows(arms), [], "", "arms"),
+                     Section(ARM_PAIRS_TITLE, arm_tables.ARM_PAIR_HEADERS, arm_tables.arm_pair_rows(arms),
+                             arm_tables.ARM_NOTES, "(one arm)", "arm-pairs")]
+    sections.append(Section(SIGNALS_TITLE, signals.signal_headers(runs), signals.signal_rows(runs), [signals.RULE], "",
+                            "signals"))
+    return sections
+
+
+def markdown_report(title: str, subtitle: str, table: str, sections: Sequence[Section], images: Dict[str, Path],
+                    out: Path) -> str:
+    parts = [f"# {title}", "", subtitle, "", table, "", *[f"- {n}" for n in NOTES], ""]
+    for sec in sections:
+        body = markdown_table(sec.headers, sec.rows) if sec.rows else sec.empty
+        parts += [f"## {sec.title}", "", body, "", *[f"- {n}" for n in sec.notes], ""]
     for name, path in images.items():
         rel = path.relative_to(out) if path.is_relative_to(out) else path
         parts += [f"## {name.capitalize()}", "", f"![{name}]({rel})", ""]
@@ -356,7 +395,7 @@ def markdown_report(title: str, subtitle: str, table: str, pairs: str, images: D
 
 
 def write_report(sweep_dir: Path, out: Optional[Path] = None) -> Report:
-    """Table, plots, report.md and report.html for every run folder in `sweep_dir`."""
+    """Tables, plots, report.md and report.html for every run folder in `sweep_dir`."""
     from finellama_rl.eval.report_html import build_html
     from finellama_rl.fileio import atomic_write_text
 
@@ -364,12 +403,15 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> Report:
     out = Path(out or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [summarize_run(d) for d in iter_run_dirs(sweep_dir)]
-    rows, prs = table_rows(runs), pair_rows(runs)
-    table, pairs = markdown_table(HEADERS, rows), markdown_table(PAIR_HEADERS, prs) if prs else ""
+    rows, sections = table_rows(runs), report_sections(runs)
+    table = markdown_table(HEADERS, rows)
     images = write_plots(runs, out)
     title = f"Sweep report: {sweep_dir.resolve().name}"
     subtitle = f"{sweep_dir.resolve()} · {len(runs)} run(s) · generated {_dt.datetime.now().isoformat(timespec='seconds')}"
     md, html = out / "report.md", out / "report.html"
-    atomic_write_text(md, markdown_report(title, subtitle, table, pairs, images, out))
-    atomic_write_text(html, build_html(title, subtitle, HEADERS, rows, NOTES, images, [("Runs compared on the same problems", PAIR_HEADERS, prs)]))
-    return Report(table, md, html, images, runs, pairs)
+    atomic_write_text(md, markdown_report(title, subtitle, table, sections, images, out))
+    notes = [*NOTES, *[n for sec in sections for n in sec.notes]]
+    atomic_write_text(html, build_html(title, subtitle, HEADERS, rows, notes, images,
+                                       [(sec.title, sec.headers, sec.rows) for sec in sections],
+                                       [sec.anchor for sec in sections]))
+    return Report(table, md, html, images, runs, sections)

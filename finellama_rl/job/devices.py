@@ -29,3 +29,22 @@ def peak_memory_gb() -> Dict[str, Optional[float]]:
 
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"peak_gpu_mem_gb": gpu, "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def cap_gpu_memory() -> Optional[float]:
+    """A packed run (hardware.runs_per_gpu) keeps to its share of the GPU: the job's
+    controller sets FINELLAMA_GPU_FRACTION and this process caps torch's allocator there
+    (torch.cuda.set_per_process_memory_fraction), so an out-of-memory beyond its share is
+    raised in this process only and its own OOM ladder steps it down. Returns the fraction."""
+    import os
+
+    value = os.environ.get("FINELLAMA_GPU_FRACTION")
+    if not value:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    fraction = min(1.0, max(0.01, float(value)))
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
+    return fraction

@@ -1,5 +1,5 @@
-"""Data parallel over the devices of one node: the torchrun supervisor and the few
-collective operations both trainers need.
+"""Data parallel over the devices of one node or of several: the torchrun supervisor and
+the few collective operations both trainers need.
 
 How a multi-device run starts (hardware.gpus_per_node > 1, or hardware.processes > 1):
 `python -m finellama_rl.train ...` (what SLURM jobs and sbatch scripts run) sees it is
@@ -15,6 +15,17 @@ again, and every rank reads the same attempts.jsonl and steps down to the same r
 (an OOM on one rank steps every rank down) and resumes from the snapshot: no step is
 redone. Stop requests (SLURM's USR2/TERM reach the supervisor) are passed on through a
 file that rank 0 reads every step; `TrainingMonitor.decide` makes every rank agree.
+
+Several nodes (hardware.nodes=N, started by the SLURM job's controller as one srun step
+with one task per node): each task is its node's supervisor and starts
+`torchrun --nnodes=N --node_rank=<SLURM_NODEID> --rdzv_backend=static` on the first
+node's address (FINELLAMA_MASTER_ADDR/PORT, which the controller asked SLURM for: node
+names need not resolve). Static, not c10d: c10d ignores --node_rank and may put rank 0
+on any node, while the run's lock and files belong on the first. Everything else is as
+on one node (the run folder must be on a filesystem all nodes share): a stop request
+written by any node's supervisor is seen by rank 0 and agreed by all ranks at a step
+boundary; after an OOM every node's supervisor reads the same exit file of that round
+(`logs/rank_exit.<round>.json`) and starts its torchrun again, on a new port.
 """
 from __future__ import annotations
 
@@ -48,6 +59,16 @@ def local_rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def nodes() -> int:
+    """Nodes of this run (FINELLAMA_NODES, set by the SLURM job's controller)."""
+    return int(os.environ.get("FINELLAMA_NODES", "1") or 1)
+
+
+def node_rank() -> int:
+    """This node's place among the run's nodes (SLURM_NODEID of the step's task)."""
+    return int(os.environ.get("SLURM_NODEID", "0") or 0) if nodes() > 1 else 0
 
 
 def is_worker() -> bool:
@@ -161,7 +182,8 @@ def rank_digests(params) -> List[str]:
 
 
 def write_exit_code(paths: RunPaths, code: int) -> None:
-    paths.rank_exit.write_text(json.dumps({"code": code, "rank": rank()}))
+    """The exit code a rank means (torchrun reports only 1), for this start of the ranks."""
+    paths.rank_exit_of(int(os.environ.get("FINELLAMA_ROUND", "0") or 0)).write_text(json.dumps({"code": code, "rank": rank()}))
 
 
 def claim(path: Path) -> bool:
@@ -181,17 +203,46 @@ def stop_requested(paths: RunPaths) -> bool:
 # ----------------------------------------------------------------- supervisor
 
 
-def torchrun_command(argv: List[str], nprocs: int) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
+def torchrun_command(argv: List[str], nprocs: int, round_no: int = 0) -> List[str]:
+    """torchrun for this node: standalone on one node; on several, the static rendezvous
+    on the first node (a new port per round: the last round's may not be free yet)."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes() <= 1:
+        return [*run, "--standalone", f"--nproc_per_node={nprocs}", "-m", "finellama_rl.train", *argv]
+    port = int(os.environ["FINELLAMA_MASTER_PORT"]) + round_no
+    return [*run, f"--nnodes={nodes()}", f"--nproc_per_node={nprocs}", f"--node_rank={node_rank()}",
+            "--rdzv_backend=static", f"--master_addr={os.environ['FINELLAMA_MASTER_ADDR']}", f"--master_port={port}",
             "-m", "finellama_rl.train", *argv]
 
 
-def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) -> int:
-    """Run the ranks under torchrun until they finish; start them again after an OOM
-    (EXIT_OOM_RETRY), at most `max_restarts` times. Returns the ranks' exit code."""
+def rank_threads(threads: Optional[str], nprocs: int, cuda: bool) -> str:
+    """OMP_NUM_THREADS of each rank: the process's threads (OMP_NUM_THREADS, which the job
+    sets) shared by the node's ranks; unset, one per rank on CPU, else the machine's CPUs shared."""
+    if threads and threads.isdigit():
+        return str(max(1, int(threads) // nprocs))
+    return "1" if not cuda else str(max(1, (os.cpu_count() or 1) // nprocs))
+
+
+def _ranks_code(paths: RunPaths, round_no: int, code: int) -> int:
+    """The code the ranks meant: torchrun says 1 for any failed rank; the rank that ran
+    out of memory wrote EXIT_OOM_RETRY into this round's exit file."""
+    if not code:
+        return 0
+    try:
+        return int(json.loads(paths.rank_exit_of(round_no).read_text())["code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return code
+
+
+def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int, cuda: bool = True) -> int:
+    """Run this node's ranks under torchrun until they finish; start them again after an
+    OOM (EXIT_OOM_RETRY), at most `max_restarts` times. Returns the ranks' exit code."""
     paths = RunPaths(Path(run_dir))
     paths.logs.mkdir(parents=True, exist_ok=True)
-    paths.stop_request.unlink(missing_ok=True)
+    if node_rank() == 0:  # the first node clears the last job's files; the others' torchrun waits for it
+        paths.stop_request.unlink(missing_ok=True)
+        for old in paths.rank_exit_files():
+            old.unlink(missing_ok=True)
     proc: Optional[subprocess.Popen] = None
 
     def request_stop(signum, _frame):
@@ -200,18 +251,17 @@ def supervise(argv: List[str], nprocs: int, run_dir: Path, max_restarts: int) ->
 
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    env = os.environ.copy()  # the job's CPUs shared by the ranks (torchrun would leave the job's count to each)
-    env["OMP_NUM_THREADS"] = str(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // nprocs))
+    env = os.environ.copy()  # the node's CPUs shared by its ranks (torchrun would leave the job's count to each)
+    env["OMP_NUM_THREADS"] = rank_threads(os.environ.get("OMP_NUM_THREADS"), nprocs, cuda)
+    code = 1
     for restart in range(max_restarts + 1):
-        paths.rank_exit.unlink(missing_ok=True)
-        proc = subprocess.Popen(torchrun_command(argv, nprocs), env=env)
+        env["FINELLAMA_ROUND"] = str(restart)
+        proc = subprocess.Popen(torchrun_command(argv, nprocs, restart), env=env)
         while proc.poll() is None:  # poll, not wait: the signal handler must be able to run
             time.sleep(0.5)
-        code = proc.returncode
-        try:
-            code = int(json.loads(paths.rank_exit.read_text())["code"]) if code else 0
-        except (OSError, ValueError, KeyError):
-            pass
+        code = _ranks_code(paths, restart, proc.returncode)
+        if code not in (0, EXIT_OOM_RETRY) and paths.stop_request.exists():
+            return EXIT_STOPPED  # the ranks saved and stopped as asked (torchrun reports 1 for their exit 75)
         if code != EXIT_OOM_RETRY:
             return code
         if paths.stop_request.exists():

@@ -97,7 +97,7 @@ def run_attempts(cfg: Config, paths: RunPaths, ladder: List[Rung], hooks: Attemp
             log.warning("ladder rung %d: %s%s", rung.index, rung.description,
                         " (CHANGES THE EXPERIMENT: shorter sequences)" if rung.changes_experiment else "")
         started, step0, attempt_no = time.time(), hooks.last_step(paths), len(read_attempts(paths)) + 1
-        if main:  # if the scheduler kills us (host OOM, uncatchable GPU OOM), the watchdog or the next start reads this
+        if main:  # if the scheduler kills us (host OOM, uncatchable GPU OOM), the job's controller or the next start reads this
             open_attempt(paths, rung.index, step0, started)
         run = AttemptRun(holder)
         try:

@@ -171,6 +171,31 @@ def load_scheduler(path: Path) -> Dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+# What the Hugging Face Trainer's RNG file (rng_state.pth) may hold besides tensors: numpy arrays
+# (the same short list transformers allows when it loads it with weights_only=True).
+NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+NEVER_LOADED = ("training_args.bin",)  # the HF Trainer writes it and never reads it back
+
+
+def unsafe_pickle(folder: Path) -> Optional[str]:
+    """The first pickle file of a checkpoint folder (*.pt, *.pth, *.bin) that names a
+    Python object beyond tensors, plain data and numpy arrays, as one line naming the file
+    and what it names; None when all are safe. Reads the pickles' opcodes only (torch's
+    get_unsafe_globals_in_checkpoint): nothing is executed or constructed."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix in (".pt", ".pth", ".bin") and p.name not in NEVER_LOADED)
+    for path in files:
+        try:
+            names = get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as exc:  # noqa: BLE001 - any reason the file cannot be scanned
+            return f"{path} is not a readable torch file ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        bad = [n for n in names if n not in NUMPY_GLOBALS and not n.startswith("numpy.dtypes.")]
+        if bad:
+            return f"{path} holds pickled Python objects ({', '.join(bad[:3])}) that are never loaded: only tensors and plain data are"
+    return None
+
+
 def load_optimizer(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     """An optimizer state dict through torch's restricted unpickler (tensors and plain data only)."""
     return torch.load(path, map_location=map_location, weights_only=True)

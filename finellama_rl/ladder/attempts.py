@@ -2,8 +2,8 @@
 out-of-memory happened in), the rung an attempt starts at, and the marker of the attempt
 in progress (a hard-killed attempt is recorded when the run starts again).
 
-Written by the job (job/oom_loop.py, the in-process ladder) and by the watchdog
-(login/resubmit.py, the scheduler-level ladder); read by status and report. The ladder of
+Written by the job (job/oom_loop.py, the in-process ladder) and by the job's
+controller (login/resubmit.py, the scheduler-level ladder); read by status and report. The ladder of
 a config is in ladder/run_ladder.py, the fit memory in ladder/fitmem.py, the phase tracker
 and fault injection in job/faults.py. No torch at import.
 """
@@ -22,9 +22,13 @@ OOM_OUTCOMES = ("oom", "oom_killed")
 ATTEMPT_RECORD = {"rung": int, "outcome": str}
 
 
+def _rung_check(record: Dict[str, Any]):
+    return (record, None) if record["rung"] >= 0 else (None, f"rung {record['rung']} is negative")
+
+
 def read_attempts(paths: RunPaths) -> List[Dict[str, Any]]:
-    """Valid attempt records (malformed lines are skipped with one warning)."""
-    return read_jsonl(paths.attempts, require=ATTEMPT_RECORD)
+    """Valid attempt records (malformed lines, and a negative rung, are skipped with one warning)."""
+    return read_jsonl(paths.attempts, require=ATTEMPT_RECORD, check=_rung_check)
 
 
 def record_attempt(paths: RunPaths, rung: Rung, outcome: str, **fields: Any) -> Dict[str, Any]:
@@ -88,14 +92,13 @@ def format_attempts(attempts: List[Dict[str, Any]]) -> str:
 
 def open_attempt(paths: RunPaths, rung: int, step0: int, started: float) -> None:
     """Mark an attempt as running: if the process is killed before it records its end
-    (SIGKILL, node failure, the scheduler's OOM kill), the watchdog or the next start
+    (SIGKILL, node failure, the scheduler's OOM kill), the job's controller or the next start
     records it from this marker."""
-    import os
-
     from finellama_rl.fileio import atomic_write_json
+    from finellama_rl.slurm_env import job_ref
 
     atomic_write_json(paths.current_attempt, {"rung": rung, "step0": step0, "started": started,
-                                                    "job_id": os.environ.get("SLURM_JOB_ID"), "closed": False})
+                                              "job_id": job_ref(), "closed": False})
 
 
 def close_attempt(paths: RunPaths) -> None:

@@ -1,6 +1,6 @@
 """The OOM ladder of a run's config: its rung-0 setting, the ladder built from it,
 and the config at a given rung. Pure (no torch): used by launch and plan on the
-login node and by training and the watchdog on compute nodes.
+login node and by training and the job's controller on compute nodes.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import Config, Device, ModelConfig, scoring_sources, world_size
+from finellama_rl.config import Config, Device, ModelConfig, processes_per_node, scoring_sources, world_size
 from finellama_rl.errors import ConfigError
 from finellama_rl.login.memory import GIB, ModelShape
 from finellama_rl.login.memory_scoring import ScoringInputs, scoring_bytes
@@ -42,7 +42,7 @@ def _shape(m: ModelConfig) -> ModelShape:
 
 
 def _on_own_gpu(cfg: Config, gpu: Optional[int]) -> bool:
-    return gpu is not None and gpu >= world_size(cfg.hardware)
+    return gpu is not None and gpu >= processes_per_node(cfg.hardware)
 
 
 def scoring_parts(cfg: Config, batch: Optional[int] = None) -> List[ScoringPart]:

@@ -58,6 +58,14 @@ def rung0_peak_bytes(cfg: Config) -> int:
     return estimate_memory(memory_inputs(cfg, setting_of(cfg.trainer, cfg.hardware))).peak_bytes
 
 
+def predicted_peak_bytes(cfg: Config, rung: int) -> int:
+    """The GPU peak the planner predicts at a rung: the policy's and the scoring models'
+    that share its GPU (runs_per_gpu=auto packs runs by it)."""
+    ladder = ladder_for(cfg)
+    setting = ladder[min(max(rung, 0), len(ladder) - 1)].setting
+    return estimate_memory(memory_inputs(cfg, setting)).peak_bytes + shared_bytes(scoring_parts(cfg))
+
+
 def choose_start_rung(cfg: Config) -> Tuple[int, str]:
     """(rung, why): configured > remembered fit > planner > 0."""
     if not cfg.ladder.enabled or cfg.ladder.start_rung:

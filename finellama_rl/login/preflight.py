@@ -18,6 +18,11 @@ from finellama_rl.results import check_writable
 PREFETCH_HINT = "python -m finellama_rl.prefetch model={model} data={data} (on a node with internet)"
 
 
+class Unreachable(ConfigError):
+    """A model or dataset neither in the local cache nor on a hub that answers: a launch
+    stops; a dry run lists it under what it could not check and goes on."""
+
+
 def _hub_cached(repo_id: str, repo_type: str, revision: Optional[str]) -> bool:
     from huggingface_hub import snapshot_download
 
@@ -55,7 +60,7 @@ def check_model(cfg: Config) -> None:
     reason = _hub_answers(m.hub_id, "model", m.revision)
     if reason:
         hint = PREFETCH_HINT.format(model=m.name, data=cfg.data.source.value)
-        raise ConfigError("model", f"{m.hub_id} is not reachable: {reason}; run {hint} or set model.path=<local folder>")
+        raise Unreachable("model", f"{m.hub_id} is not reachable: {reason}; run {hint} or set model.path=<local folder>")
 
 
 def check_data(cfg: Config) -> None:
@@ -72,7 +77,7 @@ def check_data(cfg: Config) -> None:
     reason = _hub_answers(d.hub_id, "dataset", None)
     if reason:
         hint = PREFETCH_HINT.format(model=cfg.model.name, data="gsm8k")
-        raise ConfigError("data", f"{d.hub_id} is not reachable: {reason}; run {hint} or set data.path=<local jsonl>")
+        raise Unreachable("data", f"{d.hub_id} is not reachable: {reason}; run {hint} or set data.path=<local jsonl>")
 
 
 def slurm_partitions() -> List[str]:
@@ -97,17 +102,24 @@ def check_scoring(cfg: Config) -> None:
         describe_source(cfg.reward_model)
 
 
-def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None) -> None:
+def check_run(cfg: Config, slurm: bool, partitions: Optional[List[str]] = None, unchecked: Optional[List[str]] = None) -> None:
+    """Every check of one run; ConfigError naming the key. With `unchecked` (a dry run), a
+    model or dataset that cannot be reached from here is listed there instead of stopping."""
     try:
         check_writable(Path(cfg.run.dir))
     except PermissionError as exc:
         raise ConfigError("run.results_dir", f"{exc}; set run.results_dir=<a writable folder>") from None
-    check_model(cfg)
+    for check in (check_model, check_data):
+        try:
+            check(cfg)
+        except Unreachable as exc:
+            if unchecked is None:
+                raise
+            unchecked.append(f"{exc.key}: {exc.message}")
     if cfg.model.adapter:  # RL from a trained adapter: the run folder or checkpoint must hold one
         from finellama_rl.artifacts import resolve_adapter
 
         resolve_adapter(cfg.model.adapter)
-    check_data(cfg)
     check_scoring(cfg)
     if slurm:
         check_partition(cfg.hardware.slurm, partitions or [])

@@ -1,24 +1,25 @@
 """SLURM through submitit: the only module that imports submitit.
 
 - `executor_params(cfg)`: the sbatch request from the hardware profile (GPUs, CPUs,
-  memory, time, partition, account, QOS, constraint, extra options, signal,
+  memory, time, nodes, partition, account, QOS, constraint, extra options, signal,
   `--requeue`); stdout and stderr go to one log (`logs/submitit/<job>_0_log.out`).
-- `submission_text(cfg)`: the exact script submitit will submit, rendered without
-  SLURM installed (dry run, `sbatch --test-only`, tests); `test_submission` asks
-  sbatch whether it would accept that very text (nothing is queued).
-- `submit(cfg, argv)`: one job per run; `TrainJob` runs `python -m finellama_rl.train`
-  as a child process on the compute node. On SLURM's warning signal (USR2,
-  `signal_delay_s` before the time limit, or a preemption) submitit calls
-  `TrainJob.checkpoint`, which forwards the signal to the child (it saves at the
-  end of its step and exits 75) and returns a resubmission: submitit requeues the
-  job, which resumes in the same run folder. Requeues are bounded by
+- `submit_units(units, folder, name)`: one job, or one job array for several units of
+  the same request (submitit's `batch()`: one sbatch call, `--array=0-N%P` throttled by
+  `hardware.slurm.array_parallelism`); job ids are `<array>_<task>` for array tasks.
+  A unit (login/units.py) is one run, a pack of runs sharing a GPU, or one run on
+  several nodes. `units_preview` renders the exact script (with its `--array` line)
+  without SLURM installed (dry run, `sbatch --test-only` through `test_text`, tests).
+- `TrainJob`: what runs on the compute node: the controller (login/controller.py) that
+  starts each run as an srun step and retries a run killed for memory at its next rung.
+  On SLURM's warning signal (USR2, `signal_delay_s` before the time limit, or a
+  preemption) every step saves at the end of its training step and exits 75, and
+  submitit calls `TrainJob.checkpoint`, which waits for them and asks for a requeue:
+  submitit requeues this job or array task (`scontrol requeue <array>_<task>`, never
+  its siblings), which resumes each run in its folder. Requeues are bounded by
   `hardware.slurm.max_requeues`. Preemption, `scontrol requeue` and scancel send
-  SIGTERM to the job's process only (SIGKILL follows after KillWait): `TrainJob`
-  forwards it, so the child saves at the end of its step before it is killed, and
-  the job ends with one line, not a traceback.
-- `record_submission`: the sweep's ledger.jsonl lists every job (training jobs,
-  watchdogs, resubmissions) so that status and `--cancel` see them all.
-- `job_states(job_ids)`: scheduler states from sacct, for `finellama_rl.status`.
+  SIGTERM: every run saves likewise, and the job ends with one line, not a traceback.
+- `record_submission`: the sweep's ledger.jsonl has one line per run and job, so that
+  status and `--cancel` see them all. Scheduler queries: login/scheduler.py.
 """
 from __future__ import annotations
 
@@ -33,17 +34,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import submitit
+import submitit.slurm.slurm
 from submitit.core.core import PicklingExecutor
 
 from finellama_rl.config import Config, Device, RunConfig, SlurmConfig
-from finellama_rl.fileio import append_jsonl
 from finellama_rl.errors import EXIT_STOPPED, SubmissionFailed
-from finellama_rl.results import RunPaths, SweepPaths
-
+from finellama_rl.fileio import append_jsonl
+from finellama_rl.login.controller import Controller, RunStep, accuracy, note
+from finellama_rl.results import RunPaths
+from finellama_rl.slurm_env import job_ref, restart_count
 
 
 def slurm_available() -> bool:
@@ -59,7 +63,7 @@ def sbatch_options(cfg: Config) -> Dict[str, Any]:
     """The sbatch options (long names, no leading dashes) a run requests."""
     hw, s = cfg.hardware, cfg.hardware.slurm
     opts: Dict[str, Any] = {
-        "nodes": 1,
+        "nodes": hw.nodes,
         "ntasks-per-node": 1,
         "cpus-per-task": s.cpus_per_task,
         "mem": f"{s.mem_gb}G",
@@ -85,7 +89,7 @@ def executor_params(cfg: Config) -> Dict[str, Any]:
     hw, s = cfg.hardware, cfg.hardware.slurm
     params: Dict[str, Any] = {
         "job_name": job_name(cfg.run),
-        "nodes": 1,
+        "nodes": hw.nodes,
         "ntasks_per_node": 1,
         "cpus_per_task": s.cpus_per_task,
         "mem": f"{s.mem_gb}G",
@@ -99,77 +103,55 @@ def executor_params(cfg: Config) -> Dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):
             params[key] = getattr(s, key)
+    if hw.nodes > 1:  # the controller runs once, on the first node; it starts one training task per node
+        params["srun_args"] = ["--nodes=1", "--ntasks=1"]
     return params
 
 
-def train_command(argv: List[str], gpus: int) -> List[str]:
-    """The training process. With several GPUs it supervises one torchrun rank per GPU
-    itself (finellama_rl.job.distributed: it restarts the ranks at the next OOM rung and
-    passes USR2/TERM on as a stop request), so signals reach it, not torchrun."""
-    return [sys.executable, "-m", "finellama_rl.train", *argv]
-
-
 class TrainJob(submitit.helpers.Checkpointable):
-    """What runs on the compute node: the training process, signal-aware."""
+    """What runs on the compute node: the job's controller (login/controller.py) around one
+    run, a pack of runs, or one run on several nodes, each an srun step of its own."""
 
-    def __init__(self, argv: List[str], run_dir: str, gpus: int, timeout_min: int, signal_delay_s: int, max_requeues: int):
-        self.argv, self.run_dir, self.gpus = list(argv), run_dir, gpus
-        self.timeout_min, self.signal_delay_s, self.max_requeues = timeout_min, signal_delay_s, max_requeues
-        self.proc: Optional[subprocess.Popen] = None
+    def __init__(self, runs: List[RunStep], timeout_min: int, signal_delay_s: int, max_requeues: int,
+                 launch_id: Optional[str] = None):
+        self.runs, self.timeout_min, self.signal_delay_s, self.max_requeues = list(runs), timeout_min, signal_delay_s, max_requeues
+        # Kept across requeues (they rerun this pickle): a requeue never replays run.resume=false (ownership.is_replay).
+        self.launch_id = launch_id or uuid.uuid4().hex
+        self.controller: Optional[Controller] = None
 
     def __call__(self) -> Dict[str, Any]:
-        env = os.environ.copy()
-        # Save before the time limit if the next scheduled save would come too late.
-        env["FINELLAMA_DEADLINE"] = str(time.time() + self.timeout_min * 60 - self.signal_delay_s)
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus:  # not the submitting shell's OMP_NUM_THREADS: 2 threads on 1 CPU made steps 10-70x slower
-            env["OMP_NUM_THREADS"] = str(max(1, int(cpus)))  # several GPUs: the train supervisor splits them per rank
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        self._note("start", restarts=restarts)
-        # stderr into the same log as stdout: the launch table points at the .out file
-        self.proc = subprocess.Popen(train_command(self.argv, self.gpus), env=env, stderr=subprocess.STDOUT)
-        # Preemption, `scontrol requeue` and scancel send SIGTERM to this process only (then
-        # SIGKILL after KillWait); submitit just logs it. Pass it on so the child saves first.
-        signal.signal(signal.SIGTERM, self._forward_sigterm)
-        code = self._wait()
-        self._note("exit", code=code, restarts=restarts)
-        if code == EXIT_STOPPED:  # saved on SIGTERM (preemption, requeue, scancel): SLURM requeues or ends the job
-            print(f"[finellama_rl job] training saved and stopped on a signal (exit {EXIT_STOPPED}); "
-                  f"it resumes from its checkpoint when the job runs again: {self.run_dir}", flush=True)
-            sys.exit(EXIT_STOPPED)  # SystemExit: no traceback, no result pickle
-        if code is not None and code < 0:  # a signal ended training before it could save (e.g. scancel while loading)
-            print(f"[finellama_rl job] training was ended by {signal.Signals(-code).name} before it saved; "
-                  f"the last checkpoint in {self.run_dir} stays the resume point", flush=True)
-            sys.exit(128 - code)
-        if code != 0:
-            raise RuntimeError(f"training exited with code {code}; see the log above and {self.run_dir}")
-        results = RunPaths(Path(self.run_dir)).eval_results
-        try:
-            return json.loads(results.read_text())["accuracy"] if results.exists() else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
+        self.controller = Controller(self.runs, time.time() + self.timeout_min * 60 - self.signal_delay_s, self.launch_id)
+        # Preemption, `scontrol requeue` and scancel send SIGTERM (then SIGKILL after KillWait);
+        # submitit only logs it. Pass it on so every run saves first.
+        signal.signal(signal.SIGTERM, self.controller.on_sigterm)
+        return self._finish(self.controller.run())
 
-    def _wait(self, timeout_s: Optional[float] = None) -> Optional[int]:
-        # poll(), not wait(): wait() holds a lock the signal handler's own wait would deadlock on.
-        end = None if timeout_s is None else time.time() + timeout_s
-        while self.proc.poll() is None:
-            if end is not None and time.time() > end:
-                return None
-            time.sleep(0.5)
-        return self.proc.returncode
-
-    def _forward_sigterm(self, signum: int, _frame: Any) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self._note("sigterm_forwarded")
+    def _finish(self, codes: Dict[str, int]) -> Dict[str, Any]:
+        if any(c == EXIT_STOPPED for c in codes.values()):
+            if self.controller.terminated:  # saved on SIGTERM (preemption, requeue, scancel): SLURM requeues or ends the job
+                print(f"[finellama_rl job] training saved and stopped on a signal (exit {EXIT_STOPPED}); "
+                      "it resumes from its checkpoint when the job runs again", flush=True)
+                sys.exit(EXIT_STOPPED)  # SystemExit: no traceback, no result pickle
+            # Stopped on a warning that reached the steps before this process (another node's
+            # slurmd, or a user's `scancel --signal=USR2` of a step): requeue as on our own USR2.
+            print("[finellama_rl job] training saved and stopped on the warning signal: requeueing", flush=True)
+            os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler calls checkpoint() and requeues
+            time.sleep(60)
+        failed = {name: code for name, code in codes.items() if code != 0}
+        if failed:
+            runs = ", ".join(f"{name} (exit {code})" for name, code in failed.items())
+            raise RuntimeError(f"training failed: {runs}; see the log above and the run folders")
+        found = {run.name: accuracy(run) for run in self.runs}
+        return found if len(self.runs) > 1 else found[self.runs[0].name]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
-        """Called by submitit on USR2: let the child save, then ask to be requeued."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR2)
-            code = self._wait(timeout_s=max(5, self.signal_delay_s - 5))
-            self._note("signal", code=code)
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        """Called by submitit on USR2: let every run save, then ask to be requeued."""
+        # Once: a second USR2 (scancel retries "Job can not be altered now" 5 s later; measured)
+        # would re-enter submitit's handler, and its requeue would cut this one's wait short.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        if self.controller is not None:
+            self.controller.stop_and_wait(max(5, self.signal_delay_s - 5))
+        restarts = restart_count()
         if _cancelled_meanwhile():  # scancel during the save: submitit's `scontrol requeue` would revive the job
             self._note("requeue_skipped", reason="job was cancelled")
             return None
@@ -177,33 +159,30 @@ class TrainJob(submitit.helpers.Checkpointable):
             self._note("requeue_refused", restarts=restarts)
             return None
         self._note("requeue", restarts=restarts + 1)
-        fresh = TrainJob(self.argv, self.run_dir, self.gpus, self.timeout_min, self.signal_delay_s, self.max_requeues)
+        fresh = TrainJob(self.runs, self.timeout_min, self.signal_delay_s, self.max_requeues, self.launch_id)
         return submitit.helpers.DelayedSubmission(fresh)
 
     def _note(self, event: str, **fields: Any) -> None:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event,
-                  "job_id": os.environ.get("SLURM_JOB_ID"), **fields}
-        try:
-            append_jsonl(RunPaths(Path(self.run_dir)).job_events, record)
-        except OSError:
-            pass
-        print(f"[finellama_rl job] {event} {fields}", flush=True)
+        for run in self.runs:
+            note(run, event, **fields)
 
 
 def _cancelled_meanwhile() -> bool:
-    """True when this job was scancelled (e.g. while the child was saving on USR2).
+    """True when this job was scancelled (e.g. while the runs were saving on USR2).
     While its processes are being killed scontrol says COMPLETING whatever the cause;
-    the accounting record says CANCELLED at once, so ask sacct."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or shutil.which("sacct") is None:
+    the accounting record says CANCELLED at once, so ask sacct (for an array task by
+    `<array>_<task>`: the raw id of the last task started is the array id, and sacct
+    would answer for every task)."""
+    ref = job_ref()
+    if not ref or shutil.which("sacct") is None:
         return False
     try:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ref],
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
-    lines = out.strip().splitlines()
-    return bool(lines) and lines[-1].startswith("CANCELLED")
+    lines = [line.split("|") for line in out.strip().splitlines() if line.startswith(f"{ref}|")]
+    return bool(lines) and lines[-1][1].startswith("CANCELLED")
 
 
 class Executor(submitit.SlurmExecutor):
@@ -215,22 +194,40 @@ class Executor(submitit.SlurmExecutor):
         PicklingExecutor.__init__(self, folder, max_num_timeout=max_num_timeout)
         self.python = shlex.quote(sys.executable)
 
-    def submission_text(self) -> str:
-        """The script `submit` writes (its `%j` placeholders are filled by SLURM)."""
-        return self._make_submission_file_text(self._submitit_command_str, "preview")
+    def submission_text(self, tasks: int = 1) -> str:
+        """The script `submit` writes (its `%j` placeholders are filled by SLURM); with
+        tasks > 1 the array script `batch()` writes (`#SBATCH --array=0-<n-1>%<P>`)."""
+        params = dict(self.parameters, map_count=tasks) if tasks > 1 else self.parameters
+        return submitit.slurm.slurm._make_sbatch_string(command=self._submitit_command_str, folder=self.folder, **params)
 
 
-def make_executor(cfg: Config) -> Executor:
-    folder = RunPaths(Path(cfg.run.dir)).submitit_logs
-    executor = Executor(folder=str(folder), max_num_timeout=cfg.hardware.slurm.max_requeues)
-    executor.update_parameters(**executor_params(cfg))
+def unit_params(unit: Any, name: str, tasks: int = 1) -> Dict[str, Any]:
+    """The request of one job unit (login/units.py: a run, a pack, a multi-node run) with
+    the job's name; with tasks > 1, the throttle of the array it is a task of."""
+    params = executor_params(unit.cfg)
+    params["job_name"] = name[:200]
+    s = unit.cfg.hardware.slurm
+    if tasks > 1:
+        params["array_parallelism"] = min(tasks, s.array_parallelism or tasks)
+    return params
+
+
+def request_key(cfg: Config) -> str:
+    """Runs with equal keys ask for exactly the same resources: they may share an array."""
+    params = {k: v for k, v in executor_params(cfg).items() if k != "job_name"}
+    s = cfg.hardware.slurm
+    return json.dumps([params, s.max_requeues, s.array_parallelism, s.arrays], sort_keys=True, default=str)
+
+
+def make_executor(folder: Path, params: Dict[str, Any], max_requeues: int) -> Executor:
+    executor = Executor(folder=str(folder), max_num_timeout=max_requeues)
+    executor.update_parameters(**params)
     return executor
 
 
-def make_job(cfg: Config, argv: List[str]) -> TrainJob:
-    s = cfg.hardware.slurm
-    gpus = cfg.hardware.gpus_per_node if cfg.hardware.device == Device.cuda else 0
-    return TrainJob(argv, cfg.run.dir, gpus, s.timeout_min, s.signal_delay_s, s.max_requeues)
+def make_job(unit: Any) -> TrainJob:
+    s = unit.cfg.hardware.slurm
+    return TrainJob(unit.steps(), s.timeout_min, s.signal_delay_s, s.max_requeues)
 
 
 @contextlib.contextmanager
@@ -240,17 +237,34 @@ def _quiet_stderr():
         yield
 
 
-def submit(cfg: Config, argv: List[str]) -> submitit.Job:
+def submit_units(units: List[Any], folder: Path, name: str) -> List[str]:
+    """Submit job units as one job (one unit) or one array (several: submitit's batch(),
+    one sbatch call); returns the job ids, `<array>_<task>` for array tasks."""
+    s = units[0].cfg.hardware.slurm
+    executor = make_executor(folder, unit_params(units[0], name, len(units)), s.max_requeues)
     try:
         with _quiet_stderr():
-            return make_executor(cfg).submit(make_job(cfg, argv))
+            if len(units) == 1:
+                return [str(executor.submit(make_job(units[0])).job_id)]
+            with executor.batch():
+                jobs = [executor.submit(make_job(u)) for u in units]
+            return [str(j.job_id) for j in jobs]
     except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as exc:
         raise SubmissionFailed(sbatch_error_line(str(exc))) from None
 
 
+def units_preview(units: List[Any], folder: Path, name: str) -> str:
+    """The script sbatch gets for these units (dry run, `sbatch --test-only`); SLURM fills `%j`/`%A_%a`."""
+    s = units[0].cfg.hardware.slurm
+    return make_executor(folder, unit_params(units[0], name, len(units)), s.max_requeues).submission_text(len(units))
+
+
 def sbatch_preview(cfg: Config) -> str:
-    """The sbatch script submitit would write for this run (dry run); SLURM fills `%j`."""
-    return make_executor(cfg).submission_text()
+    """The sbatch script submitit would write for this one run (dry run); SLURM fills `%j`."""
+    from finellama_rl.results import RunPaths as _RunPaths
+
+    params = dict(executor_params(cfg))
+    return make_executor(_RunPaths(Path(cfg.run.dir)).submitit_logs, params, cfg.hardware.slurm.max_requeues).submission_text()
 
 
 def sbatch_error_line(text: str) -> str:
@@ -267,8 +281,9 @@ _ERROR_KEYS: List[Tuple[str, str]] = [
     (r"feature|constraint", "hardware.slurm.constraint"),
     (r"partition", "hardware.slurm.partition"),
     (r"time limit|time_limit|timelimit", "hardware.slurm.timeout_min"),
+    (r"array", "hardware.slurm.arrays / hardware.slurm.array_parallelism"),
     (r"memory|\bmem\b", "hardware.slurm.mem_gb"),
-    (r"cpu|processor|node configuration|tasks", "hardware.slurm.cpus_per_task / hardware.slurm.mem_gb"),
+    (r"cpu|processor|node configuration|tasks", "hardware.slurm.cpus_per_task / hardware.slurm.mem_gb / hardware.nodes"),
 ]
 
 
@@ -281,10 +296,10 @@ def sbatch_error_key(message: str) -> str:
     return "hardware.slurm"
 
 
-def test_submission(cfg: Config) -> Optional[str]:
-    """None if `sbatch --test-only` accepts this run's exact script (nothing is queued),
-    else sbatch's error line."""
-    text = make_executor(cfg).submission_text()
+def test_text(text: str) -> Optional[str]:
+    """None if `sbatch --test-only` accepts this exact script (nothing is queued), else
+    sbatch's error line. An array script is checked once for all its tasks (the request
+    and the array's size; not per-user job limits, where every task counts)."""
     try:
         out = subprocess.run(["sbatch", "--test-only"], input=text, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -294,91 +309,11 @@ def test_submission(cfg: Config) -> Optional[str]:
 
 def record_submission(ledger: Path, cfg: Config, job_id: str, argv: List[str], kind: str = "train",
                       **extra: Any) -> None:
-    """One ledger line per job: kind train (a training job, also a watchdog's
-    resubmission) or watchdog (with the job it watches)."""
+    """One ledger line per run and job: kind train (older ledgers also hold `watchdog`
+    lines, which status still reads); array tasks add `array` and `task`, packed runs
+    `pack` (the names of the runs that share the job)."""
     append_jsonl(ledger, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "kind": kind, "run": cfg.run.name, "run_dir": cfg.run.dir,
         "job_id": str(job_id), "hardware": cfg.hardware.name, "partition": cfg.hardware.slurm.partition,
-        "log": str(RunPaths(Path(cfg.run.dir)).job_log(job_id, watchdog=kind != "train")), "argv": argv, **extra,
+        "log": str(RunPaths(Path(cfg.run.dir)).job_log(job_id)), "argv": argv, **extra,
     })
-
-
-_REQUEUED = ("REQUEUED", "PREEMPTED", "NODE_FAIL", "REQUEUE_HOLD", "REQUEUE_FED")
-
-
-def job_states(job_ids: List[str]) -> Dict[str, Dict[str, str]]:
-    """{job_id: {state, restarts, elapsed}} from sacct (the allocation line of each job).
-
-    sacct has no Restarts field (22.05 rejects it: "Invalid field requested"); with
-    --duplicates it lists every run of a requeued job as its own line, oldest first,
-    each ended by a requeue in state REQUEUED: restarts = those lines; the last line
-    holds the current state. A line that did not end in a requeue belongs to an older
-    job that had the same id (ids restart after the accounting is wiped). squeue's
-    live state wins where slurmctld still holds the job.
-    """
-    if not job_ids:
-        return {}
-    states: Dict[str, Dict[str, str]] = {}
-    if shutil.which("sacct"):
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State,Elapsed", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=60)
-        for line in out.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) >= 3 and parts[1].split():
-                prev, state = states.get(parts[0]), parts[1].split()[0]
-                runs = int(prev["restarts"]) if prev and prev["state"] in _REQUEUED else 0
-                states[parts[0]] = {"state": state, "restarts": str(runs + (state in _REQUEUED)), "elapsed": parts[2]}
-    for job_id, state in _live_states(job_ids).items():  # sacct lags, and keeps REQUEUED for a job cancelled while requeued
-        states.setdefault(job_id, {"restarts": "0", "elapsed": ""})["state"] = state
-    return states
-
-
-def _live_states(job_ids: List[str]) -> Dict[str, str]:
-    """{job_id: state} for the jobs slurmctld still holds (MinJobAge after they end)."""
-    if shutil.which("squeue") is None:
-        return {}
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(job_ids)],
-                         capture_output=True, text=True, timeout=60)
-    return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
-
-
-def cancel(job_ids: List[str]) -> None:
-    if job_ids:
-        subprocess.run(["scancel", *job_ids], check=False, timeout=60)
-
-
-def submit_watchdog(cfg: Config, train_job_id: str, argv: List[str], resubmits_done: int) -> submitit.Job:
-    """A 1-CPU job that runs after `train_job_id` ends and resubmits it at the next
-    ladder rung if it was killed for memory (finellama_rl.login.slurm.watch)."""
-    s = cfg.hardware.slurm
-    executor = Executor(folder=str(RunPaths(Path(cfg.run.dir)).watch_logs), max_num_timeout=0)
-    params: Dict[str, Any] = {"job_name": job_name(cfg.run, "flw"), "nodes": 1, "ntasks_per_node": 1,
-                              "cpus_per_task": 1, "mem": "1G", "time": 15, "stderr_to_stdout": True,
-                              "additional_parameters": {"dependency": f"afterany:{train_job_id}"}}
-    for key in ("partition", "account", "qos"):
-        if getattr(s, key):
-            params[key] = getattr(s, key)
-    executor.update_parameters(**params)
-    try:
-        with _quiet_stderr():
-            return executor.submit(watch, argv, cfg.run.dir, train_job_id, resubmits_done)
-    except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as exc:
-        raise SubmissionFailed(sbatch_error_line(str(exc))) from None
-
-
-def watch(argv: List[str], run_dir: str, job_id: str, resubmits_done: int) -> str:
-    """The watchdog job: runs after `job_id` ended; resubmits training (and a new
-    watchdog) at the next rung if it died for memory (finellama_rl.login.resubmit)."""
-    from finellama_rl.login.resubmit import decide_resubmit, note
-    from finellama_rl.results import RunPaths
-
-    cfg, message = decide_resubmit(argv, run_dir, job_id, resubmits_done)
-    if cfg is None:
-        return message
-    ledger = SweepPaths.of_run(Path(run_dir)).ledger
-    job = submit(cfg, argv)
-    record_submission(ledger, cfg, job.job_id, argv, resubmission_of=job_id)
-    dog = submit_watchdog(cfg, job.job_id, argv, resubmits_done + 1)
-    record_submission(ledger, cfg, dog.job_id, argv, kind="watchdog", watches=job.job_id)
-    note(RunPaths(Path(run_dir)), "resubmitted", old_job=job_id, new_job=job.job_id, rung=message)
-    return f"resubmitted as job {job.job_id} at {message}"

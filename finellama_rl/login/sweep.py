@@ -1,8 +1,10 @@
 """A sweep as launch plans it on the login node: every combination of the command line
-composed, resolved and validated (`plan_runs`), its start rung chosen, its folder
+composed, resolved and validated (`plan_runs`; a run folder that holds a run is resumed
+with its own config.yaml, finellama_rl/resume.py), its start rung chosen, its folder
 distinct from the others', free (no live lock, no pending or running job in the
-sweep's ledger: `check_folders_free`) and, for a launch-time sweep name, created
-exclusively (`reserve_sweep`). Used by finellama_rl.launch and the demo. No torch.
+sweep's ledger: `check_folders_free`), for a launch-time sweep name created
+exclusively (`reserve_sweep`), and reserved for this launch while it submits
+(`Reservations`). Used by finellama_rl.launch and the demo. No torch.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.compose import expand_sweep, hydra_quote, load_config, split_argv
+from finellama_rl.compose import expand_sweep, hydra_quote, split_argv
 from finellama_rl.config import Config
 from finellama_rl.errors import ConfigError, UsageError
-from finellama_rl.results import SweepPaths
+from finellama_rl.resume import start_config
+from finellama_rl.results import RunPaths, SweepPaths
 
 LAUNCH_ONLY_KEYS = ("dry_run", "launcher")
 
@@ -55,14 +58,27 @@ def plan_runs(argv: Sequence[str]) -> List[PlannedRun]:
     for i, (ovs, name_parts) in enumerate(combos):
         typed = any(o.split("=")[0] in ("run.sweep", "run.dir") for o in ovs)
         with_sweep = ovs if any(o.startswith("run.sweep=") for o in ovs) else [*ovs, f"run.sweep={sweep}"]
-        try:
-            cfg = load_config(with_sweep, name_parts)
+        try:  # a typed run.sweep/run.dir may name a run to resume: its config.yaml is the truth
+            cfg = start_config(with_sweep, name_parts, find_run=typed)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.message} [in run {i} ({' '.join(ovs) or 'defaults'})]") from None
         rung, why = choose_start_rung(cfg)
         runs.append(PlannedRun(i, ovs, cfg, rung, why, auto_sweep=None if typed else sweep))
     check_distinct(runs)
     return runs
+
+
+def budget_warnings(runs: Sequence[PlannedRun]) -> List[str]:
+    """One line per way the sweep's evaluation differs from its training (generation budget,
+    shots: task/protocols.budget_mismatches), naming the first run it concerns and how many more."""
+    from finellama_rl.task.protocols import budget_mismatches
+
+    seen: Dict[Tuple[str, str], List[str]] = {}
+    for r in runs:
+        for key, message in budget_mismatches(r.cfg.trainer, r.cfg.eval):
+            seen.setdefault((key, message), []).append(r.label)
+    return [f"{key}: {message} [in {labels[0]}{f' and {len(labels) - 1} more run(s)' if len(labels) > 1 else ''}]"
+            for (key, message), labels in seen.items()]
 
 
 def check_distinct(runs: List[PlannedRun]) -> None:
@@ -129,6 +145,65 @@ def check_folders_free(runs: List[PlannedRun]) -> None:
         if why:
             err = RunFolderBusy(Path(run_dir), why, busy_hint(Path(run_dir), None))
             raise ConfigError(err.key, f"{err.message} [in {r.label}]")
+
+
+class Reservations:
+    """One launch at a time per run folder. Before the last check and the submission, each
+    run folder is made ours (created with its marker, or refused: ownership.claim) and its
+    launch.lock is created exclusively, so of two launches started together the second
+    stops with exit 2 before it submits anything; then `check_folders_free` runs again under
+    the reservation. Released when the launch has recorded its jobs in the ledger (or ran
+    them locally), or failed; on a failure here, the folders made here are removed.
+
+        with Reservations(runs, created) as held: submit_slurm(runs, held.created)
+    """
+
+    def __init__(self, runs: List[PlannedRun], created: Sequence[Path] = ()):
+        self.runs, self.created, self.locks = runs, list(created), []
+
+    def __enter__(self) -> "Reservations":
+        try:
+            for r in self.runs:
+                self._reserve(r)
+            check_folders_free(self.runs)
+        except BaseException:
+            self.release()
+            import shutil
+
+            for folder in sorted(set(self.created), key=lambda p: len(p.parts), reverse=True):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return self
+
+    def _reserve(self, r: PlannedRun) -> None:
+        from finellama_rl.ownership import claim, ownership_problem
+        from finellama_rl.runlock import RunFolderBusy, RunLock
+
+        run_dir = Path(r.cfg.run.dir)
+        problem = ownership_problem(run_dir, r.cfg.run.resume)
+        if problem:  # checked before anything is written into it
+            raise ConfigError("run.dir", f"{problem} [in {r.label}]")
+        missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if missing:
+            self.created.append(missing[-1])
+        lock = RunLock(run_dir, path=RunPaths(run_dir).launch_lock)
+        try:
+            lock.acquire()
+        except RunFolderBusy as exc:
+            raise ConfigError("run.dir", f"{run_dir} is being launched by another command ({exc.why}); nothing was "
+                                         f"submitted. Check it with python -m finellama_rl.status {run_dir.parent} "
+                                         f"[in {r.label}]") from None
+        self.locks.append(lock)
+        claim(run_dir, "launch", r.cfg.run.resume)
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def ledger_path(cfg: Config) -> Path:

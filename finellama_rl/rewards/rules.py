@@ -8,7 +8,7 @@ strings (a run-on into an invented next question is not scored on that question)
 
 * correctness: 1.0 where the protocol's primary scorer credits the completion.
 * format: 1.0 where the completion has the protocol's answer form (`\\boxed{...}`
-  for qwen_boxed, `#### <number>` for finellama, lm-eval's strict-match form for
+  for qwen_boxed and qwen25_math_cot, `#### <number>` for finellama, lm-eval's strict-match form for
   lm_eval_gsm8k).
 * digits: the fraction of visible characters that are digits (a shaping reward a
   tiny random model can learn in a CPU test).
@@ -62,9 +62,10 @@ def boxed_content(text: str) -> str | None:
 def has_answer_form(protocol: EvalProtocol, text: str) -> bool:
     """Whether `text` states a final answer the way `protocol` asks for it."""
     from finellama_rl.task import lm_eval
+    from finellama_rl.task.protocols import BOXED_PROTOCOLS
 
     protocol = EvalProtocol(protocol)
-    if protocol == EvalProtocol.qwen_boxed:
+    if protocol in BOXED_PROTOCOLS:
         content = boxed_content(text)
         return bool(content and content.strip())
     if protocol == EvalProtocol.lm_eval_gsm8k:

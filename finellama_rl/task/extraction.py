@@ -1,7 +1,7 @@
 """GSM8K answer extraction and numeric comparison, in pure Python (stdlib only).
 
 * ``normalize_number`` turns a number as written ("$1,234.50", "3/4", "42.",
-  "-7 km", "50%") into one canonical string through ``fractions.Fraction``:
+  "-7 km", "50%", LaTeX's "\\$45") into one canonical string through ``fractions.Fraction``:
   integers as "123", everything else as a reduced fraction "3/4" (so 0.75 and
   3/4 agree, and 2.0 and 2 agree).
 * ``extract_strict`` reads the number after the last ``####`` (GSM8K's format, the
@@ -30,13 +30,14 @@ _CURRENCY = "$\u20ac\u00a3\u00a5"  # $ € £ ¥
 
 # One number as written: an optional sign (not glued to a preceding word or
 # digit, so "5-3" is 5 and 3, not 5 and -3), an optional currency sign (which
-# may be followed by the sign: "$-5"), then, not right after a digit, either a
-# simple fraction a/b (b != 0) or an integer/decimal whose thousands separators
-# are commas between groups of exactly three digits.
+# may be followed by the sign: "$-5"; LaTeX's escaped dollar in "#### \$45"
+# counts as one), then, not right after a digit, either a simple fraction a/b
+# (b != 0) or an integer/decimal whose thousands separators are commas between
+# groups of exactly three digits.
 _NUMBER_RE = re.compile(
     rf"""
     (?:(?<![\w.])(?P<sign>[+\-\u2212]))?
-    (?:[{_CURRENCY}]\s?(?P<sign2>[\-\u2212])?)?
+    (?:(?:\\\$|[{_CURRENCY}])\s?(?P<sign2>[\-\u2212])?)?
     (?<!\d)
     (?:
         (?P<num>\d+)/(?P<den>\d*[1-9]\d*)

@@ -8,6 +8,11 @@ evaluation credits, and a number can be put next to the source it names.
   evaluation/utils.py, PROMPT_TEMPLATES["qwen-boxed"]): chat template, system
   "You are a helpful assistant.", user "<question>\\nPlease reason step by step, and
   put your final answer within \\boxed{}.", zero-shot, greedy; scored by math-verify.
+- qwen25_math_cot: Qwen2.5-Math's evaluation default (QwenLM/Qwen2.5-Math,
+  evaluation/utils.py PROMPT_TEMPLATES["qwen25-math-cot"], math_eval.py
+  --max_tokens_per_call 2048): chat template, the same instruction as the SYSTEM
+  message, the bare question as the user turn, zero-shot, greedy, up to 2048 new
+  tokens; scored by math-verify.
 - lm_eval_gsm8k: lm-evaluation-harness 0.4's `gsm8k` task: no chat template,
   5 shots "Question: <q>\\nAnswer: <solution>" separated by blank lines, shots drawn
   like the harness (random.Random(1234), five per test problem in order), stops at
@@ -32,9 +37,9 @@ import random
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from finellama_rl.config import EvalConfig, EvalProtocol
+from finellama_rl.config import Algo, EvalConfig, EvalProtocol, TrainerConfig
 from finellama_rl.task import lm_eval
 from finellama_rl.task.extraction import reference_answer
 from finellama_rl.task.scoring import Scorer
@@ -45,6 +50,7 @@ QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
 QWEN_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHAT_STOPS = ("</s>", "<|im_end|>", "<|endoftext|>")  # Qwen2.5-Math evaluation/math_eval.py stop_words
 FINELLAMA_STOPS = CHAT_STOPS + ("\nQuestion:",)  # also cut a run-on into an invented next question
+BOXED_PROTOCOLS = (EvalProtocol.qwen_boxed, EvalProtocol.qwen25_math_cot)  # answers in \boxed{}: targets, format reward
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
 
@@ -72,6 +78,11 @@ SPECS: Dict[EvalProtocol, ProtocolSpec] = {
         Scorer.math_verify, 1024,
         "QwenLM/Qwen2.5-Math evaluation/utils.py PROMPT_TEMPLATES['qwen-boxed'] (chat, zero-shot CoT, greedy), "
         "scored with HF math-verify"),
+    EvalProtocol.qwen25_math_cot: ProtocolSpec(
+        EvalProtocol.qwen25_math_cot, True, QWEN_INSTRUCTION, "{question}", 0, "first", CHAT_STOPS,
+        Scorer.math_verify, 2048,
+        "QwenLM/Qwen2.5-Math evaluation/utils.py PROMPT_TEMPLATES['qwen25-math-cot'] (chat, the instruction as the "
+        "system message, zero-shot CoT, greedy, math_eval.py --max_tokens_per_call 2048), scored with HF math-verify"),
     EvalProtocol.lm_eval_gsm8k: ProtocolSpec(
         EvalProtocol.lm_eval_gsm8k, False, None, lm_eval.DOC_TO_TEXT, lm_eval.NUM_FEWSHOT, "lm_eval",
         lm_eval.STOP_SEQUENCES, Scorer.lm_eval_strict, 256,
@@ -116,6 +127,40 @@ def eval_max_new_tokens(ev: EvalConfig) -> int:
     return protocol_spec(ev.protocol).max_new_tokens if ev.max_new_tokens is None else ev.max_new_tokens
 
 
+TRAINING_SHOTS = 0  # training prompts never carry shots (task/data.py: with_prompts)
+SAMPLING_TRAINERS = (Algo.grpo, Algo.ppo)  # rewarded within trainer.max_completion_tokens
+
+
+def budget_record(trainer: TrainerConfig, ev: EvalConfig) -> Dict[str, Any]:
+    """The training and the evaluation budget and shots, as every eval document records them
+    (`budgets`): a reader sees at once whether evaluation credited what training could not earn."""
+    return {"training": {"trainer": Algo(trainer.algo).value, "max_completion_tokens": trainer.max_completion_tokens,
+                         "shots": TRAINING_SHOTS},
+            "evaluation": {"protocol": EvalProtocol(ev.protocol).value, "max_new_tokens": eval_max_new_tokens(ev),
+                           "shots": eval_shots(ev)}}
+
+
+def budget_mismatches(trainer: TrainerConfig, ev: EvalConfig) -> List[Tuple[str, str]]:
+    """(key, message) for each way a run's evaluation differs from what its training saw: a
+    generation budget (eval.max_new_tokens, else the protocol's) other than the RL trainers'
+    sampling budget (trainer.max_completion_tokens), and shots where training is zero-shot.
+    launch prints them as warnings at planning time; nothing is refused."""
+    out: List[Tuple[str, str]] = []
+    train_tokens, eval_tokens, shots = trainer.max_completion_tokens, eval_max_new_tokens(ev), eval_shots(ev)
+    source = "eval.max_new_tokens" if ev.max_new_tokens is not None else f"the {EvalProtocol(ev.protocol).value} default"
+    if trainer.algo in SAMPLING_TRAINERS and eval_tokens != train_tokens:
+        why = (f"an answer longer than {train_tokens} tokens earns reward 0 in training but can be credited in evaluation"
+               if eval_tokens > train_tokens else f"evaluation cuts answers that training let run to {train_tokens} tokens")
+        out.append(("eval.max_new_tokens", f"evaluation generates up to {eval_tokens} new tokens ({source}) but training "
+                    f"samples at most {train_tokens} (trainer.max_completion_tokens): {why}; set "
+                    f"eval.max_new_tokens={train_tokens} to evaluate at the training budget"))
+    if trainer.algo in (*SAMPLING_TRAINERS, Algo.sft) and shots != TRAINING_SHOTS:
+        out.append(("eval.shots", f"evaluation prompts carry {shots} worked examples "
+                    f"({'eval.shots' if ev.shots is not None else f'the {EvalProtocol(ev.protocol).value} default'}) but "
+                    f"training prompts are zero-shot; set eval.shots=0 to evaluate the prompt format training saw"))
+    return out
+
+
 # ------------------------------------------------------------------ targets
 
 
@@ -136,7 +181,7 @@ def solution_steps(solution: str) -> str:
 def target_text(protocol: EvalProtocol, solution: str) -> str:
     """What a perfect model writes under `protocol` for a reference solution ("... #### 72").
 
-    qwen_boxed: the steps, then "The final answer is $\\boxed{72}$."; finellama: the steps,
+    qwen_boxed, qwen25_math_cot: the steps, then "The final answer is $\\boxed{72}$."; finellama: the steps,
     then "#### 72"; lm_eval_gsm8k: the solution verbatim, annotations included (what the
     harness shows in its shots). Calculator annotations (<<48/2=24>>) are removed except
     for lm_eval_gsm8k. Used for few-shot turns and as SFT targets."""
@@ -145,7 +190,7 @@ def target_text(protocol: EvalProtocol, solution: str) -> str:
         return solution
     answer, steps = reference_answer(solution), solution_steps(solution)
     prefix = f"{steps}\n" if steps else ""
-    if protocol == EvalProtocol.qwen_boxed:
+    if protocol in BOXED_PROTOCOLS:
         return f"{prefix}The final answer is $\\boxed{{{_boxed(answer)}}}$."
     if protocol == EvalProtocol.finellama:
         return f"{prefix}#### {answer}"

@@ -36,7 +36,7 @@ from finellama_rl.config import Config, Device, TrainerConfig
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
-from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
+from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32, train_or_load_last
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ def build_trainer(ctx: TrainContext):
 
 def train(ctx: TrainContext) -> TrainOutcome:
     trainer, callback = build_trainer(ctx)
-    resume = str(ctx.resume_from) if ctx.resume_from else None
-    trainer.train(resume_from_checkpoint=resume)
+    train_or_load_last(trainer, ctx)
     if dist.is_main():
         clear_staging(ctx.paths.checkpoints)  # the HF Trainer leaves a model card there
     step = trainer.state.global_step

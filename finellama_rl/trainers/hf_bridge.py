@@ -174,3 +174,16 @@ def bridge_callback(ctx: TrainContext, staging: Path, metric_names: Mapping[str,
             dist.barrier()
 
     return BridgeCallback()
+
+
+def train_or_load_last(trainer, ctx: TrainContext) -> None:
+    """`trainer.train()`, resuming from ctx.resume_from; but a run resumed at its last step
+    (a signal or crash right after the last step's checkpoint, before the final
+    evaluation) trains nothing: the HF Trainer checks max_steps only after a step, so it
+    would train one step past the end. It only loads that checkpoint's weights."""
+    resume = str(ctx.resume_from) if ctx.resume_from else None
+    if resume and ctx.start_step >= trainer.args.max_steps > 0:
+        trainer._load_from_checkpoint(resume)
+        trainer.state.global_step = ctx.start_step
+        return
+    trainer.train(resume_from_checkpoint=resume)

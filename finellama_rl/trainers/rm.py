@@ -33,7 +33,7 @@ import torch
 
 from finellama_rl.config import Config, Device
 from finellama_rl.results import RunPaths
-from finellama_rl.fileio import atomic_write_json
+from finellama_rl.fileio import apply_umask, atomic_write_json
 from finellama_rl.trainers.rm_data import (Example, balance, build_candidates, describe, label_examples,
                                            sample_completions, split_problems)
 from finellama_rl.job.devices import free_memory
@@ -81,12 +81,16 @@ def labelled_data(cfg: Config, paths: RunPaths) -> Tuple[List[Example], List[Exa
     tokenizer = load_tokenizer(cfg.model)
     policy = _load_policy_for_sampling(cfg)
     t0 = time.time()
+    log.info("reward-model data: sampling %d completions of %d problems (progress: 'rm samples'), then labelling them",
+             len(problems) * r.samples_per_problem, len(problems))
     samples = sample_completions(cfg, policy, tokenizer, problems)
     del policy
     free_memory(reset_peak=False)
     log.info("sampled %d completions of %d problems in %.0f s", sum(map(len, samples)), len(problems), time.time() - t0)
-    examples = label_examples(cfg.eval.protocol, build_candidates(problems, samples, cfg.eval.protocol,
-                                                                  r.corrupted_per_problem, r.include_reference, seed))
+    candidates = build_candidates(problems, samples, cfg.eval.protocol, r.corrupted_per_problem, r.include_reference, seed)
+    t0 = time.time()
+    examples = label_examples(cfg.eval.protocol, candidates)
+    log.info("labelled %d examples with the %s scorer in %.0f s", len(examples), cfg.eval.protocol.value, time.time() - t0)
     train_ids, held_ids = split_problems(len(problems), r.heldout_fraction, seed)
     held_set = set(held_ids)
     train = [e for e in examples if e.problem not in held_set]
@@ -234,6 +238,7 @@ def save_reward_model(cfg: Config, paths: RunPaths, model, tokenizer, metrics: D
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, rm_base(cfg), metrics)  # last: its presence marks a complete folder
+    apply_umask(tmp)  # safetensors leaves its weights 0600
     if folder.exists():
         import shutil
 

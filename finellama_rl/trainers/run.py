@@ -24,26 +24,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from finellama_rl.checkpoint import clear_staging, latest_resume_point, read_state
-from finellama_rl.compose import config_yaml
+from finellama_rl.checkpoint import clear_staging, latest_resume_point, read_state, unusable_checkpoints
 from finellama_rl.config import Algo, Config, Device, sft_max_steps
 from finellama_rl.errors import EXIT_CRASH_TEST, EXIT_STOPPED, ConfigError
 from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_split_eval, summary
 from finellama_rl.eval.passk import add_sampled_pass_at_k, format_pass_at_k
 from finellama_rl.eval.results_index import add_eval_file, results_root
-from finellama_rl.fileio import atomic_write_json, atomic_write_text, is_disk_full, read_json
+from finellama_rl.eval.schema import read_eval_document
+from finellama_rl.fileio import atomic_write_json, is_disk_full
 from finellama_rl.job import distributed as dist
 from finellama_rl.job import faults
-from finellama_rl.job.devices import free_memory, peak_memory_gb
+from finellama_rl.job.devices import cap_gpu_memory, free_memory, peak_memory_gb
 from finellama_rl.job.model import count_parameters, load_policy, load_tokenizer
 from finellama_rl.job.monitor import TrainingMonitor
 from finellama_rl.job.oom_loop import AttemptHooks, AttemptRun, run_attempts
-from finellama_rl.job.run_dir import install_stop_handlers, job_deadline, last_logged_step, prepare_run_dir, rewind_metrics
+from finellama_rl.job.run_dir import (install_stop_handlers, job_deadline, last_logged_step, prepare_run_dir, refuse_unusable,
+                                     rewind_metrics)
 from finellama_rl.job.tracking import eval_scalars, open_tracker
 from finellama_rl.ladder.attempts import record_unclosed_attempt
 from finellama_rl.ladder.run_ladder import ladder_for, setting_of
 from finellama_rl.ladder.rungs import Phase, Rung
 from finellama_rl.results import RunPaths
+from finellama_rl.resume import finished_step, record_max_steps
 from finellama_rl.rewards import sources
 from finellama_rl.runlock import RunLock, busy_reason
 from finellama_rl.stats import write_training_stats
@@ -79,15 +81,45 @@ def algorithm(algo: Algo) -> Callable[[TrainContext], Any]:
 
 def run_training(cfg: Config) -> int:
     """The whole run, holding the run folder's lock (one writer per folder: a second
-    job or process on the same folder stops with exit 2, finellama_rl.runlock)."""
+    job or process on the same folder stops with exit 2, finellama_rl.runlock). A run
+    that already finished changes nothing; one whose checkpoints all fail verification
+    stops with exit 2 before anything is written."""
     lock = RunLock(Path(cfg.run.dir)) if os.environ.get("RANK", "0") == "0" else None  # torchrun: rank 0 holds it
     if lock is not None:
         take_lock(lock)
     try:
+        if announce_finished(cfg):
+            return 0
+        check_resumable(cfg)
         return run_ladder(cfg)
     finally:
         if lock is not None:
             lock.release()
+
+
+def announce_finished(cfg: Config) -> bool:
+    """True (after saying so) when the resumed run already finished: nothing is written,
+    no attempt is added, config.yaml stays as it is."""
+    step = finished_step(cfg)
+    if step is None:
+        return False
+    if os.environ.get("RANK", "0") == "0":
+        print(f"already finished at step {step}/{cfg.trainer.max_steps}: {cfg.run.dir} (nothing to do; raise "
+              "trainer.max_steps to train further)", flush=True)
+    return True
+
+
+def check_resumable(cfg: Config) -> None:
+    """ConfigError (exit 2) when the run folder holds checkpoints and none of them verifies:
+    training must not silently start again from step 0. Nothing is moved or deleted."""
+    if not cfg.run.resume:
+        return
+    problem = unusable_checkpoints(RunPaths(Path(cfg.run.dir)).checkpoints)
+    if problem:
+        raise ConfigError("run.resume", f"every checkpoint of {cfg.run.dir} fails verification ({problem}); nothing "
+                          "was moved or deleted. Restore the damaged files to resume, or start this run over from "
+                          f"step 0 with: python -m finellama_rl.train run.dir={cfg.run.dir} run.resume=false (the "
+                          "run moves aside to <run>-previous-<time>; its config.yaml is reused)")
 
 
 def take_lock(lock: RunLock) -> None:
@@ -109,8 +141,12 @@ def run_ladder(cfg: Config) -> int:
     host snapshot of the step before); returns the process exit code. Rank 0 prepares
     the run folder, the other ranks wait."""
     dist.init(cuda=cfg.hardware.device == Device.cuda)
+    fraction = cap_gpu_memory() if cfg.hardware.device == Device.cuda else None
+    if fraction is not None:
+        log.info("packed run: this process may use %.0f%% of the GPU's memory", 100 * fraction)
     if dist.is_main():
         clear_staging(RunPaths(Path(cfg.run.dir)).checkpoints)  # first: a save cut by a full disk must not block the restart
+        refuse_unusable(cfg, RunPaths(Path(cfg.run.dir)))  # a folder in a file's place, a planted pickle: exit 2 now
         prepare_run_dir(cfg)
     dist.barrier()
     paths = RunPaths(Path(cfg.run.dir))
@@ -143,8 +179,6 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional[AttemptRun] = None
 
     t0 = time.time()
     run = run if run is not None else AttemptRun()
-    if dist.is_main():
-        atomic_write_text(paths.config, config_yaml(cfg))  # the settings this attempt really uses
     resume_from, resumed, start_step = resume_point(cfg, paths)
     if already_complete(cfg, paths, start_step):
         return 0
@@ -158,7 +192,8 @@ def train_attempt(cfg: Config, paths: RunPaths, run: Optional[AttemptRun] = None
     if cfg.trainer.max_steps != sft_max_steps(cfg.trainer, len(train_rows)):  # SFT: trainer.sft.epochs sets max_steps
         cfg = replace(cfg, trainer=replace(cfg.trainer, max_steps=sft_max_steps(cfg.trainer, len(train_rows))))
         log.info("trainer.sft.epochs=%g over %d examples: %d steps", cfg.trainer.sft.epochs, len(train_rows), cfg.trainer.max_steps)
-        atomic_write_text(paths.config, config_yaml(cfg))
+        if dist.is_main():
+            record_max_steps(paths, cfg.trainer.max_steps)  # config.yaml keeps the run's own settings, not the rung's
         if already_complete(cfg, paths, start_step):
             return 0
     evals = Evaluations(cfg, paths, tokenizer, run.tracker)  # protocol, shots, decoding
@@ -192,7 +227,7 @@ def resume_point(cfg: Config, paths: RunPaths) -> Tuple[Optional[Path], Dict[str
 
 def already_complete(cfg: Config, paths: RunPaths, start_step: int) -> bool:
     if start_step >= cfg.trainer.max_steps and paths.eval_results.exists():
-        print(f"run already complete at step {start_step}: {paths.eval_results}", flush=True)
+        print(f"already finished at step {start_step}/{cfg.trainer.max_steps}: {paths.root}", flush=True)
         return True
     return False
 
@@ -309,8 +344,11 @@ class Evaluations:
     def baseline(self, policy) -> Optional[Dict[str, Any]]:
         """The evaluation before training (written once; a resumed run reads it back)."""
         paths = self.paths
-        if paths.baseline.exists():
-            return read_json(paths.baseline)
+        if paths.baseline.exists():  # checked like every reader does; a damaged one is evaluated again
+            kept = read_eval_document(paths.baseline)
+            if kept is not None:
+                return kept
+            log.warning("evaluating the baseline again: %s cannot be used", paths.baseline)
         if not self.cfg.eval.before_training:
             return None
         result = self.evaluate(policy, 0, "baseline")

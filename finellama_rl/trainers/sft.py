@@ -50,9 +50,9 @@ from finellama_rl.checkpoint import (
 )
 from finellama_rl.config import BestMetric, Config, Device
 from finellama_rl.ladder.rungs import Phase
-from finellama_rl.fileio import atomic_write_json, read_json
+from finellama_rl.fileio import atomic_write_json, is_finite, is_whole, read_json_object
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
-from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32
+from finellama_rl.trainers.hf_bridge import bridge_callback, keep_trainable_fp32, train_or_load_last
 from finellama_rl.results import RunPaths
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,14 @@ class BestTracker:
         self.history: List[Dict[str, Any]] = []
         self.step: Optional[int] = None
         self.value: Optional[float] = None
-        if self.path.exists():  # resume: keep what was measured up to the checkpoint we resume from
-            doc = read_json(self.path)
-            self.history = [h for h in doc.get("history", []) if h["step"] <= start_step]
+        doc = read_json_object(self.path, "the best checkpoint so far", require={"history": list})
+        if doc is not None:  # resume: keep what was measured up to the checkpoint we resume from
+            valid = [h for h in doc["history"] if isinstance(h, dict) and is_whole(h.get("step")) and h["step"] >= 0
+                     and is_finite(h.get("value"))]
+            if len(valid) < len(doc["history"]):
+                log.warning("%s: left out %d history entries without a step >= 0 and a finite value",
+                            self.path, len(doc["history"]) - len(valid))
+            self.history = [h for h in valid if h["step"] <= start_step]
             for h in self.history:
                 self.offer(h["step"], h["value"], record=False)
 
@@ -262,7 +267,7 @@ def train(ctx: TrainContext) -> TrainOutcome:
         raise ValueError("no training rows: every prompt is longer than trainer.max_prompt_tokens?")
     best = BestTracker(ctx.cfg, ctx.paths.root, ctx.start_step) if ctx.cfg.trainer.sft.keep_best else None
     trainer, callback = build_trainer(ctx, best)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    train_or_load_last(trainer, ctx)
     if dist.is_main():
         clear_staging(ctx.paths.checkpoints)  # the HF Trainer leaves a model card there
     step = trainer.state.global_step

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Real single-node SLURM cluster (Debian 12 / SLURM 22.05) for the tests of
-# finellama_rl: munged + MariaDB + slurmdbd + slurmctld + slurmd, all started
-# by hand (no systemd), all config and state under one directory.
+# Real SLURM cluster (Debian 12 / SLURM 22.05) for the tests of finellama_rl:
+# munged + MariaDB + slurmdbd + slurmctld + one slurmd per node, all started by
+# hand (no systemd), all config and state under one directory. One node by
+# default; `--nodes N` runs N slurmd daemons on this one machine as N nodes.
 #
 # Usage (as root):
 #   scripts/slurm_cluster/cluster.sh start    # install packages if missing, bring the cluster up
+#   scripts/slurm_cluster/cluster.sh start --nodes 2  # two nodes on this machine (also FINELLAMA_SLURM_NODES=2)
 #   scripts/slurm_cluster/cluster.sh start --fresh  # stop it, wipe the state dir, start from nothing
 #   scripts/slurm_cluster/cluster.sh status   # sinfo + daemon liveness; exit 0 iff healthy
 #   scripts/slurm_cluster/cluster.sh stop     # stop the daemons this script started (state is kept)
@@ -17,18 +19,37 @@
 #                              symlink): a planted key or pid file must never be trusted.
 #                              So only its owner (root) can use this test cluster.
 #   FINELLAMA_SLURM_PORT_BASE  first of 4 TCP ports on 127.0.0.1 (default 16817):
-#                              slurmctld, slurmd, slurmdbd, mariadbd. They differ from
+#                              slurmctld, slurmd, slurmdbd, mariadbd; with N > 1 nodes,
+#                              nodes 2..N use base+4 .. base+N+2. They differ from
 #                              SLURM's defaults so a system SLURM can stay as it is.
+#   FINELLAMA_SLURM_NODES      node count for `start` when --nodes is not given (default 1).
 #   FINELLAMA_SLURM_TIMEOUT    seconds to wait for each daemon / the node (default 60).
 #
 # The cluster: one node named `hostname -s` (NodeAddr 127.0.0.1), partitions
 # `debug` (default) and `cpu`, MaxTime=INFINITE, accounting through slurmdbd
 # (so sacct works, which submitit polls), cgroup v1 memory enforcement (a job
 # over --mem ends OUT_OF_MEMORY), JobRequeue=1 (scontrol requeue works).
+#
+# With --nodes N (N = 2..4): nodes `<host>-1` .. `<host>-N` (NodeHostname `hostname -s`,
+# NodeAddr 127.0.0.1, one Port each), one `slurmd -N <node>` each with its own spool
+# folder, pid and log file (%n in slurm.conf). Debian's SLURM is built with
+# MULTIPLE_SLURMD, so each slurmd puts its jobs' cgroups under its own root
+# (/sys/fs/cgroup/<controller>/slurm_<node>): --mem is enforced per node. Every node
+# declares all of the machine's CPUs (they share them) and 95%/N of its memory. The
+# node names do not resolve (no /etc/hosts entry): a job that needs the first node's
+# address asks `scontrol show node` for its NodeAddr, or uses SLURM_LAUNCH_NODE_IPADDR.
+# `start` with another node count than the running cluster restarts slurmctld and the
+# slurmd daemons (munged, MariaDB and slurmdbd keep running; a job running then is
+# requeued, and one that needs more nodes than now exist stays PENDING: scancel it);
+# status and stop act on the node count the cluster was last started with
+# ($FINELLAMA_SLURM_DIR/etc/nodes).
 # A daemon this script did not start (pid files under $FINELLAMA_SLURM_DIR/pids,
 # checked against the process's start time and command) is never signalled; a
-# foreign slurmd makes `start` refuse (two slurmds on one host would fight over
-# the same cgroups). Every daemon listens on 127.0.0.1 only; the munge key and
+# foreign slurmd for one of this cluster's node names makes `start` refuse (two
+# slurmds for one node would fight over the same cgroups). A slurmd of another
+# cluster with other node names (e.g. a private 2-node cluster, nodes <host>-1,2,
+# next to the shared 1-node one, with its own FINELLAMA_SLURM_DIR and
+# FINELLAMA_SLURM_PORT_BASE) has its own cgroup root and is left alone. Every daemon listens on 127.0.0.1 only; the munge key and
 # the database password (generated, never a constant) are created under umask 077.
 set -euo pipefail
 
@@ -56,7 +77,10 @@ DB_USER="slurm"
 DB_PASS_FILE="$ETC/db.pass"
 CLUSTER_NAME="finellama"
 
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+# DAEMONS (munged mariadbd slurmdbd slurmctld + one slurmd per node), NODES, NODE_NAMES
+# and SLURMDS (the slurmds' pid-file names) are set by set_nodes once the node count is known.
+BASE_DAEMONS=(munged mariadbd slurmdbd slurmctld)
+MAX_NODES=4
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server-core mariadb-client-core)
 
 export SLURM_CONF="$ETC/slurm.conf"
@@ -89,6 +113,9 @@ pid_command() {
     basename -- "$argv0"
 }
 
+# The program of a daemon name: `slurmd.<node>` (one of several slurmds) runs slurmd.
+program_of() { echo "${1%%.*}"; }
+
 # The pid recorded for daemon $1, if that very process (same start time, and it
 # runs the daemon's program) is still alive and not a zombie. A pid file that
 # names any other process is ignored: it is never signalled.
@@ -100,7 +127,7 @@ recorded_pid() {
     info=$(pid_stat "$pid") || return 1
     read -r state now <<<"$info"
     [[ $state != Z && $state != X && $now == "$start" ]] || return 1
-    [[ $(pid_command "$pid") == "$1" ]] || return 1
+    [[ $(pid_command "$pid") == "$(program_of "$1")" ]] || return 1
     echo "$pid"
 }
 
@@ -109,14 +136,15 @@ alive() { recorded_pid "$1" >/dev/null; }
 # launch NAME CMD...: run CMD in the foreground of a new session, in the
 # background of this script, output to $LOG/NAME.out; record its pid.
 launch() {
-    local name=$1 pid info
+    local name=$1 pid info program
+    program=$(program_of "$1")
     shift
     setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null 9>&- &
     pid=$!
     info=$(pid_stat "$pid") || { err "$name exited at once"; tail_logs "$name"; exit 1; }
     local i
     for ((i = 0; i < 100; i++)); do # until setsid has exec-ed the daemon (recorded_pid checks the command)
-        [[ $(pid_command "$pid" || true) == "$name" ]] && break
+        [[ $(pid_command "$pid" || true) == "$program" ]] && break
         sleep 0.02
     done
     echo "$pid ${info#* }" >"$PIDS/$name"
@@ -129,6 +157,7 @@ daemon_logs() {
         slurmdbd) echo "$LOG/slurmdbd.log $LOG/slurmdbd.out" ;;
         slurmctld) echo "$LOG/slurmctld.log $LOG/slurmctld.out" ;;
         slurmd) echo "$LOG/slurmd.log $LOG/slurmd.out" ;;
+        slurmd.*) echo "$LOG/slurmd-${1#slurmd.}.log $LOG/$1.out" ;;
     esac
 }
 
@@ -175,18 +204,22 @@ sacct_ok() {
     out=$(timeout 10 sacct -n -X -S now -o JobID 2>&1) || return 1
     [[ $out != *rror* ]]
 }
-node_state() { timeout 10 sinfo -h -N -n "$NODE" -p debug -o %t 2>/dev/null | head -n 1; }
+node_state() { timeout 10 sinfo -h -N -n "$1" -p debug -o %t 2>/dev/null | head -n 1; }
 node_ok() {
-    case "$(node_state)" in
+    case "$(node_state "$1")" in
         idle | mix | alloc | comp) return 0 ;;
         *) return 1 ;;
     esac
+}
+nodes_ok() {
+    local n
+    for n in "${NODE_NAMES[@]}"; do node_ok "$n" || return 1; done
 }
 
 healthy() {
     local d
     for d in "${DAEMONS[@]}"; do alive "$d" || return 1; done
-    node_ok && sacct_ok
+    nodes_ok && sacct_ok
 }
 
 # ----------------------------------------------------------------- install --
@@ -251,7 +284,7 @@ write_file() {
 }
 
 write_config() {
-    mkdir -p "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL/ctld" "$SPOOL/slurmd" "$MUNGE_DIR" "$DIR/tmp"
+    mkdir -p "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL/ctld" "$MUNGE_DIR" "$DIR/tmp"
     chmod 700 "$DIR"
     chmod 755 "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL"
     chmod 700 "$MUNGE_DIR"
@@ -283,7 +316,21 @@ write_config() {
     hw=$(cat "$ETC/node.detected")
     declare -A HW=()
     for key in $hw; do HW[${key%%=*}]=${key#*=}; done
-    mem=$((${HW[RealMemory]:-1024} * 95 / 100))
+    mem=$((${HW[RealMemory]:-1024} * 95 / 100 / NODES))
+    # One node: `hostname -s`, the paths of old. Several: %n (the node name) in every per-slurmd path.
+    local sfx="" node_lines="" nodes_csv n i
+    ((NODES == 1)) || sfx="-%n"
+    ((NODES == 1)) && mkdir -p "$SPOOL/slurmd"
+    for ((i = 0; i < NODES; i++)); do
+        n=${NODE_NAMES[i]}
+        ((NODES == 1)) || mkdir -p "$SPOOL/slurmd-$n"
+        node_lines+="NodeName=$n"
+        ((NODES == 1)) || node_lines+=" NodeHostname=$NODE"
+        node_lines+=" NodeAddr=127.0.0.1"
+        ((NODES == 1)) || node_lines+=" Port=$(node_port "$i")"
+        node_lines+=" CPUs=${HW[CPUs]:-1} Boards=${HW[Boards]:-1} SocketsPerBoard=${HW[SocketsPerBoard]:-1} CoresPerSocket=${HW[CoresPerSocket]:-1} ThreadsPerCore=${HW[ThreadsPerCore]:-1} RealMemory=$mem State=UNKNOWN"$'\n'
+    done
+    nodes_csv=$(IFS=,; echo "${NODE_NAMES[*]}")
 
     write_file "$ETC/slurm.conf" 644 <<EOF
 # Generated by scripts/slurm_cluster/cluster.sh -- edits are overwritten.
@@ -297,11 +344,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 StateSaveLocation=$SPOOL/ctld
-SlurmdSpoolDir=$SPOOL/slurmd
+SlurmdSpoolDir=$SPOOL/slurmd$sfx
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd$sfx.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd$sfx.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -324,12 +371,12 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 JobRequeue=1
 ReturnToService=2
-KillWait=5
+# SLURM's default: a requeued or preempted run needs the time to finish its step and save
+KillWait=30
 InactiveLimit=0
 MinJobAge=300
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=${HW[CPUs]:-1} Boards=${HW[Boards]:-1} SocketsPerBoard=${HW[SocketsPerBoard]:-1} CoresPerSocket=${HW[CoresPerSocket]:-1} ThreadsPerCore=${HW[ThreadsPerCore]:-1} RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=cpu Nodes=$NODE Default=NO MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=$nodes_csv Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=$nodes_csv Default=NO MaxTime=INFINITE State=UP
 EOF
 
     write_file "$ETC/cgroup.conf" 644 <<EOF
@@ -415,53 +462,82 @@ start_slurmctld() {
     launch slurmctld slurmctld -D -f "$SLURM_CONF"
 }
 
+# start_slurmd [PIDNAME NODE]: the one slurmd (`hostname -s`), or the slurmd of one of several nodes.
 start_slurmd() {
-    launch slurmd slurmd -D -f "$SLURM_CONF" -N "$NODE"
+    launch "${1:-slurmd}" slurmd -D -f "$SLURM_CONF" -N "${2:-$NODE}"
 }
 
-# Node idle (resuming it if an old run left it down/drained), then sacct.
+# Every node idle (resuming one that an old run left down/drained), then sacct.
 wait_node_and_sacct() {
-    local t=$EPOCHREALTIME deadline=$((SECONDS + WAIT_S)) state next_resume=$((SECONDS + 2))
-    while ! node_ok; do
-        alive slurmd || { err "slurmd exited"; tail_logs slurmd; exit 1; }
+    local t=$EPOCHREALTIME deadline=$((SECONDS + WAIT_S)) state next_resume=$((SECONDS + 2)) d n i
+    while ! nodes_ok; do
+        for d in "${SLURMDS[@]}"; do
+            alive "$d" || { err "$d exited"; tail_logs "$d"; exit 1; }
+        done
         alive slurmctld || { err "slurmctld exited"; tail_logs slurmctld; exit 1; }
-        state=$(node_state || true)
-        if [[ $state =~ ^(down|drain|drng|fail|failg)$ ]] && ((SECONDS >= next_resume)); then
-            log "node $NODE is '$state' ($(timeout 5 sinfo -h -R -n "$NODE" -o %E 2>/dev/null | head -n 1)); resuming it"
-            timeout 10 scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
-            next_resume=$((SECONDS + 5))
-        fi
-        if ((SECONDS >= deadline)); then
-            err "node $NODE not idle within ${WAIT_S}s (state: '${state:-?}')"
-            timeout 5 sinfo -N -l >&2 || true
-            tail_logs slurmd
-            tail_logs slurmctld
-            exit 1
-        fi
+        for ((i = 0; i < NODES; i++)); do
+            n=${NODE_NAMES[i]}
+            state=$(node_state "$n" || true)
+            if [[ $state =~ ^(down|drain|drng|fail|failg)$ ]] && ((SECONDS >= next_resume)); then
+                log "node $n is '$state' ($(timeout 5 sinfo -h -R -n "$n" -o %E 2>/dev/null | head -n 1)); resuming it"
+                timeout 10 scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true
+            fi
+            if ((SECONDS >= deadline)) && ! node_ok "$n"; then
+                err "node $n not idle within ${WAIT_S}s (state: '${state:-?}')"
+                timeout 5 sinfo -N -l >&2 || true
+                tail_logs "${SLURMDS[i]}"
+                tail_logs slurmctld
+                exit 1
+            fi
+        done
+        ((SECONDS >= next_resume)) && next_resume=$((SECONDS + 5))
         sleep 0.2
     done
-    log "node $NODE is $(node_state) ($(since "$t"))"
+    for n in "${NODE_NAMES[@]}"; do log "node $n is $(node_state "$n") ($(since "$t"))"; done
     wait_for slurmdbd "sacct" sacct_ok
 }
 
 # Foreign SLURM daemons: leave them alone; refuse if a foreign slurmd runs.
+# foreign_slurmd_node PID: the node a slurmd serves (its -N argument, else `hostname -s`).
+foreign_slurmd_node() {
+    local -a args
+    mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || true
+    local i
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        [[ ${args[i]} == -N ]] && { echo "${args[i + 1]:-}"; return; }
+    done
+    echo "$NODE"
+}
+
 check_foreign() {
-    local d pid ours
+    local d pid ours f node
     for d in slurmctld slurmd slurmdbd; do
-        ours=$(recorded_pid "$d" || true)
+        ours=" $(recorded_pid "$d" || true) "
+        if [[ $d == slurmd ]]; then # every slurmd this script started, whatever the node count then
+            for f in "$PIDS"/slurmd.*; do
+                [[ -e $f ]] && ours+="$(recorded_pid "${f##*/}" || true) "
+            done
+        fi
         for pid in $(pgrep -x "$d" || true); do
-            [[ $pid == "$ours" ]] && continue
+            [[ $ours == *" $pid "* ]] && continue
             [[ $(pid_stat "$pid" || echo Z) == Z* ]] && continue # zombie: PID 1 may not reap
             if [[ $d == slurmd ]]; then
-                err "a slurmd not started from $DIR is running (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))."
-                err "Refusing to start a second slurmd on this host; it is left untouched."
+                node=$(foreign_slurmd_node "$pid")
+                if [[ " ${NODE_NAMES[*]} " != *" $node "* ]]; then # another cluster's node: its own cgroup root
+                    log "note: a slurmd of another cluster is running (pid $pid, node $node); leaving it alone"
+                    continue
+                fi
+                err "a slurmd not started from $DIR is running for node $node (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))."
+                err "Refusing to start a second slurmd for that node on this host; it is left untouched."
                 exit 1
             fi
             log "note: a $d not started by this script is running (pid $pid); leaving it alone"
         done
     done
-    local name port
-    for name in slurmctld:$CTLD_PORT slurmd:$SLURMD_PORT slurmdbd:$DBD_PORT mariadbd:$DB_PORT; do
+    local name port i
+    local ports=(slurmctld:$CTLD_PORT slurmdbd:$DBD_PORT mariadbd:$DB_PORT)
+    for ((i = 0; i < NODES; i++)); do ports+=("${SLURMDS[i]}:$(node_port "$i")"); done
+    for name in "${ports[@]}"; do
         port=${name#*:}
         name=${name%%:*}
         if ! alive "$name" && port_open "$port"; then
@@ -473,10 +549,10 @@ check_foreign() {
 
 # ------------------------------------------------------------- subcommands --
 
-cmd_stop() {
-    local i d pid t any=0
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-        d=${DAEMONS[i]}
+# stop_daemons NAME...: stop each daemon this script started (by its pid file), in order.
+stop_daemons() {
+    local d pid t any=0
+    for d in "$@"; do
         if pid=$(recorded_pid "$d"); then
             any=1
             t=$EPOCHREALTIME
@@ -495,38 +571,78 @@ cmd_stop() {
         fi
         rm -f "$PIDS/$d"
     done
-    ((any)) || log "nothing to stop in $DIR"
+    ((any))
+}
+
+# The slurmd pid-file names present (one node: slurmd; several: slurmd.<node>).
+slurmd_pid_files() {
+    local f
+    [[ -e $PIDS/slurmd ]] && echo slurmd
+    for f in "$PIDS"/slurmd.*; do
+        [[ -e $f ]] && echo "${f##*/}"
+    done
+    return 0
+}
+
+cmd_stop() {
+    local slurmds
+    mapfile -t slurmds < <(slurmd_pid_files)
+    stop_daemons "${slurmds[@]}" slurmctld slurmdbd mariadbd munged || log "nothing to stop in $DIR"
     log "stopped ($(elapsed))"
 }
 
 cmd_start() {
-    local fresh=0
-    case ${1:-} in
-        --fresh) fresh=1 ;;
-        "") ;;
-        *) err "unknown option for start: $1"; exit 2 ;;
-    esac
+    local fresh=0 nodes=${FINELLAMA_SLURM_NODES:-1}
+    while (($#)); do
+        case $1 in
+            --fresh) fresh=1 ;;
+            --nodes) (($# >= 2)) || { err "--nodes needs a number"; exit 2; }; nodes=$2; shift ;;
+            --nodes=*) nodes=${1#--nodes=} ;;
+            *) err "unknown option for start: $1"; exit 2 ;;
+        esac
+        shift
+    done
+    if [[ ! $nodes =~ ^[1-9][0-9]*$ ]] || ((nodes > MAX_NODES)); then
+        err "node count must be 1..$MAX_NODES (got '$nodes')"
+        exit 2
+    fi
     if ((fresh)); then
         [[ -d $PIDS ]] && cmd_stop
         case $DIR in /) err "refusing to wipe /"; exit 1 ;; esac
         log "wiping $DIR"
         find "$DIR" -mindepth 1 -maxdepth 1 ! -name .lock -exec rm -rf {} +
     fi
-    if [[ -f $SLURM_CONF ]] && command -v sinfo >/dev/null && healthy; then
-        log "cluster in $DIR is already up and healthy"
+    local before
+    before=$(configured_nodes)
+    set_nodes "$nodes"
+    if ((before == NODES)) && [[ -f $SLURM_CONF ]] && command -v sinfo >/dev/null && healthy; then
+        log "cluster in $DIR is already up and healthy ($NODES node(s))"
         exit 0
     fi
-    log "starting the cluster in $DIR"
+    local switched=0
+    if ((before != NODES)); then # the node list changes: slurmctld and every slurmd start again
+        local slurmds
+        mapfile -t slurmds < <(slurmd_pid_files)
+        if stop_daemons "${slurmds[@]}" slurmctld; then
+            log "switched from $before to $NODES node(s): slurmctld and slurmd restart"
+            switched=1
+        fi
+    fi
+    log "starting the cluster in $DIR ($NODES node(s))"
     install_packages
     check_foreign
     write_config
+    echo "$NODES" >"$ETC/nodes"
     local d
     for d in "${DAEMONS[@]}"; do
         if alive "$d"; then
             log "$d already running (pid $(recorded_pid "$d"))"
         else
             log "starting $d ..."
-            "start_$d"
+            case $d in
+                slurmd.*) start_slurmd "$d" "${d#slurmd.}" ;;
+                *) "start_$d" ;;
+            esac
         fi
         # Each daemon must answer before the next one starts.
         case $d in
@@ -540,11 +656,18 @@ cmd_start() {
         esac
     done
     wait_node_and_sacct
-    log "cluster up ($(elapsed)); use: eval \"\$($0 env)\""
+    if ((switched)); then # jobs that ran on the old nodes were requeued; one that needs more nodes waits forever
+        local queued
+        queued=$(timeout 10 squeue -h -t PD,R,CG -o %i 2>/dev/null | wc -l || true)
+        ((queued == 0)) || log "note: $queued job(s) from before the switch are still queued (squeue); scancel those that need the old nodes"
+    fi
+    log "cluster up, $NODES node(s): ${NODE_NAMES[*]} ($(elapsed)); use: eval \"\$($0 env)\""
 }
 
 cmd_status() {
     local d pid ok=0
+    set_nodes "$(configured_nodes)"
+    echo "nodes: $NODES (${NODE_NAMES[*]})"
     if [[ -f $SLURM_CONF ]] && command -v sinfo >/dev/null; then
         timeout 10 sinfo || ok=1
     else
@@ -605,7 +728,39 @@ lock() {
     fi
 }
 
+# set_nodes N: NODES, NODE_NAMES, SLURMDS (pid-file names), DAEMONS for an N-node cluster.
+set_nodes() {
+    local i
+    NODES=$1
+    NODE_NAMES=()
+    SLURMDS=()
+    if ((NODES == 1)); then
+        NODE_NAMES=("$NODE")
+        SLURMDS=(slurmd)
+    else
+        for ((i = 1; i <= NODES; i++)); do
+            NODE_NAMES+=("$NODE-$i")
+            SLURMDS+=("slurmd.$NODE-$i")
+        done
+    fi
+    DAEMONS=("${BASE_DAEMONS[@]}" "${SLURMDS[@]}")
+}
+
+# The node count the cluster in $DIR was last configured with (1 if none).
+configured_nodes() {
+    local n=1
+    [[ -r $ETC/nodes ]] && read -r n <"$ETC/nodes"
+    [[ $n =~ ^[1-9][0-9]*$ ]] && ((n <= MAX_NODES)) || n=1
+    echo "$n"
+}
+
+# The slurmd port of node index I (0-based): node 0 the single-node port, then after mariadbd's.
+node_port() {
+    if (($1 == 0)); then echo "$SLURMD_PORT"; else echo $((PORT_BASE + 3 + $1)); fi
+}
+
 NODE=$(hostname -s)
+set_nodes 1
 
 case "${1:-}" in
     start) shift; lock; cmd_start "$@" ;;
@@ -613,7 +768,7 @@ case "${1:-}" in
     status) cmd_status ;;
     env) cmd_env ;;
     *)
-        echo "usage: $0 {start [--fresh]|stop|status|env}" >&2
+        echo "usage: $0 {start [--fresh] [--nodes N]|stop|status|env}" >&2
         exit 2
         ;;
 esac

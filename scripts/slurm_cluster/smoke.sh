@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Smoke test of the single-node SLURM cluster of cluster.sh (run it after
-# `cluster.sh start`): a plain job COMPLETED, a job over --mem ends
-# OUT_OF_MEMORY, `scontrol requeue` re-runs a job (SLURM_RESTART_COUNT 0 -> 1),
-# a submitit job returns its result. Prints the time each check took.
+# Smoke test of the SLURM cluster of cluster.sh (run it after `cluster.sh start`):
+# a plain job COMPLETED, a job over --mem ends OUT_OF_MEMORY, `scontrol requeue`
+# re-runs a job (SLURM_RESTART_COUNT 0 -> 1), a submitit job returns its result.
+# With two or more nodes (`cluster.sh start --nodes 2`) also: `srun -N2` runs one
+# task on each node, and --mem is enforced per node (a 2-node job whose task on the
+# second node goes over --mem: that step ends OUT_OF_MEMORY, the first node's task
+# finishes). Prints the time each check took.
 #
 # Usage: scripts/slurm_cluster/smoke.sh            # PYTHON=python with submitit (default python3)
 #        PYTHON=/path/to/venv/bin/python scripts/slurm_cluster/smoke.sh
@@ -55,6 +58,26 @@ until grep -q restart_count=1 "$WORK/$j.out" 2>/dev/null || ((SECONDS >= deadlin
 got=$(grep -o 'restart_count=[0-9]*' "$WORK/$j.out" | tail -n 1 || true)
 check "scontrol requeue (job $j) runs again" restart_count=1 "$got" "$t"
 scancel "$j" || true
+
+nodes=$(sinfo -h -N -p debug -o %N | sort -u | wc -l)
+if ((nodes >= 2)); then
+    t=$EPOCHREALTIME
+    got=$(srun -N2 --ntasks-per-node=1 --mem=50M printenv SLURMD_NODENAME | sort -u | wc -l)
+    check "srun -N2: one task on each of 2 nodes" 2 "$got" "$t"
+
+    t=$EPOCHREALTIME
+    # shellcheck disable=SC2016 # expanded by the tasks, not here
+    j=$(sbatch --parsable -N2 --ntasks-per-node=1 --mem=200M -o "$WORK/%j.out" --wrap 'srun -l python3 -c "
+import os, time
+mb = 400 if os.environ[\"SLURM_NODEID\"] == \"1\" else 150
+x = bytearray(mb * 1024 * 1024)
+for i in range(0, len(x), 4096): x[i] = 1
+time.sleep(2)
+print(\"node\", os.environ[\"SLURM_NODEID\"], \"finished\", flush=True)"')
+    wait_state "$j" 60 >/dev/null
+    got="$(sacct -j "$j.0" -n -P -o State | head -n 1)/$(grep -c 'node 0 finished' "$WORK/$j.out" || true)"
+    check "2-node job, node 2 over --mem=200M (job $j): step state/node-1 task finished" OUT_OF_MEMORY/1 "$got" "$t"
+fi
 
 if "$PYTHON" -c 'import submitit' 2>/dev/null; then
     t=$EPOCHREALTIME
