@@ -96,7 +96,7 @@ def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16,
     return {"sft_steps": steps, "sft_loss_last10": sum(losses[-10:]) / 10, "sft_seconds": round(time.time() - t0, 1)}
 
 
-def accuracy(model_path: Path, adapter: str | None = None, split: str = "test") -> float:
+def accuracy(model_path: Path, adapter: str | None = None, split: str = "test", num_examples: str = "all") -> float:
     """Greedy accuracy (the protocol's strict scorer) of the SFT'd policy, optionally with an
     RL adapter, on `split`: validation for any choice made with this script, test to report."""
     from finellama_rl.compose import load_config
@@ -105,7 +105,8 @@ def accuracy(model_path: Path, adapter: str | None = None, split: str = "test") 
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config([*TASK, f"model.path={model_path}", "eval.num_examples=all", "eval.max_new_tokens=24"], resolve_paths=False)
+    cfg = load_config([*TASK, f"model.path={model_path}", f"eval.num_examples={num_examples}", "eval.max_new_tokens=24"],
+                      resolve_paths=False)
     tok = load_tokenizer(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     if adapter:
@@ -117,12 +118,14 @@ def accuracy(model_path: Path, adapter: str | None = None, split: str = "test") 
     return float(result["accuracy"]["strict"])
 
 
-def sft_accuracies(policy: Path, base: Path | None = None) -> Dict[str, float | None]:
+def sft_accuracies(policy: Path, base: Path | None = None, num_examples: str = "all") -> Dict[str, float | None]:
     """The SFT stage's figures, each named by its split: the policy's on validation (what a
     choice of --sft-steps reads) and on test (reported only), and the reward model's base
     on validation (what a choice of --rm-base-sft-steps reads; tests/test_demo.py)."""
-    return {"policy_validation": accuracy(policy, split="validation"), "policy_test": accuracy(policy, split="test"),
-            "rm_base_validation": accuracy(base, split="validation") if base else None}
+    n = num_examples  # the first n of each split (all by default; the test asks for a few)
+    return {"policy_validation": accuracy(policy, split="validation", num_examples=n),
+            "policy_test": accuracy(policy, split="test", num_examples=n),
+            "rm_base_validation": accuracy(base, split="validation", num_examples=n) if base else None}
 
 
 def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), base: Path | None = None) -> Dict[str, object]:

@@ -154,14 +154,14 @@ def test_accuracy_curves_never_join_protocols_or_splits(sweep, tmp_path):
     test baseline and final; files without a split (older) read as test."""
     rep = sweep_report.write_report(sweep, tmp_path / "out")
     series = sweep_report.accuracy_series(rep.runs)
-    assert series["grpo-tiny-cpu (qwen_boxed/math_verify, test)"] == [
+    assert series["grpo-tiny-cpu (qwen_boxed/math_verify)"] == [
         (0, pytest.approx(100 / 3), pytest.approx(100 * wilson_interval(20, 60)[0]), pytest.approx(100 * wilson_interval(20, 60)[1])),
         (4, pytest.approx(100 * 38 / 60), pytest.approx(100 * wilson_interval(38, 60)[0]), pytest.approx(100 * wilson_interval(38, 60)[1]))]
     assert series["grpo-tiny-cpu (qwen_boxed/math_verify, validation)"] == [
         (2, pytest.approx(100 * 25 / 60), pytest.approx(100 * wilson_interval(25, 60)[0]), pytest.approx(100 * wilson_interval(25, 60)[1]))]
-    assert [p[0] for p in series["grpo-tiny-cpu (lm_eval_gsm8k/lm_eval_strict, test)"]] == [4]
-    assert [p[0] for p in series["ppo-tiny-a100_80 (qwen_boxed/math_verify, test)"]] == [0, 2]
-    assert [p[0] for p in series["seed-v1 (finellama/strict, test)"]] == [0, 200]  # baseline from inside eval_results.json
+    assert [p[0] for p in series["grpo-tiny-cpu (lm_eval_gsm8k/lm_eval_strict)"]] == [4]
+    assert [p[0] for p in series["ppo-tiny-a100_80 (qwen_boxed/math_verify)"]] == [0, 2]
+    assert [p[0] for p in series["seed-v1 (finellama/strict)"]] == [0, 200]  # baseline from inside eval_results.json
     assert len(series) == 6
 
 
