@@ -313,8 +313,13 @@ def validate(cfg: Config) -> None:
         _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     _positive("eval.samples", cfg.eval.samples, "1 = greedy only, k > 1 adds pass@k")
     _positive("eval.sample_temperature", cfg.eval.sample_temperature, "e.g. eval.sample_temperature=0.7")
+    _positive("data.validation_size", cfg.data.validation_size, "the validation split every selection reads")
     if cfg.data.source == DataSource.arithmetic:
         from finellama_rl.task.data import OPS
+
+        if not 0 < cfg.data.heldout_pair_fraction < 0.5:
+            raise ConfigError("data.heldout_pair_fraction", f"must be in (0, 0.5) (test and validation each get this "
+                              f"share of the operand pairs), got {cfg.data.heldout_pair_fraction}")
 
         unknown = [op for op in cfg.data.ops if op not in OPS]
         if unknown or not cfg.data.ops:
