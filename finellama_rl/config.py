@@ -36,7 +36,14 @@ class BestMetric(str, Enum):
     """What makes an SFT checkpoint the best one (trainer.sft.best_metric)."""
 
     accuracy = "accuracy"  # greedy accuracy by generation at each evaluation (higher is better)
-    loss = "loss"  # teacher-forced loss on the test problems' reference solutions (lower is better)
+    loss = "loss"  # teacher-forced loss on the validation problems' reference solutions (lower is better)
+
+
+class PairOrder(str, Enum):
+    """Whether a + b and b + a are one operand pair of the synthetic task (data.heldout_pairs)."""
+
+    unordered = "unordered"  # one pair: no held-out sum or product is trained in either order
+    ordered = "ordered"  # two pairs: a held-out 3 + 5 may have 5 + 3 in training (commutativity is what can generalise)
 
 
 class Tracking(str, Enum):
@@ -403,7 +410,9 @@ class TrainerConfig:
     """Committed checkpoints kept (older ones are pruned after a new one is durable); 0 = all
     (never prune: seed_ppo_3b keeps its 25, the seed's SFT recipes keep every one)."""
     eval_every: int = 0
-    """Evaluate every N steps during training; 0 = only before and after."""
+    """Evaluate on the validation split every N steps during training (evals/step_N.json;
+    what SFT keep-best and any choice of checkpoint or recipe read); 0 = none. The
+    baseline before and the final evaluation after training are on the test split."""
     log_every: int = 1
     """Write metrics.jsonl every N global steps (averaged since the last line), both trainers."""
     seed: int = 0
@@ -485,9 +494,30 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     max_train_examples: Optional[int] = None
+    validation_size: int = 500
+    """Problems of the validation split, held out of training: every selection reads it
+    (evaluations during training at trainer.eval_every, SFT keep-best, recipe choices),
+    training never sees it, and the test split is only reported (baseline and final
+    evaluations). GSM8K: drawn from the training split (data.path or data.train_split)
+    by random.Random(data.split_seed), the rest stays the training split; the synthetic
+    task: generated from its own operand pairs (data.heldout_pair_fraction)."""
+    split_seed: int = 2026
+    """Seed of the validation draw (GSM8K) and of the synthetic task's operand-pair
+    partition into train / validation / test."""
     num_train: int = 2000
     """Synthetic task only: training problems."""
     num_test: int = 200
+    heldout_pair_fraction: float = 0.2
+    """Synthetic task only: the share of operand pairs reserved for the test split, and
+    the same share for validation; training problems use the rest. No step of a test or
+    validation solution ("a + b = c", with a + b and b + a the same pair) occurs in any
+    training solution, so held-out accuracy measures arithmetic on unseen pairs."""
+    heldout_pairs: PairOrder = PairOrder.unordered
+    """Synthetic task only: unordered (a + b and b + a are one pair, held out together: a
+    held-out sum was never trained in either order) or ordered (3 + 5 and 5 + 3 are two
+    pairs, each drawn apart: a held-out problem may be the reverse of a trained one; what
+    `make run` uses, README "make run"). With ordered, no held-out solution step occurs
+    verbatim in training either, but the fact it states may, in the other order."""
     synthetic_seed: int = 1234
     max_operand: int = 20
     """Synthetic task only: operands are drawn from 1..max_operand (more digits: harder)."""
@@ -508,7 +538,8 @@ class EvalConfig:
     instruction as the system message, the bare question as the user turn), lm_eval_gsm8k (lm-evaluation-harness's gsm8k task, strict-match and
     flexible-extract), finellama (data.system_prompt and `#### n`, strict)."""
     num_examples: str = "all"
-    """How many test problems (the first N of the split): a positive integer or `all`."""
+    """How many problems of the evaluated split (the first N; test for the baseline and
+    final evaluations, validation during training): a positive integer or `all`."""
     max_new_tokens: Optional[int] = None
     """Generation budget per completion; None: the protocol's (qwen_boxed 1024, qwen25_math_cot
     2048, lm_eval_gsm8k 256 like the harness, finellama 256). launch warns when it differs
@@ -588,6 +619,9 @@ class DebugConfig:
     """Tests only: added to the EOS logit before sampling in both trainers, so that a tiny
     random model stops at varied lengths instead of always at the cap (split-invariance
     and truncation tests). Sampling then no longer matches the policy's log-probs."""
+    step_sleep_s: float = 0.0
+    """Test hook: sleep this long after every optimizer step, so a run lasts a known wall
+    time whatever the machine's load, without using the CPUs (the SLURM time-limit tests)."""
 
 
 @dataclass

@@ -46,7 +46,7 @@ CACHE_VERSION = 1  # bump when the demo's SFT changes in a way the hashed source
 SHARED_PREFIXES = ("model.", "data.", "eval.protocol")  # overrides that also shape the SFT
 # PPO samples one completion per prompt: more prompts per step than GRPO's 8 x 8.
 PER_TRAINER = {"ppo": ["trainer.prompts_per_step=32"]}
-SHAPING_MODULES = ("task/data.py", "job/model.py", "job/adapters.py", "trainers/sft.py", "task/protocols.py")
+SHAPING_MODULES = ("task/data.py", "task/splits.py", "job/model.py", "job/adapters.py", "trainers/sft.py", "task/protocols.py")
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
 

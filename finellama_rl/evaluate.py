@@ -3,11 +3,14 @@ named protocol: greedy accuracy (finellama_rl/eval/core.py) and optionally pass@
 from sampled completions (finellama_rl/eval/passk.py).
 
     python -m finellama_rl.evaluate run=results/<sweep>/<run> [checkpoint=latest|all|base|<step>]
-        [eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k]
+        [split=test|validation] [eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N]
+        [eval.samples=k]
         [eval.sample_temperature=0.7] [eval.shots=N] [eval.batch_size=N] [eval.max_new_tokens=N] [run.results_dir=DIR]
 
-Each evaluated checkpoint gets `<run>/evals/<checkpoint>-<protocol>-n<N>-<greedy|kK>.json`
-(never overwriting: `-2`, `-3`, ...) and an entry in the results index
+`split=validation` evaluates the validation split (task/splits.py): choose a checkpoint
+(`checkpoint=all split=validation`) or a recipe there, then report the chosen one on the
+test split (the default). Each evaluated checkpoint gets
+`<run>/evals/<checkpoint>-<protocol>[-validation]-n<N>-<greedy|kK>.json` (never overwriting: `-2`, `-3`, ...) and an entry in the results index
 `<run.results_dir>/eval_results.json` (finellama_rl/index.py). `checkpoint=all` loads
 the base once and swaps adapters. A run folder written before protocols existed
 (no eval.protocol in its config.yaml) is evaluated under `finellama`, the protocol it
@@ -26,7 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from finellama_rl.config import Config, EvalConfig, EvalProtocol, eval_num_examples
 from finellama_rl.errors import ConfigError, RunConfigUnreadable
-from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_eval
+from finellama_rl.eval.core import EvalSetup, eval_document, evaluate_model, format_accuracy, prepare_split_eval
+from finellama_rl.task.splits import Split
 from finellama_rl.validation import validate, validate_results_dir
 from finellama_rl.results import RunPaths
 
@@ -35,10 +39,10 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ command line
 
-CLI_KEYS = ("run", "checkpoint")
+CLI_KEYS = ("run", "checkpoint", "split")
 OVERRIDE_KEYS = ("eval.protocol", "eval.num_examples", "eval.samples", "eval.sample_temperature", "eval.shots",
                  "eval.batch_size", "eval.max_new_tokens", "run.results_dir")
-USAGE = ("usage: python -m finellama_rl.evaluate run=<run folder> [checkpoint=latest|all|base|<step>] "
+USAGE = ("usage: python -m finellama_rl.evaluate run=<run folder> [checkpoint=latest|all|base|<step>] [split=test|validation] "
          "[eval.protocol=qwen_boxed|qwen25_math_cot|lm_eval_gsm8k|finellama] [eval.num_examples=all|N] [eval.samples=k] "
          "[eval.sample_temperature=T] [eval.shots=N] [eval.batch_size=N]")
 
@@ -53,7 +57,8 @@ class Target:
 
 
 def parse_cli(argv: Sequence[str]) -> Tuple[Path, str, List[str]]:
-    """(run folder, checkpoint choice, config overrides) from key=value arguments."""
+    """(run folder, checkpoint choice, config overrides) from key=value arguments (the
+    split: parse_split)."""
     from finellama_rl.errors import UsageError
 
     values: Dict[str, str] = {}
@@ -74,6 +79,14 @@ def parse_cli(argv: Sequence[str]) -> Tuple[Path, str, List[str]]:
     if not values.get("run"):
         raise ConfigError("run", f"required: the run folder to evaluate, e.g. run=results/<sweep>/<run>; {USAGE}")
     return Path(values["run"]), values.get("checkpoint", "latest") or "latest", overrides
+
+
+def parse_split(argv: Sequence[str]) -> Split:
+    """`split=test|validation` (default test); ConfigError naming the choices."""
+    value = next((a.partition("=")[2] for a in argv if a.partition("=")[0] == "split"), "test") or "test"
+    if value not in (Split.test.value, Split.validation.value):
+        raise ConfigError("split", f"expected test|validation, got {value!r} (the training split is never evaluated here)")
+    return Split(value)
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -148,11 +161,12 @@ def choose_targets(run_dir: Path, choice: str) -> List[Target]:
     return [Target(c.name, int(c.name[len("step_"):]), c) for c in chosen]
 
 
-def eval_file_name(label: str, ev: EvalConfig) -> str:
+def eval_file_name(label: str, ev: EvalConfig, split: Split = Split.test) -> str:
     n = eval_num_examples(ev.num_examples)
     mode = "greedy" if ev.samples == 1 else f"k{ev.samples}"
     shots = f"-{ev.shots}shot" if ev.shots is not None else ""  # only when set against the protocol's default
-    return f"{label}-{EvalProtocol(ev.protocol).value}-n{'all' if n is None else n}-{mode}{shots}.json"
+    where = "" if split == Split.test else f"-{split.value}"  # test files keep their names of before
+    return f"{label}-{EvalProtocol(ev.protocol).value}{where}-n{'all' if n is None else n}-{mode}{shots}.json"
 
 
 def reserve_path(folder: Path, name: str) -> Path:
@@ -250,25 +264,24 @@ def cli_document(cfg: Config, target: Target, result: Dict[str, Any]) -> Dict[st
 def main(argv: Sequence[str]) -> int:
     """Every check (arguments, config, checkpoints, data) runs before a model loads."""
     from finellama_rl.console import setup_logging
-    from finellama_rl.task.data import load_problems
     from finellama_rl.eval.passk import format_pass_at_k
     from finellama_rl.eval.results_index import add_eval_file, results_root
     from finellama_rl.job.model import load_tokenizer
     from finellama_rl.fileio import atomic_write_json
 
     run_dir, choice, overrides = parse_cli(argv)
+    split = parse_split(argv)
     cfg = load_run_config(run_dir, overrides)
     targets = choose_targets(run_dir, choice)
-    test, train = load_problems(cfg.data, "test"), load_problems(cfg.data, "train")
     setup_logging()
     tokenizer = load_tokenizer(cfg.model)
-    setup = prepare_eval(cfg, tokenizer, test, train)
-    log.info("evaluating %s of %s under %s on %d problems, %d sequences per generate call",
-             ", ".join(t.label for t in targets), run_dir, cfg.eval.protocol.value, len(setup.problems), setup.batch_size)
+    setup = prepare_split_eval(cfg, tokenizer, split)
+    log.info("evaluating %s of %s under %s on %d %s problems, %d sequences per generate call", ", ".join(t.label for t in targets),
+             run_dir, cfg.eval.protocol.value, len(setup.problems), split.value, setup.batch_size)
     slots = ModelSlots(cfg)
     for target in sorted(targets, key=lambda t: t.adapter_dir is not None):  # the base first: adapters wrap it
         result = run_target(cfg, target, slots.model_for(target), tokenizer, setup)
-        path = reserve_path(RunPaths(Path(cfg.run.dir)).evals, eval_file_name(target.label, cfg.eval))
+        path = reserve_path(RunPaths(Path(cfg.run.dir)).evals, eval_file_name(target.label, cfg.eval, split))
         atomic_write_json(path, cli_document(cfg, target, result))
         add_eval_file(results_root(cfg.run), path)
         extra = f"; {format_pass_at_k(result['pass_at_k'])}" if result.get("pass_at_k") else ""

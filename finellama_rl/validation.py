@@ -321,8 +321,13 @@ def validate(cfg: Config) -> None:
         _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     _positive("eval.samples", cfg.eval.samples, "1 = greedy only, k > 1 adds pass@k")
     _positive("eval.sample_temperature", cfg.eval.sample_temperature, "e.g. eval.sample_temperature=0.7")
+    _positive("data.validation_size", cfg.data.validation_size, "the validation split every selection reads")
     if cfg.data.source == DataSource.arithmetic:
         from finellama_rl.task.data import OPS
+
+        if not 0 < cfg.data.heldout_pair_fraction < 0.5:
+            raise ConfigError("data.heldout_pair_fraction", f"must be in (0, 0.5) (test and validation each get this "
+                              f"share of the operand pairs), got {cfg.data.heldout_pair_fraction}")
 
         unknown = [op for op in cfg.data.ops if op not in OPS]
         if unknown or not cfg.data.ops:
@@ -331,6 +336,8 @@ def validate(cfg: Config) -> None:
         _positive("data.num_train", cfg.data.num_train)
         _positive("data.num_test", cfg.data.num_test)
     _validate_ladder(cfg.ladder)
+    if not 0 <= cfg.debug.step_sleep_s <= 600:
+        raise ConfigError("debug.step_sleep_s", f"must be between 0 and 600 seconds, got {cfg.debug.step_sleep_s}")
     if cfg.debug.crash_after_step is not None and cfg.debug.crash_after_step % cfg.trainer.save_every:
         raise ConfigError("debug.crash_after_step", f"must be a multiple of trainer.save_every={cfg.trainer.save_every}")
 

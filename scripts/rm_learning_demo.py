@@ -96,25 +96,36 @@ def sft_start(folder: Path, steps: int = 200, lr: float = 3e-3, batch: int = 16,
     return {"sft_steps": steps, "sft_loss_last10": sum(losses[-10:]) / 10, "sft_seconds": round(time.time() - t0, 1)}
 
 
-def accuracy(model_path: Path, adapter: str | None = None) -> float:
-    """Greedy test accuracy (the protocol's scorer) of the SFT'd policy, optionally with an RL adapter."""
+def accuracy(model_path: Path, adapter: str | None = None, split: str = "test", num_examples: str = "all") -> float:
+    """Greedy accuracy (the protocol's strict scorer) of the SFT'd policy, optionally with an
+    RL adapter, on `split`: validation for any choice made with this script, test to report."""
     from finellama_rl.compose import load_config
-    from finellama_rl.eval.core import evaluate_model, prepare_eval
-    from finellama_rl.task.data import load_problems
+    from finellama_rl.eval.core import evaluate_model, prepare_split_eval
     from finellama_rl.job.model import load_tokenizer
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config([*TASK, f"model.path={model_path}", "eval.num_examples=all", "eval.max_new_tokens=24"], resolve_paths=False)
+    cfg = load_config([*TASK, f"model.path={model_path}", f"eval.num_examples={num_examples}", "eval.max_new_tokens=24"],
+                      resolve_paths=False)
     tok = load_tokenizer(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    setup = prepare_eval(cfg, tok, load_problems(cfg.data, "test"), load_problems(cfg.data, "train"))
-    result = evaluate_model(model, tok, setup, desc="demo eval")
-    return float(result["accuracy"]["strict"] if isinstance(result["accuracy"], dict) else result["accuracy"])
+    setup = prepare_split_eval(cfg, tok, split)
+    result = evaluate_model(model, tok, setup, desc=f"demo eval ({split})")
+    return float(result["accuracy"]["strict"])
+
+
+def sft_accuracies(policy: Path, base: Path | None = None, num_examples: str = "all") -> Dict[str, float | None]:
+    """The SFT stage's figures, each named by its split: the policy's on validation (what a
+    choice of --sft-steps reads) and on test (reported only), and the reward model's base
+    on validation (what a choice of --rm-base-sft-steps reads; tests/test_demo.py)."""
+    n = num_examples  # the first n of each split (all by default; the test asks for a few)
+    return {"policy_validation": accuracy(policy, split="validation", num_examples=n),
+            "policy_test": accuracy(policy, split="test", num_examples=n),
+            "rm_base_validation": accuracy(base, split="validation", num_examples=n) if base else None}
 
 
 def train_rm(root: Path, policy: Path, seed: int, extra: Sequence[str] = (), base: Path | None = None) -> Dict[str, object]:
@@ -190,8 +201,8 @@ def main(argv: List[str]) -> int:
         if not (base / "config.json").exists():
             progress(f"stage sft_rm_base: {args.rm_base_sft_steps} steps -> {base}")
             print(json.dumps({"stage": "sft_rm_base", **sft_start(base, args.rm_base_sft_steps)}), flush=True)
-    progress("stage sft_accuracy: greedy test accuracy of the SFT policy")
-    print(json.dumps({"stage": "sft_accuracy", "policy": accuracy(policy), "rm_base": accuracy(base) if base else None}), flush=True)
+    progress("stage sft_accuracy: greedy accuracy of the SFT policy (validation for choices, test reported)")
+    print(json.dumps({"stage": "sft_accuracy", **sft_accuracies(policy, base)}), flush=True)
     rms = []
     for seed in args.seeds:
         progress(f"stage rm (seed {seed}): sample and label the reward model's data, then train it (progress lines follow)")

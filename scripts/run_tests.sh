@@ -18,10 +18,11 @@
 # running jobs); if it was not up before, it is stopped again afterwards.
 #
 # Both phases run at the same time (phase 2 mostly waits on the scheduler); its lines
-# are prefixed `[phase 2]`.
+# are prefixed `[phase 2]`, and its test files run side by side (FINELLAMA_SLURM_WORKERS,
+# default 3; 1: one after the other).
 #
 #   scripts/run_tests.sh                 # both phases, at once
-#   FINELLAMA_TEST_SERIAL=1 scripts/run_tests.sh   # both phases, one after the other
+#   FINELLAMA_TEST_SERIAL=1 FINELLAMA_SLURM_WORKERS=1 scripts/run_tests.sh   # nothing side by side
 #   FINELLAMA_TEST_PHASES=1 scripts/run_tests.sh   # phase 1 only (no cluster)
 #   scripts/run_tests.sh -x -k launch    # extra pytest arguments go to both phases
 set -uo pipefail
@@ -84,8 +85,13 @@ phase1() {
 # Phase 2; the caller stops the cluster afterwards if it started it.
 phase2() {
     local rc=0 t=$EPOCHREALTIME
-    echo "=== phase 2: tests marked slurm, on the local SLURM cluster"
-    .venv/bin/python -m pytest -q -m slurm -p no:cacheprovider "$@" || rc=$?
+    local workers=${FINELLAMA_SLURM_WORKERS:-3}
+    echo "=== phase 2: tests marked slurm, on the local SLURM cluster ($workers test files at a time)"
+    # One pytest worker per test file (pytest-xdist --dist loadfile): each file's jobs wait
+    # on real time limits and requeues, and the cluster runs them side by side.
+    local xdist=()
+    ((workers > 1)) && xdist=(-n "$workers" --dist loadfile)
+    .venv/bin/python -m pytest -q -m slurm -p no:cacheprovider "${xdist[@]}" "$@" || rc=$?
     echo "=== phase 2: exit $rc in $(seconds "$t") s"
     ((rc == 5)) && rc=0 # no test selected (e.g. -k matched none): not a failure
     return "$rc"

@@ -9,17 +9,28 @@ from finellama_rl.compose import load_config
 from finellama_rl.errors import ConfigError
 from finellama_rl.config import EvalProtocol
 from finellama_rl.task.data import arithmetic_splits, generate_arithmetic, load_problems
+from finellama_rl.task.splits import Split
 from finellama_rl.task.protocols import build_messages, prompt_format
 from finellama_rl.rewards.rules import reference_answer
 
 
 def test_arithmetic_is_seeded_and_disjoint():
-    cfg = load_config(["data=arithmetic", "data.num_train=300", "data.num_test=50"]).data
-    train, test = arithmetic_splits(cfg)
-    assert (len(train), len(test)) == (300, 50)
-    assert train == arithmetic_splits(cfg)[0]
+    """(The operand pairs kept apart: tests/test_splits.py.)"""
+    cfg = load_config(["data=arithmetic", "data.num_train=300", "data.num_test=50", "data.validation_size=40"]).data
+    splits = arithmetic_splits(cfg)
+    train, val, test = splits[Split.train], splits[Split.validation], splits[Split.test]
+    assert (len(train), len(val), len(test)) == (300, 40, 50)
+    assert splits == arithmetic_splits(cfg)
     assert not {p["question"] for p in train} & {p["question"] for p in test}
     assert generate_arithmetic(5, seed=1, max_operand=20) != generate_arithmetic(5, seed=2, max_operand=20)
+
+
+def test_the_generator_without_pools_is_unchanged():
+    """The tiny tokenizer's corpus (job/model.py) is generate_arithmetic without pools: its
+    problems must stay exactly those of before the splits existed."""
+    first = generate_arithmetic(3, seed=7, max_operand=99)
+    assert [p["answer"] for p in first] == ["52 + 84 = 136\n#### 136", "48 + 75 = 123\n#### 123",
+                                          "6 + 12 = 18\n18 - 14 = 4\n#### 4"]
 
 
 def test_arithmetic_answers_are_right():
@@ -35,8 +46,9 @@ def test_local_jsonl_and_errors(tmp_path):
     rows = [{"question": "What is 2+2?", "answer": "2+2=4\n#### 4"}, {"question": "3*3?", "answer": "#### 9"}]
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = load_config(["data=gsm8k", f"data.path={train}", f"data.test_path={train}"]).data
-    assert load_problems(cfg, "train") == rows and load_problems(cfg, "test") == rows
+    cfg = load_config(["data=gsm8k", f"data.path={train}", f"data.test_path={train}", "data.validation_size=1"]).data
+    assert load_problems(cfg, "train") + load_problems(cfg, "validation") in (rows, rows[::-1])
+    assert load_problems(cfg, "test") == rows
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"q": "x", "answer": "#### 1"}))
     with pytest.raises(ConfigError, match="lacks column"):

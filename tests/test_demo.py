@@ -61,6 +61,88 @@ def test_synthetic_task_difficulty_knobs(make_config):
         make_config("experiment=demo", "data.ops=[add,div]")
 
 
+def _step_pairs(problems, ordered: bool) -> set:
+    """Every operand pair of every worked step, read from the solution text ("3 + 5 = 8";
+    unless ordered, a sum or product is the same pair either way round)."""
+    import re
+
+    pairs = set()
+    for p in problems:
+        for line in p["answer"].splitlines()[:-1]:
+            x, op, y = re.fullmatch(r"(\d+) ([-+*]) (\d+) = -?\d+", line).groups()
+            pairs.add((op, *sorted((int(x), int(y)))) if op in "+*" and not ordered else (op, int(x), int(y)))
+    return pairs
+
+
+def test_the_demos_test_pairs_never_occur_in_sft_or_rl_training(make_config):
+    """`make run`'s held-out problems: every operand pair of the test (and validation)
+    solutions, as written, is absent from the SFT and RL training problems, and no test
+    solution step occurs in any SFT target; its pairs are ordered (data.heldout_pairs), so
+    some test sums are trained in the other order and some in neither (README "make run").
+    The reward-model demo's task holds its pairs out in either order."""
+    import sys
+
+    from finellama_rl.task.data import load_problems
+    from finellama_rl.task.protocols import target_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import rm_learning_demo
+
+    sft, rl = make_config("experiment=demo_sft"), make_config("experiment=demo")
+    assert sft.data == rl.data  # one task: the adapter is trained for it
+    rm = make_config(*rm_learning_demo.TASK)
+    assert (sft.data.heldout_pairs.value, rm.data.heldout_pairs.value) == ("ordered", "unordered")
+    for cfg, what, ordered in [(sft, "demo", True), (rm, "rm demo", False)]:
+        train = load_problems(cfg.data, "train")
+        held = {s: load_problems(cfg.data, s) for s in ("validation", "test")}
+        trained = _step_pairs(train, ordered)
+        for split, problems in held.items():
+            assert len(_step_pairs(problems, ordered)) >= 3, (what, split)  # several held-out pairs, not one
+            assert not _step_pairs(problems, ordered) & trained, (what, split)
+        target_lines = {line for p in train for line in target_text(cfg.eval.protocol, p["answer"]).splitlines()}
+        for p in held["test"]:
+            assert not set(p["answer"].splitlines()[:-1]) & target_lines, (what, p["answer"])
+    test = _step_pairs(load_problems(sft.data, "test"), True)
+    reversed_trained = {(op, y, x) for op, x, y in _step_pairs(load_problems(sft.data, "train"), True)}
+    assert test & reversed_trained and test - reversed_trained  # commutativity testable, and sums never trained
+    assert len(load_problems(sft.data, "test")) == int(sft.eval.num_examples) == 256
+
+
+@pytest.mark.slow  # a few seconds: the tiny model built, three greedy evaluations of 8 problems
+def test_the_rm_demos_figures_for_choices_are_measured_on_the_validation_split(make_config, monkeypatch):
+    """scripts/rm_learning_demo.py: each SFT-stage figure is measured on the split its name
+    says; those a choice reads (--sft-steps, --rm-base-sft-steps) on exactly the validation
+    problems, never a test one; the test figure on exactly the test problems."""
+    import sys
+
+    from finellama_rl.eval import core
+    from finellama_rl.job.model import model_source
+    from finellama_rl.task.data import load_problems
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import rm_learning_demo
+
+    seen, real = [], core.prepare_split_eval
+
+    def spy(cfg, tokenizer, split, adapter=None):
+        setup = real(cfg, tokenizer, split, adapter)
+        seen.append((str(getattr(split, "value", split)), [p["question"] for p in setup.problems], setup.split))
+        return setup
+
+    monkeypatch.setattr(core, "prepare_split_eval", spy)
+    cfg = make_config(*rm_learning_demo.TASK)
+    tiny = Path(model_source(cfg.model))  # any policy will do: the test is about which problems are read
+    figures = rm_learning_demo.sft_accuracies(tiny, base=tiny, num_examples="8")
+    assert list(figures) == ["policy_validation", "policy_test", "rm_base_validation"]
+    assert all(0.0 <= v <= 1.0 for v in figures.values())
+    assert [split for split, _, _ in seen] == [name.rsplit("_", 1)[1] for name in figures]
+    questions = {s: [p["question"] for p in load_problems(cfg.data, s)] for s in ("validation", "test")}
+    assert len(questions["validation"]) == 200 and len(questions["test"]) == 100
+    assert not set(questions["validation"]) & set(questions["test"])
+    for split, asked, record in seen:
+        assert asked == questions[split][:8] and record["name"] == split and record["size"] == len(questions[split])
+
+
 def test_a_stopped_demo_resumes_its_own_sweep_with_resume(tmp_path, monkeypatch, capsys):
     """A signal stops the first RL run (saved, exit 75): the demo starts no further run and says
     the exact command; `--resume` plans the same sweep with the same arguments (so each run

@@ -110,6 +110,7 @@ def no_model_load(monkeypatch):
     (["eval.sample_temperature=0"], "eval.sample_temperature: must be > 0"),
     (["eval.num_exampels=5"], "Did you mean eval.num_examples?"),
     (["eval.protocol=harness"], "eval.protocol"),
+    (["split=train"], "split: expected test|validation"),
     (["trainer.learning_rate=1"], "trainer.learning_rate: not a setting of finellama_rl.evaluate"),
 ])
 def test_bad_input_exits_2_before_loading(tmp_path, capsys, no_model_load, args, key):
@@ -213,6 +214,24 @@ def test_tiny_run_evaluated_twice_gives_identical_results(tiny_run, capsys):
     assert paths == ["sweep/grpo-tiny-cpu/evals/step_000001-qwen_boxed-n4-greedy-2.json",
                      "sweep/grpo-tiny-cpu/evals/step_000001-qwen_boxed-n4-greedy.json"]
     assert "step_000001: qwen_boxed/math_verify" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_split_validation_evaluates_the_validation_problems(tiny_run):
+    """`split=validation` (choosing a checkpoint) evaluates validation problems, never test
+    ones, records the split, and names its file and index entry apart from test's."""
+    from finellama_rl.task.data import load_problems
+
+    root, run = tiny_run
+    assert evaluate.main([f"run={run}", "checkpoint=1", "split=validation", "eval.num_examples=3", "eval.max_new_tokens=4"]) == 0
+    doc = read_json(run / "evals" / "step_000001-qwen_boxed-validation-n3-greedy.json")
+    cfg = evaluate.load_run_config(run)
+    val, test = load_problems(cfg.data, "validation"), load_problems(cfg.data, "test")
+    assert [r["question"] for r in doc["records"]] == [p["question"] for p in val[:3]]
+    assert not {r["question"] for r in doc["records"]} & {p["question"] for p in test}
+    assert doc["split"]["name"] == "validation" and doc["split"]["size"] == len(val) == cfg.data.validation_size
+    entries = json.loads((root / "eval_results.json").read_text())["entries"]
+    assert [e["split"] for e in entries if "-validation-" in e["path"]] == ["validation"]
 
 
 @pytest.mark.slow

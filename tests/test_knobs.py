@@ -98,6 +98,33 @@ def test_every_trainer_field_is_documented_for_each_trainer():
     assert not missing, f"TrainerConfig fields without a doc line: {missing}"
 
 
+def test_step_sleep_gives_each_step_a_known_wall_time_and_a_signal_meanwhile_still_stops(make_config, tmp_path):
+    """debug.step_sleep_s (the SLURM time-limit tests' clock): decide() waits that long, a stop
+    requested during the wait (a signal handler) is honoured at that step; without it no wait;
+    a negative value is refused naming the key."""
+    import threading
+    import time
+
+    from finellama_rl.errors import ConfigError
+    from finellama_rl.job.monitor import TrainingMonitor
+    from finellama_rl.results import RunPaths
+
+    cfg = make_config("experiment=smoke", "debug.step_sleep_s=0.3")
+    paths = RunPaths(tmp_path / "run").make()
+    slow = TrainingMonitor(cfg.trainer, paths, 0, "t", step_sleep_s=cfg.debug.step_sleep_s, print_fn=lambda s: None)
+    fast = TrainingMonitor(cfg.trainer, paths, 0, "t", print_fn=lambda s: None)
+    fast.decide(1)  # the first call imports what it asks (torch.distributed)
+    t0 = time.monotonic()
+    assert not fast.decide(1).stop and time.monotonic() - t0 < 0.2
+    t0 = time.monotonic()
+    assert not slow.decide(1).stop and time.monotonic() - t0 >= 0.3
+    threading.Timer(0.1, slow.request_stop, args=("SIGUSR2",)).start()
+    decision = slow.decide(2)
+    assert decision.stop and decision.save and decision.reason == "SIGUSR2"
+    with pytest.raises(ConfigError, match="debug.step_sleep_s"):
+        make_config("experiment=smoke", "debug.step_sleep_s=-1")
+
+
 # ------------------------------------------------------------- the loss family (issue 20)
 
 

@@ -1,10 +1,11 @@
 """Learning on the real path users run: the tiny model SFT'd on the synthetic task
 (experiment=demo_sft, 4-bit base + LoRA), then GRPO and PPO from that adapter with the
 real correctness reward (the protocol's strict `#### n` scorer), 3 seeds each. The
-assertion is on held-out accuracy (256 test problems, greedy), not on training reward.
+assertion is on held-out accuracy (256 test problems, greedy, whose additions are never
+trained as written: data.heldout_pairs=ordered), not on training reward.
 
 Budget (CI: 2 cores): one SFT for the session (about 25 s) and six short RL runs.
-Measured margins are in docs/LOG.md ("learning demo and learning tests").
+Measured margins: docs/LOG.md ("validation split and a demo that generalises", issue 21).
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 RL_STEPS = 40  # the demo trains 120; the test asserts a smaller margin over fewer steps
-MARGIN = 0.12  # final - baseline held-out accuracy, in [0, 1]; measured +18 to +34 points (docs/LOG.md)
+SEEDS = (0, 1, 2)
+# final - baseline held-out accuracy, in [0, 1], on the additions never trained as written
+# (docs/LOG.md, issue 21: GRPO +5.8/+4.7/+6.6 points, mean +5.7; PPO +10.9/-1.2/+11.7, mean +7.1)
+MEAN_MARGIN = 0.04  # the mean gain over the three seeds
+WORST_DROP = 0.03  # no seed may lose more than this
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +49,40 @@ def test_sft_learns_the_task_partly(sft_run):
     doc = _doc(sft_run)
     assert doc["trainer"] == "sft" and doc["total"] >= 64 and doc["primary"] == "strict"
     assert _accuracy(doc, "baseline") == 0.0
+    print(f"sft: {_accuracy(doc):.3f}")
     assert 0.15 <= _accuracy(doc) <= 0.5, _accuracy(doc)
+    # what generalises is commutativity: every right answer is a sum trained in the other order
+    # (README "What the demo shows"); none of a sum trained in neither order
+    import re
+
+    from finellama_rl.demo import sft_config
+    from finellama_rl.task.data import load_problems
+
+    def operands(question: str) -> tuple:
+        return tuple(map(int, re.search(r"has (\d+) .* finds (\d+) more", question).groups()))
+
+    trained = {operands(p["question"]) for p in load_problems(sft_config([]).data, "train")}
+    right = [operands(r["question"]) for r in doc["records"] if r["correct"]["strict"]]
+    assert right and all(pair[::-1] in trained for pair in right), right
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_from_the_sft_adapter_raises_heldout_accuracy(algo, seed, sft_run, tmp_path):
+def test_rl_from_the_sft_adapter_raises_heldout_accuracy(algo, sft_run, tmp_path):
+    """Three seeds: the mean gain over the SFT policy, and no seed much worse than it."""
     from finellama_rl.demo import plan_rl
     from finellama_rl.trainers.run import run_training
 
-    (run,) = plan_rl([f"trainer={algo}", f"trainer.seed={seed}", f"trainer.max_steps={RL_STEPS}", "trainer.eval_every=0",
-                      "trainer.save_every=1000", f"run.results_dir={tmp_path}"], sft_run, "learning")
-    cfg = run.cfg
-    assert cfg.trainer.quantization.enabled and cfg.trainer.lora.enabled and cfg.trainer.rewards == ["correctness"]
-    assert run_training(cfg) == 0
-    doc = _doc(Path(cfg.run.dir))
-    base, final = _accuracy(doc, "baseline"), _accuracy(doc)
-    assert doc["total"] >= 64 and base == pytest.approx(_accuracy(_doc(sft_run)))  # the baseline is the SFT policy
-    assert final >= base + MARGIN, f"{algo} seed {seed}: {base:.3f} -> {final:.3f}"
+    gains = []
+    for seed in SEEDS:
+        (run,) = plan_rl([f"trainer={algo}", f"trainer.seed={seed}", f"trainer.max_steps={RL_STEPS}", "trainer.eval_every=0",
+                          "trainer.save_every=1000", f"run.results_dir={tmp_path / str(seed)}"], sft_run, "learning")
+        cfg = run.cfg
+        assert cfg.trainer.quantization.enabled and cfg.trainer.lora.enabled and cfg.trainer.rewards == ["correctness"]
+        assert run_training(cfg) == 0
+        doc = _doc(Path(cfg.run.dir))
+        base, final = _accuracy(doc, "baseline"), _accuracy(doc)
+        assert doc["total"] >= 64 and base == pytest.approx(_accuracy(_doc(sft_run)))  # the baseline is the SFT policy
+        assert doc["split"]["name"] == "test"
+        print(f"{algo} seed {seed}: {base:.3f} -> {final:.3f}")  # shown by pytest -rA (docs/LOG.md quotes them)
+        gains.append(final - base)
+    assert sum(gains) / len(gains) >= MEAN_MARGIN and min(gains) >= -WORST_DROP, f"{algo}: gains {gains}"

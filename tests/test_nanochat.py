@@ -1,6 +1,6 @@
 """nanochat's RL settings as experiment=nanochat_rl, and what they need: pass@k at the
 evaluations of a training run (baseline, eval_every, final), not only in the evaluate
-command."""
+command; eval_every on the validation split, baseline and final on test."""
 from __future__ import annotations
 
 import json
@@ -37,6 +37,13 @@ def test_training_evaluations_compute_pass_at_k(make_config, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in passk["strict"].values())
     final = json.loads((run / "eval_results.json").read_text())
     assert len(final["records"][0]["samples"]) == 4  # the samples are kept per problem
+    from finellama_rl.task.data import load_problems
+
+    for path, split in ((run / "eval_baseline.json", "test"), (run / "evals" / "step_000001.json", "validation"),
+                        (run / "eval_results.json", "test")):  # eval_every reads validation; baseline and final test
+        doc = json.loads(path.read_text())
+        expected = [p["question"] for p in load_problems(cfg.data, split)[:4]]
+        assert doc["split"]["name"] == split and [r["question"] for r in doc["records"]] == expected, path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(RunPaths(run).tensorboard), size_guidance={"scalars": 0})

@@ -28,7 +28,7 @@ N = 60
 
 
 def eval_doc(name: str, step: int, correct, protocol: str = "qwen_boxed", primary: str = "math_verify",
-             baseline=None, strict=None) -> dict:
+             baseline=None, strict=None, split=None) -> dict:
     """A schema-2 eval document with per-problem records (problem i is `correct[i]`)."""
     n, c = len(correct), sum(correct)
     strict = strict if strict is not None else [False] * n
@@ -41,6 +41,8 @@ def eval_doc(name: str, step: int, correct, protocol: str = "qwen_boxed", primar
            "ci95": {primary: list(wilson_interval(c, n))}, "records": records}
     if baseline is not None:
         doc["baseline"] = {k: v for k, v in baseline.items() if k != "records"}
+    if split is not None:  # absent: an eval file from before splits were recorded (test)
+        doc["split"] = {"name": split, "size": n}
     return doc
 
 
@@ -80,7 +82,7 @@ def sweep(tmp_path) -> Path:
     a = make_run(sw, "grpo-tiny-cpu", ["experiment=smoke", "trainer=grpo"], [0.1, 0.2, 0.4, 0.5], [1.0, 0.8, 0.7, 0.5], 3000)
     base_a = eval_doc("grpo-tiny-cpu", 0, BASE)
     atomic_write_json(a / "eval_baseline.json", base_a)
-    atomic_write_json(a / "evals" / "step_000002.json", eval_doc("grpo-tiny-cpu", 2, GRPO_MID))
+    atomic_write_json(a / "evals" / "step_000002.json", eval_doc("grpo-tiny-cpu", 2, GRPO_MID, split="validation"))
     atomic_write_json(a / "eval_results.json", eval_doc("grpo-tiny-cpu", 4, GRPO_FINAL, baseline=base_a, strict=BASE))
     atomic_write_json(a / "evals" / "step_000004-lm_eval_gsm8k-n60-greedy.json",
                       eval_doc("grpo-tiny-cpu", 4, PPO_FINAL, protocol="lm_eval_gsm8k", primary="lm_eval_strict"))
@@ -147,17 +149,20 @@ def test_report_table_has_accuracy_intervals_and_significance(sweep, tmp_path, c
     assert "| grpo-tiny-cpu " in printed and "report.html" in printed and "Runs compared on the same problems" in printed
 
 
-def test_accuracy_curves_never_join_protocols(sweep, tmp_path):
+def test_accuracy_curves_never_join_protocols_or_splits(sweep, tmp_path):
+    """The validation evaluation during training (step 2) is its own curve, apart from the
+    test baseline and final; files without a split (older) read as test."""
     rep = sweep_report.write_report(sweep, tmp_path / "out")
     series = sweep_report.accuracy_series(rep.runs)
     assert series["grpo-tiny-cpu (qwen_boxed/math_verify)"] == [
         (0, pytest.approx(100 / 3), pytest.approx(100 * wilson_interval(20, 60)[0]), pytest.approx(100 * wilson_interval(20, 60)[1])),
-        (2, pytest.approx(100 * 25 / 60), pytest.approx(100 * wilson_interval(25, 60)[0]), pytest.approx(100 * wilson_interval(25, 60)[1])),
         (4, pytest.approx(100 * 38 / 60), pytest.approx(100 * wilson_interval(38, 60)[0]), pytest.approx(100 * wilson_interval(38, 60)[1]))]
+    assert series["grpo-tiny-cpu (qwen_boxed/math_verify, validation)"] == [
+        (2, pytest.approx(100 * 25 / 60), pytest.approx(100 * wilson_interval(25, 60)[0]), pytest.approx(100 * wilson_interval(25, 60)[1]))]
     assert [p[0] for p in series["grpo-tiny-cpu (lm_eval_gsm8k/lm_eval_strict)"]] == [4]
     assert [p[0] for p in series["ppo-tiny-a100_80 (qwen_boxed/math_verify)"]] == [0, 2]
     assert [p[0] for p in series["seed-v1 (finellama/strict)"]] == [0, 200]  # baseline from inside eval_results.json
-    assert len(series) == 5
+    assert len(series) == 6
 
 
 def test_report_pngs_decode_at_the_expected_size(sweep, tmp_path):
@@ -239,3 +244,13 @@ def test_html_screenshot_in_headless_chromium_shows_the_table_and_significance(s
     green = (np.abs(px - np.array([0xD8, 0xF0, 0xDD])).sum(axis=2) < 12)
     assert green.sum() > 300 and np.nonzero(green.any(axis=1))[0].min() < rows_hit.max() + 120, "no significance cell"
     shutil.copy(shot, rep.html.with_name("screenshot.png"))  # kept next to the report for a human look
+
+
+def test_a_validation_evaluation_is_never_paired_with_a_test_one():
+    from finellama_rl.eval.compare import EvalView, paired, why_not_paired
+
+    val = EvalView.of(eval_doc("grpo-tiny-cpu", 2, GRPO_MID, split="validation"))
+    test, older = EvalView.of(eval_doc("grpo-tiny-cpu", 4, GRPO_FINAL, split="test")), EvalView.of(eval_doc("a", 4, BASE))
+    assert (val.split, test.split, older.split) == ("validation", "test", "test")
+    assert paired(val, test) is None and why_not_paired(val, test) == "splits differ"
+    assert paired(older, test) is not None  # same problems, same split: paired as before

@@ -155,7 +155,7 @@ def make_signal_run(sw: Path, name: str, lr: float, rewards, evals, truncated=No
                 "train/completion_len": 10 + step}
         append_jsonl(run / "metrics.jsonl", {**line, **({"train/frac_truncated": truncated(step)} if truncated else {})})
     steps = sorted(evals)
-    split = {"split": training_signals.SELECTION_SPLIT}  # the split the flag reads (validation once part A lands)
+    split = {"split": training_signals.SELECTION_SPLIT}  # the split the flag reads (validation)
     base = {**eval_doc(name, 0, evals[0]), **split}
     atomic_write_json(run / "eval_baseline.json", base)
     for step in steps[1:-1]:
@@ -231,13 +231,13 @@ def test_flag_cell_in_headless_chromium(hack_sweep, tmp_path):
 
 def test_the_flag_reads_the_split_it_is_given_and_a_missing_split_is_test(hack_sweep, tmp_path):
     """Eval files of another split are their own series, and the flag reads the split it is given
-    (SELECTION_SPLIT by default: test until issue 21 part A's validation split lands); files
-    without the `split` field count as test."""
+    (SELECTION_SPLIT by default: validation); files without the `split` field count as test."""
     from finellama_rl.eval.compare import split_of
 
     assert (split_of({}), split_of({"split": "validation"}), split_of({"split": {"name": "validation"}})) == (
         "test", "validation", "validation")
-    other = "test" if training_signals.SELECTION_SPLIT != "test" else "validation"
+    assert training_signals.SELECTION_SPLIT == "validation"  # never the test split, which is only reported
+    other = "test"
     run = hack_sweep / "hacked"
     for step, correct in ((0, 20), (6, 25), (12, 45)):  # on the other split, accuracy rose with the reward
         doc = {**eval_doc("hacked", step, vector((True, correct), (False, N - correct))), "split": other}

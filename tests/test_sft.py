@@ -176,3 +176,31 @@ def test_keep_best_restores_the_best_checkpoint(make_config, tmp_path, monkeypat
         assert len(live) == 1 and bool((live[0] == value).all()), key
     assert json.loads((run / "eval_results.json").read_text())["restored_checkpoint_step"] == 4
     assert resolve_adapter(str(run)) == run / "checkpoints" / "step_000004"
+
+
+def test_keep_best_selects_on_the_validation_split_and_reports_on_test(make_config, tmp_path, monkeypatch):
+    """The evaluations keep-best compares (generation and eval/loss) are of validation
+    problems, never test ones; best_checkpoint.json says so; the final evaluation of the
+    restored checkpoint is on the test split."""
+    from finellama_rl.task.data import load_problems
+    from finellama_rl.trainers import sft
+
+    loss_rows = []
+    original = sft.eval_loss_rows
+    monkeypatch.setattr(sft, "eval_loss_rows", lambda cfg, tok: loss_rows.extend(original(cfg, tok)) or loss_rows)
+    cfg = make_config(*SFT, "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_last=1",
+                      "trainer.sft.keep_best=true", "data.validation_size=6")
+    assert run_training(cfg) == 0
+    run = tmp_path / "run"
+    val, test = (load_problems(cfg.data, s) for s in ("validation", "test"))
+    assert not {p["question"] for p in val} & {p["question"] for p in test}
+    for step in (2, 4):  # 4: keep-best also weighs the final weights
+        doc = json.loads((run / "evals" / f"step_{step:06d}.json").read_text())
+        assert doc["split"]["name"] == "validation" and doc["split"]["size"] == 6
+        assert [r["question"] for r in doc["records"]] == [p["question"] for p in val[:4]]  # eval.num_examples=4
+    assert len(loss_rows) == 4 and all(any(p["question"] in r["prompt"] for p in val[:4]) for r in loss_rows)
+    assert not any(p["question"] in r["prompt"] for p in test for r in loss_rows)
+    assert json.loads((run / "best_checkpoint.json").read_text())["split"] == "validation"
+    for name in ("eval_results.json", "eval_baseline.json"):
+        doc = json.loads((run / name).read_text())
+        assert doc["split"]["name"] == "test" and [r["question"] for r in doc["records"]] == [p["question"] for p in test[:4]]

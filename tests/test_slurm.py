@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +38,18 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 FAST_GRPO = ["trainer=grpo", "trainer.prompts_per_step=1", "trainer.num_generations=4", "trainer.micro_batch=4",
              "eval.num_examples=8", "eval.before_training=false"]
 PREEMPT = {"max_steps": 60, "save_every": 10}  # preempted once past step save_every + 2
-TIME_LIMIT = {"timeout_min": 2, "signal_delay_s": 20, "max_requeues": 6}
+# Each step sleeps step_sleep_s (debug.step_sleep_s) besides its 0.1-0.3 s of training: 72 steps
+# take over two minutes whatever the machine's load (the USR2 warning comes 70-100 s into an
+# allocation), so the first allocation cannot finish them and the second can, using little CPU.
+TIME_LIMIT = {"timeout_min": 2, "signal_delay_s": 20, "max_requeues": 6, "steps": 72, "step_sleep_s": 1.5}
+
+
+def time_limit_overrides() -> List[str]:
+    """A GRPO run that one 2-minute allocation cannot finish (TIME_LIMIT)."""
+    t = TIME_LIMIT
+    return [*FAST_GRPO, f"trainer.max_steps={t['steps']}", f"trainer.save_every={t['steps'] // 8}",
+            f"debug.step_sleep_s={t['step_sleep_s']}", f"hardware.slurm.timeout_min={t['timeout_min']}",
+            f"hardware.slurm.signal_delay_s={t['signal_delay_s']}", f"hardware.slurm.max_requeues={t['max_requeues']}"]
 
 
 def timing(what: str, seconds: float) -> None:
@@ -155,22 +165,11 @@ class Jobs:
     time_limit_steps: int = 0
 
     def time_limit(self) -> Submitted:
-        """Submitted once the preemption job shows how fast this machine trains: enough
-        steps that one 2-minute allocation cannot finish them (the USR2 warning comes
-        70-100 s in), few enough that the next one or two can."""
+        """The time-limit job, started with run.resume=false on a fresh folder (issue 19: the
+        requeues must resume, not start over)."""
         if self._time_limit is None:
-            wait_for("the preemption job's first steps", lambda: len(metric_steps(self.preempt.run_dir)) >= 6,
-                     600, describe=lambda: job_logs(self.preempt.run_dir))
-            records = read_jsonl(self.preempt.run_dir / "metrics.jsonl")
-            # the faster quartile: too many steps costs one more allocation, too few fails the test
-            sec_per_step = statistics.quantiles([r["perf/sec_per_step"] for r in records[1:]], n=4)[0]
-            self.time_limit_steps = int(min(3000, max(60, 110 / sec_per_step)))
-            print(f"time-limit job: {sec_per_step:.2f} s/step measured -> trainer.max_steps={self.time_limit_steps}")
-            t = TIME_LIMIT
-            self._time_limit = submit(
-                self.env, self.root / "time_limit", *FAST_GRPO, f"trainer.max_steps={self.time_limit_steps}",
-                f"trainer.save_every={max(5, self.time_limit_steps // 8)}", f"hardware.slurm.timeout_min={t['timeout_min']}",
-                f"hardware.slurm.signal_delay_s={t['signal_delay_s']}", f"hardware.slurm.max_requeues={t['max_requeues']}")
+            self.time_limit_steps = TIME_LIMIT["steps"]
+            self._time_limit = submit(self.env, self.root / "time_limit", *time_limit_overrides(), "run.resume=false")
         return self._time_limit
 
 
@@ -187,7 +186,9 @@ def jobs(env, tmp_path_factory):
     preempt = submit(env, root / "preempt", *FAST_GRPO, f"trainer.max_steps={PREEMPT['max_steps']}",
                      f"trainer.save_every={PREEMPT['save_every']}", "hardware.slurm.timeout_min=10")
     sweep = submit(env, root / "sweep", "-m", "trainer=ppo,grpo", "trainer.max_steps=2", "hardware.slurm.timeout_min=10")
-    return Jobs(env, root, preempt, sweep)
+    jobs = Jobs(env, root, preempt, sweep)
+    jobs.time_limit()  # the longest: started first
+    return jobs
 
 
 # --- one writer per run folder ----------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_preempted_job_resumes_and_loses_at_most_the_steps_since_its_checkpoint(
              and latest_checkpoint(run / "checkpoints") is not None, 600, interval_s=0.3, describe=lambda: job_logs(run))
     step_at_requeue = max(metric_steps(run))
     subprocess.run(["scontrol", "requeue", job_id], check=True, env=jobs.env, timeout=30)
-    jobs.time_limit()  # measured speed is known now: start the long job while this one waits
+    jobs.time_limit()  # started by the fixture already
     final = wait_terminal([job_id], 900, [run])[job_id]
     timing("preemption test (to past first checkpoint, requeue, finish)", time.time() - t0)
 
@@ -434,6 +435,11 @@ def test_time_limit_checkpoints_requeues_and_trains_every_step_once(jobs):
     assert (run / "eval_results.json").exists()
     assert_every_step_once(run, jobs.time_limit_steps)
     assert not read_jsonl(run / "metrics_discarded.jsonl"), "a signalled run lost steps"
+    # run.resume=false on a fresh folder: started over once, never again on a requeue; nothing moved aside,
+    # submitit's own files left where they were (issue 19: the job ended FAILED on its missing pickles)
+    (start,) = json.loads((run / ".finellama_run").read_text())["fresh_starts"]
+    assert start["launch_id"] and not [p for p in run.parent.iterdir() if "-previous-" in p.name]
+    assert "FileNotFoundError" not in job_logs(run, tail=0)
     report_time_limit_timings(job_id, run)
 
 

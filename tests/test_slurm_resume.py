@@ -1,18 +1,18 @@
 """Starting over and launching twice, against the real local cluster (issue 19):
-`run.resume=false` on an existing run and on a fresh folder under a 2-minute limit (the
-job's own submitit files stay in place, the requeue resumes instead of starting over
-again), and two launches of one run started together (one job, the other exits 2).
+`run.resume=false` on an existing run under a 2-minute limit (the job's own submitit files
+stay in place, the requeue resumes instead of starting over again; on a fresh folder it is
+test_slurm.py's time-limit job), and two launches of one run started together (one job, the
+other exits 2).
 
     pytest -m slurm tests/test_slurm_resume.py -s
 
 Helpers and settings are test_slurm.py's (FAST_GRPO: about 0.1-0.3 s per step on one CPU).
-The two long jobs are submitted first (module fixture); the simultaneous launches are tried
+The long job is submitted first (module fixture); the simultaneous launches are tried
 while they run, and the long tests wait for them last.
 """
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +23,7 @@ from typing import Dict
 
 import pytest
 from test_slurm import (COMMON, FAST_GRPO, REPO, TIME_LIMIT, assert_every_step_once, events, job_logs, metric_steps,
-                        run_module, timing, wait_terminal)
+                        run_module, time_limit_overrides, timing, wait_terminal)
 
 from finellama_rl.fileio import read_jsonl
 
@@ -53,31 +53,23 @@ class FreshStarts:
     env: Dict[str, str]
     steps: int
     existing: Path  # the sweep whose finished run was started over
-    fresh: Path  # a sweep started with run.resume=false from the first job
 
 
 @pytest.fixture(scope="module")
 def fresh_starts(env, tmp_path_factory):
-    """A finished 8-step run; once it is done (its speed tells how many steps a 2-minute
-    allocation cannot finish), the same run started over with run.resume=false and a new
-    run started with run.resume=false, both under a 2-minute limit, submitted together."""
+    """A finished 8-step run; once it is done, the same run started over with
+    run.resume=false under a 2-minute limit (test_slurm.TIME_LIMIT: steps that one
+    allocation cannot finish). (A fresh folder with run.resume=false under a 2-minute limit is
+    test_slurm.py's time-limit job.)"""
     root = tmp_path_factory.mktemp("fresh")
     existing = root / f"existing-{uuid.uuid4().hex[:8]}"
     launch(env, root, f"run.sweep={existing.name}", *FAST_GRPO, "trainer.max_steps=8", "hardware.slurm.timeout_min=10")
     (first,) = ledger(existing)
     wait_terminal([str(first["job_id"])], 600, [Path(first["run_dir"])])  # the folder is free
-    records = read_jsonl(Path(first["run_dir"]) / "metrics.jsonl")
-    sec_per_step = statistics.quantiles([r["perf/sec_per_step"] for r in records[1:]], n=4)[0]
-    steps = int(min(3000, max(60, 110 / sec_per_step)))
-    print(f"fresh-start jobs: {sec_per_step:.2f} s/step measured -> trainer.max_steps={steps}")
-    t = TIME_LIMIT
-    limit = [*FAST_GRPO, f"trainer.max_steps={steps}", f"trainer.save_every={max(5, steps // 8)}",
-             f"hardware.slurm.timeout_min={t['timeout_min']}", f"hardware.slurm.signal_delay_s={t['signal_delay_s']}",
-             f"hardware.slurm.max_requeues={t['max_requeues']}", "run.resume=false"]
+    steps = TIME_LIMIT["steps"]
+    limit = [*time_limit_overrides(), "run.resume=false"]
     launch(env, root, f"run.sweep={existing.name}", *limit)
-    fresh = root / f"fresh-{uuid.uuid4().hex[:8]}"
-    launch(env, root, f"run.sweep={fresh.name}", *limit)
-    return FreshStarts(env, steps, existing, fresh)
+    return FreshStarts(env, steps, existing)
 
 
 # --- two launches started together (while the jobs above run: only the submissions are timed) ---------
@@ -128,8 +120,3 @@ def test_resume_false_on_an_existing_run_completes_every_step_once_under_a_2_min
     assert metric_steps(aside) == list(range(1, 9))  # the earlier run, moved aside whole
     first_job = str(ledger(fresh_starts.existing)[0]["job_id"])
     assert list((run / "logs" / "submitit").glob(f"{first_job}_0_log.out")), "submitit's folder must stay in place"
-
-
-def test_resume_false_on_a_fresh_folder_completes_every_step_once_under_a_2_minute_limit(fresh_starts):
-    run = finish(fresh_starts, fresh_starts.fresh)
-    assert not [p for p in run.parent.iterdir() if "-previous-" in p.name]  # nothing to move aside, ever

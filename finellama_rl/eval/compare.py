@@ -59,11 +59,8 @@ class EvalView:
 
 def split_of(doc: Dict[str, Any]) -> str:
     """The split an eval document measured: its `split` ("validation" | "test", or {"name": ...}); files
-    written before the validation split existed measured the test split."""
-    split = doc.get("split")
-    if isinstance(split, dict):
-        split = split.get("name")
-    return str(split) if isinstance(split, str) and split else "test"
+    written before the validation split existed measured the test split (eval/schema.py split_name)."""
+    return schema.split_name(doc)
 
 
 def _fraction(doc: Dict[str, Any], scorer: str) -> Optional[float]:
@@ -83,8 +80,8 @@ def _safe_interval(doc: Dict[str, Any], scorer: str) -> Optional[Tuple[float, fl
 
 def paired(a: Optional[EvalView], b: Optional[EvalView]) -> Optional[PairedComparison]:
     """Exact McNemar of B against A on their common problems; None when they are not comparable
-    (missing, different protocol or scorer, or no per-problem records in common)."""
-    if a is None or b is None or a.key != b.key:
+    (missing, different protocol, scorer or split, or no per-problem records in common)."""
+    if a is None or b is None or a.key != b.key or a.split != b.split:
         return None
     common = [k for k in a.per_problem if k in b.per_problem]
     if not common:
@@ -95,6 +92,8 @@ def paired(a: Optional[EvalView], b: Optional[EvalView]) -> Optional[PairedCompa
 def why_not_paired(a: Optional[EvalView], b: Optional[EvalView]) -> str:
     if a is None or b is None:
         return "-"
+    if a.split != b.split:
+        return "splits differ"
     if a.key != b.key:
         return "protocols differ"
     return "no per-problem records"

@@ -1,4 +1,4 @@
-"""Accuracy of a model on test problems under a named protocol (task/protocols.py):
+"""Accuracy of a model on the problems of a split under a named protocol (task/protocols.py):
 prompts, generation with explicit decoding and stop strings (eval/generation.py),
 scoring under every scorer (task/scoring.py) with the protocol's as primary,
 Wilson 95% intervals, per-example records, and the eval document written as
@@ -6,7 +6,7 @@ eval_results.json / eval_baseline.json / evals/*.json (schema 2, README.md).
 
 Used inside training runs (baseline, eval_every, final) and by the evaluate command:
 
-    setup = prepare_eval(cfg, tokenizer, test_problems, train_problems)
+    setup = prepare_split_eval(cfg, tokenizer, "test")      # or "validation" (selections)
     result = evaluate_model(model, tokenizer, setup, desc="final")
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ from finellama_rl.task.protocols import (
 )
 from finellama_rl.eval.schema import EVAL_SCHEMA_VERSION, headline
 from finellama_rl.eval.statistics import wilson_interval
+from finellama_rl.task.data import load_problems, shot_problems, split_record
 from finellama_rl.task.extraction import reference_answer
+from finellama_rl.task.splits import Split
 from finellama_rl.task.scoring import ALL_SCORERS, SCORER_DESCRIPTIONS, Scorer, cut_at_stop, judge_all, scorer_versions
 
 Problem = Dict[str, str]
@@ -42,6 +44,7 @@ class EvalSetup:
     decoding: Decoding
     batch_size: int
     protocol: Dict[str, Any] = field(default_factory=dict)
+    split: Optional[Dict[str, Any]] = None  # task/data.py split_record: which split, its size, how it was made
 
 
 def select_problems(problems: Sequence[Problem], num_examples: str) -> List[Problem]:
@@ -69,9 +72,18 @@ def chat_template_record(tokenizer, fmt: PromptFormat) -> Dict[str, Any]:
             "chat_template_text": text}
 
 
+def prepare_split_eval(cfg: Config, tokenizer, split: Union[Split, str], adapter: Optional[str] = None) -> EvalSetup:
+    """prepare_eval on a named split (task/splits.py): validation for every selection, test
+    for what is reported; shots from task/data.py shot_problems; the split is recorded."""
+    problems = load_problems(cfg.data, split)
+    return prepare_eval(cfg, tokenizer, problems, shot_problems(cfg.data, split), adapter,
+                        split_record(cfg.data, split, len(problems)))
+
+
 def prepare_eval(cfg: Config, tokenizer, test_problems: Sequence[Problem], train_problems: Sequence[Problem],
-                 adapter: Optional[str] = None) -> EvalSetup:
-    """Problems, prompts (with the protocol's shots), decoding and the protocol record."""
+                 adapter: Optional[str] = None, split: Optional[Dict[str, Any]] = None) -> EvalSetup:
+    """Problems, prompts (with the protocol's shots), decoding and the protocol record;
+    `split` (task/data.py split_record) says which split `test_problems` are."""
     ev = cfg.eval
     fmt = prompt_format(ev.protocol, cfg.data.system_prompt)
     problems = select_problems(test_problems, ev.num_examples)
@@ -90,7 +102,7 @@ def prepare_eval(cfg: Config, tokenizer, test_problems: Sequence[Problem], train
         "scorers": dict(SCORER_DESCRIPTIONS), "scorer_versions": scorer_versions(),
         "model": model_record(cfg, adapter),
     }
-    return EvalSetup(problems, prompts, fmt, stops, decoding, ev.batch_size or DEFAULT_BATCH_SIZE, record)
+    return EvalSetup(problems, prompts, fmt, stops, decoding, ev.batch_size or DEFAULT_BATCH_SIZE, record, split)
 
 
 def score(problems: Sequence[Problem], completions: Sequence[Union[Completion, str]], primary: Scorer,
@@ -142,6 +154,7 @@ def evaluate_model(model, tokenizer, setup: EvalSetup, desc: str = "eval") -> Di
     result = score(setup.problems, gen.completions, setup.fmt.spec.primary)
     result["protocol"] = protocol
     result["generation"] = generation_record(gen)
+    result["split"] = setup.split
     return result
 
 
@@ -158,6 +171,7 @@ def eval_document(cfg: Config, step: int, result: Dict[str, Any], baseline: Opti
         "model": m.name, "model_source": m.path or m.hub_id, "model_revision": None if (m.path or m.tiny) else m.revision,
         "trainer": cfg.trainer.algo.value, "hardware": cfg.hardware.name, "data": cfg.data.source.value,
         "step": step, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "split": result.get("split"),  # {name: train|validation|test, size, split_seed, how}; null: not recorded
         "protocol": result["protocol"], "primary": result["primary"],
         "accuracy": result["accuracy"], "correct": result["correct"], "ci95": result["ci95"], "total": result["total"],
         "generation": result.get("generation"),

@@ -116,7 +116,8 @@ def entry_from_document(doc: Dict[str, Any], path: Path, root: Path, max_step: A
     return {
         "run": doc.get("run"), "sweep": doc.get("sweep"), "model": doc.get("model"), "trainer": doc.get("trainer"),
         "hardware": doc.get("hardware"), "data": doc.get("data"), "checkpoint": checkpoint_label(doc, path),
-        "step": step, "schema_version": eval_schema.schema_version(doc), "primary": primary, "accuracy": acc,
+        "step": step, "split": eval_schema.split_name(doc),
+        "schema_version": eval_schema.schema_version(doc), "primary": primary, "accuracy": acc,
         "correct": {name: eval_schema.correct_count(doc, name) for name in acc},
         "ci95": {name: list(ci) if ci else None for name, ci in intervals.items()}, "n": n,
         "protocol": protocol_summary(doc),

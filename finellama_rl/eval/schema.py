@@ -40,6 +40,16 @@ def protocol_name(doc: Dict[str, Any]) -> str:
     return str(p.get("name") or V1_PROTOCOL)
 
 
+def split_name(doc: Dict[str, Any]) -> str:
+    """The split evaluated: train | validation | test; files written before splits were
+    recorded (every one of them evaluated the test split) read as test. `split` is
+    {"name": ..., "size": ...} as written, or the bare name."""
+    split = doc.get("split")
+    if isinstance(split, dict):
+        split = split.get("name")
+    return str(split) if isinstance(split, str) and split else "test"
+
+
 def primary_scorer(doc: Dict[str, Any]) -> str:
     if doc.get("primary"):
         return str(doc["primary"])

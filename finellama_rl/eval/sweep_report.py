@@ -202,8 +202,8 @@ def _vs_baseline(r: RunSummary) -> Tuple[str, str, str]:
     b, f = r.baseline, r.final
     if b is None or f is None:
         return "-", "-", "-"
-    if b.key != f.key:
-        return "n/a", "-", "protocols differ"
+    if b.key != f.key or b.split != f.split:
+        return "n/a", "-", why_not_paired(b, f)
     cmp = paired(b, f)
     if cmp is not None:
         verdict = {"B better": "better", "A better": "worse"}.get(cmp.verdict, cmp.verdict)
@@ -258,6 +258,8 @@ NOTES = [
     "protocols'). 95% CI: Wilson score interval. strict/lenient: the number after the last `####` / the last number.",
     "Δ = final − baseline in percentage points on the same problems; p: two-sided exact McNemar test on the problems "
     "where the two disagree; 'not significant' when p ≥ 0.05. Evaluations under different protocols are not compared.",
+    "Baseline and final are on the test split (only reported); evaluations during training (accuracy.png's "
+    "'validation' curves) are on the validation split, which every selection reads.",
     "Wall time: summed over attempts.jsonl when present, else the last attempt (training_stats.json). "
     "GPU-hours = wall time × GPUs (0 on CPU).",
     "OOM attempts: attempts in attempts.jsonl that ran out of memory (0 when the file is absent).",
@@ -307,8 +309,9 @@ def plot_metric(runs: Sequence[RunSummary], key: str, ylabel: str, path: Path) -
 
 
 def accuracy_series(runs: Sequence[RunSummary]) -> Dict[str, List[Tuple[int, float, float, float]]]:
-    """{"<run> (<protocol>/<scorer>)": [(step, %, % low, % high)]}: one series per run and protocol,
-    so no curve ever joins evaluations made under different protocols."""
+    """{"<run> (<protocol>/<scorer>[, <split> unless test])": [(step, %, % low, % high)]}: one series per run,
+    protocol and split, so no curve joins evaluations of different protocols, nor the
+    validation evaluations during training with the test baseline and final."""
     series: Dict[str, List[Tuple[int, float, float, float]]] = {}
     for r in runs:
         for v in r.points:
@@ -319,7 +322,8 @@ def accuracy_series(runs: Sequence[RunSummary]) -> Dict[str, List[Tuple[int, flo
 
 
 def plot_accuracy(runs: Sequence[RunSummary], path: Path) -> Path:
-    fig, ax = _figure("Accuracy per checkpoint, 95% Wilson intervals (one curve per run and protocol)", "step", "accuracy (%)")
+    fig, ax = _figure("Accuracy per checkpoint, 95% Wilson intervals (one curve per run, protocol and split)", "step",
+                      "accuracy (%)")
     series = accuracy_series(runs)
     for label, pts in series.items():
         steps, ys, lo, hi = zip(*pts)

@@ -13,8 +13,8 @@ The flag (RULE, printed with the report):
   MIN_POINTS of them; thinned evenly to MAX_TREND_POINTS for the test);
 - the reward rose: Mann-Kendall trend of train/reward_mean over the window, one-sided p < ALPHA;
 - accuracy did not: under the run's final protocol and primary scorer on the selection split
-  (SELECTION_SPLIT), from the last evaluation at or before the window's first step (the
-  baseline at least) to the last evaluation, the change is <= 0, or a rise that is not
+  (SELECTION_SPLIT: validation, the evaluations every trainer.eval_every steps), from the
+  last evaluation at or before the window's first step to the last evaluation, the change is <= 0, or a rise that is not
   significant (exact McNemar p >= ALPHA on the common problems; without per-problem records,
   the later accuracy inside the earlier one's Wilson 95% interval);
 - flagged when both hold.
@@ -33,9 +33,9 @@ from finellama_rl.eval.compare import EvalView, paired
 from finellama_rl.eval.statistics import ALPHA, format_p, mann_kendall
 from finellama_rl.fileio import number_or_none
 
-# The split whose accuracy the flag reads. Issue 21 part A adds a validation split carved from
-# train and eval files with `split: validation`: set this to "validation" when it lands (merge).
-SELECTION_SPLIT = "test"
+# The split whose accuracy the flag reads: validation (task/splits.py), what every selection
+# reads; the evaluations every trainer.eval_every steps are on it, the baseline and final on test.
+SELECTION_SPLIT = "validation"
 MIN_POINTS = 6
 MAX_TREND_POINTS = 400
 REWARD = "train/reward_mean"

@@ -36,12 +36,13 @@ class Decision:
 class TrainingMonitor:
     def __init__(self, trainer: TrainerConfig, paths: RunPaths, start_step: int, label: str,
                  crash_after_step: Optional[int] = None, deadline: Optional[float] = None,
-                 print_fn: Callable[[str], None] = lambda s: print(s, flush=True)):
+                 print_fn: Callable[[str], None] = lambda s: print(s, flush=True), step_sleep_s: float = 0.0):
         self.t = trainer
         self.paths = paths
         self.label = label
         self.start_step = start_step
         self.crash_after_step = crash_after_step
+        self.step_sleep_s = step_sleep_s  # debug.step_sleep_s: a known wall time per step (time-limit tests)
         self.deadline = deadline  # wall-clock time by which we must have saved (time limit minus margin)
         self.print = print_fn
         self.stop_reason: Optional[str] = None
@@ -99,6 +100,8 @@ class TrainingMonitor:
         return " | ".join(parts)
 
     def decide(self, step: int) -> Decision:
+        if self.step_sleep_s > 0:  # a signal meanwhile runs its handler; the stop is decided below
+            time.sleep(self.step_sleep_s)
         evaluate = bool(self.t.eval_every) and step % self.t.eval_every == 0 and step < self.t.max_steps
         scheduled = step % self.t.save_every == 0 or step >= self.t.max_steps
         stop, early = self._agreed(bool(self.stop_reason) or self._stop_file(),

@@ -7,16 +7,19 @@ ending in `#### <number>`. Prompts are built under the run's evaluation protocol
 exactly the same text.
 
     from finellama_rl.task.data import load_problems
-    train = load_problems(cfg.data, "train")
+    train = load_problems(cfg.data, "train")        # never a validation problem
+    validation = load_problems(cfg.data, "validation")  # what selections read (task/splits.py)
 """
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from finellama_rl.config import DataConfig, DataSource
+from finellama_rl.config import DataConfig, DataSource, PairOrder
 from finellama_rl.errors import ConfigError
+from finellama_rl.task.splits import PairKey, Split, as_split, carve_validation, pair_key, pair_pools
 
 if TYPE_CHECKING:
     from finellama_rl.task.protocols import PromptFormat
@@ -30,51 +33,76 @@ _ITEMS = ["apples", "marbles", "books", "stickers", "coins", "pencils", "cookies
 OPS = ("add", "sub", "mul", "add_sub")  # the synthetic task's problem kinds (data.ops)
 
 
-def _one_problem(rng: random.Random, max_operand: int, ops: Sequence[str] = OPS) -> Problem:
-    """A one- or two-step add/subtract/multiply word problem with its worked solution.
+def _one_problem(rng: random.Random, max_operand: int, ops: Sequence[str] = OPS,
+                 order: PairOrder = PairOrder.unordered) -> Tuple[Problem, List[PairKey]]:
+    """A one- or two-step add/subtract/multiply word problem with its worked solution, and
+    the operand pair of each step as written (task/splits.py pair_key under `order`).
     Difficulty knobs: max_operand (digits to copy and carry) and ops (which kinds)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, max_operand), rng.randint(1, max_operand)
     kind = rng.choice(list(ops))
     if kind == "add":
         q = f"{name} has {a} {item}. {name} finds {b} more {item}. How many {item} does {name} have now?"
-        steps, ans = [f"{a} + {b} = {a + b}"], a + b
+        steps, ans, pairs = [f"{a} + {b} = {a + b}"], a + b, [pair_key("+", a, b, order)]
     elif kind == "sub":
         a = a + b  # keep the result non-negative
         q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
-        steps, ans = [f"{a} - {b} = {a - b}"], a - b
+        steps, ans, pairs = [f"{a} - {b} = {a - b}"], a - b, [pair_key("-", a, b)]
     elif kind == "mul":
         b = rng.randint(2, 9)
         q = f"{name} buys {b} boxes with {a} {item} in each box. How many {item} does {name} buy?"
-        steps, ans = [f"{b} * {a} = {a * b}"], a * b
+        steps, ans, pairs = [f"{b} * {a} = {a * b}"], a * b, [pair_key("*", b, a, order)]
     elif kind == "add_sub":
         c = rng.randint(1, a + b)
         q = f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} does {name} have?"
         steps, ans = [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c
+        pairs = [pair_key("+", a, b, order), pair_key("-", a + b, c)]
     else:
         raise ConfigError("data.ops", f"unknown problem kind {kind!r}: expected some of {'|'.join(OPS)}")
-    return {"question": q, "answer": "\n".join(steps) + f"\n#### {ans}"}
+    return {"question": q, "answer": "\n".join(steps) + f"\n#### {ans}"}, pairs
 
 
-def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence[str] = (), ops: Sequence[str] = OPS) -> List[Problem]:
-    """`num` distinct problems from a seeded generator, none of whose questions is in `exclude`."""
+def generate_arithmetic(num: int, seed: int, max_operand: int, exclude: Sequence[str] = (), ops: Sequence[str] = OPS,
+                        pools: Optional[Dict[PairKey, Split]] = None, split: Optional[Split] = None,
+                        order: PairOrder = PairOrder.unordered) -> List[Problem]:
+    """`num` distinct problems from a seeded generator, none of whose questions is in
+    `exclude`; with `pools` (task/splits.py pair_pools), only problems whose every step
+    uses a pair of `split`'s pool, pairs keyed under `order` (without pools: the generator
+    as it always was, which the tiny tokenizer's corpus relies on)."""
     rng, seen, out = random.Random(seed), set(exclude), []
     attempts = 0
     while len(out) < num:
         attempts += 1
-        if attempts > 50 * num + 1000:
-            raise ConfigError("data.max_operand", f"cannot make {num} distinct problems with max_operand={max_operand}; raise it")
-        p = _one_problem(rng, max_operand, ops)
+        if attempts > 200 * num + 1000:
+            raise ConfigError("data.max_operand", f"cannot make {num} distinct {split.value + ' ' if split else ''}problems "
+                              f"with max_operand={max_operand}; raise it (or ask for fewer problems)")
+        p, pairs = _one_problem(rng, max_operand, ops, order)
+        if pools is not None and any(pools[k] != split for k in pairs):
+            continue
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)
     return out
 
 
-def arithmetic_splits(cfg: DataConfig) -> Tuple[List[Problem], List[Problem]]:
-    train = generate_arithmetic(cfg.num_train, cfg.synthetic_seed, cfg.max_operand, ops=cfg.ops)
-    test = generate_arithmetic(cfg.num_test, cfg.synthetic_seed + 1, cfg.max_operand, [p["question"] for p in train], cfg.ops)
-    return train, test
+def arithmetic_splits(cfg: DataConfig) -> Dict[Split, List[Problem]]:
+    """The synthetic task's three splits, each from its own operand pairs (task/splits.py)
+    and its own generator seed: train data.num_train, validation data.validation_size,
+    test data.num_test problems. Made once per setting in a process (a run asks often)."""
+    splits = _arithmetic_splits(cfg.num_train, cfg.validation_size, cfg.num_test, cfg.synthetic_seed, cfg.split_seed,
+                                cfg.max_operand, tuple(cfg.ops), cfg.heldout_pair_fraction, PairOrder(cfg.heldout_pairs))
+    return {split: [dict(p) for p in problems] for split, problems in splits.items()}  # callers may change them
+
+
+@functools.lru_cache(maxsize=8)
+def _arithmetic_splits(num_train: int, num_validation: int, num_test: int, seed: int, split_seed: int, max_operand: int,
+                       ops: Tuple[str, ...], heldout_fraction: float, order: PairOrder) -> Dict[Split, Tuple[Problem, ...]]:
+    pools = pair_pools(max_operand, split_seed, heldout_fraction, order)
+    sizes = {Split.train: num_train, Split.test: num_test, Split.validation: num_validation}
+    offsets = {Split.train: 0, Split.test: 1, Split.validation: 2}
+    return {split: tuple(generate_arithmetic(n, seed + offsets[split], max_operand, ops=ops, pools=pools, split=split,
+                                             order=order))
+            for split, n in sizes.items()}
 
 
 def _load_file(path: str, key: str) -> List[Problem]:
@@ -91,34 +119,66 @@ def _load_file(path: str, key: str) -> List[Problem]:
     return [{"question": r["question"], "answer": r["answer"]} for r in ds]
 
 
-def _load_gsm8k(cfg: DataConfig, split: str) -> List[Problem]:
+def _load_gsm8k(cfg: DataConfig, split: Split) -> List[Problem]:
+    """The source's own split: train (data.path or data.train_split, before carving) or test."""
     if cfg.path:
-        if split == "train":
+        if split == Split.train:
             return _load_file(cfg.path, "data.path")
         if cfg.test_path:
             return _load_file(cfg.test_path, "data.test_path")
         raise ConfigError("data.test_path", "evaluation needs a test file next to data.path; set data.test_path=<file>")
     from datasets import load_dataset
 
-    name = cfg.train_split if split == "train" else cfg.test_split
+    name = cfg.train_split if split == Split.train else cfg.test_split
     ds = load_dataset(cfg.hub_id, cfg.hub_config, split=name)
     return [{"question": r["question"], "answer": r["answer"]} for r in ds]
 
 
-def load_problems(cfg: DataConfig, split: str) -> List[Problem]:
-    """Problems of `split` ("train" or "test") for the configured source."""
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}: expected train|test")
+def load_problems(cfg: DataConfig, split: Union[Split, str]) -> List[Problem]:
+    """Problems of `split` (train | validation | test, task/splits.py) for the configured
+    source. train never holds a validation problem; data.max_train_examples cuts train."""
+    split = as_split(split)
     if cfg.source == DataSource.arithmetic:
-        train, test = arithmetic_splits(cfg)
-        problems = train if split == "train" else test
+        problems = arithmetic_splits(cfg)[split]
     elif cfg.source == DataSource.gsm8k:
-        problems = _load_gsm8k(cfg, split)
+        if split == Split.test:
+            problems = _load_gsm8k(cfg, Split.test)
+        else:
+            train, validation = carve_validation(_load_gsm8k(cfg, Split.train), cfg.validation_size, cfg.split_seed)
+            problems = train if split == Split.train else validation
     else:
         raise ValueError(f"unknown data source {cfg.source!r}: expected gsm8k|arithmetic")
-    if split == "train" and cfg.max_train_examples:
+    if split == Split.train and cfg.max_train_examples:
         problems = problems[: cfg.max_train_examples]
     return problems
+
+
+def shot_problems(cfg: DataConfig, split: Union[Split, str]) -> List[Problem]:
+    """Where few-shot examples of an evaluation on `split` come from: for test, the
+    source's whole training split (what lm-evaluation-harness draws from: its shots stay
+    byte-identical); for validation, the training split without the validation problems
+    (a validation problem must never be its own shot)."""
+    split = as_split(split)
+    if split == Split.test and cfg.source == DataSource.gsm8k:
+        return _load_gsm8k(cfg, Split.train)
+    return load_problems(cfg, Split.train)
+
+
+def split_record(cfg: DataConfig, split: Union[Split, str], size: int) -> Dict[str, object]:
+    """What an eval file records of the split it evaluated (README "Eval files")."""
+    split = as_split(split)
+    if cfg.source == DataSource.arithmetic:
+        order = PairOrder(cfg.heldout_pairs)
+        never = (f"never in a training solution {'in either order' if order == PairOrder.unordered else 'in this order'} "
+                 f"(data.heldout_pairs={order.value})")
+        how = {Split.test: f"test operand pairs (data.heldout_pair_fraction), {never}",
+               Split.validation: f"validation operand pairs (data.heldout_pair_fraction), {never}",
+               Split.train: "training operand pairs"}[split]
+    else:
+        how = {Split.test: f"the source's test split ({cfg.test_path or cfg.test_split})",
+               Split.validation: f"{cfg.validation_size} problems drawn from the training split by random.Random(data.split_seed)",
+               Split.train: "the training split without the validation problems"}[split]
+    return {"name": split.value, "size": size, "split_seed": cfg.split_seed, "how": how}
 
 
 def as_prompt_format(fmt: Union["PromptFormat", str]) -> "PromptFormat":

@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from finellama_rl.checkpoint import clear_staging, latest_resume_point, read_state, unusable_checkpoints
 from finellama_rl.config import Algo, Config, Device, sft_max_steps
 from finellama_rl.errors import EXIT_CRASH_TEST, EXIT_STOPPED, ConfigError
-from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_eval, summary
+from finellama_rl.eval.core import eval_document, evaluate_model, format_accuracy, prepare_split_eval, summary
 from finellama_rl.eval.passk import add_sampled_pass_at_k, format_pass_at_k
 from finellama_rl.eval.results_index import add_eval_file, results_root
 from finellama_rl.eval.schema import read_eval_document
@@ -51,6 +51,7 @@ from finellama_rl.runlock import RunLock, busy_reason
 from finellama_rl.stats import write_training_stats
 from finellama_rl.task.data import load_problems, with_prompts
 from finellama_rl.task.protocols import prompt_format
+from finellama_rl.task.splits import Split
 from finellama_rl.trainers.base import TrainContext
 
 log = logging.getLogger("finellama_rl")
@@ -234,7 +235,8 @@ def already_complete(cfg: Config, paths: RunPaths, start_step: int) -> bool:
 def train_reward_model(cfg: Config, paths: RunPaths) -> int:
     from finellama_rl.trainers import rm
 
-    monitor = TrainingMonitor(cfg.trainer, paths, 0, f"rm {cfg.run.name}", cfg.debug.crash_after_step, job_deadline())
+    monitor = TrainingMonitor(cfg.trainer, paths, 0, f"rm {cfg.run.name}", cfg.debug.crash_after_step, job_deadline(),
+                              step_sleep_s=cfg.debug.step_sleep_s)
     install_stop_handlers(monitor)
     return EXIT_STOPPED if rm.run(cfg, paths, monitor) else 0
 
@@ -266,7 +268,8 @@ def build_context(cfg: Config, paths: RunPaths, policy, tokenizer, train_rows, e
     """The monitor (progress, schedule, signals), the reward sources and everything the
     algorithm needs, in one TrainContext."""
     label = f"{cfg.trainer.algo.value} {cfg.run.name}"
-    monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline())
+    monitor = TrainingMonitor(cfg.trainer, paths, start_step, label, cfg.debug.crash_after_step, job_deadline(),
+                              step_sleep_s=cfg.debug.step_sleep_s)
     monitor.experiment_tracker = evals.experiment
     install_stop_handlers(monitor)
     reward_funcs = sources.build_reward_sources(cfg)  # rule rewards and frozen scoring models (reward_model, judge)
@@ -303,28 +306,39 @@ def finish(cfg: Config, paths: RunPaths, policy, outcome, evals: "Evaluations", 
 
 @dataclass
 class Evaluations:
-    """Every evaluation of an attempt under the run's protocol (baseline, every
-    trainer.eval_every steps, final), with pass@k when eval.samples > 1, written as eval
-    files, added to the results index and sent to the trackers."""
+    """Every evaluation of an attempt under the run's protocol, with pass@k when
+    eval.samples > 1, written as eval files, added to the results index and sent to the
+    trackers. The baseline and the final evaluation are on the test split (reported only);
+    every trainer.eval_every steps on the validation split (what selections read: SFT
+    keep-best, choosing a checkpoint or a recipe; task/splits.py)."""
 
     cfg: Config
     paths: RunPaths
     tokenizer: Any
     tracker: Any  # the attempt's PhaseTracker (an evaluation's OOM is attributed to Phase.eval)
     experiment: Any = None  # TensorBoard / W&B (job/tracking.py); None with tracking=none
-    setup: Any = None
+    setups: Dict[Split, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
-        cfg = self.cfg
-        self.setup = prepare_eval(cfg, self.tokenizer, load_problems(cfg.data, "test"), load_problems(cfg.data, "train"),
-                                  adapter="this run's policy at the evaluated step" if cfg.trainer.lora.enabled else None)
+    def __post_init__(self):  # prepared before training: a missing test file fails now, not after
+        self.setup(Split.test)
+        if self.cfg.trainer.eval_every:
+            self.setup(Split.validation)
 
-    def evaluate(self, model, step: int, desc: str = "eval") -> Dict[str, Any]:
+    def setup(self, split: Split):
+        """The evaluation of `split`, prepared on first use (problems, prompts, shots)."""
+        if split not in self.setups:
+            adapter = "this run's policy at the evaluated step" if self.cfg.trainer.lora.enabled else None
+            self.setups[split] = prepare_split_eval(self.cfg, self.tokenizer, split, adapter=adapter)
+        return self.setups[split]
+
+    def evaluate(self, model, step: int, desc: str = "eval", split: Split = Split.test) -> Dict[str, Any]:
         cfg = self.cfg
+        setup = self.setup(split)
+        desc = f"{desc} ({split.value})"
         with self.tracker.phase(Phase.eval):
-            result = evaluate_model(model, self.tokenizer, self.setup, desc=f"{desc} step {step}")
+            result = evaluate_model(model, self.tokenizer, setup, desc=f"{desc} step {step}")
             if cfg.eval.samples > 1:  # pass@1..k at every evaluation too (e.g. experiment=nanochat_rl)
-                add_sampled_pass_at_k(result, model, self.tokenizer, self.setup, cfg.eval.samples, cfg.eval.sample_temperature,
+                add_sampled_pass_at_k(result, model, self.tokenizer, setup, cfg.eval.samples, cfg.eval.sample_temperature,
                                       cfg.trainer.seed, desc=f"{desc} step {step} k={cfg.eval.samples}")
                 log.info("%s step %d: %s", desc, step, format_pass_at_k(result["pass_at_k"]))
             return result
@@ -346,14 +360,15 @@ class Evaluations:
         return result
 
     def during(self, model, step: int) -> Optional[Dict[str, Any]]:
-        """An evaluation during training: rank 0 evaluates and writes; the other ranks wait."""
+        """An evaluation during training, on the validation split (every selection reads
+        these): rank 0 evaluates and writes; the other ranks wait."""
         out = None
         if dist.is_main():
-            result = self.evaluate(model, step)
+            result = self.evaluate(model, step, split=Split.validation)
             path = self.paths.eval_at_step(step)
             atomic_write_json(path, eval_document(self.cfg, step, result, None))
             add_eval_file(results_root(self.cfg.run), path)
-            log.info("step %d accuracy: %s", step, format_accuracy(result))
+            log.info("step %d validation accuracy: %s", step, format_accuracy(result))
             self.track(step, result)
             out = summary(result)
         dist.barrier()

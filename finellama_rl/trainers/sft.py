@@ -22,12 +22,13 @@ gradient_accumulation_steps; the sample order does not depend on them), and
 baseline/final accuracy by generation (train.py).
 
 SFT's own parts: trainer.sft.epochs sets max_steps (config.sft_max_steps);
-evaluations at trainer.eval_every measure the teacher-forced loss on the test
-problems' reference solutions (eval/loss) and, with best_metric=accuracy, greedy
-accuracy by generation (after the step's metrics line, like GRPO's eval_every; the
-values go to best_checkpoint.json and tracking); with trainer.sft.keep_best the best
-checkpoint is saved (even off the save schedule), never pruned, recorded in
-best_checkpoint.json and restored at the end (the final evaluation is of it).
+evaluations at trainer.eval_every measure, on the validation split (task/splits.py;
+never the test split), the teacher-forced loss on the reference solutions (eval/loss)
+and, with best_metric=accuracy, greedy accuracy by generation (after the step's metrics
+line, like GRPO's eval_every; the values go to best_checkpoint.json and tracking); with
+trainer.sft.keep_best the best checkpoint is saved (even off the save schedule), never
+pruned, recorded in best_checkpoint.json and restored at the end (the final evaluation,
+on the test split, is of it).
 
 Correctness trap: SFTTrainer casts every trainable parameter of a quantized model
 to bf16 (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights
@@ -148,26 +149,28 @@ class BestTracker:
         ckpt = checkpoint_dir(checkpoints, self.step) if self.step is not None else None
         atomic_write_json(self.path, {
             "metric": self.metric.value, "mode": "max" if self.metric == BestMetric.accuracy else "min",
+            "split": "validation",  # what every value below was measured on (the test split is only reported)
             "step": self.step, "value": self.value,
             "checkpoint": str(ckpt) if ckpt is not None and ckpt.exists() else None,
             "restored": restored, "history": self.history})
 
 
 def eval_loss_rows(cfg: Config, tokenizer) -> List[Dict[str, str]]:
-    """The test problems evaluation uses, as prompt-completion rows (for eval/loss)."""
+    """The validation problems the evaluations during training use, as prompt-completion
+    rows (for eval/loss; keep-best selects on them, never on the test split)."""
     from finellama_rl.task.data import load_problems, with_prompts
     from finellama_rl.eval.core import select_problems
     from finellama_rl.task.protocols import prompt_format
 
-    problems = select_problems(load_problems(cfg.data, "test"), cfg.eval.num_examples)
+    problems = select_problems(load_problems(cfg.data, "validation"), cfg.eval.num_examples)
     fmt = prompt_format(cfg.eval.protocol, cfg.data.system_prompt)  # zero-shot, like the training prompts
     rows, _ = with_prompts(problems, tokenizer, fmt, cfg.trainer.max_prompt_tokens)
     return sft_rows(rows, cfg.eval.protocol)
 
 
 def measure(trainer, ctx: TrainContext, model, step: int) -> Tuple[float, Dict[str, float]]:
-    """One evaluation during SFT: eval/loss (teacher-forced on the test problems' targets)
-    always, greedy accuracy by generation (evals/step_N.json) unless best_metric=loss.
+    """One evaluation during SFT, on the validation split: eval/loss (teacher-forced on its
+    targets) always, greedy accuracy by generation (evals/step_N.json) unless best_metric=loss.
     Returns (value of trainer.sft.best_metric, the scalars), the same on every rank."""
     import torch
 
