@@ -117,8 +117,11 @@ def _own_files(paths: RunPaths) -> set:
 
 
 def is_lock_file(name: str, paths: RunPaths) -> bool:
-    """A lock file or the temporary names runlock.py makes next to it (`.run.lock.<hex>`)."""
-    return name in _own_files(paths) or any(name.startswith(f".{own}.") for own in _own_files(paths))
+    """A lock file or the temporary names runlock.py makes next to it (`.run.lock.<hex>`),
+    or the marker while another launch writes it (fileio's `..finellama_run.<rand>.tmp`: a
+    launch started at the same moment must see a folder being made, not a foreign one)."""
+    return (name in _own_files(paths) or any(name.startswith(f".{own}.") for own in _own_files(paths))
+            or (name.startswith(f".{paths.marker.name}.") and name.endswith(".tmp")))
 
 
 def read_marker(run_dir: Path) -> Optional[Dict[str, Any]]:

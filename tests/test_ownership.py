@@ -157,3 +157,18 @@ def test_resume_false_keeps_the_current_jobs_submitit_files(tmp_path, monkeypatc
     (paths.root / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     prepare_run_dir(cfg)
     assert (paths.root / "metrics.jsonl").exists() and len(list(paths.root.parent.iterdir())) == 3
+
+
+def test_a_folder_whose_marker_another_launch_is_writing_is_not_foreign(tmp_path):
+    """Two launches of one run at the same moment: the second sees the first's marker half
+    written (fileio's temp name next to it) and must find a folder being made, not refuse it
+    as foreign (it then stops at the first's launch.lock); any other file is still foreign."""
+    from finellama_rl.ownership import FolderState, folder_state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "..finellama_run.r0uudjh0.tmp").write_text("{")
+    (run / "launch.lock").write_text("{}")
+    assert folder_state(run) == FolderState.empty
+    (run / "notes.txt").write_text("mine")
+    assert folder_state(run) == FolderState.foreign

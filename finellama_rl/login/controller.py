@@ -204,7 +204,8 @@ class Controller:
 
     def ended(self, run: RunStep, code: int) -> None:
         self.codes[run.name] = code
-        if code not in (0, EXIT_STOPPED) and not self.stopping and self.retry_after_oom(run, code):
+        if code not in (0, EXIT_STOPPED) and not self.stopping and self.retry_after_oom(run, code) \
+                and not self.stopping:  # a signal during the decision (sacct can take seconds): the requeue restarts it
             self.start(run)
             return
         note(run, "run_exit", code=code, restarts=restart_count())
