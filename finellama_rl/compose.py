@@ -45,7 +45,29 @@ def _schema_at(path: Sequence[str]):
     return node
 
 
+RENAMED = {  # removed keys -> what to set instead (an old command line gets the new spelling)
+    "trainer.ppo.whiten_advantages": "renamed (issue 20): use trainer.advantage_scaling=batch (true) or none (false)",
+}
+
+
+def older_run_settings(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A run folder's config.yaml data (plain, unresolved) in today's keys, for evaluate and
+    resume: a PPO run written before issue 20 has trainer.ppo.whiten_advantages (true: batch,
+    false: none) and no trainer.advantage_scaling, whose schema default (group) PPO refuses."""
+    trainer = data.get("trainer")
+    ppo = trainer.get("ppo") if isinstance(trainer, dict) else None
+    if not isinstance(ppo, dict) or "whiten_advantages" not in ppo:
+        return data
+    ppo = {k: v for k, v in ppo.items() if k != "whiten_advantages"}
+    trainer = {**trainer, "ppo": ppo}
+    if "advantage_scaling" not in trainer and trainer.get("algo") == Algo.ppo.value:
+        trainer["advantage_scaling"] = "none" if data["trainer"]["ppo"]["whiten_advantages"] is False else "batch"
+    return {**data, "trainer": trainer}
+
+
 def _suggest_key(full_key: str) -> str:
+    if full_key in RENAMED:
+        return f" It was {RENAMED[full_key]}."
     parts = full_key.split(".")
     parent = _schema_at(parts[:-1])
     if parent is None:

@@ -56,10 +56,28 @@ class Tracking(str, Enum):
 
 
 class LossType(str, Enum):
-    grpo = "grpo"
-    dapo = "dapo"
-    dr_grpo = "dr_grpo"
-    bnpo = "bnpo"
+    """GRPO's loss normalisation (trainer.loss_type), always over the whole step."""
+
+    grpo = "grpo"  # each completion's token mean, averaged over the step's completions
+    dapo = "dapo"  # the step's summed token losses over its completion tokens (TRL's default)
+    dr_grpo = "dr_grpo"  # the step's summed token losses over completions x max_completion_tokens
+    bnpo = "bnpo"  # TRL: per micro batch's tokens; refused (validation.py): invariant, it is dapo
+
+
+class AdvantageScaling(str, Enum):
+    """What advantages are divided by (trainer.advantage_scaling)."""
+
+    group = "group"  # GRPO: the group's reward std (TRL's scale_rewards=group); PPO refuses it
+    batch = "batch"  # GRPO: the std of all the step's rewards; PPO: GAE whitened over the step's tokens
+    none = "none"  # no division (GRPO: reward minus group mean, Dr. GRPO; PPO: raw GAE)
+
+
+class Truncation(str, Enum):
+    """A completion that reaches max_completion_tokens without EOS (trainer.truncation)."""
+
+    none = "none"  # scored and trained on like any other
+    mask = "mask"  # keeps its reward (baselines, statistics) but none of its tokens carries a loss
+    penalty = "penalty"  # its reward is lowered by trainer.truncation_penalty
 
 
 class LRSchedule(str, Enum):
@@ -192,7 +210,6 @@ class PPOConfig:
     lam: float = 0.95
     vf_coef: float = 0.5
     clip_range_value: float = 0.2
-    whiten_advantages: bool = True
     value_head: ValueHead = ValueHead.shared
 
 
@@ -339,10 +356,10 @@ class TrainerConfig:
     """Derived: prompts_per_step * num_generations / (micro_batch * devices), per PPO
     mini-batch. Do not set."""
     generation_batch: int = 0
-    """Sequences per device per generate call. PPO: the rollout is sampled in chunks of
-    this many (0 = the whole rollout in one call). GRPO: TRL's generation batch, a multiple
-    of micro_batch and of num_generations dividing micro_batch x grad_accum (0 = the whole
-    step, TRL's default). The OOM ladder lowers it first when generation runs out of memory."""
+    """Sequences per device per generate call, both trainers (0 = the whole step in one
+    call). It changes neither what is sampled (keyed sampling: job/sampling.py) nor the
+    gradient (GRPO scores the whole step at once). The OOM ladder lowers it first when
+    generation runs out of memory."""
     max_prompt_tokens: int = 256
     """Longer training prompts are dropped (not truncated), both trainers."""
     max_completion_tokens: int = 256
@@ -361,8 +378,30 @@ class TrainerConfig:
     """Clip range of the probability ratio. GRPO: acts only when num_iterations > 1 (with
     one pass the ratio is exactly 1, and train/clip_frac reads 0). PPO: the policy clip."""
     loss_type: LossType = LossType.dapo
-    """GRPO only: TRL's loss normalisation (dapo: over all completion tokens of the
-    generation batch). PPO always averages over all completion tokens of its mini-batch."""
+    """GRPO only: what the step's summed token losses are divided by, always over the whole
+    step (every micro batch, generate call and device): dapo (TRL's default) the step's
+    completion tokens; grpo each completion's own token count, then the number of
+    completions; dr_grpo completions x max_completion_tokens (a constant). bnpo (TRL: each
+    micro batch's tokens, so the gradient would follow micro_batch) is refused: use dapo.
+    PPO always divides by all completion tokens of its mini-batch (over all devices) and
+    refuses any other value than dapo."""
+    advantage_scaling: AdvantageScaling = AdvantageScaling.group
+    """What advantages are divided by, both trainers. GRPO (advantage = reward - group
+    mean): group (the group's reward std, TRL's default), batch (the std of every reward of
+    the step), none (nothing: reward minus group mean, Dr. GRPO). PPO: batch (GAE advantages
+    minus their mean, over their std, over every completion token of the step on all
+    devices; conf/trainer/ppo.yaml's default, was ppo.whiten_advantages=true) or none (raw
+    GAE); group is refused (one completion per prompt)."""
+    truncation: Truncation = Truncation.none
+    """A completion that reaches max_completion_tokens without EOS, both trainers: none
+    (trained on like any other; PPO ends its episode there), mask (its reward still counts
+    in group baselines and statistics, but none of its tokens carries a loss or counts in
+    the token normalisers: TRL's mask_truncated_completions), penalty (truncation_penalty is
+    subtracted from its reward, logged as train/reward/truncation). Logged per step:
+    train/frac_truncated."""
+    truncation_penalty: float = 1.0
+    """Subtracted from a truncated completion's reward when truncation=penalty, both
+    trainers (>= 0)."""
     max_steps: int = 100
     """Global steps to train, both trainers."""
     save_every: int = 50
@@ -576,6 +615,10 @@ class DebugConfig:
     """generation | training | optimizer | eval: where debug.oom_at_step strikes."""
     oom_rank: Optional[int] = None
     """Data parallel: only this rank injects debug.oom_at_step (None: every rank)."""
+    eos_logit_bias: float = 0.0
+    """Tests only: added to the EOS logit before sampling in both trainers, so that a tiny
+    random model stops at varied lengths instead of always at the cap (split-invariance
+    and truncation tests). Sampling then no longer matches the policy's log-probs."""
     step_sleep_s: float = 0.0
     """Test hook: sleep this long after every optimizer step, so a run lasts a known wall
     time whatever the machine's load, without using the CPUs (the SLURM time-limit tests)."""

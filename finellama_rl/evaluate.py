@@ -93,7 +93,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     """The run's own resolved config.yaml, typed, with `overrides` applied and validated."""
     from omegaconf import OmegaConf
 
-    from finellama_rl.compose import explain_hydra_error
+    from finellama_rl.compose import explain_hydra_error, older_run_settings
     from finellama_rl.fileio import read_run_config_data
 
     path = RunPaths(Path(run_dir)).config
@@ -105,7 +105,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError("run", f"{path} not found; pass a run folder written by finellama_rl.train (it has config.yaml)")
     try:
-        loaded = OmegaConf.create(read_run_config_data(path))  # plain data: `${...}` stays text, never resolved
+        loaded = OmegaConf.create(older_run_settings(read_run_config_data(path)))  # plain data: `${...}` stays text
         if OmegaConf.select(loaded, "eval.protocol", default=None) is None:  # trained before protocols: `####`
             OmegaConf.update(loaded, "eval.protocol", EvalProtocol.finellama.value, force_add=True)
         merged = OmegaConf.merge(OmegaConf.structured(Config), loaded)

@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from finellama_rl.compose import CONF_DIR, GROUPS, config_yaml, load_config, parse_overrides, resolve
+from finellama_rl.compose import CONF_DIR, GROUPS, config_yaml, load_config, older_run_settings, parse_overrides, resolve
 from finellama_rl.config import Algo, Config, EvalProtocol
 from finellama_rl.errors import ConfigError, RunConfigUnreadable
 from finellama_rl.fileio import atomic_write_text, read_json_object, read_run_config_data
@@ -108,7 +108,7 @@ def _saved_node(path: Path):
     """config.yaml merged onto the schema, `${` escaped (never resolved)."""
     from omegaconf import OmegaConf
 
-    data = read_run_config_data(path)  # RunConfigUnreadable: not YAML, not a mapping, not UTF-8
+    data = older_run_settings(read_run_config_data(path))  # RunConfigUnreadable: not YAML, not a mapping, not UTF-8
     if not isinstance(data.get("eval"), dict) or "protocol" not in data["eval"]:
         data = {**data, "eval": {**(data.get("eval") or {}), "protocol": EvalProtocol.finellama.value}}  # trained on `####`
     try:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from finellama_rl.validation_scoring import validate_scoring
-from finellama_rl.config import SOURCE_NAMES, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, processes_per_node, sequences_per_step, world_size
+from finellama_rl.config import SOURCE_NAMES, AdvantageScaling, Algo, Config, DataSource, Device, HardwareConfig, LadderConfig, LossType, RunConfig, SlurmConfig, TrainerConfig, derive_grad_accum, eval_num_examples, processes_per_node, sequences_per_step, world_size
 from finellama_rl.errors import ConfigError
 
 
@@ -45,7 +45,9 @@ def _validate_batch(t: TrainerConfig, hardware: HardwareConfig) -> None:
 
 
 def _validate_generation_batch(t: TrainerConfig, hardware: HardwareConfig) -> None:
-    """GRPO's generation batch is TRL's: whole micro batches and whole groups, dividing the step."""
+    """Any generation batch chunks the step's generate calls (both trainers: the step is
+    scored as a whole, and keyed sampling does not depend on the chunks); GRPO devices
+    hold whole groups."""
     _non_negative("trainer.generation_batch", t.generation_batch)
     if t.algo != Algo.grpo:
         return
@@ -55,11 +57,6 @@ def _validate_generation_batch(t: TrainerConfig, hardware: HardwareConfig) -> No
         raise ConfigError("trainer.num_generations", f"each of the {devices} devices must hold whole groups: "
                           f"{per_device} sequences per device are not divisible by num_generations={t.num_generations}; "
                           "raise trainer.prompts_per_step")
-    g = t.generation_batch
-    if g and (g % t.micro_batch or g % t.num_generations or per_device % g):
-        raise ConfigError("trainer.generation_batch", f"GRPO generates whole micro batches and whole groups: use a multiple "
-                          f"of micro_batch={t.micro_batch} and num_generations={t.num_generations} that divides the "
-                          f"{per_device} sequences per device per step, or 0 (the whole step)")
 
 
 def _validate_rl_knobs(t: TrainerConfig) -> None:
@@ -81,6 +78,17 @@ def _validate_rl_knobs(t: TrainerConfig) -> None:
             raise ConfigError("trainer.num_iterations", f"is GRPO's; PPO passes over a rollout trainer.ppo.epochs times "
                               f"(set trainer.num_iterations=1 trainer.ppo.epochs={t.num_iterations})")
         _non_negative("trainer.ppo.kl_coef", t.ppo.kl_coef)
+        if t.loss_type != LossType.dapo:
+            raise ConfigError("trainer.loss_type", f"is GRPO's ({t.loss_type.value}); PPO always divides by its mini-batch's "
+                              "completion tokens over all devices (dapo's normalisation): leave trainer.loss_type=dapo")
+        if t.advantage_scaling == AdvantageScaling.group:
+            raise ConfigError("trainer.advantage_scaling", "group divides by a group's reward std, and PPO samples one "
+                              "completion per prompt: use batch (GAE whitened over the step's tokens) or none (raw GAE)")
+    if t.algo == Algo.grpo and t.loss_type == LossType.bnpo:
+        raise ConfigError("trainer.loss_type", "bnpo divides by each micro batch's completion tokens (TRL), so the "
+                          "gradient would change with trainer.micro_batch, the OOM ladder and the number of devices; "
+                          "use dapo, the same normalisation over the whole step")
+    _non_negative("trainer.truncation_penalty", t.truncation_penalty)
 
 
 def _validate_trainer(t: TrainerConfig, hardware: HardwareConfig) -> None:

@@ -6,13 +6,16 @@ Checked against a one-process run with the same global batch: the ranks hold ide
 adapters (every checkpoint records each rank's weight digest), the run folder has one
 set of files, and the per-step rewards, losses and gradient norms and the final adapter
 match the one-process run. The one-process run samples in two generate calls of the
-same prompts the two ranks sample (trainer.generation_batch = half the step), and every
-generate call is seeded from its prompts and step (trainers/ppo_rollout.sampling_seed),
-so both runs draw the same completions; what remains is float summation order.
-Tolerance: 1e-3 relative on rewards, losses and gradient norms, 1e-3 relative on the
-adapter (measured: 2e-6 on the curve, 2e-5 to 6e-5 on the adapter). GRPO uses loss_type=grpo here because TRL's dapo normaliser
-counts the tokens of one generate call (a 2-call one-process step then weighs its two
-halves by their own token counts, a 2-rank step by the total).
+same prompts the two ranks sample (trainer.generation_batch = half the step), and
+sampling is keyed per sequence (seed, step, its index in the step: job/sampling.py), so
+both runs draw the same completions; what remains is float summation order.
+Tolerance: 1e-3 relative on rewards, losses and gradient norms, and on the adapter each
+tensor's largest difference over its largest entry (measured: 2e-6 on the curve, 2e-5 to
+1.5e-4 on the adapter; entry by entry, Adam turns summation-order noise in a near-zero
+gradient into 1e-2 of a tiny entry, so elementwise tolerances fail by chance). GRPO runs its default
+loss (dapo, normalised by the step's completion tokens) on uneven lengths
+(debug.eos_logit_bias): before issue 20 the two-call process weighed its halves by their
+own token counts and differed from the two ranks by 17%.
 """
 from __future__ import annotations
 
@@ -34,14 +37,19 @@ from finellama_rl.trainers.run import run_training
 COMMON = ["experiment=smoke", "eval.protocol=finellama", "eval.num_examples=2", "eval.max_new_tokens=4",
           "eval.before_training=false", "trainer.max_completion_tokens=12", "trainer.max_steps=3",
           "trainer.save_every=3", "trainer.rewards=[digits]", "trainer.learning_rate=3e-3", "trainer.micro_batch=2",
-          "ladder.remember_fit=false"]
+          "ladder.remember_fit=false", "debug.eos_logit_bias=3"]
 ALGO = {
     # global batch 8 sequences; one process samples them in two calls of 4, like the two ranks
     "ppo": (["trainer=ppo", "trainer.prompts_per_step=8"], "trainer.generation_batch=4"),
-    "grpo": (["trainer=grpo", "trainer.prompts_per_step=2", "trainer.num_generations=4", "trainer.loss_type=grpo"],
-             "trainer.generation_batch=4"),
+    "grpo": (["trainer=grpo", "trainer.prompts_per_step=2", "trainer.num_generations=4"], "trainer.generation_batch=4"),
 }
 KEYS = ("train/reward_mean", "train/loss", "train/grad_norm")
+
+
+def yaml_of(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
 
 
 def _adapter(run: Path):
@@ -79,11 +87,14 @@ def test_two_ranks_match_one_process(algo, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
     # the curve and the weights of the one-process run with the same global batch
     assert any(r["train/reward_mean"] > 0 for r in b), "the test needs rewards with variance"
+    assert any(0 < r["train/frac_truncated"] < 1 for r in b), "the test needs uneven completion lengths"
+    if algo == "grpo":
+        assert yaml_of(one)["trainer"]["loss_type"] == "dapo"  # the default loss
     for key in KEYS:
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-6), key
     _, adapter_one = _adapter(one)
-    for name, w in adapter_one.items():
-        assert torch.allclose(adapter_two[name], w, rtol=1e-3, atol=1e-6), name
+    for name, w in adapter_one.items():  # per tensor, over its largest entry: Adam's 1/sqrt(v) magnifies
+        assert (adapter_two[name] - w).abs().max() <= 1e-3 * w.abs().max(), name  # summation order where a gradient is ~0
     worst = max(((adapter_two[k] - w).abs().max() / w.abs().max().clamp(min=1e-12)).item() for k, w in adapter_one.items())
     curve = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-9) for x, y in zip(a, b) for k in KEYS)
     print(f"{algo}: 2 ranks vs 1 process: max relative difference {curve:.2e} (curve), {worst:.2e} (adapter)")

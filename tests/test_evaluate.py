@@ -169,14 +169,16 @@ def test_file_names_never_overwrite(tmp_path):
 def tiny_run(tmp_path_factory):
     """A real two-step GRPO run of the tiny model on the synthetic task, with a checkpoint per step
     (a large learning rate and the digits reward, which varies between samples, so that the
-    two adapters differ)."""
+    two adapters differ: a 16-token completion of the random model holds a digit about one time
+    in four, so 2 groups of 4 leave both steps without reward variance about once in 200 seeds;
+    with 2 of 2 and 8 tokens it was one in three)."""
     from finellama_rl.trainers.run import run_training
 
     root = tmp_path_factory.mktemp("results")
     run = root / "sweep" / "grpo-tiny-cpu"
     cfg = load_config(["experiment=smoke", f"run.dir={run}", f"run.results_dir={root}", "run.sweep=sweep",
                        "trainer.max_steps=2", "trainer.save_every=1", "trainer.keep_last=2", "trainer.prompts_per_step=2",
-                       "trainer.num_generations=2", "trainer.micro_batch=4", "trainer.max_completion_tokens=8",
+                       "trainer.num_generations=4", "trainer.micro_batch=4", "trainer.max_completion_tokens=16",
                        "trainer.learning_rate=0.05", "trainer.rewards=[digits]", "data.num_train=16", "data.num_test=8", "eval.num_examples=2",
                        "eval.max_new_tokens=8", "eval.before_training=false", "ladder.remember_fit=false"])
     assert run_training(cfg) == 0
@@ -234,18 +236,18 @@ def test_split_validation_evaluates_the_validation_problems(tiny_run):
 
 @pytest.mark.slow
 def test_eval_files_record_the_training_and_evaluation_budgets_and_shots(tiny_run):
-    """Issue 21: every eval document says what training sampled (8 tokens, zero-shot) beside what
+    """Issue 21: every eval document says what training sampled (16 tokens, zero-shot) beside what
     evaluation generated, here under qwen25_math_cot at 6 tokens and lm_eval_gsm8k with its 5 shots."""
     root, run = tiny_run
     final = read_json(run / "eval_results.json")  # written by the training run itself
-    assert final["budgets"] == {"training": {"trainer": "grpo", "max_completion_tokens": 8, "shots": 0},
+    assert final["budgets"] == {"training": {"trainer": "grpo", "max_completion_tokens": 16, "shots": 0},
                                 "evaluation": {"protocol": "qwen_boxed", "max_new_tokens": 8, "shots": 0}}
     assert evaluate.main([f"run={run}", "checkpoint=2", "eval.num_examples=2", "eval.protocol=qwen25_math_cot",
                           "eval.max_new_tokens=6"]) == 0
     cot = read_json(run / "evals" / "step_000002-qwen25_math_cot-n2-greedy.json")
     assert cot["budgets"]["evaluation"] == {"protocol": "qwen25_math_cot", "max_new_tokens": 6, "shots": 0}
     assert cot["protocol"]["system_prompt"] == QWEN_INSTRUCTION and cot["protocol"]["user_template"] == "{question}"
-    assert cot["protocol"]["decoding"]["max_new_tokens"] == 6 and cot["budgets"]["training"]["max_completion_tokens"] == 8
+    assert cot["protocol"]["decoding"]["max_new_tokens"] == 6 and cot["budgets"]["training"]["max_completion_tokens"] == 16
     assert evaluate.main([f"run={run}", "checkpoint=2", "eval.num_examples=2", "eval.protocol=lm_eval_gsm8k",
                           "eval.max_new_tokens=6"]) == 0
     shots = read_json(run / "evals" / "step_000002-lm_eval_gsm8k-n2-greedy.json")["budgets"]

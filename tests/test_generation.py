@@ -121,6 +121,33 @@ def test_sampling_returns_n_adjacent_samples_per_prompt_deterministically(tiny):
     assert len(a.completions) == 12 and [c.text for c in a.completions] == [c.text for c in b.completions]
     assert a.calls == 2  # 2 prompts x 3 samples per call
     assert decoding.record()["top_k"] is None and decoding.record()["temperature"] == 1.0
+    assert decoding.record()["sampler"] == "keyed-gumbel-v1" and "sampler" not in setup.decoding.record()
+    other = generate_completions(model, tok, setup.prompts[:4], replace(decoding, seed=6), setup.stops, batch_size=6)
+    assert [c.text for c in other.completions] != [c.text for c in a.completions]  # the seed keys the draws
+
+
+def test_pass_at_k_samples_do_not_depend_on_the_eval_batch_or_an_oom(tiny, monkeypatch):
+    """12 problems x 4 samples at T 0.7: eval batch 1 (one prompt's 4 samples per call), 16,
+    and 16 with an out-of-memory from 8 sequences up (halved to 4) sample the same texts."""
+    cfg, tok, setup, model = tiny
+    decoding = Decoding(max_new_tokens=8, do_sample=True, temperature=0.7, num_return_sequences=4, seed=3)
+
+    def texts(batch_size):
+        return [c.text for c in generate_completions(model, tok, setup.prompts, decoding, setup.stops, batch_size).completions]
+
+    reference = texts(1)
+    assert len(reference) == 48 and len(set(reference)) > 24, "the test needs varied samples"
+    assert texts(16) == reference
+    real = type(model).generate
+
+    def generate(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fault injected)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", generate)
+    gen = generate_completions(model, tok, setup.prompts, decoding, setup.stops, batch_size=16)
+    assert gen.oom_steps == [16, 8] and [c.text for c in gen.completions] == reference
 
 
 def test_finish_text_cuts_at_eos_then_at_stop_strings(tiny):

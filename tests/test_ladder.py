@@ -229,16 +229,17 @@ def _ppo(m=4, accum=2, minibatches=2, gen=0, ckpt=False):
 
 
 def _grpo(m=4, accum=8, g=8, gen=0):
-    return Setting(m, accum, g, 128, 128, False, generation_batch=gen or m * accum, grouped_generation=True)
+    return Setting(m, accum, g, 128, 128, False, generation_batch=gen or m * accum, rollout_batch=m * accum)
 
 
 def test_generation_batches_ppo_and_grpo():
+    """Any size up to the rollout, both trainers: GRPO scores a step in one TRL call and
+    only chunks its generate calls, and sampling is keyed per sequence (issue 20)."""
     from finellama_rl.ladder.rungs import generation_batches
 
     assert generation_batches(_ppo(m=2, accum=2, minibatches=2)) == [1, 2, 3, 4, 5, 6, 7, 8]
-    # GRPO: multiples of lcm(micro 4, group 8) = 8 that divide the step's 32 sequences
-    assert generation_batches(_grpo(m=4, accum=8, g=8)) == [8, 16, 32]
-    assert generation_batches(_grpo(m=6, accum=4, g=4)) == [12, 24]  # lcm(6, 4) = 12, E = 24
+    assert generation_batches(_grpo(m=4, accum=8, g=8)) == list(range(1, 33))
+    assert generation_batches(_grpo(m=6, accum=4, g=4)) == list(range(1, 25))
 
 
 def test_generation_oom_cuts_the_generation_batch_first_and_keeps_micro_batch():
@@ -270,16 +271,19 @@ def test_training_oom_cuts_the_micro_batch_and_keeps_the_generation_batch():
     assert "generation_batch 8" in r2.description
 
 
-def test_grpo_generation_batch_keeps_whole_micro_batches_and_groups():
+def test_grpo_generation_batch_halves_down_to_one_sequence_like_ppos():
+    """Before issue 20 GRPO's cuts stopped at lcm(micro_batch, num_generations) = 8 here
+    (TRL's generation batch); now the chunks inside one scoring call may be any size."""
     from finellama_rl.ladder.rungs import Phase, step_down
 
     ladder = build_ladder(_grpo(m=4, accum=8, g=8), 64, 64)
-    r = step_down(ladder, ladder[0], Phase.generation)
-    assert r.setting.generation_batch == 16 and r.setting.micro_batch == 4
-    r = step_down(ladder, r, Phase.generation)
-    assert r.setting.generation_batch == 8  # one group of 8 = two micro batches of 4
-    r = step_down(ladder, r, Phase.generation)  # floor: lcm(4, 8) = 8; batch rungs keep it at 8 -> skipped
-    assert r.setting.max_seq_len < 256 and r.setting.generation_batch == 8
+    rung, gens = ladder[0], []
+    while rung.index == 0:
+        gens.append(rung.setting.generation_batch)
+        assert rung.setting.micro_batch == 4
+        rung = step_down(ladder, rung, Phase.generation)
+    assert gens == [32, 16, 8, 4, 2, 1]
+    assert rung.setting.max_seq_len < 256 and rung.setting.generation_batch == 1
 
 
 def test_step_down_exhaustive_invariants():
@@ -290,15 +294,15 @@ def test_step_down_exhaustive_invariants():
 
     rng = random.Random(7)
     for _ in range(300):
-        grouped = rng.random() < 0.5
-        g = rng.choice([2, 4, 8]) if grouped else 1
+        grpo = rng.random() < 0.5
+        g = rng.choice([2, 4, 8]) if grpo else 1
         m = rng.choice([1, 2, 3, 4, 6, 8, 16])
         accum = rng.choice([a for a in range(1, 9) if (m * a) % g == 0] or [g])
         eff = m * accum
-        rollout = eff if grouped else eff * rng.choice([1, 2, 4])
+        rollout = eff if grpo else eff * rng.choice([1, 2, 4])
         start = Setting(m, accum, g, rng.choice([64, 200]), rng.choice([64, 300]), rng.random() < 0.3,
-                        generation_batch=rng.choice(generation_batches(Setting(m, accum, g, 8, 8, False, 0, rollout, grouped))),
-                        rollout_batch=0 if grouped else rollout, grouped_generation=grouped)
+                        generation_batch=rng.choice(generation_batches(Setting(m, accum, g, 8, 8, False, 0, rollout))),
+                        rollout_batch=rollout)
         ladder = build_ladder(start, 64, 64)
         rung, steps = ladder[0], 0
         while rung is not None:

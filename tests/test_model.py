@@ -34,6 +34,19 @@ def test_tiny_model_is_cached_and_offline(cfg):
     assert ensure_tiny_model(cfg.model) == a
 
 
+def test_tiny_model_is_built_whole_by_a_rank_other_than_0(cfg, tmp_path, monkeypatch):
+    """Under torchrun whichever rank takes the lock builds the cache; transformers' save_pretrained
+    writes nothing on a rank > 0, which once left a folder with only a tokenizer."""
+    import transformers.distributed.mixin as mixin
+
+    from finellama_rl.job.model import build_tiny_model
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    folder = build_tiny_model(cfg.model, tmp_path / "tiny")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+
+
 def test_attention_and_dtype_choice(cfg):
     gpu = load_config(["hardware=a100_80"]).hardware
     assert choose_attention(AttnImpl.auto, cfg.hardware) == "sdpa"

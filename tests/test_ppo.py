@@ -24,13 +24,15 @@ from finellama_rl.trainers.ppo_rollout import (
 )
 from finellama_rl.trainers.value_head import Critic, forward_completion
 from finellama_rl.checkpoint import list_checkpoints
+from finellama_rl.config import AdvantageScaling, Truncation
 from finellama_rl.fileio import read_jsonl
 
 PPO = ["experiment=smoke", "trainer=ppo", "trainer.num_generations=1", "trainer.prompts_per_step=8",
        "trainer.micro_batch=4", "trainer.max_completion_tokens=8", "trainer.warmup_steps=0"]
 METRIC_KEYS = ["train/reward_mean", "train/reward_std", "train/loss", "train/policy_loss", "train/value_loss",
                "train/kl", "train/kl_k1", "train/entropy", "train/clip_frac", "train/approx_kl", "train/value_clip_frac",
-               "train/value_explained_var", "train/learning_rate", "train/grad_norm", "train/completion_len"]
+               "train/value_explained_var", "train/learning_rate", "train/grad_norm", "train/completion_len",
+               "train/frac_truncated"]
 
 
 from _trainctx import alternating_reward, build_ctx  # noqa: E402  (tests/ is on sys.path)
@@ -296,8 +298,9 @@ def test_ppo_trainable_weights_and_optimizer_state_are_fp32_on_a_4bit_base(make_
 
 def test_rollout_generation_batch_and_explicit_decoding(make_config):
     """The rollout is sampled in ceil(B / generation_batch) generate calls (0: one), each
-    seeded from its prompts and step, and a model generation_config (Qwen2.5's
-    repetition_penalty 1.05, top_k 20, ...) changes nothing that is sampled."""
+    sequence under its key (seed, step, index): the same completions in one call, in
+    halves and in calls of 3 (what a generation-phase OOM step-down does), and a model
+    generation_config (Qwen2.5's repetition_penalty 1.05, top_k 20, ...) changes nothing."""
     from transformers import GenerationConfig
 
     from finellama_rl.trainers.ppo_rollout import RolloutEnv
@@ -321,8 +324,11 @@ def test_rollout_generation_batch_and_explicit_decoding(make_config):
 
     halves = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, replace(t, generation_batch=4), RolloutEnv(step=3))
     assert calls == [4, 4]
-    again = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, replace(t, generation_batch=4), RolloutEnv(step=3))
-    assert torch.equal(halves.completion, again.completion)  # seeded by content and step
+    calls.clear()
+    threes = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, replace(t, generation_batch=3), RolloutEnv(step=3))
+    assert calls == [3, 3, 2]
+    assert len(set(whole.texts)) > 1, "the test needs distinct completions"
+    assert torch.equal(halves.completion, whole.completion) and torch.equal(threes.completion, whole.completion)
     other_step = generate_rollout(policy, ctx.tokenizer, rows, ctx.reward_funcs, t, RolloutEnv(step=4))
     assert not torch.equal(whole.completion, other_step.completion)
     policy.get_base_model().generation_config = GenerationConfig(
@@ -382,3 +388,95 @@ def test_kl_coef_zero_skips_the_reference_pass_and_keeps_the_update(make_config,
         assert torch.equal(roll[key], with_ref[key]), key
     m = ppo.step_metrics(roll, ppo.ppo_update(state, roll, t), t)
     assert not {"train/kl", "train/kl_k1", "train/kl_seq"} & m.keys() and math.isfinite(m["train/loss"])
+
+
+# ------------------------------------------------ truncation and advantage scaling (issue 20)
+
+
+def _biased_rollouts(make_config, *extra):
+    """The same rows sampled under truncation none / mask / penalty (keyed sampling: the same
+    completions); debug.eos_logit_bias gives uneven lengths, some of them cut at the cap."""
+    from dataclasses import replace
+
+    from finellama_rl.trainers.ppo_rollout import RolloutEnv
+
+    cfg = make_config(*PPO, "trainer.max_completion_tokens=10", "debug.eos_logit_bias=3", *extra)
+    ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
+    t = cfg.trainer
+    state = ppo.build_state(ctx.policy, t)
+    with torch.no_grad():  # a moved adapter and head, so that ratios and values are not trivial
+        for p in state.params:
+            p.add_(torch.randn_like(p) * 0.02)
+    env = RolloutEnv(step=1, eos_logit_bias=3.0)
+    rolls = {mode.value: generate_rollout(state.policy, ctx.tokenizer, ctx.train_rows[:8], ctx.reward_funcs,
+                                          replace(t, truncation=mode), env) for mode in Truncation}
+    cut = rolls["none"].truncated
+    assert 0 < int(cut.sum()) < 8, "the test needs some truncated completions and some finished ones"
+    return state, t, rolls, cut
+
+
+def _rows(roll, keep):
+    """The rollout of rows `keep` only."""
+    from finellama_rl.trainers.ppo_rollout import Rollout
+
+    return Rollout(roll.input_ids[keep], roll.attention_mask[keep], roll.completion[keep], roll.mask[keep],
+                   roll.scores[keep], {k: [v[i] for i in keep.nonzero().flatten().tolist()] for k, v in roll.reward_parts.items()},
+                   [x for x, k in zip(roll.texts, keep.tolist()) if k], roll.prompt_tokens,
+                   lengths=roll.lengths[keep], truncated=roll.truncated[keep])
+
+
+def _gradient(state, roll, t):
+    from dataclasses import replace
+
+    score_rollout(state.policy, state.critic, state.reference, roll, t)
+    compute_advantages(roll, t)
+    state.optimizer.zero_grad(set_to_none=True)
+    stats = ppo.accumulate_gradients(state, roll, torch.arange(roll.completion.shape[0]), replace(t, micro_batch=2))
+    return torch.cat([p.grad.reshape(-1) for p in state.params if p.grad is not None]), stats
+
+
+def test_masked_truncations_train_as_if_those_completions_were_not_there(make_config):
+    """truncation=mask: the gradient of the whole rollout equals that of the rollout without
+    its truncated rows (token counts, whitening, GAE and the value loss all leave them out);
+    their rewards still count in the statistics, and train/completion_len and
+    train/frac_truncated report the true lengths."""
+    state, t, rolls, cut = _biased_rollouts(make_config)
+    masked, none = rolls["mask"], rolls["none"]
+    assert torch.equal(masked.completion, none.completion) and masked.mask[cut].sum() == 0
+    grad_masked, _ = _gradient(state, masked, t)
+    grad_without, _ = _gradient(state, _rows(none, ~cut), t)
+    grad_all, _ = _gradient(state, none, t)
+    rel = ((grad_masked - grad_without).norm() / grad_without.norm()).item()
+    assert rel < 1e-4, rel
+    assert ((grad_all - grad_without).norm() / grad_without.norm()).item() > 1e-2  # the truncated rows do matter
+    m = ppo.step_metrics(masked, dict.fromkeys(ppo.STAT_KEYS, 0.0), t)
+    assert m["train/frac_truncated"] == pytest.approx(cut.float().mean().item())
+    assert m["train/completion_len"] == pytest.approx(none.lengths.float().mean().item())
+    assert m["train/reward_mean"] == pytest.approx(none.scores.mean().item())
+
+
+def test_a_truncation_penalty_lowers_exactly_the_truncated_rewards(make_config):
+    state, t, rolls, cut = _biased_rollouts(make_config, "trainer.truncation_penalty=0.75")
+    penalised, none = rolls["penalty"], rolls["none"]
+    assert torch.allclose(penalised.scores, none.scores - 0.75 * cut.float())
+    assert penalised.reward_parts["truncation"] == [-0.75 if c else 0.0 for c in cut.tolist()]
+    assert torch.equal(penalised.mask, none.mask)  # trained on like any other
+
+
+def test_advantage_scaling_none_keeps_the_raw_gae_and_batch_whitens_it(make_config):
+    from dataclasses import replace
+
+    from finellama_rl.trainers.ppo_core import build_token_rewards, compute_gae, kl_per_token
+
+    state, t, rolls, _ = _biased_rollouts(make_config)
+    roll = rolls["none"]
+    score_rollout(state.policy, state.critic, state.reference, roll, t)
+    compute_advantages(roll, replace(t, advantage_scaling=AdvantageScaling.none))
+    kl = kl_per_token(roll["old_logprobs"], roll["ref_logprobs"]) * roll.mask
+    raw, _ = compute_gae(build_token_rewards(roll.scores, kl, roll.mask, t.ppo.kl_coef), roll["values"], roll.mask,
+                         t.ppo.gamma, t.ppo.lam)
+    assert torch.allclose(roll["advantages"], raw)
+    compute_advantages(roll, replace(t, advantage_scaling=AdvantageScaling.batch))
+    tokens = roll["advantages"][roll.mask.bool()]
+    assert abs(tokens.mean().item()) < 1e-5 and tokens.std().item() == pytest.approx(1.0, rel=1e-4)
+

@@ -217,3 +217,22 @@ def test_all_checkpoints_damaged_exits_2_and_moves_nothing(tmp_path):
     assert "step_000002: adapter_model.safetensors differs from the manifest" in err and "step_000001:" in err
     assert f"run.dir={run} run.resume=false" in err
     assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("whiten, scaling", [(False, "none"), (True, "batch")])
+def test_a_ppo_run_written_before_the_advantage_scaling_knob_resumes_and_evaluates_as_it_trained(
+        tmp_path, whiten, scaling):
+    """Issue 20 renamed trainer.ppo.whiten_advantages to trainer.advantage_scaling (whose schema
+    default, group, PPO refuses): an older PPO config.yaml is read as what it trained with."""
+    import yaml
+
+    from finellama_rl import evaluate
+
+    cfg = load_config(["experiment=smoke", "trainer=ppo", f"run.results_dir={tmp_path}", "run.sweep=s", "run.name=old"])
+    claim(Path(cfg.run.dir), "test", resume=True)
+    data = yaml.safe_load(config_yaml(cfg))
+    del data["trainer"]["advantage_scaling"]
+    data["trainer"]["ppo"]["whiten_advantages"] = whiten
+    RunPaths(Path(cfg.run.dir)).config.write_text(yaml.safe_dump(data))
+    assert start_config([f"run.dir={cfg.run.dir}"]).trainer.advantage_scaling.value == scaling
+    assert evaluate.load_run_config(Path(cfg.run.dir)).trainer.advantage_scaling.value == scaling

@@ -17,6 +17,11 @@ Correctness traps handled here:
   results do not depend on the batch (left padding; checked in a test).
 - A completion is cut at the first eos id (tokenizer's and model's), then at the
   earliest stop string; `finish` says which ended it ("eos", "stop:<s>", "length").
+- Sampling (pass@k) is keyed (finellama_rl/job/sampling.py): sample s of problem j draws
+  from (Decoding.seed, j, s) only, so the batch size, the length sorting and an
+  out-of-memory step-down never change what is sampled (tests/test_generation.py), and
+  evaluations of different checkpoints share the noise of each (problem, sample) (common
+  random numbers: less variance in before/after comparisons). The global RNG is untouched.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ class Decoding:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     num_return_sequences: int = 1
-    seed: Optional[int] = None  # torch.manual_seed before sampling
+    seed: Optional[int] = None  # sampling: the key of every (problem, sample)'s draws (None: 0)
 
     def generate_kwargs(self) -> Dict[str, Any]:
         """Every output-relevant generate() setting, neutral where the protocol says nothing."""
@@ -64,8 +69,13 @@ class Decoding:
             kw.update(temperature=None, top_p=None, top_k=None)
         elif not self.top_k:
             kw.update(top_k=None)
-        return {"decoding": "sampling" if self.do_sample else "greedy", **kw, "min_p": None, "seed": self.seed,
-                "model_generation_config": "ignored (neutral GenerationConfig during generate)"}
+        out = {"decoding": "sampling" if self.do_sample else "greedy", **kw, "min_p": None, "seed": self.seed,
+               "model_generation_config": "ignored (neutral GenerationConfig during generate)"}
+        if self.do_sample:
+            from finellama_rl.job.sampling import VERSION
+
+            out["sampler"] = VERSION  # keyed by (seed, problem, sample): independent of the batch
+        return out
 
 
 @dataclass(frozen=True)
@@ -151,16 +161,25 @@ def finish_text(tokenizer, ids: Sequence[int], stop_ids: Sequence[int], stops: S
     return Completion(text, finish, len(kept))
 
 
+SAMPLING_STREAM = 1  # keyed sampling: evaluation's keys never share noise with training rollouts (stream 0)
+
+
 def _generate_chunk(model, tokenizer, ids: List[List[int]], decoding: Decoding, stops: Sequence[str],
-                    stop_ids: List[int]) -> List[Completion]:
+                    stop_ids: List[int], problems: Sequence[int]) -> List[Completion]:
+    """Completions of the prompts `ids`, which are problems `problems` of the evaluation
+    (their indices: the sampling keys)."""
     import torch
+
+    from finellama_rl.job.sampling import generate_keyed, row_keys
 
     enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)  # left padding
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    n = decoding.num_return_sequences
+    keys = row_keys(decoding.seed or 0, 0, [j * n + s for j in problems for s in range(n)], stream=SAMPLING_STREAM)
     with torch.no_grad(), neutral_generation_config(model):
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], eos_token_id=stop_ids,
-                             pad_token_id=pad_id, stop_strings=list(stops) or None, tokenizer=tokenizer,
-                             **decoding.generate_kwargs())  # (B * num_return_sequences, prompt + new)
+        out = generate_keyed(model, keys, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             eos_token_id=stop_ids, pad_token_id=pad_id, stop_strings=list(stops) or None,
+                             tokenizer=tokenizer, **decoding.generate_kwargs())  # (B * n, prompt + new)
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     cut_ids = set(stop_ids) | {pad_id}
     return [finish_text(tokenizer, row, list(cut_ids), stops, decoding.max_new_tokens) for row in new]
@@ -170,7 +189,6 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], decoding: Dec
                          batch_size: int, desc: str = "eval") -> Generated:
     """Completions for `prompts` (num_return_sequences of a prompt are adjacent), about
     `batch_size` sequences per generate call, halving on out-of-memory down to one prompt."""
-    import torch
     from tqdm import tqdm
 
     from finellama_rl.ladder.rungs import is_oom_error
@@ -184,15 +202,13 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], decoding: Dec
     oom_steps: List[int] = []
     was_training, started, calls = model.training, time.perf_counter(), 0
     model.eval()
-    if decoding.seed is not None:
-        torch.manual_seed(decoding.seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="problem", file=sys.stderr, mininterval=5, leave=False)
     try:
         i = 0
         while i < len(order):
             chunk = order[i : i + per_call]
             try:
-                texts = _generate_chunk(model, tokenizer, [token_ids[j] for j in chunk], decoding, stops, stop_ids)
+                texts = _generate_chunk(model, tokenizer, [token_ids[j] for j in chunk], decoding, stops, stop_ids, chunk)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_oom_error(exc) or per_call == 1:
                     raise

@@ -95,8 +95,13 @@ def build_tiny_model(m: ModelConfig, folder: Path, seed: int = 0) -> Path:
         model.model.norm.weight.fill_(m.tiny_final_norm)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    # transformers writes no weights on a rank > 0 once torch.distributed is up; this cache is built by
+    # whichever rank takes the lock first (a rank-1 build once left a folder with a tokenizer only)
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if not (tmp / "config.json").exists() or not any(tmp.glob("*.safetensors")):
+        raise RuntimeError(f"building the tiny model wrote no weights into {tmp}")
     os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     return folder
 

@@ -12,19 +12,19 @@ from finellama_rl.ladder.rungs import Rung, Setting, build_ladder
 
 
 def setting_of(t: TrainerConfig, hardware: HardwareConfig) -> Setting:
-    """Rung 0, per device. The generation batch is concrete: PPO samples the rollout
-    (prompts_per_step / devices sequences) in chunks of it; GRPO's is TRL's generation
-    batch, whole micro batches of whole groups (grouped_generation)."""
-    rollout, grouped = 0, False
+    """Rung 0, per device. The generation batch is concrete: both trainers sample the
+    step's sequences on a device (PPO: prompts_per_step / devices; GRPO: micro_batch x
+    grad_accum) in chunks of it (a generation batch above the rollout is the rollout)."""
+    rollout = 0
     if t.algo == Algo.ppo:
         rollout = t.prompts_per_step // world_size(hardware)
     elif t.algo == Algo.grpo:
-        rollout, grouped = t.micro_batch * t.grad_accum, True
-    generation = (t.generation_batch or rollout) if rollout else 0
+        rollout = t.micro_batch * t.grad_accum
+    generation = min(t.generation_batch or rollout, rollout) if rollout else 0
     return Setting(micro_batch=t.micro_batch, grad_accum=t.grad_accum, num_generations=t.num_generations,
                    max_prompt_tokens=t.max_prompt_tokens, max_completion_tokens=t.max_completion_tokens,
                    activation_checkpointing=t.activation_checkpointing, generation_batch=generation,
-                   rollout_batch=rollout, grouped_generation=grouped)
+                   rollout_batch=rollout)
 
 
 def ladder_for(cfg: Config) -> List[Rung]:

@@ -28,9 +28,9 @@ training. It never walks a rung that cannot shrink the phase that ran out: after
 a generation OOM at the floor it skips to the next rung whose generation is
 smaller. A rung is therefore a point of a two-dimensional ladder: ``Rung.index``
 is its position on the list above, and ``Rung.setting.generation_batch`` is its
-generation batch. GRPO (``grouped_generation``, TRL's generation batch) keeps whole
-micro batches and whole groups; PPO's generation batch is any size up to the
-rollout.
+generation batch: any size up to the rollout, in both trainers (GRPO scores the whole
+step at once and chunks only its generate calls, and sampling is keyed per sequence,
+so neither the gradient nor the samples depend on it).
 
 This module is pure: no torch import; ``is_oom_error`` matches exception types by
 name.
@@ -60,7 +60,6 @@ class Setting:
     activation_checkpointing: bool
     generation_batch: int = 0  # sequences per generate call per device; 0 = the whole rollout
     rollout_batch: int = 0  # sequences generated per step per device; 0 = effective_batch
-    grouped_generation: bool = False  # GRPO/TRL: whole micro batches and groups, dividing the rollout
 
     @property
     def effective_batch(self) -> int:
@@ -159,26 +158,15 @@ def _cut_length(current: int, floor: int, length_step: float) -> int:
     return max(floor, cut)
 
 
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
-
-
 def generation_batches(s: Setting) -> List[int]:
-    """Valid generation batches of `s`, ascending. PPO: 1..rollout. GRPO (grouped): the
-    multiples of lcm(micro_batch, num_generations) that divide the rollout (TRL
-    generates whole micro batches of whole groups, steps_per_generation of them)."""
-    rollout = s.rollout
-    if not s.grouped_generation:
-        return list(range(1, rollout + 1))
-    unit = s.micro_batch * s.num_generations // _gcd(s.micro_batch, s.num_generations)
-    return [g for g in range(unit, rollout + 1, unit) if rollout % g == 0] or [rollout]
+    """Valid generation batches of `s`, ascending: 1..rollout, both trainers (issue 20:
+    GRPO no longer needs whole micro batches or groups per generate call)."""
+    return list(range(1, s.rollout + 1))
 
 
 def fit_generation_batch(s: Setting, target: int) -> Setting:
     """`s` with the largest valid generation batch <= target (the smallest valid one if
-    none is). Used when a batch rung changes micro_batch under a grouped generation."""
+    none is): a generation batch carried to another rung never exceeds its rollout."""
     if not s.generation_batch:
         return s
     valid = generation_batches(s)

@@ -2,8 +2,9 @@
 
 Our fields are mapped to GRPOConfig one by one (no dict splat), so a renamed TRL
 field fails here and nowhere else. TRL owns the loop; a thin subclass reports its
-phases (generation, training) to our phase tracker and samples with explicit
-decoding under a content-derived seed; a callback connects the loop to our monitor:
+phases (generation, scoring, training) to our phase tracker, samples with explicit
+decoding and keyed noise, and scores each step in one call (below); a callback
+connects the loop to our monitor:
 metrics go to metrics.jsonl, checkpoints are written by the HF Trainer into a
 staging folder and committed (renamed) by us, eval_every runs our evaluation after
 the step's metrics are logged, a stop request (SLURM signal, time limit) saves and
@@ -16,6 +17,18 @@ fp32 adapters: TRL casts trainable parameters of a quantized model to bf16 (see
 weights and AdamW state are fp32 as in our PPO; bf16 compute comes from autocast
 (GRPOConfig.bf16 on GPUs with bf16).
 
+One gradient per step, whatever the micro batches, generate calls and devices (issue
+20): TRL normalises once per scoring call (`_generate_and_score_completions`): dapo's
+token count, `scale_rewards=batch` and `reward_std` cover that call only. So TRL always
+gets the whole step (steps_per_generation = grad_accum, TRL's default), and
+trainer.generation_batch only chunks the generate() calls inside that one call
+(`_generate_single_turn`), each sequence sampled under its key (seed, step, its position
+in the step's global batch: finellama_rl/job/sampling.py). TRL logs entropy, kl and the
+clip ratios as the mean of per-micro-batch token means; `compute_loss`/`log` re-weight
+them by each micro batch's tokens. The TRL internals relied on (TRL is pinned ~=1.16)
+are checked by tests/test_grpo_split.py, and at run time: a scoring call whose
+generate() did not go through the keyed sampler raises.
+
 Resume: our committed checkpoints use the HF Trainer's file names, so
 `trainer.train(resume_from_checkpoint=...)` restores adapter, optimizer, scheduler,
 RNG state, step counter and data position. transformers 5.23's Trainer loads
@@ -27,12 +40,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 from finellama_rl.job import distributed as dist
 from finellama_rl.job.adapters import after_trl_init
 from finellama_rl.checkpoint import checkpoint_dir, clear_staging, staging_root
-from finellama_rl.config import Config, Device, TrainerConfig
+from finellama_rl.config import Config, Device, TrainerConfig, Truncation
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
@@ -50,14 +63,22 @@ METRIC_NAMES = {
     "learning_rate": "train/learning_rate",
     "grad_norm": "train/grad_norm",
     "completions/mean_length": "train/completion_len",
+    "completions/clipped_ratio": "train/frac_truncated",
     "clip_ratio/region_mean": "train/clip_frac",
     "frac_reward_zero_std": "train/frac_reward_zero_std",
 }
+# TRL metrics logged as one token mean per micro step (grpo_trainer.py `_compute_loss`,
+# global_masked_mean): re-weighted by each micro step's tokens before they are averaged
+TOKEN_MEAN_METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+TRUNCATION_REWARD = "truncation"  # the reward function of trainer.truncation=penalty: train/reward/truncation
 
 
 def steps_per_generation(t: TrainerConfig) -> int:
-    """TRL's steps_per_generation from trainer.generation_batch (0 = the whole step)."""
-    return (t.generation_batch or t.micro_batch * t.grad_accum) // t.micro_batch
+    """TRL's steps_per_generation: always the whole step (grad_accum micro batches), so that
+    TRL scores, normalises and splits a step's completions together (its dapo token count
+    and reward statistics cover the step on every device). trainer.generation_batch chunks
+    the generate() calls inside that one scoring call (Trainer._generate_single_turn)."""
+    return t.grad_accum
 
 
 def build_grpo_config(cfg: Config, output_dir: Path):
@@ -89,7 +110,9 @@ def build_grpo_config(cfg: Config, output_dir: Path):
         beta=t.beta,
         epsilon=t.clip_epsilon,
         loss_type=t.loss_type.value,
-        reward_weights=list(t.reward_weights) if t.reward_weights else None,
+        scale_rewards=t.advantage_scaling.value,  # group | batch | none: TRL's names and meanings
+        mask_truncated_completions=t.truncation == Truncation.mask,
+        reward_weights=reward_weights(t),
         max_steps=t.max_steps,
         seed=t.seed,
         gradient_checkpointing=t.activation_checkpointing,
@@ -106,6 +129,26 @@ def build_grpo_config(cfg: Config, output_dir: Path):
     )
 
 
+def reward_weights(t: TrainerConfig) -> Optional[List[float]]:
+    """TRL's reward_weights: ours, and 1 for the truncation penalty's reward function."""
+    weights = list(t.reward_weights) if t.reward_weights else None
+    if weights is not None and t.truncation == Truncation.penalty:
+        weights.append(1.0)
+    return weights
+
+
+def truncation_penalty(t: TrainerConfig, stop_ids) -> Callable:
+    """trainer.truncation=penalty as a reward function: -truncation_penalty for a completion
+    whose last id is neither EOS nor pad (TRL's own truncation test: it passes the ids cut
+    after the first EOS), 0 otherwise; logged as train/reward/truncation."""
+    def truncation(completions, completion_ids, **kw):
+        return [-t.truncation_penalty if ids and ids[-1] not in truncation.stop_ids else 0.0 for ids in completion_ids]
+
+    truncation.__name__ = TRUNCATION_REWARD
+    truncation.stop_ids = set(stop_ids)  # build_trainer adds TRL's eos_token_ids (its generate() stops on them)
+    return truncation
+
+
 class _NoTokenizer:
     """sampling_kwargs without a tokenizer: TRL fills the token ids itself."""
 
@@ -115,19 +158,43 @@ class _NoTokenizer:
 def _trainer_class():
     from trl import GRPOTrainer
 
-    from finellama_rl.trainers.ppo_rollout import sampling_seed, seeded
-
     class Trainer(GRPOTrainer):
-        """GRPOTrainer that reports its phases and samples under a content-derived seed
-        with the model's generation_config out of the way (trainers/decoding.py)."""
+        """GRPOTrainer that reports its phases, scores a whole step in one call with its
+        generate() calls chunked and keyed, re-weights TRL's per-micro-step token means,
+        and keeps the model's generation_config out of the way (trainers/decoding.py)."""
 
         tracker = None
+        generation_chunk = 0  # sequences per generate() call (trainer.generation_batch; 0 = the whole step)
+        eos_bias: Optional[Dict[int, float]] = None  # debug.eos_logit_bias (tests: uneven lengths)
 
         def _generate(self, prompts: list):
-            seed = sampling_seed(self.args.seed, self.state.global_step + 1, [str(p) for p in prompts])
-            with self.tracker.phase(Phase.generation), seeded(seed, self.accelerator.device), \
-                    own_generation_config(self.model):
+            with self.tracker.phase(Phase.generation), own_generation_config(self.model):
                 return super()._generate(prompts)
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            """The step's generate() calls, generation_chunk sequences each, every sequence
+            sampled under its key: rank r holds positions [r n, (r + 1) n) of the step's
+            global batch (TRL's contiguous split: process_slice in
+            _generate_and_score_completions)."""
+            from finellama_rl.job.sampling import keyed_generate, row_keys
+
+            if self.use_vllm or self.use_transformers_continuous_batching or images is not None:
+                raise NotImplementedError("keyed sampling covers TRL's transformers generate() path only")
+            n = len(prompt_ids)
+            size, first = self.generation_chunk or n, self.accelerator.process_index * n
+            model = self.accelerator.unwrap_model(self.model_wrapped)  # what TRL calls .generate on
+            completions = []
+            for start in range(0, n, size):
+                chunk = prompt_ids[start:start + size]
+                keys = row_keys(self.args.seed, self.state.global_step + 1, range(first + start, first + start + len(chunk)))
+                with keyed_generate(model, keys, self.eos_bias) as sampled:
+                    ids, _ = super()._generate_single_turn(chunk, None, multimodal_fields, num_generations,
+                                                           has_tool_images)
+                if not sampled.calls:
+                    raise RuntimeError("TRL's _generate_single_turn no longer calls model.generate(): keyed sampling "
+                                       "was bypassed (TRL is pinned ~=1.16; see tests/test_grpo_split.py)")
+                completions.extend(ids)
+            return completions, None
 
         def _generate_and_score_completions(self, inputs):
             with self.tracker.phase(Phase.scoring):
@@ -136,6 +203,28 @@ def _trainer_class():
         def training_step(self, *args, **kwargs):
             with self.tracker.phase(Phase.training):
                 return super().training_step(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Also keep this micro step's loss tokens (the mask TRL's metrics use), so that
+            `log` can weight TRL's per-micro-step token means by them: unweighted, a micro
+            batch of few (under truncation=mask: no) tokens weighed like a full one, and
+            train/entropy followed trainer.micro_batch (6.22 -> 4.67 at micro batch 1)."""
+            if self.model.training:
+                mask = inputs["completion_mask"]
+                mask = mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+                self.__dict__.setdefault("_token_weights", []).append(mask.sum().float())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def log(self, logs, start_time=None):
+            import torch
+
+            weights, metrics = self.__dict__.pop("_token_weights", []), self._metrics["train"]
+            if weights and self.model.training:
+                w = self.accelerator.reduce(torch.stack(weights), reduction="sum").tolist()  # one collective per line
+                for key in TOKEN_MEAN_METRICS:
+                    if metrics.get(key) and len(metrics[key]) == len(w):
+                        metrics[key] = [sum(v * n for v, n in zip(metrics[key], w)) / max(sum(w), 1.0)]
+            return super().log(logs, start_time)
 
     return Trainer
 
@@ -160,17 +249,26 @@ def build_trainer(ctx: TrainContext):
 
     staging = staging_root(ctx.paths.checkpoints)
     callback = _callback(ctx, staging)
+    t = ctx.cfg.trainer
     Trainer = _trainer_class()
     Trainer.tracker = ctx.tracker
+    Trainer.generation_chunk = t.generation_batch
+    bias = ctx.cfg.debug.eos_logit_bias
+    Trainer.eos_bias = {ctx.tokenizer.eos_token_id: bias} if bias else None
+    funcs = list(ctx.reward_funcs)
+    if t.truncation == Truncation.penalty:
+        funcs.append(truncation_penalty(t, [ctx.tokenizer.eos_token_id, ctx.tokenizer.pad_token_id]))
     trainer = Trainer(
         model=ctx.policy,
-        reward_funcs=ctx.reward_funcs,
+        reward_funcs=funcs,
         args=build_grpo_config(ctx.cfg, staging),
         train_dataset=Dataset.from_list(ctx.train_rows),
         processing_class=ctx.tokenizer,
         callbacks=[callback],
     )
     after_trl_init(trainer)  # a frozen model.adapter under ours stays active (finellama_rl/job/adapters.py)
+    if t.truncation == Truncation.penalty:
+        funcs[-1].stop_ids.update(trainer.eos_token_ids)
     trainer.cast_back_to_fp32 = keep_trainable_fp32(trainer.model)
     log.info("trainable parameters kept in fp32 (%d cast back from TRL's bf16)", trainer.cast_back_to_fp32)
     trainer.remove_callback(_printer_callback_type())

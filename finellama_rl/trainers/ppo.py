@@ -29,13 +29,18 @@ reference pass is skipped (the KL reward term would be 0 x KL) and train/kl* are
 logged, as TRL's GRPO logs no KL with beta = 0. Trainable weights and AdamW
 state are fp32; forwards run under bf16 autocast on GPUs with bf16. Sampling passes
 every decoding setting explicitly (trainers/decoding.py) and log-probs use logits /
-temperature, so the old log-probs describe the sampler (top_p must be 1). LoRA
-dropout must be 0 so that the first update's ratio is 1.
+temperature, so the old log-probs describe the sampler (top_p must be 1); it is keyed
+per sequence (job/sampling.py), so a generation-phase OOM step-down or another number of
+ranks samples the same rollout. LoRA dropout must be 0 so that the first update's ratio
+is 1. trainer.advantage_scaling: batch whitens the GAE advantages over the step's loss
+tokens on all ranks, none keeps them raw; trainer.truncation (none | mask | penalty)
+treats completions cut at max_completion_tokens as GRPO does (ppo_rollout.py).
 
 Metrics: train/kl is the per-token mean of the k3 estimator exp(d) - d - 1 (d = log
 pi_ref - log pi) over completion tokens of the rollout, the same estimator TRL's
 GRPO logs; train/kl_k1 the mean of k1 = log pi - log pi_ref (what ppo.kl_coef
-shapes the rewards with), train/kl_seq its per-sequence sum. Loss terms are token
+shapes the rewards with), train/kl_seq its per-sequence sum; train/completion_len the
+mean tokens up to EOS and train/frac_truncated the share cut at the cap. Loss terms are token
 means of each mini-batch, averaged over the step's optimizer steps, so train/loss =
 train/policy_loss + vf_coef * train/value_loss exactly.
 
@@ -60,7 +65,7 @@ import torch
 
 from finellama_rl.job import distributed as dist
 from finellama_rl.checkpoint import commit_checkpoint, read_state, staging_root
-from finellama_rl.config import Device, HardwareConfig, TrainerConfig
+from finellama_rl.config import Device, HardwareConfig, TrainerConfig, Truncation
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.base import TrainContext, TrainOutcome
 from finellama_rl.trainers.ppo_core import entropy_from_logits, explained_variance, logprobs_from_logits
@@ -189,13 +194,18 @@ def ppo_update(state: PPOState, roll: Rollout, t: TrainerConfig, env: RolloutEnv
 
 
 def _global_token_means(roll: Rollout) -> Dict[str, float]:
-    """Rollout statistics over every rank: rewards, KL estimators, lengths, explained variance."""
+    """Rollout statistics over every rank: rewards, KL estimators (over loss tokens),
+    completion lengths (up to EOS, whatever trainer.truncation masks), truncated fraction."""
     mask, scores = roll.mask, roll.scores.float()
+    lengths = roll.lengths.float() if roll.lengths is not None else mask.sum(-1)
+    truncated = roll.truncated.float() if roll.truncated is not None else torch.zeros_like(lengths)
     local = torch.stack([scores.sum(), (scores ** 2).sum(), torch.tensor(float(scores.numel())),
-                         (roll["kl_k3"] * mask).sum(), (roll["kl"] * mask).sum(), mask.sum()]).double()
-    s, s2, n, k3, k1, tokens = dist.all_reduce_sum(local.to(mask.device)).tolist()
+                         (roll["kl_k3"] * mask).sum(), (roll["kl"] * mask).sum(), mask.sum(),
+                         lengths.sum().cpu(), truncated.sum().cpu()]).double()
+    s, s2, n, k3, k1, tokens, length, cut = dist.all_reduce_sum(local.to(mask.device)).tolist()
     var = max(0.0, (s2 - s * s / n) / (n - 1)) if n > 1 else 0.0
-    out = {"train/reward_mean": s / n, "train/reward_std": var ** 0.5, "train/completion_len": tokens / n}
+    out = {"train/reward_mean": s / n, "train/reward_std": var ** 0.5, "train/completion_len": length / n,
+           "train/frac_truncated": cut / n}
     if roll.has_reference:  # none with ppo.kl_coef == 0 (ppo_rollout.has_reference): no KL to report
         out.update({"train/kl": k3 / max(tokens, 1.0), "train/kl_k1": k1 / max(tokens, 1.0), "train/kl_seq": k1 / n})
     return out
@@ -214,12 +224,16 @@ def step_metrics(roll: Rollout, stats: Dict[str, float], t: TrainerConfig) -> Di
 def run_step(ctx: TrainContext, state: PPOState, step: int) -> Tuple[Dict[str, float], float]:
     """Rollout + update for global step `step`; returns (metrics, tokens processed on all ranks)."""
     t = ctx.cfg.trainer
-    env = RolloutEnv(step=step, tracker=ctx.tracker, amp=state.amp)
+    env = RolloutEnv(step=step, tracker=ctx.tracker, amp=state.amp, eos_logit_bias=ctx.cfg.debug.eos_logit_bias)
     rows = shard(rows_for_step(ctx.train_rows, step, t.prompts_per_step, t.seed))
     roll = collect_rollout(state.policy, ctx.tokenizer, state.critic, state.reference, rows, ctx.reward_funcs, t, env)
     stats = ppo_update(state, roll, t, env)
-    local = torch.tensor([float(roll.prompt_tokens + roll.mask.sum().item())], dtype=torch.float64)
-    return step_metrics(roll, stats, t), float(dist.all_reduce_sum(local.to(roll.mask.device))[0])
+    metrics = step_metrics(roll, stats, t)
+    if metrics["train/frac_truncated"] == 1.0 and t.truncation == Truncation.mask:
+        log.warning("step %d: every completion reached max_completion_tokens=%d and trainer.truncation=mask: "
+                    "the step trained on nothing", step, t.max_completion_tokens)
+    local = torch.tensor([float(roll.prompt_tokens + roll.lengths.sum().item())], dtype=torch.float64)
+    return metrics, float(dist.all_reduce_sum(local.to(roll.mask.device))[0])
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -9,19 +9,27 @@ Sampling: the rollout is generated in as few generate calls as memory allows
 (trainer.generation_batch sequences per call; 0 = all in one), with every decoding
 setting passed explicitly (`sampling_kwargs`: a model's generation_config, e.g.
 Qwen2.5's repetition_penalty 1.05 and top_k 20, never changes what is sampled).
-Each call samples under its own seed, derived from (seed, step, the call's prompts),
-inside `torch.random.fork_rng`: the samples do not depend on how the rollout is split
-across calls or ranks of the same chunking, and sampling leaves the global RNG alone.
+Sampling is keyed (finellama_rl/job/sampling.py): a completion's draws depend on (seed,
+step, its position in the step over all ranks, token position) only, so the rollout is
+the same whatever the generate calls, the number of ranks or an out-of-memory step-down
+of the generation batch, and sampling leaves the global RNG alone.
+
+Truncation (trainer.truncation): a completion without EOS within max_completion_tokens
+is truncated; `mask` keeps its reward in the statistics but takes its tokens out of the
+loss mask (so out of the token counts, GAE whitening and the value loss); `penalty`
+subtracts trainer.truncation_penalty from its score (reward part `truncation`).
 
 Layout of a rollout (B = this rank's prompts of the step):
     input_ids / attention_mask  (B, L)  prompt left-padded to Lp, then T completion tokens
-    completion / mask           (B, T)  sampled ids; 1 on tokens up to and incl. the first EOS
+    completion                  (B, T)  sampled ids
+    mask                        (B, T)  loss mask: 1 on tokens up to and incl. the first EOS
+                                        (0 on truncated rows under truncation=mask)
+    lengths, truncated          (B,)    tokens up to and incl. the first EOS; no EOS at all
     old_logprobs, values, ref_logprobs, kl, kl_k3, advantages, returns  (B, T) fp32
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -30,7 +38,8 @@ import torch
 from torch import Tensor
 
 from finellama_rl.job import distributed as dist
-from finellama_rl.config import TrainerConfig
+from finellama_rl.config import AdvantageScaling, TrainerConfig, Truncation
+from finellama_rl.job.sampling import generate_keyed, row_keys
 from finellama_rl.trainers.decoding import own_generation_config, sampling_kwargs
 from finellama_rl.ladder.rungs import Phase
 from finellama_rl.trainers.ppo_core import (
@@ -43,12 +52,14 @@ TOKEN_KEYS = ("completion", "mask", "old_logprobs", "values", "ref_logprobs", "k
 
 @dataclass
 class RolloutEnv:
-    """Where a rollout runs: its global step (sampling seeds), the phase tracker (OOM
-    attribution, fault injection) and whether forwards run under bf16 autocast."""
+    """Where a rollout runs: its global step (sampling keys), the phase tracker (OOM
+    attribution, fault injection), whether forwards run under bf16 autocast, and
+    debug.eos_logit_bias (tests: uneven completion lengths from a tiny random model)."""
 
     step: int = 0
     tracker: Any = None  # finellama_rl.job.faults.PhaseTracker
     amp: bool = False
+    eos_logit_bias: float = 0.0
 
     def phase(self, name: str):
         return self.tracker.phase(name) if self.tracker is not None else contextlib.nullcontext()
@@ -85,29 +96,6 @@ def completion_mask(completion: Tensor, eos_id: int) -> Tensor:
     return (eos_before == 0).long()
 
 
-def sampling_seed(seed: int, step: int, prompts: Sequence[str]) -> int:
-    """A seed for one generate call from its content (stable across processes and ranks)."""
-    h = hashlib.sha256(f"{seed}|{step}|".encode())
-    for p in prompts:
-        h.update(p.encode())
-        h.update(b"\x00")
-    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device):
-    """Sample under `seed` without touching the global RNG streams: the CPU generator and
-    `device`'s are seeded (what torch.manual_seed does to them) and restored afterwards.
-    Seeding the two generators directly costs ~2 us; torch.manual_seed visits every
-    backend (CUDA, MPS, XPU, ...) and cost ~90 us per call on CPU."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
-        yield
-
-
 def _left_pad(ids: Tensor, attn: Tensor, width: int, pad_id: int):
     extra = width - ids.shape[1]
     if not extra:
@@ -117,16 +105,21 @@ def _left_pad(ids: Tensor, attn: Tensor, width: int, pad_id: int):
 
 def _sample(policy, tokenizer, prompts: List[str], t: TrainerConfig, env: RolloutEnv):
     """Left-padded prompts (B, Lp) and sampled completions (B, T) right-padded with pad ids,
-    in chunks of trainer.generation_batch prompts (0 = one generate call)."""
+    in chunks of trainer.generation_batch prompts (0 = one generate call). Row i of this
+    rank is sequence rank * B + i of the step (`shard` is contiguous): its sampling key."""
     device = model_device(policy)
     size = t.generation_batch or len(prompts)
     kwargs = sampling_kwargs(t, tokenizer)
+    first = dist.rank() * len(prompts)
+    bias = {tokenizer.eos_token_id: env.eos_logit_bias} if env.eos_logit_bias else None
     pieces = []
     for i in range(0, len(prompts), size):
         chunk = prompts[i:i + size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with seeded(sampling_seed(t.seed, env.step, chunk), device), env.autocast(), own_generation_config(policy):
-            out = policy.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
+        keys = row_keys(t.seed, env.step, range(first + i, first + i + len(chunk)))
+        with env.autocast(), own_generation_config(policy):
+            out = generate_keyed(policy, keys, bias, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 **kwargs)
         pieces.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:]))  # (b, t_i)
     Lp = max(p[0].shape[1] for p in pieces)
     T = max(p[2].shape[1] for p in pieces)
@@ -148,6 +141,8 @@ class Rollout:
     prompt_tokens: int
     extra: Dict[str, Tensor] = field(default_factory=dict)  # the other TOKEN_KEYS, (B, T)
     has_reference: bool = True  # False: scored without a reference (ppo.kl_coef == 0), no KL to report
+    lengths: Optional[Tensor] = None    # (B,) completion tokens up to and incl. the first EOS
+    truncated: Optional[Tensor] = None  # (B,) bool: no EOS within max_completion_tokens
 
     def __getitem__(self, key: str) -> Tensor:
         return getattr(self, key) if key in ("completion", "mask") else self.extra[key]
@@ -191,13 +186,19 @@ def generate_rollout(policy, tokenizer, rows: List[dict], reward_funcs, t: Train
     finally:
         policy.train(was_training)
     mask = completion_mask(completion, tokenizer.eos_token_id)          # (B, T)
+    truncated = ~(completion == tokenizer.eos_token_id).any(-1)         # (B,) no EOS within the budget
     texts = tokenizer.batch_decode([c[: int(m.sum())] for c, m in zip(completion, mask)], skip_special_tokens=True)
     scores, parts = compute_rewards(reward_funcs, t.rewards, t.reward_weights, texts, rows)
+    if t.truncation == Truncation.penalty:
+        penalty = -t.truncation_penalty * truncated.float().cpu()
+        scores, parts["truncation"] = scores + penalty, penalty.tolist()
+    loss_mask = mask * (~truncated).unsqueeze(1) if t.truncation == Truncation.mask else mask
     return Rollout(
         input_ids=torch.cat([prompt_ids, completion], 1),              # (B, Lp + T)
         attention_mask=torch.cat([prompt_attn, mask], 1),
-        completion=completion, mask=mask.float(), scores=scores.to(completion.device),
+        completion=completion, mask=loss_mask.float(), scores=scores.to(completion.device),
         reward_parts=parts, texts=texts, prompt_tokens=int(prompt_attn.sum()),
+        lengths=mask.sum(-1), truncated=truncated,
     )
 
 
@@ -276,13 +277,16 @@ def global_whiten(x: Tensor, mask: Tensor) -> Tensor:
 
 def compute_advantages(roll: Rollout, t: TrainerConfig) -> None:
     """KL-shaped token rewards (k1 x ppo.kl_coef) -> GAE advantages (whitened over all
-    ranks if asked) and returns, all (B, T); also the k3 estimate for train/kl."""
+    ranks' loss tokens with trainer.advantage_scaling=batch, raw with none) and returns,
+    all (B, T); also the k3 estimate for train/kl."""
     mask = roll.mask
     kl = kl_per_token(roll["old_logprobs"], roll["ref_logprobs"]) * mask            # (B, T) k1
     token_rewards = build_token_rewards(roll.scores, kl, mask, t.ppo.kl_coef)        # (B, T)
     advantages, returns = compute_gae(token_rewards, roll["values"], mask, t.ppo.gamma, t.ppo.lam)
-    if t.ppo.whiten_advantages:
+    if t.advantage_scaling == AdvantageScaling.batch:
         advantages = global_whiten(advantages, mask)
+    elif t.advantage_scaling != AdvantageScaling.none:
+        raise ValueError(f"PPO trainer.advantage_scaling={t.advantage_scaling.value}: expected batch|none")
     k3 = kl_k3(roll["old_logprobs"], roll["ref_logprobs"]) * mask
     roll.extra.update(kl=kl, kl_k3=k3, advantages=advantages, returns=returns)  # kl, k3 = 0 without a reference
 
