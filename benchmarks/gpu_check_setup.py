@@ -314,6 +314,7 @@ class Workspace:
         run = self.root / "runs" / f"run{self._runs:03d}-{model}-{algo}"
         return compose(self.profile, model, [
             *base, f"data.path={data / 'train.jsonl'}", f"data.test_path={data / 'test.jsonl'}",
+            f"data.validation_size={max(1, rows // 16)}",  # carved from the `rows` written (issue 21's split)
             "eval.before_training=false", "eval.num_examples=1", "eval.max_new_tokens=4", "trainer.save_every=100000",
             "trainer.log_every=1", "trainer.warmup_steps=0", "ladder.remember_fit=false",
             f"run.results_dir={self.root / 'runs'}", f"run.dir={run}", *overrides], hardware)
