@@ -22,7 +22,7 @@
 # default 3; 1: one after the other).
 #
 #   scripts/run_tests.sh                 # both phases, at once
-#   FINELLAMA_TEST_SERIAL=1 FINELLAMA_SLURM_WORKERS=1 scripts/run_tests.sh   # nothing side by side
+#   FINELLAMA_TEST_SERIAL=1 FINELLAMA_TEST_WORKERS=1 FINELLAMA_SLURM_WORKERS=1 scripts/run_tests.sh   # nothing side by side
 #   FINELLAMA_TEST_PHASES=1 scripts/run_tests.sh   # phase 1 only (no cluster)
 #   scripts/run_tests.sh -x -k launch    # extra pytest arguments go to both phases
 set -uo pipefail
@@ -73,9 +73,14 @@ system_needs() {
 phase1() {
     local shadow rc=0 t=$EPOCHREALTIME
     shadow=$(mktemp -d /tmp/finellama-noslurm.XXXXXX)
-    echo "=== phase 1: tests not marked slurm, SLURM binaries hidden from PATH"
+    local workers=${FINELLAMA_TEST_WORKERS:-2}
+    echo "=== phase 1: tests not marked slurm, SLURM binaries hidden from PATH ($workers test files at a time)"
+    # Most tests keep one core busy: one pytest-xdist worker per CPU, a test file per worker
+    # (its module fixtures built once); each worker has its own caches (tests/conftest.py).
+    local xdist=()
+    ((workers > 1)) && xdist=(-n "$workers" --dist loadfile)
     PATH="$(path_without_slurm "$shadow")" FINELLAMA_NO_CLUSTER=1 \
-        .venv/bin/python -m pytest -q -m "not slurm" -p no:cacheprovider "$@" || rc=$?
+        .venv/bin/python -m pytest -q -m "not slurm" -p no:cacheprovider "${xdist[@]}" "$@" || rc=$?
     echo "=== phase 1: exit $rc in $(seconds "$t") s"
     ((rc == 5)) && rc=0 # no test selected
     rm -rf "$shadow"

@@ -9,6 +9,13 @@ import pytest
 
 # Before anything imports transformers/datasets: never touch the network or ~/.cache.
 _CACHE = os.environ.get("HF_HOME") or tempfile.mkdtemp(prefix="finellama-hf-")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # pytest-xdist (scripts/run_tests.sh): gw0, gw1, ...
+if _WORKER:  # each worker its own caches and fit memory: no two processes build or write one at once
+    _CACHE = os.path.join(_CACHE, _WORKER)
+    os.environ["HF_HOME"] = _CACHE
+    os.environ["FINELLAMA_CACHE"] = os.path.join(_CACHE, "finellama_rl")
+    if os.environ.get("FINELLAMA_FIT_MEMORY"):
+        os.environ["FINELLAMA_FIT_MEMORY"] += f".{_WORKER}"
 os.environ.setdefault("HF_HOME", _CACHE)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
@@ -95,6 +102,7 @@ def hf_cache_with_headline(tmp_path, monkeypatch):
 # with `-m slurm` (scripts/run_tests.sh phase 2, `make test`) or FINELLAMA_SLURM_TESTS=1, so that
 # `pytest tests/test_sbatch_scripts.py` never starts a cluster.
 def pytest_collection_modifyitems(config, items):
+    long_files_first(items)
     if "slurm" in (config.option.markexpr or "") or os.environ.get("FINELLAMA_SLURM_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="needs the local SLURM cluster: run with -m slurm (make test does)")
@@ -151,3 +159,16 @@ def fill_until_full(path: Path) -> None:
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+# --- order: the longest files first --------------------------------------------------------------
+# scripts/run_tests.sh runs phase 1 on two pytest-xdist workers, a test file per worker, in
+# collection order: a long file collected late leaves one worker idle at the end (test_learning's
+# six RL runs, about 6 minutes, ran alone for the last 5 of a 13-minute phase 1).
+LONG_FILES_FIRST = ("test_learning.py", "test_distributed.py", "test_evaluate.py", "test_grpo_split.py", "test_demo.py",
+                    "test_ladder_run.py", "test_ppo.py", "test_grpo.py", "test_sft.py", "test_rm_trainer.py")
+
+
+def long_files_first(items) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: order within a file kept
