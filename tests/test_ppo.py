@@ -236,6 +236,15 @@ def test_ppo_raises_a_learnable_reward(make_config):
 # ------------------------------------------ the objective does not depend on micro_batch
 
 
+def _moved_state(ctx, t):
+    """PPO's state with a moved adapter and head, so that ratios and values are not trivial."""
+    state = ppo.build_state(ctx.policy, t)
+    with torch.no_grad():
+        for p in state.params:
+            p.add_(torch.randn_like(p) * 0.02)
+    return state
+
+
 def _uneven_rollout(state, ctx, t, lengths):
     """A real rollout whose completions are cut to `lengths` tokens (uneven), rescored."""
     from finellama_rl.trainers.ppo_rollout import generate_rollout
@@ -261,10 +270,7 @@ def test_gradient_is_the_same_for_every_micro_batch(make_config, value_head):
     cfg = make_config(*PPO, "trainer.max_completion_tokens=16", f"trainer.ppo.value_head={value_head}")
     ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
     t = cfg.trainer
-    state = ppo.build_state(ctx.policy, t)
-    with torch.no_grad():  # a moved adapter and head, so that ratios and values are not trivial
-        for p in state.params:
-            p.add_(torch.randn_like(p) * 0.02)
+    state = _moved_state(ctx, t)
     roll = _uneven_rollout(state, ctx, t, lengths=[1, 16, 3, 9, 2, 14, 5, 7])
     rows = torch.arange(8)
     grads, stats = {}, {}
@@ -403,10 +409,7 @@ def _biased_rollouts(make_config, *extra):
     cfg = make_config(*PPO, "trainer.max_completion_tokens=10", "debug.eos_logit_bias=3", *extra)
     ctx = build_ctx(cfg, reward_funcs=[alternating_reward])
     t = cfg.trainer
-    state = ppo.build_state(ctx.policy, t)
-    with torch.no_grad():  # a moved adapter and head, so that ratios and values are not trivial
-        for p in state.params:
-            p.add_(torch.randn_like(p) * 0.02)
+    state = _moved_state(ctx, t)
     env = RolloutEnv(step=1, eos_logit_bias=3.0)
     rolls = {mode.value: generate_rollout(state.policy, ctx.tokenizer, ctx.train_rows[:8], ctx.reward_funcs,
                                           replace(t, truncation=mode), env) for mode in Truncation}

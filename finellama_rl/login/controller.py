@@ -161,11 +161,8 @@ class Controller:
         env["FINELLAMA_DEADLINE"] = str(self.deadline)  # save before the time limit if the next save would come too late
         if self.launch_id:  # a requeue or an OOM restart of this job never replays run.resume=false (ownership.is_replay)
             env[LAUNCH_ID_ENV] = self.launch_id
-        threads = job_threads(os.environ.get("OMP_NUM_THREADS"), str(run.cpus), 1 if run.cuda else 0)
-        if threads:  # never more than the step's CPUs: 2 threads on 1 CPU made steps 10-70x slower
-            env["OMP_NUM_THREADS"] = threads
-        else:
-            env.pop("OMP_NUM_THREADS", None)
+        # never more than the step's CPUs (2 threads on 1 CPU made steps 10-70x slower); a step has >= 1
+        env["OMP_NUM_THREADS"] = job_threads(os.environ.get("OMP_NUM_THREADS"), str(run.cpus), 1 if run.cuda else 0)
         if run.gpu_fraction is not None:
             env["FINELLAMA_GPU_FRACTION"] = f"{run.gpu_fraction:.4f}"
         if run.nodes > 1:
