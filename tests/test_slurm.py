@@ -162,13 +162,11 @@ class Jobs:
     preempt: Submitted
     sweep: Submitted
     _time_limit: Optional[Submitted] = None
-    time_limit_steps: int = 0
 
     def time_limit(self) -> Submitted:
         """The time-limit job, started with run.resume=false on a fresh folder (issue 19: the
         requeues must resume, not start over)."""
         if self._time_limit is None:
-            self.time_limit_steps = TIME_LIMIT["steps"]
             self._time_limit = submit(self.env, self.root / "time_limit", *time_limit_overrides(), "run.resume=false")
         return self._time_limit
 
@@ -428,12 +426,12 @@ def test_time_limit_checkpoints_requeues_and_trains_every_step_once(jobs):
 
     assert final["state"] == "COMPLETED", job_logs(run)
     requeues = events(run, "requeue")
-    assert requeues, f"never signalled: the machine trained {jobs.time_limit_steps} steps in one allocation\n{job_logs(run)}"
+    assert requeues, f"never signalled: the machine trained {TIME_LIMIT['steps']} steps in one allocation\n{job_logs(run)}"
     assert int(final["restarts"]) >= len(requeues) >= 1
     assert [e["restarts"] for e in events(run, "start")] == list(range(len(requeues) + 1))
     assert events(run, "signal")[0]["code"] == 75, events(run)  # saved mid-training and stopped in time
     assert (run / "eval_results.json").exists()
-    assert_every_step_once(run, jobs.time_limit_steps)
+    assert_every_step_once(run, TIME_LIMIT["steps"])
     assert not read_jsonl(run / "metrics_discarded.jsonl"), "a signalled run lost steps"
     # run.resume=false on a fresh folder: started over once, never again on a requeue; nothing moved aside,
     # submitit's own files left where they were (issue 19: the job ended FAILED on its missing pickles)

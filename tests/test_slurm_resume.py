@@ -51,7 +51,6 @@ def ledger(sweep: Path, kind: str = "train"):
 @dataclass
 class FreshStarts:
     env: Dict[str, str]
-    steps: int
     existing: Path  # the sweep whose finished run was started over
 
 
@@ -66,10 +65,9 @@ def fresh_starts(env, tmp_path_factory):
     launch(env, root, f"run.sweep={existing.name}", *FAST_GRPO, "trainer.max_steps=8", "hardware.slurm.timeout_min=10")
     (first,) = ledger(existing)
     wait_terminal([str(first["job_id"])], 600, [Path(first["run_dir"])])  # the folder is free
-    steps = TIME_LIMIT["steps"]
     limit = [*time_limit_overrides(), "run.resume=false"]
     launch(env, root, f"run.sweep={existing.name}", *limit)
-    return FreshStarts(env, steps, existing)
+    return FreshStarts(env, existing)
 
 
 # --- two launches started together (while the jobs above run: only the submissions are timed) ---------
@@ -96,7 +94,7 @@ def test_two_launches_started_together_submit_one_job(fresh_starts, tmp_path):
 
 
 # --- the two run.resume=false jobs, waited for last ------------------------------------------------
-def finish(starts: FreshStarts, sweep: Path) -> Path:
+def finish(sweep: Path) -> Path:
     """Wait for the sweep's last training job: COMPLETED, every step once."""
     train = ledger(sweep)[-1]
     run = Path(train["run_dir"])
@@ -105,8 +103,8 @@ def finish(starts: FreshStarts, sweep: Path) -> Path:
     timing(f"run.resume=false job {train['job_id']} to COMPLETED", time.time() - t0)
     assert final[str(train["job_id"])]["state"] == "COMPLETED", job_logs(run)
     requeues = [e for e in events(run, "requeue") if e.get("job_id") == str(train["job_id"])]
-    assert requeues, f"never signalled: {starts.steps} steps fit in one allocation\n{job_logs(run)}"
-    assert_every_step_once(run, starts.steps)
+    assert requeues, f"never signalled: {TIME_LIMIT['steps']} steps fit in one allocation\n{job_logs(run)}"
+    assert_every_step_once(run, TIME_LIMIT["steps"])
     assert (run / "eval_results.json").exists() and not read_jsonl(run / "metrics_discarded.jsonl")
     assert "FileNotFoundError" not in job_logs(run, tail=0)
     (start,) = json.loads((run / ".finellama_run").read_text())["fresh_starts"]  # once, not again on each requeue
@@ -115,7 +113,7 @@ def finish(starts: FreshStarts, sweep: Path) -> Path:
 
 
 def test_resume_false_on_an_existing_run_completes_every_step_once_under_a_2_minute_limit(fresh_starts):
-    run = finish(fresh_starts, fresh_starts.existing)
+    run = finish(fresh_starts.existing)
     (aside,) = [p for p in run.parent.iterdir() if p.name.startswith(f"{run.name}-previous-")]
     assert metric_steps(aside) == list(range(1, 9))  # the earlier run, moved aside whole
     first_job = str(ledger(fresh_starts.existing)[0]["job_id"])
