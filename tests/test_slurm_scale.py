@@ -247,10 +247,12 @@ def test_three_packed_runs_finish_with_their_own_files_one_stepped_down_all_resu
         assert json.loads((run / "eval_results.json").read_text())["step"] == 48
         assert [c.name for c in list_checkpoints(run / "checkpoints")][-1] == "step_000048"
         assert [e["restarts"] for e in events(run, "start")][-1] == 1
-        # told of the requeue; the restarted run may still have been loading (srun passed SIGTERM on
-        # itself before the controller could: exit 143, nothing to save, it started again)
-        stopped = [e for e in events(run, "run_exit") if e.get("restarts") == 0 and e.get("code") in (75, 143)]
-        assert events(run, "sigterm_forwarded") or (run == oom and stopped), events(run)
+        # told of the requeue. The run restarted for memory may still have been loading (srun passed
+        # SIGTERM on before the controller could: exit 143, nothing to save), or its new step may not
+        # have launched at all (the requeue revoked the job's credential: srun exits 168, seen in CI
+        # on 2026-12-07); either way it ended without being given up, and the requeue started it again
+        stopped = [e for e in events(run, "run_exit") if e.get("restarts") == 0]
+        assert events(run, "sigterm_forwarded") or (run == oom and stopped and not events(run, "gave_up")), events(run)
         log = (run / "logs" / "submitit" / f"{job}_0_log.out").read_text()
         assert f"[grpo {name}] step 48/48" in log and all(f"[grpo {o}]" not in log for o in runs if o != name)
         logs[name] = log

@@ -10,7 +10,7 @@ import pytest
 from conftest import fake_binaries, path_without_slurm
 
 from finellama_rl.errors import ConfigError
-from finellama_rl.fileio import append_jsonl
+from finellama_rl.fileio import append_jsonl, read_jsonl
 from finellama_rl.login import controller, scheduler, slurm
 from finellama_rl.login.resubmit import log_says_oom
 from finellama_rl.login.sweep import plan_runs, reserve_sweep
@@ -147,6 +147,22 @@ def test_a_restarted_job_skips_the_runs_it_finished_or_gave_up(tmp_path, monkeyp
     c = controller.Controller(runs, deadline=0.0)
     assert [r.name for r in c.pending()] == ["stopped", "older"]  # a finished run of another job trains again
     assert c.codes == {"done": 0, "failed": 137}
+
+
+def test_a_step_started_as_a_signal_arrives_is_passed_the_signal(tmp_path, monkeypatch):
+    """The signal handler can run after the decision to start a run (an OOM restart) and before
+    its step is known to forward(): start() passes the signal on itself."""
+    import signal
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(controller, "step_command", lambda run, log: ["sleep", "30"])
+    run = controller.RunStep("late", str(tmp_path / "late"), [], 1, 500)
+    RunPaths(tmp_path / "late").make()
+    c = controller.Controller([run], deadline=0.0)
+    c.stopping = c.terminated = True  # SIGTERM came while the restart was being decided
+    c.start(run)
+    assert c.procs["late"].wait(timeout=10) == -signal.SIGTERM
+    assert [e["event"] for e in read_jsonl(run.paths.job_events)] == ["start", "sigterm_forwarded"]
 
 
 def test_squeue_r_lists_every_pending_task_and_sacct_the_started_ones(tmp_path, monkeypatch):

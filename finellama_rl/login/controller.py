@@ -184,6 +184,8 @@ class Controller:
         self.starts[run.name] = self.starts.get(run.name, 0) + 1
         self.started_at[run.name] = time.time()
         note(run, "start", restarts=restart_count(), step_start=self.starts[run.name])
+        if self.stopping:  # a signal came between the decision to start and the step being known to forward()
+            self.forward(signal.SIGTERM if self.terminated else signal.SIGUSR2)
 
     # ------------------------------------------------------------------ waiting
     def run(self) -> Dict[str, int]:
