@@ -94,6 +94,25 @@ class Driver(threading.Thread):
         self.what = "timed out"
 
 
+def warn_once(env: Dict[str, str], job: str, run: Path, timeout_s: float = 90) -> None:
+    """The time-limit warning (USR2) to a job, once. scancel retries a signal that slurmctld
+    answers "Job can not be altered now" (up to 10 times, 5 s and more apart), and slurmctld
+    has answered so to an array task while passing the signal on: the retries then reached
+    the requeued task a minute later, just started (CI of 2026-12-07). So scancel is stopped
+    once the job's controller has passed the signal on (or gave the run up)."""
+    proc = subprocess.Popen(["scancel", "--signal=USR2", job], env=env)
+    end = time.time() + timeout_s
+    try:
+        while proc.poll() is None and time.time() < end:
+            if any(e["event"] in ("signal_forwarded", "run_exit") for e in events(run)):
+                break
+            time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 @dataclass
 class Scale:
     env: Dict[str, str]
@@ -134,7 +153,7 @@ def scale(env, tmp_path_factory):
     drivers = {
         # the time-limit warning to task 0 once it is past its first checkpoint
         "array": Driver(lambda: len(metric_steps(first)) >= 5 or finished(first),
-                        lambda: subprocess.run(["scancel", "--signal=USR2", tasks[0]["job_id"]], env=env)),
+                        lambda: warn_once(env, tasks[0]["job_id"], first)),
         # requeue the pack once the overflowing run was restarted one rung down and the others are past
         # step 9 (the restarted run may still be loading: then it has nothing to save, and starts again)
         "pack": Driver(lambda: events(oom, "oom_retry") and all(len(metric_steps(r)) >= 9 for r in runs.values() if r != oom)
@@ -142,7 +161,7 @@ def scale(env, tmp_path_factory):
                        lambda: subprocess.run(["scontrol", "requeue", pack.job_ids[0]], check=True, env=env, timeout=30)),
         # the warning to the 2-node PPO job at step 3
         "ppo": Driver(lambda: len(metric_steps(ppo)) >= 3 or finished(ppo),
-                      lambda: subprocess.run(["scancel", "--signal=USR2", nodes["ppo"].job_ids[0]], env=env)),
+                      lambda: warn_once(env, nodes["ppo"].job_ids[0], ppo)),
     }
     for d in drivers.values():
         d.start()
