@@ -79,7 +79,7 @@ def test_the_demos_test_pairs_never_occur_in_sft_or_rl_training(make_config):
     solutions, as written, is absent from the SFT and RL training problems, and no test
     solution step occurs in any SFT target; its pairs are ordered (data.heldout_pairs), so
     some test sums are trained in the other order and some in neither (README "make run").
-    The reward-model demo's task holds its pairs out in either order."""
+    The reward-model demo's task is the same kind (its pairs ordered too)."""
     import sys
 
     from finellama_rl.task.data import load_problems
@@ -91,8 +91,8 @@ def test_the_demos_test_pairs_never_occur_in_sft_or_rl_training(make_config):
     sft, rl = make_config("experiment=demo_sft"), make_config("experiment=demo")
     assert sft.data == rl.data  # one task: the adapter is trained for it
     rm = make_config(*rm_learning_demo.TASK)
-    assert (sft.data.heldout_pairs.value, rm.data.heldout_pairs.value) == ("ordered", "unordered")
-    for cfg, what, ordered in [(sft, "demo", True), (rm, "rm demo", False)]:
+    assert (sft.data.heldout_pairs.value, rm.data.heldout_pairs.value) == ("ordered", "ordered")
+    for cfg, what, ordered in [(sft, "demo", True), (rm, "rm demo", True)]:
         train = load_problems(cfg.data, "train")
         held = {s: load_problems(cfg.data, s) for s in ("validation", "test")}
         trained = _step_pairs(train, ordered)
@@ -137,7 +137,7 @@ def test_the_rm_demos_figures_for_choices_are_measured_on_the_validation_split(m
     assert all(0.0 <= v <= 1.0 for v in figures.values())
     assert [split for split, _, _ in seen] == [name.rsplit("_", 1)[1] for name in figures]
     questions = {s: [p["question"] for p in load_problems(cfg.data, s)] for s in ("validation", "test")}
-    assert len(questions["validation"]) == 200 and len(questions["test"]) == 100
+    assert len(questions["validation"]) == 256 and len(questions["test"]) == 256
     assert not set(questions["validation"]) & set(questions["test"])
     for split, asked, record in seen:
         assert asked == questions[split][:8] and record["name"] == split and record["size"] == len(questions[split])
