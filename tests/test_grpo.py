@@ -1,9 +1,8 @@
-"""GRPO end to end on CPU: a 4-bit LoRA run writes what it should, a crashed run
-resumes where it stopped, and a learnable task shows a real reward gain."""
+"""GRPO end to end on CPU: a 4-bit LoRA run writes what it should and a crashed run
+resumes where it stopped (that GRPO learns: tests/test_learning.py)."""
 from __future__ import annotations
 
 import json
-import statistics
 
 import pytest
 
@@ -70,22 +69,6 @@ def test_completed_run_is_not_retrained(make_config, tmp_path, capsys):
     assert "already finished at step 1/1" in capsys.readouterr().out
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == n
     assert (tmp_path / "run" / "attempts.jsonl").read_bytes() == attempts  # no attempt added
-
-
-@pytest.mark.slow
-def test_grpo_learns_a_learnable_task(make_config, tmp_path):
-    """Full fine-tuning of the tiny model on the digit-fraction reward (FACTS: LoRA
-    alone on a random tiny model does not learn in CPU minutes). Measured with
-    seeds 0-2: about 0.02 -> 0.5-0.8 in 40 steps."""
-    cfg = make_config(
-        "experiment=smoke", "trainer.lora.enabled=false", "trainer.quantization.enabled=false",
-        "trainer.rewards=[digits]", "trainer.learning_rate=3e-3", "trainer.max_steps=40", "trainer.save_every=40",
-        "trainer.num_generations=8", "trainer.prompts_per_step=4", "trainer.micro_batch=16",
-        "trainer.max_completion_tokens=16", "trainer.seed=0", "eval.before_training=false", "eval.num_examples=4")
-    assert run_training(cfg) == 0
-    rewards = [r["train/reward_mean"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
-    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
-    assert last >= first + 0.25, f"reward {first:.3f} -> {last:.3f}"
 
 
 # ------------------------------------------------------- fp32 adapters, decoding

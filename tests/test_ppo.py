@@ -1,5 +1,5 @@
 """PPO (finellama_rl/trainers/ppo.py) on CPU: the reference is exact, one update lowers
-the loss, a learnable task shows a real reward gain, a crashed run resumes exactly,
+the loss (that PPO learns: tests/test_learning.py), a crashed run resumes exactly,
 and the 4-bit LoRA path logs every metric.
 
     .venv/bin/python -m pytest tests/test_ppo.py -q -x            (all, about 3 min)
@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
 from pathlib import Path
 
 import pytest
@@ -207,30 +206,25 @@ def cfg_epochs_minibatches(cfg) -> int:
     return cfg.trainer.ppo.epochs * cfg.trainer.ppo.num_mini_batches
 
 
-LEARN = ["trainer=ppo", "model=tiny", "data=arithmetic", "hardware=cpu", "data.num_train=256", "trainer.lora.enabled=false",
-         "trainer.quantization.enabled=false", "trainer.rewards=[digits]", "trainer.prompts_per_step=32",
-         "trainer.micro_batch=16", "trainer.max_completion_tokens=8", "trainer.learning_rate=1e-3",
-         "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.ppo.kl_coef=0.01", "trainer.max_steps=45",
-         "trainer.save_every=1000"]
+FULL_FT = ["trainer=ppo", "model=tiny", "data=arithmetic", "hardware=cpu", "data.num_train=256", "trainer.lora.enabled=false",
+           "trainer.quantization.enabled=false", "trainer.rewards=[digits]", "trainer.prompts_per_step=32",
+           "trainer.micro_batch=16", "trainer.max_completion_tokens=8", "trainer.learning_rate=1e-3",
+           "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.ppo.kl_coef=0.01", "trainer.max_steps=4",
+           "trainer.save_every=1000"]
 
 
-@pytest.mark.slow
-def test_ppo_raises_a_learnable_reward(make_config):
-    """Full fine-tuning of the tiny model on the digit-fraction reward (LoRA alone on a
-    random tiny model does not learn, see FACTS). Measured with these settings (45 steps),
-    mean of the last 5 steps minus mean of the first 5: seed 0 0.013 -> 0.415, seed 1
-    0.016 -> 0.414, seed 2 0.021 -> 0.506 (issue 3); after issue 10 (token-normalised loss,
-    seeded one-call sampling, ppo.kl_coef) seed 0 0.019 -> 0.502. The asserted +0.2 keeps 2x headroom."""
-    cfg = make_config(*LEARN, "trainer.seed=0")
+def test_full_fine_tuning_keeps_a_frozen_copy_as_the_reference(make_config):
+    """Full fine-tuning (no adapter): the reference is a frozen copy of the starting policy, so
+    the KL starts at 0 and grows as the policy moves. (The learning check that lived here, 45
+    steps on the digit-fraction reward, 84 s of CI: issue 3 measured 0.013 -> 0.415 and issue
+    10 0.019 -> 0.502, is covered by tests/test_learning.py's PPO arm on the real path: 4-bit
+    + LoRA from the demo's SFT, held-out accuracy, 3 seeds; docs/LOG.md.)"""
+    cfg = make_config(*FULL_FT, "trainer.seed=0")
     ctx = build_ctx(cfg)
     assert ctx.policy.__class__.__name__ == "Qwen2ForCausalLM"  # no adapter: a frozen copy is the reference
     ppo.train(ctx)
-    rewards = [r["train/reward_mean"] for r in read_jsonl(ctx.paths.metrics)]
-    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
-    print(f"PPO learning test: reward {first:.3f} -> {last:.3f}")
-    assert first < 0.1 and last >= first + 0.2, (first, last, rewards)
     kls = [r["train/kl"] for r in read_jsonl(ctx.paths.metrics)]
-    assert kls[0] == 0.0 and kls[-1] > 0.0  # the reference stays where training started
+    assert len(kls) == 4 and kls[0] == 0.0 and kls[-1] > 0.0, kls  # the reference stays where training started
 
 
 # ------------------------------------------ the objective does not depend on micro_batch
