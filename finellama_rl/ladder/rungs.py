@@ -169,16 +169,13 @@ def fit_generation_batch(s: Setting, target: int) -> Setting:
     none is): a generation batch carried to another rung never exceeds its rollout."""
     if not s.generation_batch:
         return s
-    valid = generation_batches(s)
-    fitting = [g for g in valid if g <= target]
-    return replace(s, generation_batch=fitting[-1] if fitting else valid[0])
+    return replace(s, generation_batch=max(1, min(target, s.rollout)))  # every batch of 1..rollout is valid
 
 
 def _cut_generation(s: Setting) -> Optional[Setting]:
     """The largest valid generation batch <= ceil(G/2), or None at the floor."""
-    current = s.generation
-    smaller = [g for g in generation_batches(s) if g < current and g <= (current + 1) // 2]
-    return replace(s, generation_batch=smaller[-1]) if smaller else None
+    current = s.generation  # every batch of 1..rollout is valid; ceil(G/2) < G from G = 2
+    return replace(s, generation_batch=min((current + 1) // 2, s.rollout)) if current > 1 else None
 
 
 def _batch_rungs(start: Setting) -> List[tuple]:
